@@ -1,0 +1,20 @@
+"""triton_bn: batch normalization on hand-written Triton kernels.
+
+The complete tf.keras BatchNormalization layer (renorm, ghost batches, adjustment), drop-ins for
+torch.nn.BatchNorm1d/2d/3d and SyncBatchNorm, on fused single-pass Welford kernels.
+"""
+
+import os as _os
+
+if "TRITON_INTERPRET" not in _os.environ:
+    import torch as _torch
+
+    if not _torch.cuda.is_available():
+        # No GPU: run the kernels in Triton's CPU interpreter (must be set before triton is imported).
+        _os.environ["TRITON_INTERPRET"] = "1"
+
+from .functional import BatchNormFunction, Renorm, RunningStats, batch_norm, normalize  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = ["batch_norm", "normalize", "RunningStats", "Renorm", "BatchNormFunction", "__version__"]

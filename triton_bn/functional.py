@@ -1,0 +1,315 @@
+"""The autograd wiring and the functional API.
+
+``normalize`` is the one entry every layer uses (Keras layer, PyTorch modules, sync BN): it checks
+the arguments (before anything changes), then runs ``BatchNormFunction``, a torch.autograd.Function
+over the kernels. ``batch_norm`` is ``torch.nn.functional.batch_norm``'s contract plus ``axis``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from . import ops
+from .layout import normalize_axes
+from .ops import RENORM_KERAS, RENORM_NONE, RENORM_TORCH
+
+__all__ = ["batch_norm", "normalize", "RunningStats", "Renorm", "BatchNormFunction", "NormConfig"]
+
+
+@dataclass
+class RunningStats:
+    """Moving statistics to update in place during training (and to use in inference).
+
+    convention "torch": new = (1 - momentum) * old + momentum * batch; momentum=None is the
+    cumulative average 1/num_batches_tracked (read on the device, so ``num_batches_tracked`` must be
+    incremented before the call, as torch's modules do). convention "keras":
+    new = old * momentum + batch * (1 - momentum).
+    unbiased: the variance fed to ``var`` is n/(n-1) times the batch (biased) variance.
+    moving_stddev: Keras renorm's extra state (then ``var`` := relu(moving_stddev**2 - eps)).
+    """
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    momentum: Optional[float] = 0.1
+    convention: str = "torch"
+    unbiased: bool = True
+    num_batches_tracked: Optional[torch.Tensor] = None
+    moving_stddev: Optional[torch.Tensor] = None
+
+
+@dataclass
+class Renorm:
+    """Batch renormalization (Ioffe 2017). style "keras": r and d against ``mean``/``stddev``
+    (tf_keras's renorm_mean / renorm_stddev, updated with ``momentum`` in Keras's convention);
+    style "torch": against the running statistics. Clipping bounds may be None (no clipping)."""
+
+    style: str = "keras"
+    rmin: Optional[float] = None
+    rmax: Optional[float] = None
+    dmax: Optional[float] = None
+    momentum: float = 0.99
+    mean: Optional[torch.Tensor] = None
+    stddev: Optional[torch.Tensor] = None
+
+
+@dataclass(frozen=True)
+class NormConfig:
+    """The plain-number arguments of one call (hashable; saved on the autograd context)."""
+
+    axes: tuple
+    groups: int
+    training: bool
+    eps: float
+    momentum: float
+    cumulative: bool
+    unbiased: bool
+    update_running: bool
+    renorm: int
+    renorm_momentum: float
+    rmin: Optional[float]
+    rmax: Optional[float]
+    dmax: Optional[float]
+    relu: bool
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """y = act(batch_norm(x) [+ residual]); gradients for x, weight, bias and residual."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, adj_scale, adj_bias, running_mean, running_var,
+                num_batches_tracked, renorm_mean, renorm_stddev, moving_stddev, cfg: NormConfig):
+        if x.numel() == 0:
+            y = torch.empty_like(x)
+            ctx.empty = True
+            ctx.save_for_backward(weight, bias)
+            return y
+        ctx.empty = False
+        res = ops.bn_forward(
+            x, weight, bias, running_mean, running_var, num_batches_tracked, renorm_mean,
+            renorm_stddev, moving_stddev, adj_scale, adj_bias, residual,
+            axes=cfg.axes, groups=cfg.groups, training=cfg.training, eps=cfg.eps,
+            momentum=cfg.momentum, cumulative=cfg.cumulative, unbiased=cfg.unbiased,
+            update_running=cfg.update_running, renorm=cfg.renorm,
+            renorm_momentum=cfg.renorm_momentum, rmin=cfg.rmin, rmax=cfg.rmax, dmax=cfg.dmax,
+            relu=cfg.relu)
+        ctx.cfg = cfg
+        ctx.param_dtypes = (weight.dtype if weight is not None else None,
+                            bias.dtype if bias is not None else None)
+        ctx.save_for_backward(x, residual, res.mean, res.rstd, res.scale, res.shift, res.gscale,
+                              res.gshift)
+        return res.y
+
+    @staticmethod
+    def backward(ctx, dy):
+        nones = [None] * 9
+        need_x, need_w, need_b, need_z = ctx.needs_input_grad[:4]
+        if ctx.empty:
+            weight, bias = ctx.saved_tensors
+            dw = torch.zeros_like(weight) if need_w else None
+            db = torch.zeros_like(bias) if need_b else None
+            return (torch.zeros_like(dy) if need_x else None, dw, db,
+                    torch.zeros_like(dy) if need_z else None, *nones)
+        x, residual, mean, rstd, scale, shift, gscale, gshift = ctx.saved_tensors
+        cfg = ctx.cfg
+        dx, dw, db, dz = ops.bn_backward(
+            dy, x, residual, mean, rstd, scale, shift, gscale, gshift,
+            axes=cfg.axes, groups=cfg.groups, training=cfg.training, relu=cfg.relu,
+            need_dx=need_x, need_dweight=need_w, need_dbias=need_b, need_dresidual=need_z)
+        w_dtype, b_dtype = ctx.param_dtypes
+        if dw is not None:
+            dw = dw.to(w_dtype)
+        if db is not None:
+            db = db.to(b_dtype)
+        return dx, dw, db, dz, *nones
+
+
+def _check_floating(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in ops.FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 tensor, "
+                        f"got {t.dtype}")
+
+
+def _check_channel_tensor(name: str, t: Optional[torch.Tensor], x: torch.Tensor, K: int,
+                          axis_desc: str) -> None:
+    if t is None:
+        return
+    _check_floating(name, t)
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but input is on {x.device}; "
+                         "move them to the same device")
+    if t.dim() != 1 or t.numel() != K:
+        raise ValueError(f"{name} must have shape ({K},) to match the {K} channels along "
+                         f"{axis_desc}, got shape {tuple(t.shape)}")
+
+
+def check_inputs(x, weight, bias, residual, axes, groups, running: Optional[RunningStats],
+                 renorm: Optional[Renorm], adjustment, training: bool, axis_desc: str) -> int:
+    """Raises a clear TypeError/ValueError for bad arguments; returns the channel count K."""
+    _check_floating("input", x)
+    if x.dim() < 2:
+        raise ValueError(f"input must have rank >= 2 (a batch dimension and channels), got shape "
+                         f"{tuple(x.shape)}")
+    K = math.prod(x.shape[a] for a in axes)
+    for name, t in (("weight", weight), ("bias", bias)):
+        _check_channel_tensor(name, t, x, K, axis_desc)
+    if running is not None:
+        _check_channel_tensor("running_mean", running.mean, x, K, axis_desc)
+        _check_channel_tensor("running_var", running.var, x, K, axis_desc)
+        _check_channel_tensor("moving_stddev", running.moving_stddev, x, K, axis_desc)
+        if running.convention not in ("torch", "keras"):
+            raise ValueError(f"convention must be 'torch' or 'keras', got {running.convention!r}")
+        if running.momentum is None:
+            if running.convention != "torch" or running.num_batches_tracked is None:
+                raise ValueError("momentum=None (cumulative moving average) needs the torch "
+                                 "convention and a num_batches_tracked tensor")
+        elif not 0.0 <= float(running.momentum) <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1], got {running.momentum}")
+    if residual is not None:
+        _check_floating("residual", residual)
+        if residual.shape != x.shape or residual.device != x.device:
+            raise ValueError(f"residual must match the input's shape {tuple(x.shape)} and device "
+                             f"{x.device}, got {tuple(residual.shape)} on {residual.device}")
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"virtual_batch_size must give a positive number of ghost batches, got "
+                         f"{groups}")
+    if groups > 1 and training:
+        if 0 in axes:
+            raise ValueError("virtual_batch_size needs a batch axis 0 that is not a channel axis")
+        if x.shape[0] % groups:
+            raise ValueError(f"the batch size {x.shape[0]} is not a multiple of the ghost-batch "
+                             f"count {groups}")
+    if renorm is not None:
+        if renorm.style == "keras":
+            if renorm.mean is None or renorm.stddev is None or running is None \
+                    or running.moving_stddev is None:
+                raise ValueError("keras-style renorm needs renorm_mean, renorm_stddev and "
+                                 "moving_stddev")
+            _check_channel_tensor("renorm_mean", renorm.mean, x, K, axis_desc)
+            _check_channel_tensor("renorm_stddev", renorm.stddev, x, K, axis_desc)
+        elif renorm.style == "torch":
+            if running is None:
+                raise ValueError("renorm needs running statistics (track_running_stats=True)")
+        else:
+            raise ValueError(f"renorm style must be 'keras' or 'torch', got {renorm.style!r}")
+        if renorm.rmin is not None and renorm.rmax is not None and renorm.rmin > renorm.rmax:
+            raise ValueError(f"rmin={renorm.rmin} must not exceed rmax={renorm.rmax}")
+    if adjustment is not None:
+        a_scale, a_bias = adjustment
+        _check_channel_tensor("adjustment scale", a_scale, x, K, axis_desc)
+        _check_channel_tensor("adjustment bias", a_bias, x, K, axis_desc)
+    return K
+
+
+def _contiguous_state(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if t is not None and not t.is_contiguous():
+        raise ValueError("running statistics and other state tensors must be contiguous, they "
+                         "are updated in place")
+    return t
+
+
+def normalize(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    axis: int | Sequence[int] = 1,
+    training: bool = True,
+    eps: float = 1e-5,
+    running: Optional[RunningStats] = None,
+    groups: int = 1,
+    renorm: Optional[Renorm] = None,
+    adjustment: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    residual: Optional[torch.Tensor] = None,
+    activation: Optional[str] = None,
+) -> torch.Tensor:
+    """Batch normalization over every dimension except ``axis`` (an int or a list).
+
+    training=True: batch statistics (per ghost batch when groups > 1, Keras's strided ghost
+    batches), running statistics updated in place on the device; training=False: the running
+    statistics. Parameter-like tensors are 1-D with one value per channel (channels flattened in
+    axis order). ``activation`` may be None or "relu", applied after adding ``residual``.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+    axes = normalize_axes(axis, x.dim())
+    axis_desc = f"axis={axis}"
+    if activation not in (None, "relu"):
+        raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+    check_inputs(x, weight, bias, residual, axes, groups, running, renorm, adjustment, training,
+                 axis_desc)
+    if not training:
+        if running is None:
+            raise ValueError("running_mean and running_var must be given in inference mode "
+                             "(training=False)")
+        groups, renorm, adjustment = 1, None, None
+    if not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+
+    if running is not None:
+        keras = running.convention == "keras"
+        momentum = 1.0 - float(running.momentum) if keras else (
+            0.0 if running.momentum is None else float(running.momentum))
+        cumulative = running.momentum is None
+        rm, rv = _contiguous_state(running.mean), _contiguous_state(running.var)
+        nbt, mstd = running.num_batches_tracked, _contiguous_state(running.moving_stddev)
+        unbiased = running.unbiased
+    else:
+        momentum, cumulative, rm, rv, nbt, mstd, unbiased = 0.0, False, None, None, None, None, False
+    renorm_mode, renorm_momentum, rmin, rmax, dmax = RENORM_NONE, 0.0, None, None, None
+    r_mean = r_std = None
+    if renorm is not None:
+        renorm_mode = RENORM_KERAS if renorm.style == "keras" else RENORM_TORCH
+        renorm_momentum = 1.0 - float(renorm.momentum)
+        rmin, rmax, dmax = renorm.rmin, renorm.rmax, renorm.dmax
+        r_mean, r_std = _contiguous_state(renorm.mean), _contiguous_state(renorm.stddev)
+    a_scale, a_bias = adjustment if adjustment is not None else (None, None)
+    if a_scale is not None:
+        a_scale, a_bias = a_scale.detach().contiguous(), a_bias.detach().contiguous()
+    weight = weight.contiguous() if weight is not None else None
+    bias = bias.contiguous() if bias is not None else None
+    cfg = NormConfig(axes=axes, groups=groups, training=bool(training), eps=float(eps),
+                     momentum=momentum, cumulative=cumulative, unbiased=bool(unbiased),
+                     update_running=training and rm is not None, renorm=renorm_mode,
+                     renorm_momentum=renorm_momentum, rmin=rmin, rmax=rmax, dmax=dmax,
+                     relu=activation == "relu")
+    return BatchNormFunction.apply(x, weight, bias, residual, a_scale, a_bias, rm, rv, nbt,
+                                   r_mean, r_std, mstd, cfg)
+
+
+def batch_norm(
+    input: torch.Tensor,
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    axis: int | Sequence[int] = 1,
+) -> torch.Tensor:
+    """``torch.nn.functional.batch_norm`` on the Triton kernels, plus ``axis``.
+
+    PyTorch momentum convention and unbiased running variance; running statistics may be None
+    (then training must be True) and are updated in place, on the device, without a host sync.
+    """
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    axes = normalize_axes(axis, input.dim())
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be given or both be None")
+    if training and input.numel() > 0:
+        per_channel = input.numel() // max(1, math.prod(input.shape[a] for a in axes))
+        if per_channel == 1:
+            raise ValueError("Expected more than 1 value per channel when training, got input "
+                             f"size {input.size()}")
+    running = None
+    if running_mean is not None:
+        running = RunningStats(running_mean, running_var, momentum=momentum, convention="torch",
+                               unbiased=True)
+    return normalize(input, weight, bias, axis=axes, training=training, eps=eps, running=running)

@@ -1,0 +1,249 @@
+"""Backward kernels: channel sums of dy and dy*(x - mean), their finalize, dx, and a single pass.
+
+With x_hat = (x - mean) * rstd and y = act(x_hat * M + T [+ residual]) (M = gamma * a * r, saved
+as Scale = rstd * M), the gradients are
+    dbeta  = sum(g),     dgamma = sum(g * (x_hat * a * r + a * d + b_adj)),  g = dy masked by act'
+    training:  dx = Scale * (g - sum(g) / n - x_hat * sum(g * x_hat) / n)     (per ghost group)
+    inference: dx = Scale * g
+so dx = Scale * g + CoefB * (x - mean) + CoefC with two per-channel coefficients. The ReLU mask is
+recomputed from x (and the residual), never stored.
+"""
+
+import triton
+import triton.language as tl
+
+from .common import (load_channel_values, program_ranges, relu_gate, tile_indices, tile_offsets)
+
+
+@triton.jit
+def channel_grad_terms(sum_dy, sum_dy_xmu, rstd, scale, n, TRAINING: tl.constexpr):
+    """From one statistic channel's sums: (sum of dy * x_hat, CoefB, CoefC)."""
+    sum_dy_xhat = sum_dy_xmu * rstd
+    if TRAINING:
+        coef_b = -scale * rstd * sum_dy_xhat / n
+        coef_c = -scale * sum_dy / n
+    else:
+        coef_b = tl.zeros_like(sum_dy)
+        coef_c = tl.zeros_like(sum_dy)
+    return sum_dy_xhat, coef_b, coef_c
+
+
+@triton.jit
+def store_param_grads(c, c_mask, sum_dy, sum_dy_xhat, GScale, GShift, DWeight, DBias,
+                      HAS_GAFFINE: tl.constexpr, WRITE_DW: tl.constexpr, WRITE_DB: tl.constexpr):
+    """dgamma = sum(dy * (x_hat * a * r + a * d + b_adj)), dbeta = sum(dy)."""
+    if WRITE_DW:
+        dw = sum_dy_xhat
+        if HAS_GAFFINE:
+            dw = (sum_dy_xhat * tl.load(GScale + c, mask=c_mask, other=0.0)
+                  + sum_dy * tl.load(GShift + c, mask=c_mask, other=0.0))
+        tl.store(DWeight + c, dw, mask=c_mask)
+    if WRITE_DB:
+        tl.store(DBias + c, sum_dy, mask=c_mask)
+
+
+@triton.jit
+def bn_backward_reduce_kernel(
+    X, DY, Residual,               # activation, upstream gradient, residual (RELU mask only)
+    Mean, Scale, Shift,            # [S] fp32 forward coefficients
+    PartSumDy, PartSumDyXmu,       # [n_parts, S] fp32 out
+    R1, K, S, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts,
+    stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
+    stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k,
+    stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
+    HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    ACC = Scale.dtype.element_ty
+    part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
+        tl.program_id(0), n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST)
+    acc_dy = tl.zeros([BLOCK_B], ACC)
+    acc_dy_xmu = tl.zeros([BLOCK_B], ACC)
+    for b0 in range(b_begin, b_end, BLOCK_B):
+        if CHANNELS_FAST:
+            bc = b0 + tl.arange(0, BLOCK_B)
+            bc_mask = bc < b_end
+        else:
+            bc = s_fixed
+            bc_mask = s_fixed < S
+        mean = load_channel_values(Mean, bc, bc_mask, bc, ACC, CHANNELS_FAST)
+        scale = load_channel_values(Scale, bc, bc_mask, bc, ACC, CHANNELS_FAST)
+        shift = load_channel_values(Shift, bc, bc_mask, bc, ACC, CHANNELS_FAST)
+        for a0 in range(a_begin, a_end, BLOCK_A):
+            a, b, b_mask, mask = tile_indices(a0, b0, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
+            x_offs = tile_offsets(a, b, s_fixed, R1, K, stride_x_r0, stride_x_r1, stride_x_g,
+                                  stride_x_k, HAS_GROUPS, CHANNELS_FAST)
+            dy_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dy_r0, stride_dy_r1, stride_dy_g,
+                                   stride_dy_k, HAS_GROUPS, CHANNELS_FAST)
+            z_offs = tile_offsets(a, b, s_fixed, R1, K, stride_z_r0, stride_z_r1, stride_z_g,
+                                  stride_z_k, HAS_GROUPS, CHANNELS_FAST)
+            x = tl.load(X + x_offs, mask=mask, other=0.0).to(ACC)
+            dy = tl.load(DY + dy_offs, mask=mask, other=0.0).to(ACC)
+            dy = relu_gate(dy, x, mean, scale, shift, Residual, z_offs, mask, HAS_RESIDUAL, RELU)
+            acc_dy += tl.sum(dy, 0)
+            acc_dy_xmu += tl.sum(tl.where(mask, dy * (x - mean), 0.0), 0)
+    if CHANNELS_FAST:
+        b = b_begin + tl.arange(0, BLOCK_B)
+        tl.store(PartSumDy + part * S + b, acc_dy, mask=b < b_end)
+        tl.store(PartSumDyXmu + part * S + b, acc_dy_xmu, mask=b < b_end)
+    else:
+        tl.store(PartSumDy + part * S + s_fixed, tl.sum(acc_dy, 0))
+        tl.store(PartSumDyXmu + part * S + s_fixed, tl.sum(acc_dy_xmu, 0))
+
+
+@triton.jit
+def bn_backward_finalize_kernel(
+    PartSumDy, PartSumDyXmu,       # [n_parts, S] fp32 partial sums
+    Rstd, Scale,                   # [S] fp32 forward coefficients
+    GScale, GShift,                # [K] fp32 pre-gamma affine (HAS_GAFFINE)
+    CoefB, CoefC,                  # [S] fp32 out: dx coefficients
+    DWeight, DBias,                # [K] fp32 out
+    K, G, n_parts, n,
+    TRAINING: tl.constexpr, HAS_GAFFINE: tl.constexpr, WRITE_DW: tl.constexpr,
+    WRITE_DB: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    ACC = Scale.dtype.element_ty
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < K
+    S = G * K
+    total_dy = tl.zeros([BLOCK_C], ACC)
+    total_dy_xhat = tl.zeros([BLOCK_C], ACC)
+    for g in range(G):
+        s = g * K + c
+        sum_dy = tl.zeros([BLOCK_C], ACC)
+        sum_dy_xmu = tl.zeros([BLOCK_C], ACC)
+        for p in range(n_parts):
+            sum_dy += tl.load(PartSumDy + p * S + s, mask=c_mask, other=0.0)
+            sum_dy_xmu += tl.load(PartSumDyXmu + p * S + s, mask=c_mask, other=0.0)
+        rstd = tl.load(Rstd + s, mask=c_mask, other=0.0)
+        scale = tl.load(Scale + s, mask=c_mask, other=0.0)
+        sum_dy_xhat, coef_b, coef_c = channel_grad_terms(sum_dy, sum_dy_xmu, rstd, scale, n, TRAINING)
+        tl.store(CoefB + s, coef_b, mask=c_mask)
+        tl.store(CoefC + s, coef_c, mask=c_mask)
+        total_dy += sum_dy
+        total_dy_xhat += sum_dy_xhat
+    store_param_grads(c, c_mask, total_dy, total_dy_xhat, GScale, GShift, DWeight, DBias,
+                      HAS_GAFFINE, WRITE_DW, WRITE_DB)
+
+
+@triton.jit
+def bn_backward_apply_kernel(
+    X, DY, Residual, DX, DResidual,
+    Mean, Scale, Shift, CoefB, CoefC,   # [S] fp32
+    R1, K, S, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts,
+    stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
+    stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k,
+    stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
+    stride_dx_r0, stride_dx_r1, stride_dx_g, stride_dx_k,
+    stride_dz_r0, stride_dz_r1, stride_dz_g, stride_dz_k,
+    HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, TRAINING: tl.constexpr,
+    WRITE_DX: tl.constexpr, WRITE_DRESIDUAL: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    ACC = Scale.dtype.element_ty
+    part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
+        tl.program_id(0), n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST)
+    for b0 in range(b_begin, b_end, BLOCK_B):
+        if CHANNELS_FAST:
+            bc = b0 + tl.arange(0, BLOCK_B)
+            bc_mask = bc < b_end
+        else:
+            bc = s_fixed
+            bc_mask = s_fixed < S
+        mean = load_channel_values(Mean, bc, bc_mask, bc, ACC, CHANNELS_FAST)
+        scale = load_channel_values(Scale, bc, bc_mask, bc, ACC, CHANNELS_FAST)
+        shift = load_channel_values(Shift, bc, bc_mask, bc, ACC, CHANNELS_FAST)
+        coef_b = load_channel_values(CoefB, bc, bc_mask, bc, ACC, CHANNELS_FAST)
+        coef_c = load_channel_values(CoefC, bc, bc_mask, bc, ACC, CHANNELS_FAST)
+        for a0 in range(a_begin, a_end, BLOCK_A):
+            a, b, b_mask, mask = tile_indices(a0, b0, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
+            x_offs = tile_offsets(a, b, s_fixed, R1, K, stride_x_r0, stride_x_r1, stride_x_g,
+                                  stride_x_k, HAS_GROUPS, CHANNELS_FAST)
+            dy_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dy_r0, stride_dy_r1, stride_dy_g,
+                                   stride_dy_k, HAS_GROUPS, CHANNELS_FAST)
+            z_offs = tile_offsets(a, b, s_fixed, R1, K, stride_z_r0, stride_z_r1, stride_z_g,
+                                  stride_z_k, HAS_GROUPS, CHANNELS_FAST)
+            x = tl.load(X + x_offs, mask=mask, other=0.0).to(ACC)
+            dy = tl.load(DY + dy_offs, mask=mask, other=0.0).to(ACC)
+            dy = relu_gate(dy, x, mean, scale, shift, Residual, z_offs, mask, HAS_RESIDUAL, RELU)
+            if WRITE_DRESIDUAL:
+                dz_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dz_r0, stride_dz_r1,
+                                       stride_dz_g, stride_dz_k, HAS_GROUPS, CHANNELS_FAST)
+                tl.store(DResidual + dz_offs, dy.to(DResidual.dtype.element_ty), mask=mask)
+            if WRITE_DX:
+                dx = scale * dy
+                if TRAINING:
+                    dx += coef_b * (x - mean) + coef_c
+                dx_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dx_r0, stride_dx_r1,
+                                       stride_dx_g, stride_dx_k, HAS_GROUPS, CHANNELS_FAST)
+                tl.store(DX + dx_offs, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def bn_fused_backward_kernel(
+    X, DY, Residual, DX, DResidual,
+    Mean, Rstd, Scale, Shift,      # [K] fp32 forward coefficients
+    GScale, GShift, DWeight, DBias,
+    R1, K, A, B, n,
+    stride_x_r0, stride_x_r1, stride_x_k,
+    stride_dy_r0, stride_dy_r1, stride_dy_k,
+    stride_z_r0, stride_z_r1, stride_z_k,
+    stride_dx_r0, stride_dx_r1, stride_dx_k,
+    stride_dz_r0, stride_dz_r1, stride_dz_k,
+    CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, TRAINING: tl.constexpr,
+    HAS_GAFFINE: tl.constexpr, WRITE_DW: tl.constexpr, WRITE_DB: tl.constexpr,
+    WRITE_DX: tl.constexpr, WRITE_DRESIDUAL: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """Single pass (G == 1): x and dy of this program's channels are read once."""
+    ACC = Scale.dtype.element_ty
+    _, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
+        tl.program_id(0), tl.num_programs(0), 1, A, B, A, B, BLOCK_B, CHANNELS_FAST)
+    a, b, b_mask, mask = tile_indices(a_begin, b_begin, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
+    if CHANNELS_FAST:
+        c = b
+        c_mask = b_mask
+    else:
+        c = s_fixed
+        c_mask = s_fixed < K
+    mean = load_channel_values(Mean, c, c_mask, c, ACC, CHANNELS_FAST)
+    rstd = load_channel_values(Rstd, c, c_mask, c, ACC, CHANNELS_FAST)
+    scale = load_channel_values(Scale, c, c_mask, c, ACC, CHANNELS_FAST)
+    shift = load_channel_values(Shift, c, c_mask, c, ACC, CHANNELS_FAST)
+    x_offs = tile_offsets(a, b, s_fixed, R1, K, stride_x_r0, stride_x_r1, 0, stride_x_k,
+                          False, CHANNELS_FAST)
+    dy_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dy_r0, stride_dy_r1, 0, stride_dy_k,
+                           False, CHANNELS_FAST)
+    z_offs = tile_offsets(a, b, s_fixed, R1, K, stride_z_r0, stride_z_r1, 0, stride_z_k,
+                          False, CHANNELS_FAST)
+    x = tl.load(X + x_offs, mask=mask, other=0.0).to(ACC)
+    dy = tl.load(DY + dy_offs, mask=mask, other=0.0).to(ACC)
+    dy = relu_gate(dy, x, mean, scale, shift, Residual, z_offs, mask, HAS_RESIDUAL, RELU)
+    xmu = tl.where(mask, x - mean, 0.0)
+    sum_dy = tl.sum(dy, 0)
+    sum_dy_xmu = tl.sum(dy * xmu, 0)
+    if CHANNELS_FAST:
+        sum_dy_xhat, coef_b, coef_c = channel_grad_terms(
+            sum_dy, sum_dy_xmu, rstd.reshape([BLOCK_B]), scale.reshape([BLOCK_B]), n, TRAINING)
+    else:
+        sum_dy = tl.sum(sum_dy, 0)
+        sum_dy_xmu = tl.sum(sum_dy_xmu, 0)
+        sum_dy_xhat, coef_b, coef_c = channel_grad_terms(sum_dy, sum_dy_xmu, rstd, scale, n,
+                                                         TRAINING)
+    store_param_grads(c, c_mask, sum_dy, sum_dy_xhat, GScale, GShift, DWeight, DBias,
+                      HAS_GAFFINE, WRITE_DW, WRITE_DB)
+    if CHANNELS_FAST:
+        coef_b = coef_b[None, :]
+        coef_c = coef_c[None, :]
+    if WRITE_DRESIDUAL:
+        dz_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dz_r0, stride_dz_r1, 0, stride_dz_k,
+                               False, CHANNELS_FAST)
+        tl.store(DResidual + dz_offs, dy.to(DResidual.dtype.element_ty), mask=mask)
+    if WRITE_DX:
+        dx = scale * dy + coef_b * xmu + coef_c
+        dx_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dx_r0, stride_dx_r1, 0, stride_dx_k,
+                               False, CHANNELS_FAST)
+        tl.store(DX + dx_offs, dx.to(DX.dtype.element_ty), mask=mask)

@@ -1,0 +1,155 @@
+"""Triton helpers shared by the forward and backward kernels: Welford/Chan merging, tile addressing.
+
+Tiles. Every element kernel walks 2-D tiles ``[BLOCK_A, BLOCK_B]`` in one of two orientations, picked
+by the constexpr ``CHANNELS_FAST``:
+
+* channels fast (NHWC, (N, C)): ``a`` is the flattened reduction index ``r = r0 * R1 + r1``, ``b`` is the
+  statistic channel; a program owns ``BLOCK_B`` channels and a range of rows.
+* reduction fast (NCHW): ``a`` is ``r0`` (batch), ``b`` is ``r1`` (spatial, contiguous), and a program
+  owns ONE statistic channel ``s`` and a block of ``(r0, r1)``.
+
+Either way the fast memory dimension is the last tile dimension, so loads coalesce.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def chan_merge(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
+    """Chan et al.'s merge of two (mean, M2, count) summaries; empty summaries merge exactly."""
+    n = n_a + n_b
+    w_b = tl.where(n > 0, n_b / tl.maximum(n, 1.0), 0.0)
+    delta = mean_b - mean_a
+    mean = mean_a + delta * w_b
+    m2 = m2_a + m2_b + delta * delta * n_a * w_b
+    return mean, m2, n
+
+
+@triton.jit
+def sqrt_rn(x):
+    """Correctly rounded square root in fp32 and fp64 (tl.sqrt may be approximate in fp32)."""
+    if x.dtype == tl.float64:
+        return tl.sqrt(x)
+    else:
+        return tl.sqrt_rn(x)
+
+
+@triton.jit
+def tile_moments(x, mask):
+    """Per-column (mean, M2, count) of a tile (fp32, or fp64 for float64 inputs) over axis 0, two-pass inside the tile."""
+    n = tl.sum(mask.to(x.dtype), 0)
+    mean = tl.sum(tl.where(mask, x, 0.0), 0) / tl.maximum(n, 1.0)
+    centred = tl.where(mask, x - mean[None, :], 0.0)
+    return mean, tl.sum(centred * centred, 0), n
+
+
+@triton.jit
+def channel_offset(s, K, stride_g, stride_k, HAS_GROUPS: tl.constexpr):
+    """Element offset of statistic channel s = g * K + k (ghost group g, channel k)."""
+    if HAS_GROUPS:
+        return (s // K) * stride_g + (s % K) * stride_k
+    else:
+        return s * stride_k
+
+
+@triton.jit
+def program_ranges(pid, n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk,
+                   BLOCK_B: tl.constexpr, CHANNELS_FAST: tl.constexpr):
+    """Splits a flat program id into (part index, a range, b range, fixed channel).
+
+    Programs are numbered channel-tile fastest. In the channels-fast orientation B is the number of
+    statistic channels and the b range is this program's channel tile; otherwise B = R1 and the program
+    owns channel ``s_fixed``.
+    """
+    channel_tile = pid % n_channel_tiles
+    part = pid // n_channel_tiles
+    a_part = part // n_b_parts
+    b_part = part % n_b_parts
+    a_begin = a_part * a_chunk
+    a_end = tl.minimum(A, a_begin + a_chunk)
+    if CHANNELS_FAST:
+        b_begin = channel_tile * BLOCK_B
+        b_end = tl.minimum(B, b_begin + BLOCK_B)
+        s_fixed = 0
+    else:
+        b_begin = b_part * b_chunk
+        b_end = tl.minimum(B, b_begin + b_chunk)
+        s_fixed = channel_tile
+    return part, a_begin, a_end, b_begin, b_end, s_fixed
+
+
+@triton.jit
+def tile_offsets(a, b, s_fixed, R1, K, stride_r0, stride_r1, stride_g, stride_k,
+                 HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr):
+    """Element offsets of the tile a[:, None] x b[None, :] in one tensor (see module docstring)."""
+    if CHANNELS_FAST:
+        row = (a // R1) * stride_r0 + (a % R1) * stride_r1
+        col = channel_offset(b, K, stride_g, stride_k, HAS_GROUPS)
+        return row[:, None] + col[None, :]
+    else:
+        base = channel_offset(s_fixed, K, stride_g, stride_k, HAS_GROUPS)
+        return base + a[:, None] * stride_r0 + b[None, :] * stride_r1
+
+
+@triton.jit
+def load_pivot(X, a0, b0, b_end, s_fixed, R1, K, stride_r0, stride_r1, stride_g, stride_k,
+               ACC: tl.constexpr, HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr,
+               BLOCK_B: tl.constexpr):
+    """One sample of each channel (at row a0), broadcastable against a tile. Moments are taken of
+    x - pivot (the shifted-data algorithm), so values like 1000 + 0.01 * noise lose no digits to
+    the sums; the pivot is added back to the mean only at the end."""
+    if CHANNELS_FAST:
+        b = b0 + tl.arange(0, BLOCK_B)
+        offs = ((a0 // R1) * stride_r0 + (a0 % R1) * stride_r1
+                + channel_offset(b, K, stride_g, stride_k, HAS_GROUPS))
+        return tl.load(X + offs, mask=b < b_end, other=0.0).to(ACC)[None, :]
+    else:
+        offs = (channel_offset(s_fixed, K, stride_g, stride_k, HAS_GROUPS) + a0 * stride_r0
+                + b0 * stride_r1)
+        return tl.load(X + offs).to(ACC)
+
+
+@triton.jit
+def load_channel_values(Ptr, b, b_mask, s_fixed, ACC: tl.constexpr, CHANNELS_FAST: tl.constexpr):
+    """Per-statistic-channel values (in the accumulation dtype) broadcastable against a tile."""
+    if CHANNELS_FAST:
+        return tl.load(Ptr + b, mask=b_mask, other=0.0).to(ACC)[None, :]
+    else:
+        return tl.load(Ptr + s_fixed).to(ACC)
+
+
+@triton.jit
+def tile_indices(a0, b0, a_end, b_end, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                 INT64: tl.constexpr):
+    """Index vectors and the 2-D mask of the tile starting at (a0, b0)."""
+    a = a0 + tl.arange(0, BLOCK_A)
+    b = b0 + tl.arange(0, BLOCK_B)
+    if INT64:
+        a = a.to(tl.int64)
+        b = b.to(tl.int64)
+    a_mask = a < a_end
+    b_mask = b < b_end
+    return a, b, b_mask, a_mask[:, None] & b_mask[None, :]
+
+
+@triton.jit
+def apply_activation(pre, Residual, res_offsets, mask, HAS_RESIDUAL: tl.constexpr,
+                     RELU: tl.constexpr):
+    """Adds the residual (if any) and applies the activation to a normalized fp32 tile."""
+    if HAS_RESIDUAL:
+        pre += tl.load(Residual + res_offsets, mask=mask, other=0.0).to(pre.dtype)
+    if RELU:
+        pre = tl.maximum(pre, 0.0)
+    return pre
+
+
+@triton.jit
+def relu_gate(dy, x, mean, scale, shift, Residual, res_offsets, mask,
+              HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr):
+    """The gradient reaching the normalization: dy, or dy where the recomputed pre-activation > 0."""
+    if RELU:
+        pre = apply_activation((x - mean) * scale + shift, Residual, res_offsets, mask,
+                               HAS_RESIDUAL, False)
+        dy = tl.where(pre > 0.0, dy, 0.0)
+    return dy

@@ -1,0 +1,320 @@
+"""Forward kernels: partial statistics, finalize (+ running-statistic updates), apply, single pass.
+
+Training, large reductions (three launches, x read twice):
+    bn_stats_kernel     -> fp32 partial (mean, M2) per (part, statistic channel)
+    bn_finalize_kernel  -> merges the parts in a fixed order; mean, rstd, scale, shift; running stats
+    bn_apply_kernel     -> y = act((x - mean) * scale + shift [+ residual])
+Training, reductions that fit on chip: bn_fused_forward_kernel reads x once and writes y.
+Inference: bn_apply_kernel with FROM_RUNNING computes its coefficients from the running statistics.
+
+The per-channel maths after the statistics (renorm r/d and clipping, adjustment, gamma/beta, the
+running-statistic update in either momentum convention) is one helper, ``channel_affine_and_update``,
+used by the finalize and the single-pass kernels alike.
+"""
+
+import triton
+import triton.language as tl
+
+from .common import (apply_activation, chan_merge, load_channel_values, load_pivot,
+                     program_ranges, sqrt_rn, tile_indices, tile_moments, tile_offsets)
+
+RENORM_NONE = 0
+RENORM_KERAS = 1  # reference: renorm_mean / renorm_stddev buffers, Keras (tf_keras) rules
+RENORM_TORCH = 2  # reference: running_mean / running_var, r clipped to [1/rmax, rmax]
+
+
+@triton.jit
+def channel_affine_and_update(
+    c, c_mask,                     # parameter-channel indices (vector or scalar) and their mask
+    batch_mean, batch_var, n,      # fp32 batch statistics of those channels (biased variance), count
+    Weight, Bias,                  # [K] gamma, beta (when HAS_WEIGHT / HAS_BIAS)
+    AdjScale, AdjBias,             # [K] Keras adjustment (when HAS_ADJUST)
+    GScale, GShift,                # [K] out: the pre-gamma affine (a*r, a*d + b_adj) for backward
+    RunMean, RunVar,               # [K] running / moving mean and variance, updated in place
+    NumBatches,                    # [1] int64 batches seen (CUMULATIVE momentum)
+    RenormMean, RenormStd,         # [K] Keras renorm_mean / renorm_stddev, updated in place
+    MovingStd,                     # [K] Keras moving_stddev, updated in place
+    eps, momentum, renorm_momentum, rmin, rmax, dmax,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADJUST: tl.constexpr,
+    RENORM: tl.constexpr, UPDATE_RUNNING: tl.constexpr, UNBIASED: tl.constexpr,
+    CUMULATIVE: tl.constexpr, SAVE_GAFFINE: tl.constexpr,
+):
+    """Returns (multiplier, shift) with y = x_hat * multiplier + shift, and updates the state.
+
+    momentum / renorm_momentum are the weight of the NEW value: PyTorch's momentum, or 1 - Keras's.
+    Every state value is read before any is written (r and d use the pre-update statistics).
+    """
+    g_scale = tl.full(batch_mean.shape, 1.0, batch_mean.dtype)
+    g_shift = tl.zeros(batch_mean.shape, batch_mean.dtype)
+    batch_std = sqrt_rn(batch_var + eps)
+    if RENORM != 0:
+        if RENORM == 1:
+            ref_mean = tl.load(RenormMean + c, mask=c_mask, other=0.0).to(batch_mean.dtype)
+            ref_std = tl.maximum(tl.load(RenormStd + c, mask=c_mask, other=1.0).to(batch_mean.dtype),
+                                 sqrt_rn(eps + tl.zeros(batch_mean.shape, batch_mean.dtype)))
+        else:
+            ref_mean = tl.load(RunMean + c, mask=c_mask, other=0.0).to(batch_mean.dtype)
+            ref_std = sqrt_rn(tl.load(RunVar + c, mask=c_mask, other=1.0).to(batch_mean.dtype) + eps)
+        r = batch_std / ref_std
+        d = (batch_mean - ref_mean) / ref_std
+        # where() rather than min/max so that a NaN stays a NaN in its own channel
+        r = tl.where(r < rmin, rmin, r)
+        r = tl.where(r > rmax, rmax, r)
+        d = tl.where(d < -dmax, -dmax, d)
+        d = tl.where(d > dmax, dmax, d)
+        g_scale = r
+        g_shift = d
+    if HAS_ADJUST:
+        adj_scale = tl.load(AdjScale + c, mask=c_mask, other=1.0).to(batch_mean.dtype)
+        adj_bias = tl.load(AdjBias + c, mask=c_mask, other=0.0).to(batch_mean.dtype)
+        g_shift = g_shift * adj_scale + adj_bias
+        g_scale = g_scale * adj_scale
+    if SAVE_GAFFINE:
+        tl.store(GScale + c, g_scale, mask=c_mask)
+        tl.store(GShift + c, g_shift, mask=c_mask)
+    multiplier = g_scale
+    shift = g_shift
+    if HAS_WEIGHT:
+        w = tl.load(Weight + c, mask=c_mask, other=1.0).to(batch_mean.dtype)
+        multiplier = multiplier * w
+        shift = shift * w
+    if HAS_BIAS:
+        shift += tl.load(Bias + c, mask=c_mask, other=0.0).to(batch_mean.dtype)
+
+    if UPDATE_RUNNING:
+        f = momentum
+        if CUMULATIVE:
+            f = 1.0 / tl.load(NumBatches).to(batch_mean.dtype)
+        old_mean = tl.load(RunMean + c, mask=c_mask, other=0.0).to(batch_mean.dtype)
+        tl.store(RunMean + c, old_mean + (batch_mean - old_mean) * f, mask=c_mask)
+        if RENORM == 1:
+            old_rmean = tl.load(RenormMean + c, mask=c_mask, other=0.0).to(batch_mean.dtype)
+            old_rstd = tl.load(RenormStd + c, mask=c_mask, other=0.0).to(batch_mean.dtype)
+            old_mstd = tl.load(MovingStd + c, mask=c_mask, other=0.0).to(batch_mean.dtype)
+            tl.store(RenormMean + c, old_rmean + (batch_mean - old_rmean) * renorm_momentum,
+                     mask=c_mask)
+            tl.store(RenormStd + c, old_rstd + (batch_std - old_rstd) * renorm_momentum,
+                     mask=c_mask)
+            new_mstd = old_mstd + (batch_std - old_mstd) * f
+            tl.store(MovingStd + c, new_mstd, mask=c_mask)
+            tl.store(RunVar + c, tl.maximum(new_mstd * new_mstd - eps, 0.0), mask=c_mask)
+        else:
+            value_var = batch_var
+            if UNBIASED:
+                value_var = batch_var * (n / tl.maximum(n - 1.0, 1.0))
+            old_var = tl.load(RunVar + c, mask=c_mask, other=0.0).to(batch_mean.dtype)
+            tl.store(RunVar + c, old_var + (value_var - old_var) * f, mask=c_mask)
+    return multiplier, shift
+
+
+@triton.jit
+def bn_stats_kernel(
+    X,                    # activation, addressed through its strides
+    PartMean, PartM2,     # [n_parts, S] fp32 out: per-part mean and M2 of each statistic channel
+    R1, K, S, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts,
+    stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
+    HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    ACC = PartMean.dtype.element_ty
+    part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
+        tl.program_id(0), n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST)
+    pivot = load_pivot(X, a_begin, b_begin, b_end, s_fixed, R1, K, stride_x_r0, stride_x_r1,
+                       stride_x_g, stride_x_k, ACC, HAS_GROUPS, CHANNELS_FAST, BLOCK_B)
+    mean = tl.zeros([BLOCK_B], ACC)
+    m2 = tl.zeros([BLOCK_B], ACC)
+    n = tl.zeros([BLOCK_B], ACC)
+    for a0 in range(a_begin, a_end, BLOCK_A):
+        for b0 in range(b_begin, b_end, BLOCK_B):
+            a, b, b_mask, mask = tile_indices(a0, b0, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
+            offs = tile_offsets(a, b, s_fixed, R1, K, stride_x_r0, stride_x_r1, stride_x_g,
+                                stride_x_k, HAS_GROUPS, CHANNELS_FAST)
+            x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+            t_mean, t_m2, t_n = tile_moments(x - pivot, mask)
+            mean, m2, n = chan_merge(mean, m2, n, t_mean, t_m2, t_n)
+    if CHANNELS_FAST:
+        b = b_begin + tl.arange(0, BLOCK_B)
+        tl.store(PartMean + part * S + b, mean + tl.reshape(pivot, [BLOCK_B]), mask=b < b_end)
+        tl.store(PartM2 + part * S + b, m2, mask=b < b_end)
+    else:
+        mean, m2, n = tl.reduce((mean, m2, n), 0, chan_merge)
+        tl.store(PartMean + part * S + s_fixed, mean + pivot)
+        tl.store(PartM2 + part * S + s_fixed, m2)
+
+
+@triton.jit
+def bn_finalize_kernel(
+    PartMean, PartM2,              # [n_parts, S] fp32 partial statistics
+    Mean, Rstd, Scale, Shift,      # [S] fp32 out: batch mean, 1/std, y = (x - Mean) * Scale + Shift
+    Weight, Bias, AdjScale, AdjBias, GScale, GShift,
+    RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd,
+    K, G, n_parts, n_b_parts, A, a_chunk, B_count, b_chunk,
+    eps, momentum, renorm_momentum, rmin, rmax, dmax,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADJUST: tl.constexpr,
+    RENORM: tl.constexpr, UPDATE_RUNNING: tl.constexpr, UNBIASED: tl.constexpr,
+    CUMULATIVE: tl.constexpr, SAVE_GAFFINE: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One program per BLOCK_C parameter channels; merges parts in index order (deterministic).
+    With ghost batches (G > 1) each group is normalized by its own statistics while the running
+    statistics and renorm r/d use the mean over groups of the means and biased variances."""
+    ACC = PartMean.dtype.element_ty
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < K
+    S = G * K
+    sum_mean = tl.zeros([BLOCK_C], ACC)
+    sum_var = tl.zeros([BLOCK_C], ACC)
+    n = tl.zeros([BLOCK_C], ACC)
+    for g in range(G):
+        s = g * K + c
+        mean = tl.zeros([BLOCK_C], ACC)
+        m2 = tl.zeros([BLOCK_C], ACC)
+        n = tl.zeros([BLOCK_C], ACC)
+        for p in range(n_parts):
+            pa = p // n_b_parts
+            pb = p % n_b_parts
+            count = ((tl.minimum(A, (pa + 1) * a_chunk) - pa * a_chunk)
+                     * (tl.minimum(B_count, (pb + 1) * b_chunk) - pb * b_chunk)).to(ACC)
+            p_mean = tl.load(PartMean + p * S + s, mask=c_mask, other=0.0)
+            p_m2 = tl.load(PartM2 + p * S + s, mask=c_mask, other=0.0)
+            mean, m2, n = chan_merge(mean, m2, n, p_mean, p_m2, count + tl.zeros_like(p_mean))
+        var = m2 / tl.maximum(n, 1.0)
+        tl.store(Mean + s, mean, mask=c_mask)
+        tl.store(Rstd + s, 1.0 / sqrt_rn(var + eps), mask=c_mask)
+        sum_mean += mean
+        sum_var += var
+    multiplier, shift = channel_affine_and_update(
+        c, c_mask, sum_mean / G, sum_var / G, n, Weight, Bias, AdjScale, AdjBias, GScale, GShift,
+        RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd,
+        eps, momentum, renorm_momentum, rmin, rmax, dmax,
+        HAS_WEIGHT, HAS_BIAS, HAS_ADJUST, RENORM, UPDATE_RUNNING, UNBIASED, CUMULATIVE, SAVE_GAFFINE)
+    for g in range(G):
+        s = g * K + c
+        rstd = tl.load(Rstd + s, mask=c_mask, other=0.0)
+        tl.store(Scale + s, rstd * multiplier, mask=c_mask)
+        tl.store(Shift + s, shift, mask=c_mask)
+
+
+@triton.jit
+def bn_apply_kernel(
+    X, Y, Residual,                # activation in, output, optional residual added before the act.
+    Mean, Scale, Shift,            # [S] fp32 coefficients (out when FROM_RUNNING and WRITE_COEFFS)
+    Rstd,                          # [S] fp32 out when FROM_RUNNING and WRITE_COEFFS
+    RunMean, RunVar, Weight, Bias,  # [K] for FROM_RUNNING (inference)
+    R1, K, S, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts, eps,
+    stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
+    stride_y_r0, stride_y_r1, stride_y_g, stride_y_k,
+    stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
+    HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, FROM_RUNNING: tl.constexpr,
+    WRITE_COEFFS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    ACC = Scale.dtype.element_ty
+    part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
+        tl.program_id(0), n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST)
+    for b0 in range(b_begin, b_end, BLOCK_B):
+        if CHANNELS_FAST:
+            bc = b0 + tl.arange(0, BLOCK_B)
+            bc_mask = bc < b_end
+        else:
+            bc = s_fixed
+            bc_mask = s_fixed < S
+        if FROM_RUNNING:
+            mean = load_channel_values(RunMean, bc, bc_mask, bc, ACC, CHANNELS_FAST)
+            rstd = 1.0 / sqrt_rn(load_channel_values(RunVar, bc, bc_mask, bc, ACC, CHANNELS_FAST) + eps)
+            scale = rstd
+            if HAS_WEIGHT:
+                scale = rstd * load_channel_values(Weight, bc, bc_mask, bc, ACC, CHANNELS_FAST)
+            shift = tl.zeros_like(scale)
+            if HAS_BIAS:
+                shift += load_channel_values(Bias, bc, bc_mask, bc, ACC, CHANNELS_FAST)
+            if WRITE_COEFFS:
+                if part == 0:
+                    if CHANNELS_FAST:
+                        tl.store(Mean + bc[None, :], mean, mask=bc_mask[None, :])
+                        tl.store(Rstd + bc[None, :], rstd, mask=bc_mask[None, :])
+                        tl.store(Scale + bc[None, :], scale, mask=bc_mask[None, :])
+                        tl.store(Shift + bc[None, :], shift, mask=bc_mask[None, :])
+                    else:
+                        tl.store(Mean + bc, mean)
+                        tl.store(Rstd + bc, rstd)
+                        tl.store(Scale + bc, scale)
+                        tl.store(Shift + bc, shift)
+        else:
+            mean = load_channel_values(Mean, bc, bc_mask, bc, ACC, CHANNELS_FAST)
+            scale = load_channel_values(Scale, bc, bc_mask, bc, ACC, CHANNELS_FAST)
+            shift = load_channel_values(Shift, bc, bc_mask, bc, ACC, CHANNELS_FAST)
+        for a0 in range(a_begin, a_end, BLOCK_A):
+            a, b, b_mask, mask = tile_indices(a0, b0, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
+            x_offs = tile_offsets(a, b, s_fixed, R1, K, stride_x_r0, stride_x_r1, stride_x_g,
+                                  stride_x_k, HAS_GROUPS, CHANNELS_FAST)
+            y_offs = tile_offsets(a, b, s_fixed, R1, K, stride_y_r0, stride_y_r1, stride_y_g,
+                                  stride_y_k, HAS_GROUPS, CHANNELS_FAST)
+            z_offs = tile_offsets(a, b, s_fixed, R1, K, stride_z_r0, stride_z_r1, stride_z_g,
+                                  stride_z_k, HAS_GROUPS, CHANNELS_FAST)
+            x = tl.load(X + x_offs, mask=mask, other=0.0).to(ACC)
+            y = apply_activation((x - mean) * scale + shift, Residual, z_offs, mask,
+                                 HAS_RESIDUAL, RELU)
+            tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def bn_fused_forward_kernel(
+    X, Y, Residual,
+    Mean, Rstd, Scale, Shift,      # [K] fp32 out
+    Weight, Bias, AdjScale, AdjBias, GScale, GShift,
+    RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd,
+    R1, K, A, B, eps, momentum, renorm_momentum, rmin, rmax, dmax,
+    stride_x_r0, stride_x_r1, stride_x_k,
+    stride_y_r0, stride_y_r1, stride_y_k,
+    stride_z_r0, stride_z_r1, stride_z_k,
+    CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADJUST: tl.constexpr,
+    RENORM: tl.constexpr, UPDATE_RUNNING: tl.constexpr, UNBIASED: tl.constexpr,
+    CUMULATIVE: tl.constexpr, SAVE_GAFFINE: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """Single pass: the whole reduced slice of this program's channels is one tile in registers
+    (no ghost batches here: G == 1)."""
+    ACC = Mean.dtype.element_ty
+    _, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
+        tl.program_id(0), tl.num_programs(0), 1, A, B, A, B, BLOCK_B, CHANNELS_FAST)
+    a, b, b_mask, mask = tile_indices(a_begin, b_begin, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
+    x_offs = tile_offsets(a, b, s_fixed, R1, K, stride_x_r0, stride_x_r1, 0, stride_x_k,
+                          False, CHANNELS_FAST)
+    x = tl.load(X + x_offs, mask=mask, other=0.0).to(ACC)
+    pivot = load_pivot(X, a_begin, b_begin, b_end, s_fixed, R1, K, stride_x_r0, stride_x_r1, 0,
+                       stride_x_k, ACC, False, CHANNELS_FAST, BLOCK_B)
+    mean, m2, n = tile_moments(x - pivot, mask)
+    if CHANNELS_FAST:
+        mean += tl.reshape(pivot, [BLOCK_B])
+        c = b
+        c_mask = b_mask
+    else:
+        mean, m2, n = tl.reduce((mean, m2, n), 0, chan_merge)
+        mean += pivot
+        c = s_fixed
+        c_mask = s_fixed < K
+    var = m2 / tl.maximum(n, 1.0)
+    rstd = 1.0 / sqrt_rn(var + eps)
+    multiplier, shift = channel_affine_and_update(
+        c, c_mask, mean, var, n, Weight, Bias, AdjScale, AdjBias, GScale, GShift,
+        RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd,
+        eps, momentum, renorm_momentum, rmin, rmax, dmax,
+        HAS_WEIGHT, HAS_BIAS, HAS_ADJUST, RENORM, UPDATE_RUNNING, UNBIASED, CUMULATIVE, SAVE_GAFFINE)
+    scale = rstd * multiplier
+    tl.store(Mean + c, mean, mask=c_mask)
+    tl.store(Rstd + c, rstd, mask=c_mask)
+    tl.store(Scale + c, scale, mask=c_mask)
+    tl.store(Shift + c, shift, mask=c_mask)
+    if CHANNELS_FAST:
+        mean = mean[None, :]
+        scale = scale[None, :]
+        shift = shift[None, :]
+    y_offs = tile_offsets(a, b, s_fixed, R1, K, stride_y_r0, stride_y_r1, 0, stride_y_k,
+                          False, CHANNELS_FAST)
+    z_offs = tile_offsets(a, b, s_fixed, R1, K, stride_z_r0, stride_z_r1, 0, stride_z_k,
+                          False, CHANNELS_FAST)
+    y = apply_activation((x - mean) * scale + shift, Residual, z_offs, mask, HAS_RESIDUAL, RELU)
+    tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=mask)
