@@ -1,0 +1,34 @@
+"""Shared test setup: Triton's interpreter on CPU machines, seeds and per-dtype tolerances."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
+
+import pytest  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+# Absolute/relative tolerances against the float64 reference, per input dtype. Half precision
+# loses ~3 decimal digits at the input and output; statistics are fp32 throughout.
+TOL = {
+    torch.float64: dict(atol=1e-9, rtol=1e-7),
+    torch.float32: dict(atol=2e-5, rtol=2e-5),
+    torch.float16: dict(atol=4e-3, rtol=4e-3),
+    torch.bfloat16: dict(atol=3e-2, rtol=2e-2),
+}
+
+
+def grad_tol(dtype: torch.dtype, n: int) -> dict:
+    """Tolerance for a gradient reduced over n elements (dgamma, dbeta): grows with sqrt(n)."""
+    base = TOL[dtype]
+    scale = max(1.0, n ** 0.5 / 4)
+    return dict(atol=base["atol"] * scale, rtol=base["rtol"] * scale)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)
+    yield
