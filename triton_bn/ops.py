@@ -17,10 +17,11 @@ from . import tuning
 from .kernels.backward import (bn_backward_apply_kernel, bn_backward_finalize_kernel,
                                bn_backward_reduce_kernel, bn_fused_backward_kernel)
 from .kernels.forward import (RENORM_KERAS, RENORM_NONE, RENORM_TORCH, bn_apply_kernel,
-                              bn_finalize_kernel, bn_fused_forward_kernel, bn_stats_kernel)
+                              bn_finalize_kernel, bn_fused_forward_kernel, bn_merge_kernel,
+                              bn_stats_kernel)
 from .layout import Geometry, normalize_axes, plan_geometry
 
-__all__ = ["bn_forward", "bn_backward", "RENORM_NONE", "RENORM_KERAS", "RENORM_TORCH",
+__all__ = ["bn_forward", "bn_backward", "local_moments", "RENORM_NONE", "RENORM_KERAS", "RENORM_TORCH",
            "FLOAT_DTYPES", "ForwardResult"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -92,6 +93,109 @@ def _clip_values(rmin, rmax, dmax) -> tuple[float, float, float]:
             math.inf if dmax is None else float(dmax))
 
 
+@dataclass
+class _Forward:
+    """One forward call's prepared tensors, plans and outputs (shared by the steps below)."""
+
+    x: torch.Tensor
+    prep: Prepared
+    y: torch.Tensor
+    mean: torch.Tensor
+    rstd: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+    has_residual: bool
+    int64: bool
+
+    @property
+    def geo(self) -> Geometry:
+        return self.prep.geometry
+
+    def views(self):
+        t, st = self.prep.tensors, self.geo.strides
+        z, st_z = (t[2], st[2]) if self.has_residual else (t[0], st[0])
+        return t[0], t[1], z, st[0], st[1], st_z
+
+
+def _start_forward(x: torch.Tensor, residual: Optional[torch.Tensor], axes, groups: int,
+                   training: bool) -> _Forward:
+    acc = acc_dtype(x.dtype)
+    y = torch.empty_like(x, memory_format=torch.preserve_format)
+    active = [x, y] + ([residual] if residual is not None else [])
+    prep = prepare(x.shape, active, axes, groups if training else 1)
+    S = prep.geometry.S
+    mean = torch.empty(S, device=x.device, dtype=acc)
+    return _Forward(x, prep, y, mean, torch.empty_like(mean), torch.empty_like(mean),
+                    torch.empty_like(mean), residual is not None, _needs_int64(*prep.tensors))
+
+
+def _launch_apply(fw: _Forward, relu: bool, from_running: bool = False, running_mean=None,
+                  running_var=None, weight=None, bias=None, eps: float = 0.0) -> None:
+    geo = fw.geo
+    xs, ys, zs, st_x, st_y, st_z = fw.views()
+    plan = tuning.plan_tiles(geo, "apply", fw.x.device, fw.x.dtype)
+    dummy = fw.mean
+    bn_apply_kernel[plan.grid](
+        xs, ys, zs, fw.mean, fw.scale, fw.shift, fw.rstd,
+        _or_dummy(running_mean, dummy), _or_dummy(running_var, dummy), _or_dummy(weight, dummy),
+        _or_dummy(bias, dummy),
+        geo.R1, geo.K, geo.S, plan.A, plan.B, plan.a_chunk, plan.b_chunk, plan.n_channel_tiles,
+        plan.n_b_parts, float(eps), *st_x, *st_y, *st_z,
+        HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=fw.int64,
+        HAS_RESIDUAL=fw.has_residual, RELU=relu, FROM_RUNNING=from_running,
+        WRITE_COEFFS=from_running, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B, num_warps=plan.num_warps)
+
+
+def _launch_stats(fw: _Forward, plan: tuning.TilePlan) -> tuple[torch.Tensor, torch.Tensor]:
+    geo = fw.geo
+    xs, _, _, st_x, _, _ = fw.views()
+    part_mean = torch.empty((plan.n_parts, geo.S), device=fw.x.device, dtype=fw.mean.dtype)
+    part_m2 = torch.empty_like(part_mean)
+    bn_stats_kernel[plan.grid](
+        xs, part_mean, part_m2, geo.R1, geo.K, geo.S, plan.A, plan.B, plan.a_chunk, plan.b_chunk,
+        plan.n_channel_tiles, plan.n_b_parts, *st_x,
+        HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=fw.int64,
+        BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B, num_warps=plan.num_warps)
+    return part_mean, part_m2
+
+
+def _state_args(fw: _Forward, weight, bias, running_mean, running_var, num_batches_tracked,
+                renorm_mean, renorm_stddev, moving_stddev, adj_scale, adj_bias, *, eps, momentum,
+                cumulative, unbiased, update_running, renorm, renorm_momentum, rmin, rmax, dmax):
+    """(tensor args, scalar args, constexpr flags, gscale, gshift) shared by the finalize and the
+    single-pass kernels."""
+    K = fw.geo.K
+    dummy = fw.mean
+    has_adjust = adj_scale is not None
+    save_gaffine = renorm != RENORM_NONE or has_adjust
+    gscale = torch.empty(K, device=fw.x.device, dtype=fw.mean.dtype) if save_gaffine else None
+    gshift = torch.empty_like(gscale) if save_gaffine else None
+    tensors = tuple(_or_dummy(t, dummy) for t in (
+        weight, bias, adj_scale, adj_bias, gscale, gshift, running_mean, running_var,
+        num_batches_tracked, renorm_mean, renorm_stddev, moving_stddev))
+    rmin_v, rmax_v, dmax_v = _clip_values(rmin, rmax, dmax)
+    scalars = (float(eps), float(momentum), float(renorm_momentum), rmin_v, rmax_v, dmax_v)
+    flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_ADJUST=has_adjust,
+                 RENORM=renorm, UPDATE_RUNNING=update_running and running_mean is not None,
+                 UNBIASED=unbiased, CUMULATIVE=cumulative, SAVE_GAFFINE=save_gaffine)
+    return tensors, scalars, flags, gscale, gshift
+
+
+def _launch_finalize(fw: _Forward, part_mean, part_m2, part_count, plan: Optional[tuning.TilePlan],
+                     state) -> None:
+    tensors, scalars, flags, _, _ = state
+    geo = fw.geo
+    if plan is None:  # one part per process (sync BN): counts given
+        layout = (part_mean.shape[0], 1, 0, 0, 0, 0)
+    else:
+        layout = (plan.n_parts, plan.n_b_parts, plan.A, plan.a_chunk, plan.b_count, plan.b_chunk)
+    bn_finalize_kernel[(tuning.cdiv(geo.K, _FINALIZE_BLOCK),)](
+        part_mean, part_m2, _or_dummy(part_count, fw.mean), fw.mean, fw.rstd, fw.scale, fw.shift,
+        *tensors, geo.K, geo.G, *layout, *scalars, HAS_COUNTS=part_count is not None,
+        BLOCK_C=_FINALIZE_BLOCK, **flags)
+
+
 def bn_forward(
     x: torch.Tensor,
     weight: Optional[torch.Tensor],
@@ -120,93 +224,68 @@ def bn_forward(
     rmax: Optional[float] = None,
     dmax: Optional[float] = None,
     relu: bool = False,
+    global_moments: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
 ) -> ForwardResult:
     """Runs the forward kernels. Inputs are assumed validated (``functional.check_inputs``).
 
     momentum / renorm_momentum: weight of the new batch value in the moving averages (PyTorch's
     momentum, or 1 - Keras's). cumulative: momentum = 1 / num_batches_tracked, read on the device.
     Parameter-like tensors are [K] (K = product of the channel dims) and contiguous.
+    global_moments: (mean [P, S], M2 [P, S], count [P]) of every process (sync BN); the batch
+    statistics are then their merge instead of this input's.
     """
-    dev = x.device
-    acc = acc_dtype(x.dtype)
-    y = torch.empty_like(x, memory_format=torch.preserve_format)
-    active = [x, y] + ([residual] if residual is not None else [])
-    prep = prepare(x.shape, active, axes, groups if training else 1)
-    geo = prep.geometry
-    xs, ys = prep.tensors[0], prep.tensors[1]
-    zs = prep.tensors[2] if residual is not None else xs
-    st_x, st_y = geo.strides[0], geo.strides[1]
-    st_z = geo.strides[2] if residual is not None else st_x
-    S, K = geo.S, geo.K
-    mean = torch.empty(S, device=dev, dtype=acc)
-    rstd = torch.empty_like(mean)
-    scale = torch.empty_like(mean)
-    shift = torch.empty_like(mean)
-    int64 = _needs_int64(xs, ys, zs)
-    dummy = mean
-    common = dict(HAS_RESIDUAL=residual is not None, RELU=relu)
-
+    fw = _start_forward(x, residual, axes, groups, training)
     if not training:
-        plan = tuning.plan_tiles(geo, "apply", dev, x.dtype)
-        bn_apply_kernel[plan.grid](
-            xs, ys, zs, mean, scale, shift, rstd,
-            running_mean, running_var, _or_dummy(weight, dummy), _or_dummy(bias, dummy),
-            geo.R1, K, S, plan.A, plan.B, plan.a_chunk, plan.b_chunk, plan.n_channel_tiles,
-            plan.n_b_parts, eps, *st_x, *st_y, *st_z,
-            HAS_GROUPS=False, CHANNELS_FAST=geo.channels_fast, INT64=int64,
-            FROM_RUNNING=True, WRITE_COEFFS=True, HAS_WEIGHT=weight is not None,
-            HAS_BIAS=bias is not None, BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B,
-            num_warps=plan.num_warps, **common)
-        return ForwardResult(_restore(ys, y, prep), mean, rstd, scale, shift, None, None)
-
-    rmin_v, rmax_v, dmax_v = _clip_values(rmin, rmax, dmax)
-    has_adjust = adj_scale is not None
-    save_gaffine = renorm != RENORM_NONE or has_adjust
-    gscale = torch.empty(K, device=dev, dtype=acc) if save_gaffine else None
-    gshift = torch.empty_like(gscale) if save_gaffine else None
-    state = (
-        _or_dummy(weight, dummy), _or_dummy(bias, dummy), _or_dummy(adj_scale, dummy),
-        _or_dummy(adj_bias, dummy), _or_dummy(gscale, dummy), _or_dummy(gshift, dummy),
-        _or_dummy(running_mean, dummy), _or_dummy(running_var, dummy),
-        _or_dummy(num_batches_tracked, dummy), _or_dummy(renorm_mean, dummy),
-        _or_dummy(renorm_stddev, dummy), _or_dummy(moving_stddev, dummy),
-    )
-    flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_ADJUST=has_adjust,
-                 RENORM=renorm, UPDATE_RUNNING=update_running and running_mean is not None,
-                 UNBIASED=unbiased, CUMULATIVE=cumulative, SAVE_GAFFINE=save_gaffine)
-    scalars = (float(eps), float(momentum), float(renorm_momentum), rmin_v, rmax_v, dmax_v)
-
-    plan = tuning.plan_tiles(geo, "forward", dev, x.dtype)
+        _launch_apply(fw, relu, True, running_mean, running_var, weight, bias, eps)
+        return ForwardResult(_restore(fw.prep.tensors[1], fw.y, fw.prep), fw.mean, fw.rstd,
+                             fw.scale, fw.shift, None, None)
+    state = _state_args(fw, weight, bias, running_mean, running_var, num_batches_tracked,
+                        renorm_mean, renorm_stddev, moving_stddev, adj_scale, adj_bias, eps=eps,
+                        momentum=momentum, cumulative=cumulative, unbiased=unbiased,
+                        update_running=update_running, renorm=renorm,
+                        renorm_momentum=renorm_momentum, rmin=rmin, rmax=rmax, dmax=dmax)
+    tensors, scalars, flags, gscale, gshift = state
+    geo = fw.geo
+    if global_moments is not None:
+        _launch_finalize(fw, *global_moments, None, state)
+        if x.numel():
+            _launch_apply(fw, relu)
+        return ForwardResult(_restore(fw.prep.tensors[1], fw.y, fw.prep), fw.mean, fw.rstd,
+                             fw.scale, fw.shift, gscale, gshift)
+    plan = tuning.plan_tiles(geo, "forward", x.device, x.dtype)
     if plan.fused:
+        xs, ys, zs, st_x, st_y, st_z = fw.views()
         bn_fused_forward_kernel[plan.grid](
-            xs, ys, zs, mean, rstd, scale, shift, *state,
-            geo.R1, K, plan.A, plan.B, *scalars,
+            xs, ys, zs, fw.mean, fw.rstd, fw.scale, fw.shift, *tensors,
+            geo.R1, geo.K, plan.A, plan.B, *scalars,
             st_x[0], st_x[1], st_x[3], st_y[0], st_y[1], st_y[3], st_z[0], st_z[1], st_z[3],
-            CHANNELS_FAST=geo.channels_fast, INT64=int64, BLOCK_A=plan.BLOCK_A,
-            BLOCK_B=plan.BLOCK_B, num_warps=plan.num_warps, **common, **flags)
+            CHANNELS_FAST=geo.channels_fast, INT64=fw.int64, HAS_RESIDUAL=residual is not None,
+            RELU=relu, BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B, num_warps=plan.num_warps,
+            **flags)
     else:
-        part_mean = torch.empty((plan.n_parts, S), device=dev, dtype=acc)
-        part_m2 = torch.empty_like(part_mean)
-        layout = (geo.R1, K, S, plan.A, plan.B, plan.a_chunk, plan.b_chunk, plan.n_channel_tiles,
-                  plan.n_b_parts)
-        bn_stats_kernel[plan.grid](
-            xs, part_mean, part_m2, *layout, *st_x,
-            HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=int64,
-            BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B, num_warps=plan.num_warps)
-        bn_finalize_kernel[(tuning.cdiv(K, _FINALIZE_BLOCK),)](
-            part_mean, part_m2, mean, rstd, scale, shift, *state,
-            K, geo.G, plan.n_parts, plan.n_b_parts, plan.A, plan.a_chunk, plan.b_count,
-            plan.b_chunk, *scalars, BLOCK_C=_FINALIZE_BLOCK, **flags)
-        apply_plan = tuning.plan_tiles(geo, "apply", dev, x.dtype)
-        bn_apply_kernel[apply_plan.grid](
-            xs, ys, zs, mean, scale, shift, rstd, dummy, dummy, dummy, dummy,
-            geo.R1, K, S, apply_plan.A, apply_plan.B, apply_plan.a_chunk, apply_plan.b_chunk,
-            apply_plan.n_channel_tiles, apply_plan.n_b_parts, eps, *st_x, *st_y, *st_z,
-            HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=int64,
-            FROM_RUNNING=False, WRITE_COEFFS=False, HAS_WEIGHT=False, HAS_BIAS=False,
-            BLOCK_A=apply_plan.BLOCK_A, BLOCK_B=apply_plan.BLOCK_B,
-            num_warps=apply_plan.num_warps, **common)
-    return ForwardResult(_restore(ys, y, prep), mean, rstd, scale, shift, gscale, gshift)
+        part_mean, part_m2 = _launch_stats(fw, plan)
+        _launch_finalize(fw, part_mean, part_m2, None, plan, state)
+        _launch_apply(fw, relu)
+    return ForwardResult(_restore(fw.prep.tensors[1], fw.y, fw.prep), fw.mean, fw.rstd, fw.scale,
+                         fw.shift, gscale, gshift)
+
+
+def local_moments(x: torch.Tensor, axes: tuple[int, ...], groups: int = 1
+                  ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """This process's (mean [S], M2 [S], count) per statistic channel, for sync BN to exchange.
+    An empty input gives zeros and count 0."""
+    fw = _start_forward(x, None, axes, groups, True)
+    geo = fw.geo
+    if x.numel() == 0:
+        zeros = torch.zeros(geo.S, device=x.device, dtype=fw.mean.dtype)
+        return zeros, zeros.clone(), 0
+    plan = tuning.plan_tiles(geo, "forward", x.device, x.dtype, allow_fused=False)
+    part_mean, part_m2 = _launch_stats(fw, plan)
+    m2 = torch.empty_like(fw.mean)
+    bn_merge_kernel[(tuning.cdiv(geo.S, _FINALIZE_BLOCK),)](
+        part_mean, part_m2, fw.mean, m2, geo.S, plan.n_parts, plan.n_b_parts, plan.A,
+        plan.a_chunk, plan.b_count, plan.b_chunk, BLOCK_C=_FINALIZE_BLOCK)
+    return fw.mean, m2, geo.R
 
 
 def _restore(computed: torch.Tensor, allocated: torch.Tensor, prep: Prepared) -> torch.Tensor:
@@ -214,6 +293,85 @@ def _restore(computed: torch.Tensor, allocated: torch.Tensor, prep: Prepared) ->
     if prep.inverse_perm is None:
         return allocated
     return allocated.copy_(computed.permute(prep.inverse_perm))
+
+
+@dataclass
+class _Backward:
+    prep: Prepared
+    dx: Optional[torch.Tensor]
+    dres: Optional[torch.Tensor]
+    write_dres: bool
+    has_residual: bool
+    int64: bool
+
+    @property
+    def geo(self) -> Geometry:
+        return self.prep.geometry
+
+    def views(self):
+        """(x, dy, z, dx, dz) tensors and their strides, in the kernels' view."""
+        t, st = self.prep.tensors, self.geo.strides
+        idx = [0, 1, 2 if self.has_residual else 0, -2, -1]
+        return [t[i] for i in idx], [st[i] for i in idx]
+
+
+def _start_backward(dy, x, residual, axes, groups, training, relu, need_dx, need_dresidual
+                    ) -> _Backward:
+    dx = torch.empty_like(x, memory_format=torch.preserve_format) if need_dx else None
+    dres = None
+    if need_dresidual:
+        dres = torch.empty_like(residual, memory_format=torch.preserve_format) if relu else dy
+    write_dres = need_dresidual and relu
+    active = [x, dy] + ([residual] if residual is not None else [])
+    active += [dx if dx is not None else x] + [dres if write_dres else x]
+    prep = prepare(x.shape, active, axes, groups if training else 1)
+    return _Backward(prep, dx, dres, write_dres, residual is not None,
+                     _needs_int64(*prep.tensors))
+
+
+def _launch_grad_reduce(bw: _Backward, plan, mean, scale, shift, relu):
+    geo = bw.geo
+    (xs, dys, zs, _, _), (st_x, st_dy, st_z, _, _) = bw.views()
+    part_dy = torch.empty((plan.n_parts, geo.S), device=xs.device, dtype=mean.dtype)
+    part_dyx = torch.empty_like(part_dy)
+    bn_backward_reduce_kernel[plan.grid](
+        xs, dys, zs, mean, scale, shift, part_dy, part_dyx,
+        geo.R1, geo.K, geo.S, plan.A, plan.B, plan.a_chunk, plan.b_chunk, plan.n_channel_tiles,
+        plan.n_b_parts, *st_x, *st_dy, *st_z,
+        HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=bw.int64,
+        HAS_RESIDUAL=bw.has_residual, RELU=relu,
+        BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B, num_warps=plan.num_warps)
+    return part_dy, part_dyx
+
+
+def _launch_grad_finalize(bw: _Backward, part_dy, part_dyx, rstd, scale, gscale, gshift,
+                          dweight, dbias, training, count: Optional[torch.Tensor]):
+    geo = bw.geo
+    coef_b = torch.empty_like(scale)
+    coef_c = torch.empty_like(scale)
+    dummy = scale
+    bn_backward_finalize_kernel[(tuning.cdiv(geo.K, _FINALIZE_BLOCK),)](
+        part_dy, part_dyx, rstd, scale, _or_dummy(gscale, dummy), _or_dummy(gshift, dummy),
+        coef_b, coef_c, _or_dummy(dweight, dummy), _or_dummy(dbias, dummy),
+        _or_dummy(count, dummy), geo.K, geo.G, part_dy.shape[0], float(geo.R),
+        N_FROM_PTR=count is not None, TRAINING=training,
+        HAS_GAFFINE=gscale is not None and training, WRITE_DW=dweight is not None,
+        WRITE_DB=dbias is not None, BLOCK_C=_FINALIZE_BLOCK)
+    return coef_b, coef_c
+
+
+def _launch_grad_apply(bw: _Backward, mean, scale, shift, coef_b, coef_c, training, relu):
+    geo = bw.geo
+    (xs, dys, zs, dxs, dzs), (st_x, st_dy, st_z, st_dx, st_dz) = bw.views()
+    ap = tuning.plan_tiles(geo, "apply", xs.device, xs.dtype)
+    bn_backward_apply_kernel[ap.grid](
+        xs, dys, zs, dxs, dzs, mean, scale, shift, coef_b, coef_c,
+        geo.R1, geo.K, geo.S, ap.A, ap.B, ap.a_chunk, ap.b_chunk, ap.n_channel_tiles, ap.n_b_parts,
+        *st_x, *st_dy, *st_z, *st_dx, *st_dz,
+        HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=bw.int64,
+        HAS_RESIDUAL=bw.has_residual, RELU=relu, TRAINING=training,
+        WRITE_DX=bw.dx is not None, WRITE_DRESIDUAL=bw.write_dres,
+        BLOCK_A=ap.BLOCK_A, BLOCK_B=ap.BLOCK_B, num_warps=ap.num_warps)
 
 
 def bn_backward(
@@ -235,76 +393,58 @@ def bn_backward(
     need_dweight: bool = True,
     need_dbias: bool = True,
     need_dresidual: bool = False,
+    all_reduce=None,
+    global_count: Optional[torch.Tensor] = None,
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor],
            Optional[torch.Tensor]]:
-    """Gradients (dx, dweight, dbias, dresidual) from the saved forward coefficients."""
-    dev = x.device
-    acc = mean.dtype
-    dx = torch.empty_like(x, memory_format=torch.preserve_format) if need_dx else None
-    dres = None
-    if need_dresidual:
-        dres = torch.empty_like(residual, memory_format=torch.preserve_format) if relu else dy
-    write_dres = need_dresidual and relu
-    active = [x, dy] + ([residual] if residual is not None else [])
-    active += [dx if dx is not None else x] + [dres if write_dres else x]
-    prep = prepare(x.shape, active, axes, groups if training else 1)
-    geo = prep.geometry
-    t = prep.tensors
-    xs, dys = t[0], t[1]
-    zs = t[2] if residual is not None else xs
-    dxs, dzs = t[-2], t[-1]
-    st = geo.strides
-    st_x, st_dy = st[0], st[1]
-    st_z = st[2] if residual is not None else st_x
-    st_dx, st_dz = st[-2], st[-1]
-    S, K = geo.S, geo.K
-    n = float(geo.R)
-    dweight = torch.empty(K, device=dev, dtype=acc) if need_dweight else None
-    dbias = torch.empty(K, device=dev, dtype=acc) if need_dbias else None
-    dummy = mean
-    int64 = _needs_int64(xs, dys, zs, dxs, dzs)
-    has_gaffine = gscale is not None and training
-    common = dict(HAS_RESIDUAL=residual is not None, RELU=relu, TRAINING=training)
-    grads = dict(WRITE_DX=need_dx, WRITE_DRESIDUAL=write_dres)
-    params = dict(HAS_GAFFINE=has_gaffine, WRITE_DW=need_dweight, WRITE_DB=need_dbias)
+    """Gradients (dx, dweight, dbias, dresidual) from the saved forward coefficients.
 
-    plan = tuning.plan_tiles(geo, "backward", dev, x.dtype)
-    if plan.fused:
+    Sync BN: ``all_reduce(t)`` sums a [2, S] tensor (sum dy, sum dy*(x - mean)) over processes in
+    place and ``global_count`` [1] is the element count per channel over all processes; dweight
+    and dbias stay local (as torch.nn.SyncBatchNorm's), dx uses the global sums.
+    """
+    bw = _start_backward(dy, x, residual, axes, groups, training, relu, need_dx, need_dresidual)
+    geo = bw.geo
+    acc = mean.dtype
+    dweight = torch.empty(geo.K, device=x.device, dtype=acc) if need_dweight else None
+    dbias = torch.empty(geo.K, device=x.device, dtype=acc) if need_dbias else None
+    sync = all_reduce is not None
+    plan = tuning.plan_tiles(geo, "backward", x.device, x.dtype, allow_fused=not sync)
+    if plan.fused and x.numel():
+        (xs, dys, zs, dxs, dzs), strides = bw.views()
+        dummy = mean
         bn_fused_backward_kernel[plan.grid](
-            xs, dys, zs, _or_dummy(dxs, dummy), _or_dummy(dzs, dummy),
+            xs, dys, zs, dxs if bw.dx is not None else dummy, dzs if bw.write_dres else dummy,
             mean, rstd, scale, shift, _or_dummy(gscale, dummy), _or_dummy(gshift, dummy),
             _or_dummy(dweight, dummy), _or_dummy(dbias, dummy),
-            geo.R1, K, plan.A, plan.B, n,
-            *(s for stx in (st_x, st_dy, st_z, st_dx, st_dz) for s in (stx[0], stx[1], stx[3])),
-            CHANNELS_FAST=geo.channels_fast, INT64=int64, BLOCK_A=plan.BLOCK_A,
-            BLOCK_B=plan.BLOCK_B, num_warps=plan.num_warps, **common, **grads, **params)
+            geo.R1, geo.K, plan.A, plan.B, float(geo.R),
+            *(s for st in strides for s in (st[0], st[1], st[3])),
+            CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, HAS_RESIDUAL=residual is not None,
+            RELU=relu, TRAINING=training, HAS_GAFFINE=gscale is not None and training,
+            WRITE_DW=need_dweight, WRITE_DB=need_dbias, WRITE_DX=need_dx,
+            WRITE_DRESIDUAL=bw.write_dres, BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B,
+            num_warps=plan.num_warps)
     else:
-        layout = (geo.R1, K, S, plan.A, plan.B, plan.a_chunk, plan.b_chunk, plan.n_channel_tiles,
-                  plan.n_b_parts)
-        part_dy = torch.empty((plan.n_parts, S), device=dev, dtype=acc)
-        part_dyx = torch.empty_like(part_dy)
-        flags = dict(HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=int64,
-                     HAS_RESIDUAL=residual is not None, RELU=relu)
-        bn_backward_reduce_kernel[plan.grid](
-            xs, dys, zs, mean, scale, shift, part_dy, part_dyx, *layout, *st_x, *st_dy, *st_z,
-            BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B, num_warps=plan.num_warps, **flags)
-        coef_b = torch.empty_like(mean)
-        coef_c = torch.empty_like(mean)
-        bn_backward_finalize_kernel[(tuning.cdiv(K, _FINALIZE_BLOCK),)](
-            part_dy, part_dyx, rstd, scale, _or_dummy(gscale, dummy), _or_dummy(gshift, dummy),
-            coef_b, coef_c, _or_dummy(dweight, dummy), _or_dummy(dbias, dummy),
-            K, geo.G, plan.n_parts, n, TRAINING=training, BLOCK_C=_FINALIZE_BLOCK, **params)
-        if need_dx or write_dres:
-            ap = tuning.plan_tiles(geo, "apply", dev, x.dtype)
-            bn_backward_apply_kernel[ap.grid](
-                xs, dys, zs, _or_dummy(dxs, dummy), _or_dummy(dzs, dummy),
-                mean, scale, shift, coef_b, coef_c,
-                geo.R1, K, S, ap.A, ap.B, ap.a_chunk, ap.b_chunk, ap.n_channel_tiles, ap.n_b_parts,
-                *st_x, *st_dy, *st_z, *st_dx, *st_dz,
-                BLOCK_A=ap.BLOCK_A, BLOCK_B=ap.BLOCK_B, num_warps=ap.num_warps,
-                TRAINING=training, **flags, **grads)
-    if dx is not None:
-        dx = _restore(dxs, dx, prep)
-    if write_dres:
-        dres = _restore(dzs, dres, prep)
+        if x.numel():
+            part_dy, part_dyx = _launch_grad_reduce(bw, plan, mean, scale, shift, relu)
+        else:
+            part_dy = torch.zeros((1, geo.S), device=x.device, dtype=acc)
+            part_dyx = torch.zeros_like(part_dy)
+        if sync:
+            # local parameter gradients first, then the dx coefficients from the global sums
+            _launch_grad_finalize(bw, part_dy, part_dyx, rstd, scale, gscale, gshift, dweight,
+                                  dbias, training, None)
+            sums = torch.stack([part_dy.sum(0), part_dyx.sum(0)])
+            all_reduce(sums)
+            coef_b, coef_c = _launch_grad_finalize(bw, sums[0:1], sums[1:2], rstd, scale, gscale,
+                                                   gshift, None, None, training, global_count)
+        else:
+            coef_b, coef_c = _launch_grad_finalize(bw, part_dy, part_dyx, rstd, scale, gscale,
+                                                   gshift, dweight, dbias, training, None)
+        if (need_dx or bw.write_dres) and x.numel():
+            _launch_grad_apply(bw, mean, scale, shift, coef_b, coef_c, training, relu)
+    dx = _restore(bw.prep.tensors[-2], bw.dx, bw.prep) if bw.dx is not None else None
+    dres = bw.dres
+    if bw.write_dres:
+        dres = _restore(bw.prep.tensors[-1], bw.dres, bw.prep)
     return dx, dweight, dbias, dres

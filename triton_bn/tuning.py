@@ -139,14 +139,14 @@ def plan_tiles(geo: Geometry, kind: str, device: torch.device, dtype: torch.dtyp
                allow_fused: bool = True) -> TilePlan:
     """kind: 'forward' or 'backward' (the reduction kernels) or 'apply' (element-wise kernels)."""
     kn = knobs(device)
-    cached = load_cache(str(cache_path())).get(cache_key(kind, geo, dtype)) if not _OVERRIDES else None
+    cached = None if _OVERRIDES else load_cache(str(cache_path())).get(cache_key(kind, geo, dtype))
     fused_max = kn.fused_forward_max if kind == "forward" else kn.fused_backward_max
     if geo.channels_fast:
-        A, B = geo.R, geo.S
+        A, B = max(1, geo.R), geo.S
         fused_block_b = min(next_pow2(B), kn.max_block_channels, max(1, fused_max // next_pow2(A)))
         fits = next_pow2(A) * fused_block_b <= fused_max and fused_block_b >= min(next_pow2(B), 16)
     else:
-        A, B = geo.R0, geo.R1
+        A, B = max(1, geo.R0), max(1, geo.R1)
         fits = next_pow2(A) * next_pow2(B) <= fused_max
         fused_block_b = next_pow2(B)
     fused = allow_fused and kind != "apply" and geo.G == 1 and fits
@@ -191,4 +191,5 @@ def plan_tiles(geo: Geometry, kind: str, device: torch.device, dtype: torch.dtyp
         b_chunk = cdiv(b_tiles, n_b) * block_b
         n_b = cdiv(B, b_chunk)
     warps = int(cached.get("num_warps", 4)) if cached else 4
-    return TilePlan(False, block_a, block_b, A, B, a_chunk, b_chunk, n_channel_tiles, n_a, n_b, warps)
+    return TilePlan(False, block_a, block_b, A, B, a_chunk, b_chunk, n_channel_tiles, n_a, n_b,
+                    warps)

@@ -20,8 +20,9 @@ def channel_grad_terms(sum_dy, sum_dy_xmu, rstd, scale, n, TRAINING: tl.constexp
     """From one statistic channel's sums: (sum of dy * x_hat, CoefB, CoefC)."""
     sum_dy_xhat = sum_dy_xmu * rstd
     if TRAINING:
-        coef_b = -scale * rstd * sum_dy_xhat / n
-        coef_c = -scale * sum_dy / n
+        inv_n = 1.0 / tl.maximum(n, 1.0)
+        coef_b = -scale * rstd * sum_dy_xhat * inv_n
+        coef_c = -scale * sum_dy * inv_n
     else:
         coef_b = tl.zeros_like(sum_dy)
         coef_c = tl.zeros_like(sum_dy)
@@ -99,14 +100,18 @@ def bn_backward_finalize_kernel(
     GScale, GShift,                # [K] fp32 pre-gamma affine (HAS_GAFFINE)
     CoefB, CoefC,                  # [S] fp32 out: dx coefficients
     DWeight, DBias,                # [K] fp32 out
+    Count,                         # [1] elements per statistic channel, read when N_FROM_PTR
     K, G, n_parts, n,
-    TRAINING: tl.constexpr, HAS_GAFFINE: tl.constexpr, WRITE_DW: tl.constexpr,
+    N_FROM_PTR: tl.constexpr, TRAINING: tl.constexpr, HAS_GAFFINE: tl.constexpr,
+    WRITE_DW: tl.constexpr,
     WRITE_DB: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     ACC = Scale.dtype.element_ty
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < K
     S = G * K
+    if N_FROM_PTR:
+        n = tl.load(Count).to(ACC)
     total_dy = tl.zeros([BLOCK_C], ACC)
     total_dy_xhat = tl.zeros([BLOCK_C], ACC)
     for g in range(G):

@@ -143,13 +143,54 @@ def bn_stats_kernel(
 
 
 @triton.jit
+def merge_parts(PartMean, PartM2, PartCount, s, c_mask, S, n_parts, n_b_parts, A, a_chunk,
+                B_count, b_chunk, ACC: tl.constexpr, HAS_COUNTS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(mean, M2, n) of statistic channels s from their parts, merged in part order.
+
+    Part p's element count is PartCount[p] when HAS_COUNTS (e.g. one part per process in sync BN),
+    else the size of the p-th (a chunk, b chunk) block of the split reduction."""
+    mean = tl.zeros([BLOCK_C], ACC)
+    m2 = tl.zeros([BLOCK_C], ACC)
+    n = tl.zeros([BLOCK_C], ACC)
+    for p in range(n_parts):
+        if HAS_COUNTS:
+            count = tl.load(PartCount + p).to(ACC)
+        else:
+            pa = p // n_b_parts
+            pb = p % n_b_parts
+            count = ((tl.minimum(A, (pa + 1) * a_chunk) - pa * a_chunk)
+                     * (tl.minimum(B_count, (pb + 1) * b_chunk) - pb * b_chunk)).to(ACC)
+        p_mean = tl.load(PartMean + p * S + s, mask=c_mask, other=0.0).to(ACC)
+        p_m2 = tl.load(PartM2 + p * S + s, mask=c_mask, other=0.0).to(ACC)
+        mean, m2, n = chan_merge(mean, m2, n, p_mean, p_m2, count + tl.zeros_like(p_mean))
+    return mean, m2, n
+
+
+@triton.jit
+def bn_merge_kernel(
+    PartMean, PartM2,              # [n_parts, S] partial statistics
+    OutMean, OutM2,                # [S] out: merged mean and M2 (a process's local moments)
+    S, n_parts, n_b_parts, A, a_chunk, B_count, b_chunk, BLOCK_C: tl.constexpr,
+):
+    ACC = PartMean.dtype.element_ty
+    s = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    s_mask = s < S
+    mean, m2, n = merge_parts(PartMean, PartM2, PartMean, s, s_mask, S, n_parts, n_b_parts, A,
+                              a_chunk, B_count, b_chunk, ACC, False, BLOCK_C)
+    tl.store(OutMean + s, mean, mask=s_mask)
+    tl.store(OutM2 + s, m2, mask=s_mask)
+
+
+@triton.jit
 def bn_finalize_kernel(
-    PartMean, PartM2,              # [n_parts, S] fp32 partial statistics
-    Mean, Rstd, Scale, Shift,      # [S] fp32 out: batch mean, 1/std, y = (x - Mean) * Scale + Shift
+    PartMean, PartM2,              # [n_parts, S] partial statistics
+    PartCount,                     # [n_parts] element count of each part (HAS_COUNTS)
+    Mean, Rstd, Scale, Shift,      # [S] out: batch mean, 1/std, y = (x - Mean) * Scale + Shift
     Weight, Bias, AdjScale, AdjBias, GScale, GShift,
     RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd,
     K, G, n_parts, n_b_parts, A, a_chunk, B_count, b_chunk,
     eps, momentum, renorm_momentum, rmin, rmax, dmax,
+    HAS_COUNTS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADJUST: tl.constexpr,
     RENORM: tl.constexpr, UPDATE_RUNNING: tl.constexpr, UNBIASED: tl.constexpr,
     CUMULATIVE: tl.constexpr, SAVE_GAFFINE: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -166,17 +207,8 @@ def bn_finalize_kernel(
     n = tl.zeros([BLOCK_C], ACC)
     for g in range(G):
         s = g * K + c
-        mean = tl.zeros([BLOCK_C], ACC)
-        m2 = tl.zeros([BLOCK_C], ACC)
-        n = tl.zeros([BLOCK_C], ACC)
-        for p in range(n_parts):
-            pa = p // n_b_parts
-            pb = p % n_b_parts
-            count = ((tl.minimum(A, (pa + 1) * a_chunk) - pa * a_chunk)
-                     * (tl.minimum(B_count, (pb + 1) * b_chunk) - pb * b_chunk)).to(ACC)
-            p_mean = tl.load(PartMean + p * S + s, mask=c_mask, other=0.0)
-            p_m2 = tl.load(PartM2 + p * S + s, mask=c_mask, other=0.0)
-            mean, m2, n = chan_merge(mean, m2, n, p_mean, p_m2, count + tl.zeros_like(p_mean))
+        mean, m2, n = merge_parts(PartMean, PartM2, PartCount, s, c_mask, S, n_parts, n_b_parts,
+                                  A, a_chunk, B_count, b_chunk, ACC, HAS_COUNTS, BLOCK_C)
         var = m2 / tl.maximum(n, 1.0)
         tl.store(Mean + s, mean, mask=c_mask)
         tl.store(Rstd + s, 1.0 / sqrt_rn(var + eps), mask=c_mask)
