@@ -14,12 +14,23 @@ from typing import Optional, Sequence
 import torch
 
 from . import tuning
-from .kernels.backward import (bn_backward_apply_kernel, bn_backward_finalize_kernel,
-                               bn_backward_reduce_kernel, bn_fused_backward_kernel)
-from .kernels.forward import (RENORM_KERAS, RENORM_NONE, RENORM_TORCH, bn_apply_kernel,
-                              bn_finalize_kernel, bn_fused_forward_kernel, bn_merge_kernel,
-                              bn_stats_kernel)
-from .layout import Geometry, normalize_axes, plan_geometry
+from .kernels.backward import (
+    bn_backward_apply_kernel,
+    bn_backward_finalize_kernel,
+    bn_backward_reduce_kernel,
+    bn_fused_backward_kernel,
+)
+from .kernels.forward import (
+    RENORM_KERAS,
+    RENORM_NONE,
+    RENORM_TORCH,
+    bn_apply_kernel,
+    bn_finalize_kernel,
+    bn_fused_forward_kernel,
+    bn_merge_kernel,
+    bn_stats_kernel,
+)
+from .layout import Geometry, plan_geometry
 
 __all__ = ["bn_forward", "bn_backward", "local_moments", "RENORM_NONE", "RENORM_KERAS", "RENORM_TORCH",
            "FLOAT_DTYPES", "ForwardResult"]

@@ -12,7 +12,7 @@ recomputed from x (and the residual), never stored.
 import triton
 import triton.language as tl
 
-from .common import (load_channel_values, program_ranges, relu_gate, tile_indices, tile_offsets)
+from .common import channel_block, load_channel_values, program_ranges, relu_gate, tile_indices, tile_offsets
 
 
 @triton.jit
@@ -62,12 +62,7 @@ def bn_backward_reduce_kernel(
     acc_dy = tl.zeros([BLOCK_B], ACC)
     acc_dy_xmu = tl.zeros([BLOCK_B], ACC)
     for b0 in range(b_begin, b_end, BLOCK_B):
-        if CHANNELS_FAST:
-            bc = b0 + tl.arange(0, BLOCK_B)
-            bc_mask = bc < b_end
-        else:
-            bc = s_fixed
-            bc_mask = s_fixed < S
+        bc, bc_mask = channel_block(b0, b_end, s_fixed, S, BLOCK_B, CHANNELS_FAST)
         mean = load_channel_values(Mean, bc, bc_mask, bc, ACC, CHANNELS_FAST)
         scale = load_channel_values(Scale, bc, bc_mask, bc, ACC, CHANNELS_FAST)
         shift = load_channel_values(Shift, bc, bc_mask, bc, ACC, CHANNELS_FAST)
@@ -151,12 +146,7 @@ def bn_backward_apply_kernel(
     part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
         tl.program_id(0), n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST)
     for b0 in range(b_begin, b_end, BLOCK_B):
-        if CHANNELS_FAST:
-            bc = b0 + tl.arange(0, BLOCK_B)
-            bc_mask = bc < b_end
-        else:
-            bc = s_fixed
-            bc_mask = s_fixed < S
+        bc, bc_mask = channel_block(b0, b_end, s_fixed, S, BLOCK_B, CHANNELS_FAST)
         mean = load_channel_values(Mean, bc, bc_mask, bc, ACC, CHANNELS_FAST)
         scale = load_channel_values(Scale, bc, bc_mask, bc, ACC, CHANNELS_FAST)
         shift = load_channel_values(Shift, bc, bc_mask, bc, ACC, CHANNELS_FAST)

@@ -99,6 +99,7 @@ def load_pivot(X, a0, b0, b_end, s_fixed, R1, K, stride_r0, stride_r1, stride_g,
     """One sample of each channel (at row a0), broadcastable against a tile. Moments are taken of
     x - pivot (the shifted-data algorithm), so values like 1000 + 0.01 * noise lose no digits to
     the sums; the pivot is added back to the mean only at the end."""
+    a0 = a0.to(tl.int64)
     if CHANNELS_FAST:
         b = b0 + tl.arange(0, BLOCK_B)
         offs = ((a0 // R1) * stride_r0 + (a0 % R1) * stride_r1
@@ -117,6 +118,16 @@ def load_channel_values(Ptr, b, b_mask, s_fixed, ACC: tl.constexpr, CHANNELS_FAS
         return tl.load(Ptr + b, mask=b_mask, other=0.0).to(ACC)[None, :]
     else:
         return tl.load(Ptr + s_fixed).to(ACC)
+
+
+@triton.jit
+def channel_block(b0, b_end, s_fixed, S, BLOCK_B: tl.constexpr, CHANNELS_FAST: tl.constexpr):
+    """The statistic channels a tile starting at column b0 belongs to, and their mask."""
+    if CHANNELS_FAST:
+        bc = b0 + tl.arange(0, BLOCK_B)
+        return bc, bc < b_end
+    else:
+        return s_fixed, s_fixed < S
 
 
 @triton.jit

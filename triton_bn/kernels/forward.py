@@ -15,8 +15,18 @@ used by the finalize and the single-pass kernels alike.
 import triton
 import triton.language as tl
 
-from .common import (apply_activation, chan_merge, load_channel_values, load_pivot,
-                     program_ranges, sqrt_rn, tile_indices, tile_moments, tile_offsets)
+from .common import (
+    apply_activation,
+    chan_merge,
+    channel_block,
+    load_channel_values,
+    load_pivot,
+    program_ranges,
+    sqrt_rn,
+    tile_indices,
+    tile_moments,
+    tile_offsets,
+)
 
 RENORM_NONE = 0
 RENORM_KERAS = 1  # reference: renorm_mean / renorm_stddev buffers, Keras (tf_keras) rules
@@ -245,12 +255,7 @@ def bn_apply_kernel(
     part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
         tl.program_id(0), n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST)
     for b0 in range(b_begin, b_end, BLOCK_B):
-        if CHANNELS_FAST:
-            bc = b0 + tl.arange(0, BLOCK_B)
-            bc_mask = bc < b_end
-        else:
-            bc = s_fixed
-            bc_mask = s_fixed < S
+        bc, bc_mask = channel_block(b0, b_end, s_fixed, S, BLOCK_B, CHANNELS_FAST)
         if FROM_RUNNING:
             mean = load_channel_values(RunMean, bc, bc_mask, bc, ACC, CHANNELS_FAST)
             rstd = 1.0 / sqrt_rn(load_channel_values(RunVar, bc, bc_mask, bc, ACC, CHANNELS_FAST) + eps)
