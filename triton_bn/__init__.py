@@ -14,7 +14,8 @@ if "TRITON_INTERPRET" not in _os.environ:
         _os.environ["TRITON_INTERPRET"] = "1"
 
 from .functional import BatchNormFunction, Renorm, RunningStats, batch_norm, normalize  # noqa: E402
+from .keras import BatchNormalization  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["batch_norm", "normalize", "RunningStats", "Renorm", "BatchNormFunction", "__version__"]
+__all__ = ["BatchNormalization", "batch_norm", "normalize", "RunningStats", "Renorm", "BatchNormFunction", "__version__"]

@@ -107,7 +107,8 @@ def channel_affine_and_update(
                      mask=c_mask)
             new_mstd = old_mstd + (batch_std - old_mstd) * f
             tl.store(MovingStd + c, new_mstd, mask=c_mask)
-            tl.store(RunVar + c, tl.maximum(new_mstd * new_mstd - eps, 0.0), mask=c_mask)
+            new_var = new_mstd * new_mstd - eps
+            tl.store(RunVar + c, tl.where(new_var < 0.0, 0.0, new_var), mask=c_mask)  # NaN stays
         else:
             value_var = batch_var
             if UNBIASED:
