@@ -8,11 +8,13 @@ over the kernels. ``batch_norm`` is ``torch.nn.functional.batch_norm``'s contrac
 from __future__ import annotations
 
 import math
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
+from . import custom_ops  # noqa: F401  (registers the triton_bn:: operators for torch.compile)
 from . import ops
 from .layout import normalize_axes
 from .ops import RENORM_KERAS, RENORM_NONE, RENORM_TORCH
@@ -77,35 +79,72 @@ class NormConfig:
 
 
 class BatchNormFunction(torch.autograd.Function):
-    """y = act(batch_norm(x) [+ residual]); gradients for x, weight, bias and residual."""
+    """y = act(batch_norm(x) [+ residual]); gradients for x, weight, bias and residual.
+
+    Eager mode calls the launch helpers in ``ops`` directly; while torch.compile traces (or for
+    tensor subclasses such as FakeTensor) it calls the ``triton_bn::`` custom operators instead,
+    so the graph has no breaks. ``sync`` (see ``distributed.ProcessGroupSync``: ``exchange(x, axes,
+    groups)`` gives every process's (mean [P, S], M2 [P, S], count [P]) and ``all_reduce(t)`` sums
+    in place) makes the batch statistics those of all processes; dweight/dbias stay local.
+    """
+
+    # carries a sync hook from ``distributed.sync_normalize`` through ``normalize`` to here
+    sync_hook: ContextVar = ContextVar("triton_bn_sync_hook", default=None)
+
+    @staticmethod
+    def run(x, weight, bias, residual, adj_scale, adj_bias, running_mean, running_var,
+            num_batches_tracked, renorm_mean, renorm_stddev, moving_stddev, cfg: NormConfig):
+        """``apply`` with the active sync hook (if any; training only, never while compiling)."""
+        sync = None
+        if cfg.training and not torch.compiler.is_compiling():
+            sync = BatchNormFunction.sync_hook.get()
+        return BatchNormFunction.apply(x, weight, bias, residual, adj_scale, adj_bias,
+                                       running_mean, running_var, num_batches_tracked,
+                                       renorm_mean, renorm_stddev, moving_stddev, cfg, sync)
+
+    @staticmethod
+    def _traced(x: torch.Tensor) -> bool:
+        return torch.compiler.is_compiling() or type(x) is not torch.Tensor
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, adj_scale, adj_bias, running_mean, running_var,
-                num_batches_tracked, renorm_mean, renorm_stddev, moving_stddev, cfg: NormConfig):
-        if x.numel() == 0:
-            y = torch.empty_like(x)
-            ctx.empty = True
-            ctx.save_for_backward(weight, bias)
-            return y
-        ctx.empty = False
-        res = ops.bn_forward(
-            x, weight, bias, running_mean, running_var, num_batches_tracked, renorm_mean,
-            renorm_stddev, moving_stddev, adj_scale, adj_bias, residual,
-            axes=cfg.axes, groups=cfg.groups, training=cfg.training, eps=cfg.eps,
-            momentum=cfg.momentum, cumulative=cfg.cumulative, unbiased=cfg.unbiased,
-            update_running=cfg.update_running, renorm=cfg.renorm,
-            renorm_momentum=cfg.renorm_momentum, rmin=cfg.rmin, rmax=cfg.rmax, dmax=cfg.dmax,
-            relu=cfg.relu)
-        ctx.cfg = cfg
+                num_batches_tracked, renorm_mean, renorm_stddev, moving_stddev, cfg: NormConfig,
+                sync=None):
+        ctx.cfg, ctx.sync = cfg, sync
         ctx.param_dtypes = (weight.dtype if weight is not None else None,
                             bias.dtype if bias is not None else None)
-        ctx.save_for_backward(x, residual, res.mean, res.rstd, res.scale, res.shift, res.gscale,
-                              res.gshift)
-        return res.y
+        if x.numel() == 0 and sync is None:
+            ctx.empty = True
+            ctx.save_for_backward(weight, bias)
+            return torch.empty_like(x)
+        ctx.empty = False
+        state = (running_mean, running_var, num_batches_tracked, renorm_mean, renorm_stddev,
+                 moving_stddev)
+        kw = {"groups": cfg.groups, "training": cfg.training, "eps": cfg.eps,
+              "momentum": cfg.momentum, "cumulative": cfg.cumulative, "unbiased": cfg.unbiased,
+              "update_running": cfg.update_running, "renorm": cfg.renorm,
+              "renorm_momentum": cfg.renorm_momentum, "rmin": cfg.rmin, "rmax": cfg.rmax,
+              "dmax": cfg.dmax, "relu": cfg.relu}
+        if BatchNormFunction._traced(x):
+            y, mean, rstd, scale, shift, gscale, gshift = torch.ops.triton_bn.bn_forward(
+                x, weight, bias, residual, adj_scale, adj_bias, *state, axes=list(cfg.axes), **kw)
+            has_g = cfg.training and (cfg.renorm != RENORM_NONE or adj_scale is not None)
+            gscale, gshift = (gscale, gshift) if has_g else (None, None)
+        else:
+            global_moments = None
+            if sync is not None:
+                global_moments = sync.exchange(x, cfg.axes, cfg.groups)
+                ctx.global_count = global_moments[2].sum().reshape(1)
+            r = ops.bn_forward(x, weight, bias, *state, adj_scale, adj_bias, residual,
+                               axes=cfg.axes, global_moments=global_moments, **kw)
+            y, mean, rstd, scale, shift, gscale, gshift = (r.y, r.mean, r.rstd, r.scale, r.shift,
+                                                           r.gscale, r.gshift)
+        ctx.save_for_backward(x, residual, mean, rstd, scale, shift, gscale, gshift)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        nones = [None] * 9
+        nones = [None] * 10
         need_x, need_w, need_b, need_z = ctx.needs_input_grad[:4]
         if ctx.empty:
             weight, bias = ctx.saved_tensors
@@ -115,10 +154,20 @@ class BatchNormFunction(torch.autograd.Function):
                     torch.zeros_like(dy) if need_z else None, *nones)
         x, residual, mean, rstd, scale, shift, gscale, gshift = ctx.saved_tensors
         cfg = ctx.cfg
-        dx, dw, db, dz = ops.bn_backward(
-            dy, x, residual, mean, rstd, scale, shift, gscale, gshift,
-            axes=cfg.axes, groups=cfg.groups, training=cfg.training, relu=cfg.relu,
-            need_dx=need_x, need_dweight=need_w, need_dbias=need_b, need_dresidual=need_z)
+        kw = {"groups": cfg.groups, "training": cfg.training, "relu": cfg.relu, "need_dx": need_x,
+              "need_dweight": need_w, "need_dbias": need_b, "need_dresidual": need_z}
+        if BatchNormFunction._traced(dy):
+            grads = torch.ops.triton_bn.bn_backward(
+                dy, x, residual, mean, rstd, scale, shift, gscale, gshift, axes=list(cfg.axes),
+                **kw)
+            dx, dw, db, dz = [g if need else None for g, need in zip(grads, ctx.needs_input_grad)]
+            if need_z and not cfg.relu:
+                dz = dy  # d(y + z)/dz without an activation (the operator may not alias dy)
+        else:
+            sync = {} if ctx.sync is None else {"all_reduce": ctx.sync.all_reduce,
+                                                "global_count": ctx.global_count}
+            dx, dw, db, dz = ops.bn_backward(dy, x, residual, mean, rstd, scale, shift, gscale,
+                                             gshift, axes=cfg.axes, **kw, **sync)
         w_dtype, b_dtype = ctx.param_dtypes
         if dw is not None:
             dw = dw.to(w_dtype)
@@ -155,7 +204,7 @@ def check_inputs(x, weight, bias, residual, axes, groups, running: Optional[Runn
     if x.dim() < 2:
         raise ValueError(f"input must have rank >= 2 (a batch dimension and channels), got shape "
                          f"{tuple(x.shape)}")
-    K = math.prod(x.shape[a] for a in axes)
+    K = math.prod([x.shape[a] for a in axes])
     for name, t in (("weight", weight), ("bias", bias)):
         _check_channel_tensor(name, t, x, K, axis_desc)
     if running is not None:
@@ -278,7 +327,7 @@ def normalize(
                      update_running=training and rm is not None, renorm=renorm_mode,
                      renorm_momentum=renorm_momentum, rmin=rmin, rmax=rmax, dmax=dmax,
                      relu=activation == "relu")
-    return BatchNormFunction.apply(x, weight, bias, residual, a_scale, a_bias, rm, rv, nbt,
+    return BatchNormFunction.run(x, weight, bias, residual, a_scale, a_bias, rm, rv, nbt,
                                    r_mean, r_std, mstd, cfg)
 
 
@@ -304,7 +353,7 @@ def batch_norm(
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must both be given or both be None")
     if training and input.numel() > 0:
-        per_channel = input.numel() // max(1, math.prod(input.shape[a] for a in axes))
+        per_channel = input.numel() // max(1, math.prod([input.shape[a] for a in axes]))
         if per_channel == 1:
             raise ValueError("Expected more than 1 value per channel when training, got input "
                              f"size {input.size()}")

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .distributed import sync_normalize
 from .functional import Renorm, RunningStats, normalize
 from .layout import normalize_axes
 
@@ -655,7 +656,11 @@ class BatchNormalization(nn.Module):
 
     def _normalize(self, x: torch.Tensor, weight: torch.Tensor | None,
                    bias: torch.Tensor | None, **kwargs: Any) -> torch.Tensor:
-        """The one statistics call (swapped for a cross-process one when ``synchronized``)."""
+        """The one statistics call: across every process of the default group when
+        ``synchronized`` (torch.distributed; with ghost batches every process needs the same batch
+        size), else this process's batch."""
+        if self.synchronized:
+            return sync_normalize(x, weight, bias, **kwargs)
         return normalize(x, weight, bias, **kwargs)
 
     def _adjustment(self, shape, device, plan) -> tuple[torch.Tensor, torch.Tensor] | None:

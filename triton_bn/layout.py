@@ -52,7 +52,7 @@ def normalize_axes(axis: int | Sequence[int], ndim: int, *, arg: str = "axis") -
     if isinstance(axis, bool):
         raise TypeError(f"{arg} must be an int or a list of ints, got {axis!r}")
     axes = [axis] if isinstance(axis, int) else list(axis)
-    if not axes or not all(isinstance(a, int) and not isinstance(a, bool) for a in axes):
+    if not axes or not all([isinstance(a, int) and not isinstance(a, bool) for a in axes]):
         raise TypeError(f"{arg} must be an int or a non-empty list of ints, got {axis!r}")
     out = []
     for a in axes:

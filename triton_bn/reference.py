@@ -93,8 +93,8 @@ def reference_batch_norm(
     batch_var = (var.mean(dim=1) if groups > 1 else var).reshape(K)
     batch_std = torch.sqrt(batch_var + eps)
 
-    g_scale = torch.ones(K, dtype=torch.float64)
-    g_shift = torch.zeros(K, dtype=torch.float64)
+    g_scale = torch.ones(K, dtype=torch.float64, device=x.device)
+    g_shift = torch.zeros(K, dtype=torch.float64, device=x.device)
     if renorm is not None:
         if renorm.get("style", "keras") == "keras":
             ref_mean = _f64(renorm["mean"])

@@ -1,0 +1,94 @@
+"""The kernels as ``torch.library`` custom operators, so torch.compile traces them as graph nodes.
+
+``triton_bn::bn_forward`` mutates the running-statistic buffers (declared with ``mutates_args``, so
+AOTAutograd functionalizes the update) and returns the output plus the fp32 coefficients backward
+needs; ``triton_bn::bn_backward`` is functional. Both have fake (meta) implementations giving the
+outputs' shapes, dtypes and strides. Autograd stays in ``functional.BatchNormFunction`` (mutating
+custom ops cannot have ``register_autograd``): its forward/backward call these operators while
+compiling and the launch helpers in ``ops`` directly in eager mode (no dispatcher overhead).
+
+Absent optional outputs (``gscale``/``gshift`` without renorm or adjustment, unneeded gradients)
+are returned as empty tensors, since an operator's outputs must be tensors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import ops
+
+__all__ = ["bn_backward", "bn_forward"]
+
+_MUTATED = ("running_mean", "running_var", "renorm_mean", "renorm_stddev", "moving_stddev")
+
+
+def _absent(like: Tensor) -> Tensor:
+    return like.new_empty(0)
+
+
+@torch.library.custom_op("triton_bn::bn_forward", mutates_args=_MUTATED)
+def bn_forward(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
+    adj_scale: Tensor | None, adj_bias: Tensor | None, running_mean: Tensor | None,
+    running_var: Tensor | None, num_batches_tracked: Tensor | None,
+    renorm_mean: Tensor | None, renorm_stddev: Tensor | None,
+    moving_stddev: Tensor | None, axes: list[int], groups: int, training: bool, eps: float,
+    momentum: float, cumulative: bool, unbiased: bool, update_running: bool, renorm: int,
+    renorm_momentum: float, rmin: float | None, rmax: float | None, dmax: float | None,
+    relu: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y, mean, rstd, scale, shift, gscale, gshift): ``ops.bn_forward`` as an operator."""
+    r = ops.bn_forward(
+        x, weight, bias, running_mean, running_var, num_batches_tracked, renorm_mean,
+        renorm_stddev, moving_stddev, adj_scale, adj_bias, residual, axes=tuple(axes),
+        groups=groups, training=training, eps=eps, momentum=momentum, cumulative=cumulative,
+        unbiased=unbiased, update_running=update_running, renorm=renorm,
+        renorm_momentum=renorm_momentum, rmin=rmin, rmax=rmax, dmax=dmax, relu=relu)
+    gscale = r.gscale if r.gscale is not None else _absent(r.mean)
+    gshift = r.gshift if r.gshift is not None else _absent(r.mean)
+    return r.y, r.mean, r.rstd, r.scale, r.shift, gscale, gshift
+
+
+@bn_forward.register_fake
+def _(x, weight, bias, residual, adj_scale, adj_bias, running_mean, running_var,
+      num_batches_tracked, renorm_mean, renorm_stddev, moving_stddev, axes, groups, training, eps,
+      momentum, cumulative, unbiased, update_running, renorm, renorm_momentum, rmin, rmax, dmax,
+      relu):
+    K = math.prod(x.shape[a] for a in axes)
+    S = K * (groups if training else 1)
+    stat = x.new_empty(S, dtype=ops.acc_dtype(x.dtype))
+    has_g = training and (renorm != ops.RENORM_NONE or adj_scale is not None)
+    g = x.new_empty(K if has_g else 0, dtype=stat.dtype)
+    return (torch.empty_like(x, memory_format=torch.preserve_format), stat, stat.clone(),
+            stat.clone(), stat.clone(), g, g.clone())
+
+
+@torch.library.custom_op("triton_bn::bn_backward", mutates_args=())
+def bn_backward(
+    dy: Tensor, x: Tensor, residual: Tensor | None, mean: Tensor, rstd: Tensor, scale: Tensor,
+    shift: Tensor, gscale: Tensor | None, gshift: Tensor | None, axes: list[int],
+    groups: int, training: bool, relu: bool, need_dx: bool, need_dweight: bool, need_dbias: bool,
+    need_dresidual: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias, dresidual): ``ops.bn_backward`` as an operator; dresidual only with
+    relu (without it, dresidual is dy itself and the caller uses dy, as outputs may not alias)."""
+    dx, dw, db, dz = ops.bn_backward(
+        dy, x, residual, mean, rstd, scale, shift, gscale, gshift, axes=tuple(axes),
+        groups=groups, training=training, relu=relu, need_dx=need_dx, need_dweight=need_dweight,
+        need_dbias=need_dbias, need_dresidual=need_dresidual and relu)
+    return tuple(t if t is not None else _absent(mean) for t in (dx, dw, db, dz))
+
+
+@bn_backward.register_fake
+def _(dy, x, residual, mean, rstd, scale, shift, gscale, gshift, axes, groups, training, relu,
+      need_dx, need_dweight, need_dbias, need_dresidual):
+    K = math.prod(x.shape[a] for a in axes)
+    dx = torch.empty_like(x, memory_format=torch.preserve_format) if need_dx else _absent(mean)
+    dw = mean.new_empty(K) if need_dweight else _absent(mean)
+    db = mean.new_empty(K) if need_dbias else _absent(mean)
+    dz = torch.empty_like(residual, memory_format=torch.preserve_format) \
+        if need_dresidual and relu else _absent(mean)
+    return dx, dw, db, dz

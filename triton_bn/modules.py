@@ -1,0 +1,170 @@
+"""Drop-ins for torch.nn.BatchNorm1d/2d/3d and SyncBatchNorm on the Triton kernels.
+
+Same constructor, state_dict keys (weight, bias, running_mean, running_var, num_batches_tracked),
+momentum (None: cumulative average), affine / track_running_stats semantics and input checks as
+torch's modules, which they subclass (``isinstance(m, torch.nn.BatchNorm2d)`` holds), so
+checkpoints load both ways. Differences: the input is fully validated before any state changes
+(torch increments num_batches_tracked before rejecting e.g. one value per channel), the
+cumulative momentum is read on the device (no host sync), and two extras:
+
+* ``renorm=True``: batch renormalization (Ioffe 2017) in training, with r and d measured against the
+  running statistics, r clipped to [1/rmax, rmax] and d to [-dmax, dmax];
+* ``activation="relu"``: a fused ReLU, optionally after adding ``residual``: ``m(x, residual=z)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .distributed import sync_normalize, world_size
+from .functional import Renorm, RunningStats, check_inputs, normalize
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm"]
+
+
+class _TritonBatchNorm:
+    """What the modules below share (mixed in before a torch.nn batch-norm class).
+
+    Extra keyword-only constructor arguments: ``renorm`` (batch renormalization in training,
+    against the running statistics; r clipped to [1/rmax, rmax], d to [-dmax, dmax]; None bounds:
+    unclipped) and ``activation`` (None or "relu", fused; ``forward`` also takes ``residual``,
+    added before the activation).
+    """
+
+    renorm: bool
+    rmax: float | None
+    dmax: float | None
+    activation: str | None
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
+                 *, bias: bool = True, renorm: bool = False, rmax: float | None = 3.0,
+                 dmax: float | None = 5.0, activation: str | None = None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         **_norm_kwargs(bias))
+        self._init_extras(renorm, rmax, dmax, activation)
+
+    def _init_extras(self, renorm: bool, rmax: float | None, dmax: float | None,
+                     activation: str | None) -> None:
+        if activation not in (None, "relu"):
+            raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+        if renorm and not self.track_running_stats:
+            raise ValueError("renorm=True needs running statistics (track_running_stats=True)")
+        if rmax is not None and rmax < 1.0:
+            raise ValueError(f"rmax must be >= 1 (r is clipped to [1/rmax, rmax]), got {rmax}")
+        if dmax is not None and dmax < 0.0:
+            raise ValueError(f"dmax must be >= 0, got {dmax}")
+        self.renorm, self.rmax, self.dmax, self.activation = bool(renorm), rmax, dmax, activation
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        if self.renorm:
+            s += f", renorm=True, rmax={self.rmax}, dmax={self.dmax}"
+        if self.activation is not None:
+            s += f", activation={self.activation!r}"
+        return s
+
+    def _arguments(self, input: torch.Tensor, residual: torch.Tensor | None) -> dict[str, Any]:
+        """torch's _BatchNorm.forward decisions as ``normalize`` keyword arguments, validated
+        (and 1-value-per-channel checked) before num_batches_tracked is incremented."""
+        self._check_input_dim(input)
+        # batch statistics in training, and in eval when there are no buffers (as torch)
+        use_batch = self.training or (self.running_mean is None and self.running_var is None)
+        running = None
+        if self.running_mean is not None and (not self.training or self.track_running_stats):
+            nbt = self.num_batches_tracked
+            cumulative = self.momentum is None and nbt is not None
+            running = RunningStats(
+                self.running_mean, self.running_var, convention="torch", unbiased=True,
+                momentum=None if cumulative else (self.momentum or 0.0),
+                num_batches_tracked=nbt if cumulative else None)
+        renorm = None
+        if self.renorm and use_batch:
+            rmax = self.rmax
+            renorm = Renorm(style="torch", rmin=None if rmax is None else 1.0 / rmax, rmax=rmax,
+                            dmax=self.dmax)
+        check_inputs(input, self.weight, self.bias, residual, (1,), 1, running, renorm, None,
+                     use_batch, "dim 1 (num_features)")
+        if use_batch and self._needs_two_values() and input.shape[0] * math.prod(input.shape[2:]) == 1:
+            raise ValueError("Expected more than 1 value per channel when training, got "
+                             f"input size {input.size()}")
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)  # on the device; momentum=None reads it there
+        return {"axis": 1, "training": use_batch, "eps": self.eps, "running": running,
+                "renorm": renorm, "residual": residual, "activation": self.activation}
+
+    def _needs_two_values(self) -> bool:
+        return True
+
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Batch norm over dim 1 (torch semantics), then ``+ residual`` and the activation."""
+        return normalize(input, self.weight, self.bias, **self._arguments(input, residual))
+
+
+def _norm_kwargs(bias: bool) -> dict:
+    return {} if bias else {"bias": False}  # ``bias=`` exists in torch >= 2.6 only
+
+
+class BatchNorm1d(_TritonBatchNorm, nn.BatchNorm1d):
+    """torch.nn.BatchNorm1d on the Triton kernels: input (N, C) or (N, C, L). Extras: renorm,
+    rmax, dmax, activation (see ``_TritonBatchNorm``)."""
+
+
+class BatchNorm2d(_TritonBatchNorm, nn.BatchNorm2d):
+    """torch.nn.BatchNorm2d on the Triton kernels: input (N, C, H, W), NCHW or channels_last
+    (kept: the output has the input's memory format). Extras: renorm, rmax, dmax, activation."""
+
+
+class BatchNorm3d(_TritonBatchNorm, nn.BatchNorm3d):
+    """torch.nn.BatchNorm3d on the Triton kernels: input (N, C, D, H, W), NCDHW or
+    channels_last_3d. Extras: renorm, rmax, dmax, activation."""
+
+
+class SyncBatchNorm(_TritonBatchNorm, nn.SyncBatchNorm):
+    """torch.nn.SyncBatchNorm on the Triton kernels: in training, the batch statistics are those
+    of the whole ``process_group`` (default: the world) when torch.distributed is initialized with
+    more than one process; ranks may hold different batch sizes, zero included. Works with NCCL
+    (GPUs) and gloo (CPUs). Parameter gradients stay local (DDP averages them), as torch's.
+    Extras: renorm, rmax, dmax, activation. Under torch.compile the synchronized call is a
+    graph break (it runs eagerly)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True,
+                 process_group: Any | None = None, device=None, dtype=None, *,
+                 bias: bool = True, renorm: bool = False, rmax: float | None = 3.0,
+                 dmax: float | None = 5.0, activation: str | None = None) -> None:
+        nn.SyncBatchNorm.__init__(self, num_features, eps, momentum, affine, track_running_stats,
+                                  process_group, device, dtype, **_norm_kwargs(bias))
+        self._init_extras(renorm, rmax, dmax, activation)
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        super()._check_input_dim(input)
+        self._check_non_zero_input_channels(input)
+
+    def _needs_two_values(self) -> bool:
+        # synchronized, the count that matters is the global one (as torch's)
+        return not self.training or world_size(self.process_group) < 2
+
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """As the other modules', with the batch statistics of every rank in training."""
+        args = self._arguments(input, residual)
+        if not self.training:  # no synchronization in eval mode, even without running stats
+            return normalize(input, self.weight, self.bias, **args)
+        return sync_normalize(input, self.weight, self.bias, process_group=self.process_group,
+                              **args)
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any | None = None
+                               ) -> nn.Module:
+        """Replaces every batch-norm layer (torch's or triton_bn's) in ``module`` with a
+        triton_bn.SyncBatchNorm sharing its parameters and buffers (torch's contract)."""
+        from .convert import convert_model
+
+        return convert_model(module, synchronized=True, process_group=process_group,
+                             include_subclasses=True)
