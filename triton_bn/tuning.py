@@ -19,7 +19,8 @@ import torch
 
 from .layout import Geometry
 
-__all__ = ["TilePlan", "plan_tiles", "override", "interpreting", "cache_path", "load_cache"]
+__all__ = ["TilePlan", "plan_tiles", "override", "interpreting", "cache_path", "load_cache",
+           "cache_key", "cached_entry", "use_entries", "CACHE_FIELDS"]
 
 
 def interpreting() -> bool:
@@ -119,16 +120,53 @@ def cache_path() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "triton_bn" / "tune.json"
 
 
+# The fields of a cache entry that plan_tiles reads (the rest of an entry is the tuning record:
+# timings of every candidate, device, versions). fused=False forbids the single-pass path; tile,
+# num_warps and target_programs set the split path's tile size, warps and program count.
+CACHE_FIELDS = ("fused", "tile", "num_warps", "target_programs")
+
+_FORCED_ENTRIES: dict = {}
+
+
 @functools.lru_cache(maxsize=4)
 def load_cache(path: str) -> dict:
+    """The JSON cache at ``path`` as {cache_key: entry}; {} when missing or unreadable. Read once per
+    process and path: call ``load_cache.cache_clear()`` after rewriting the file."""
     try:
-        return json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}
 
 
 def cache_key(kind: str, geo: Geometry, dtype: torch.dtype) -> str:
     return f"{kind}|R0={geo.R0}|R1={geo.R1}|G={geo.G}|K={geo.K}|cf={int(geo.channels_fast)}|{dtype}"
+
+
+@contextlib.contextmanager
+def use_entries(entries: dict) -> Iterator[None]:
+    """Temporarily makes plan_tiles use these {cache_key: entry} before the file (the tuner's
+    candidates); they win over ``override(...)`` too."""
+    old = dict(_FORCED_ENTRIES)
+    _FORCED_ENTRIES.update(entries)
+    try:
+        yield
+    finally:
+        _FORCED_ENTRIES.clear()
+        _FORCED_ENTRIES.update(old)
+
+
+def cached_entry(kind: str, geo: Geometry, dtype: torch.dtype) -> dict | None:
+    """The tuned entry plan_tiles should honour for this geometry, or None (heuristic)."""
+    key = cache_key(kind, geo, dtype)
+    if _FORCED_ENTRIES:
+        entry = _FORCED_ENTRIES.get(key)
+        if entry is not None:
+            return entry
+    if _OVERRIDES:
+        return None
+    entry = load_cache(str(cache_path())).get(key)
+    return entry if isinstance(entry, dict) else None
 
 
 def _split(extent_tiles: int, wanted: int) -> int:
@@ -139,7 +177,7 @@ def plan_tiles(geo: Geometry, kind: str, device: torch.device, dtype: torch.dtyp
                allow_fused: bool = True) -> TilePlan:
     """kind: 'forward' or 'backward' (the reduction kernels) or 'apply' (element-wise kernels)."""
     kn = knobs(device)
-    cached = None if _OVERRIDES else load_cache(str(cache_path())).get(cache_key(kind, geo, dtype))
+    cached = cached_entry(kind, geo, dtype)
     fused_max = kn.fused_forward_max if kind == "forward" else kn.fused_backward_max
     if geo.channels_fast:
         A, B = max(1, geo.R), geo.S
@@ -180,7 +218,9 @@ def plan_tiles(geo: Geometry, kind: str, device: torch.device, dtype: torch.dtyp
         n_a = _split(a_tiles, kn.parts)
         n_b = _split(b_tiles, cdiv(kn.parts, n_a))
     else:
-        want = max(1, cdiv(kn.target_programs, n_channel_tiles))
+        target = int(cached.get("target_programs", kn.target_programs)) if cached else \
+            kn.target_programs
+        want = max(1, cdiv(target, n_channel_tiles))
         n_a = _split(a_tiles, want)
         n_b = _split(b_tiles, cdiv(want, n_a))
     a_chunk = cdiv(a_tiles, n_a) * block_a

@@ -1,0 +1,357 @@
+#!/usr/bin/env python
+"""One-call GPU check of triton_bn at real sizes: correctness against PyTorch, timings, CUDA graphs.
+
+    python perf/gpu_check.py [--out perf/results/gpu_check.txt]     # on a CUDA machine, ~1-3 min
+    python perf/gpu_check.py --cpu-smoke                             # tiny shapes, CPU interpreter
+
+1. Correctness: every distinct BatchNorm shape of ResNet-50 at batch 64 (fp32 and bf16, NCHW and
+   channels_last), 3e7 x 3 and 4096 x 1024: a training step (y, dx, dweight, dbias, running mean
+   and variance) and an inference forward of triton_bn.batch_norm and of
+   torch.nn.functional.batch_norm, each compared with float64. triton_bn passes when its error is
+   at most 2x PyTorch's own error in the same dtype (plus a small floor).
+2. Timing: forward (training) and backward of both, triton.testing.do_bench (median, p20, p80),
+   with GB/s from minimal byte counts (forward: read x, write y; backward: read x and dy, write dx).
+3. CUDA graphs: a captured training step (forward + backward, torch.cuda.graph) replayed on new
+   data must match the same steps run eagerly, running statistics included.
+
+Needs only torch and triton (works with torch 2.11 / triton 3.6); prints a table and writes it to
+--out. Exit status 1 when a check fails. Without CUDA it says so and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from a checkout: import this repository's triton_bn
+    sys.path.insert(0, str(ROOT))
+
+# ResNet-50 (torchvision v1.5, 224x224): the distinct BN shapes as (channels, spatial size)
+RESNET50 = ((64, 112), (64, 56), (256, 56), (128, 56), (128, 28), (512, 28), (256, 28),
+            (256, 14), (1024, 14), (512, 14), (512, 7), (2048, 7))
+FLOOR = {torch.float32: 1e-6, torch.bfloat16: 2e-3, torch.float16: 3e-4}
+DNAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    d = (out.detach().double() - ref).norm().item()
+    r = ref.norm().item()
+    e = d / r if r > 0 else d
+    return e if math.isfinite(e) else math.inf
+
+
+def make(shape, dtype, layout, device, gen):
+    x = (torch.randn(shape, device=device, generator=gen) * 1.7 + 0.4).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def cases(cpu_smoke: bool, batch: int):
+    out = []
+    if cpu_smoke:
+        for dtype in (torch.float32, torch.bfloat16):
+            for layout in ("nchw", "channels_last"):
+                out.append(((4, 4, 5, 5), dtype, layout))
+            out.append(((64, 3), dtype, "nc"))
+            out.append(((32, 16), dtype, "nc"))
+        return out
+    for dtype in (torch.float32, torch.bfloat16):
+        for layout in ("nchw", "channels_last"):
+            for c, hw in RESNET50:
+                out.append(((batch, c, hw, hw), dtype, layout))
+    for dtype in (torch.float32, torch.bfloat16):
+        out.append(((30_000_000, 3), dtype, "nc"))
+        out.append(((4096, 1024), dtype, "nc"))
+    return out
+
+
+def train_step(fn, x, dy, w, b, rm, rv):
+    """One training step of fn (triton_bn.batch_norm or F.batch_norm); returns the outputs."""
+    xi = x.detach().clone().requires_grad_(True)
+    wi = w.detach().clone().requires_grad_(True)
+    bi = b.detach().clone().requires_grad_(True)
+    rmi, rvi = rm.clone(), rv.clone()
+    y = fn(xi, rmi, rvi, wi, bi, True, 0.1, 1e-5)
+    y.backward(dy)
+    return dict(y=y.detach(), dx=xi.grad, dw=wi.grad, db=bi.grad, rm=rmi, rv=rvi)
+
+
+def check_case(shape, dtype, layout, device, gen):
+    import triton_bn
+
+    x = make(shape, dtype, layout, device, gen)
+    dy = make(shape, dtype, layout, device, gen)
+    C = shape[1]
+    w = torch.rand(C, device=device, generator=gen) + 0.5
+    b = torch.rand(C, device=device, generator=gen) - 0.5
+    rm = (torch.rand(C, device=device, generator=gen) - 0.5) * 0.5
+    rv = torch.rand(C, device=device, generator=gen) + 0.5
+    tri = train_step(triton_bn.batch_norm, x, dy, w, b, rm, rv)
+    ref_t = train_step(F.batch_norm, x, dy, w, b, rm, rv)
+    # float64 oracle (PyTorch's native kernel in float64)
+    ora = train_step(F.batch_norm, x.double(), dy.double(), w.double(), b.double(), rm.double(),
+                     rv.double())
+    worst = 0.0
+    detail = []
+    floor = FLOOR[dtype]
+    ok = True
+    for k in ("y", "dx", "dw", "db", "rm", "rv"):
+        e_t = rel(tri[k], ora[k])
+        e_p = rel(ref_t[k], ora[k])
+        ratio = e_t / max(e_p, floor)
+        worst = max(worst, ratio)
+        if not (e_t <= 2 * e_p + floor):
+            ok = False
+            detail.append(f"{k}: triton {e_t:.2e} vs torch {e_p:.2e}")
+    # inference
+    with torch.no_grad():
+        y_t = triton_bn.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-5)
+        y_p = F.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-5)
+        y_o = F.batch_norm(x.double(), rm.double(), rv.double(), w.double(), b.double(), False,
+                           0.1, 1e-5)
+    e_t, e_p = rel(y_t, y_o), rel(y_p, y_o)
+    worst = max(worst, e_t / max(e_p, floor))
+    if not (e_t <= 2 * e_p + floor):
+        ok = False
+        detail.append(f"inference y: triton {e_t:.2e} vs torch {e_p:.2e}")
+    if tri["y"].stride() != x.stride():
+        detail.append(f"note: y strides {tri['y'].stride()} differ from x {x.stride()}")
+    return ok, worst, "; ".join(detail), (x, dy, w, b, rm, rv)
+
+
+def time_case(tensors, cuda: bool, rep_ms: int, warmup_ms: int):
+    import triton_bn
+
+    x, dy, w, b, rm, rv = tensors
+    res = {}
+    for name, fn in (("triton_bn", triton_bn.batch_norm), ("torch", F.batch_norm)):
+        xi = x.detach().clone().requires_grad_(True)
+        wi = w.detach().clone().requires_grad_(True)
+        bi = b.detach().clone().requires_grad_(True)
+        rmi, rvi = rm.clone(), rv.clone()
+
+        args = (xi, rmi, rvi, wi, bi, True, 0.1, 1e-5)
+
+        def fwd(fn=fn, args=args):
+            return fn(*args)
+        y = fwd()
+
+        def bwd(y=y):
+            y.backward(dy, retain_graph=True)
+        res[(name, "fwd")] = bench(fwd, cuda, rep_ms, warmup_ms, None)
+        res[(name, "bwd")] = bench(bwd, cuda, rep_ms, warmup_ms, [xi, wi, bi])
+        del y, bwd
+    return res
+
+
+def bench(fn, cuda, rep_ms, warmup_ms, grad_to_none):
+    if cuda:
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms,
+                                       grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8])
+    times = []
+    fn()
+    for _ in range(3):
+        for t in grad_to_none or ():
+            t.grad = None
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return [times[1], times[0], times[2]]
+
+
+def cuda_graph_check(shape, dtype, layout, device, gen, steps: int = 3):
+    """Captures triton_bn's training step in a CUDA graph, replays it on fresh data and compares
+    with the same steps run eagerly. Returns (ok, max abs difference, message)."""
+    import triton_bn
+
+    C = shape[1]
+    w0 = torch.rand(C, device=device, generator=gen) + 0.5
+    b0 = torch.rand(C, device=device, generator=gen) - 0.5
+    data = [(make(shape, dtype, layout, device, gen), make(shape, dtype, layout, device, gen))
+            for _ in range(steps)]
+
+    def fresh():
+        return (w0.clone().requires_grad_(True), b0.clone().requires_grad_(True),
+                torch.zeros(C, device=device), torch.ones(C, device=device))
+
+    # eager
+    w, b, rm, rv = fresh()
+    eager = []
+    for xd, dyd in data:
+        xi = xd.clone().requires_grad_(True)
+        w.grad = b.grad = None
+        y = triton_bn.batch_norm(xi, rm, rv, w, b, True, 0.1, 1e-5)
+        y.backward(dyd)
+        eager.append((y.detach().clone(), xi.grad.clone(), w.grad.clone(), b.grad.clone()))
+    eager_state = (rm.clone(), rv.clone())
+
+    # graph: warm up on a side stream (compiles the kernels), then capture one step
+    w, b, rm, rv = fresh()
+    sx = data[0][0].clone().requires_grad_(True)
+    sdy = data[0][1].clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    warm_rm, warm_rv = rm.clone(), rv.clone()
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            y = triton_bn.batch_norm(sx, warm_rm, warm_rv, w, b, True, 0.1, 1e-5)
+            y.backward(sdy)
+    torch.cuda.current_stream().wait_stream(s)
+    sx.grad = w.grad = b.grad = None
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        sy = triton_bn.batch_norm(sx, rm, rv, w, b, True, 0.1, 1e-5)
+        sy.backward(sdy)
+    # capture does not run the kernels: the state is untouched, the first replay is step 1
+    rm.copy_(torch.zeros_like(rm))
+    rv.copy_(torch.ones_like(rv))
+    worst = 0.0
+    for (xd, dyd), (ye, dxe, dwe, dbe) in zip(data, eager, strict=True):
+        with torch.no_grad():
+            sx.copy_(xd)
+            sdy.copy_(dyd)
+        g.replay()
+        torch.cuda.synchronize()
+        for got, want in ((sy, ye), (sx.grad, dxe), (w.grad, dwe), (b.grad, dbe)):
+            worst = max(worst, (got.detach().float() - want.float()).abs().max().item())
+    for got, want in zip((rm, rv), eager_state, strict=True):
+        worst = max(worst, (got - want).abs().max().item())
+    ok = worst <= (1e-6 if dtype == torch.float32 else 1e-2)
+    return ok, worst, "bitwise equal" if worst == 0 else f"max |diff| {worst:.3g}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=None, help="also write the table to this file")
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help="without CUDA: tiny shapes in Triton's CPU interpreter (no CUDA graphs)")
+    ap.add_argument("--batch", type=int, default=64, help="ResNet-50 batch (default 64)")
+    ap.add_argument("--rep-ms", type=int, default=40, help="do_bench measuring time per timing")
+    ap.add_argument("--warmup-ms", type=int, default=10)
+    ap.add_argument("--max-seconds", type=float, default=240.0,
+                    help="stop timing (keep checking) after this many seconds (default 240)")
+    ap.add_argument("--no-timing", action="store_true")
+    args = ap.parse_args(argv)
+
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.cpu_smoke:
+        print("gpu_check: CUDA is not available on this machine; nothing to check here. "
+              "(Run it on a CUDA machine, or pass --cpu-smoke for a tiny run in Triton's CPU "
+              "interpreter.)")
+        return 0
+    if not cuda:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        torch.set_num_threads(1)  # steadier host timings of tiny ops
+    import triton
+
+    import triton_bn
+
+    t_start = time.perf_counter()
+    device = torch.device("cuda" if cuda else "cpu")
+    gen = torch.Generator(device=device)
+    gen.manual_seed(1234)
+    lines = []
+
+    def emit(text=""):
+        print(text, flush=True)
+        lines.append(text)
+
+    gpu = torch.cuda.get_device_name() if cuda else "CPU (Triton interpreter: NOT GPU figures)"
+    emit(f"gpu_check: {gpu}; torch {torch.__version__}, triton {triton.__version__}, "
+         f"triton_bn {triton_bn.__version__}")
+    if cuda:
+        n = 256 * 2**20  # 1 GiB of fp32
+        src = torch.randn(n, device=device)
+        dst = torch.empty_like(src)
+        ms = bench(lambda: dst.copy_(src), True, 100, 20, None)[0]
+        copy_gbps = 2 * n * 4 / (ms * 1e-3) / 1e9
+        del src, dst
+        torch.cuda.empty_cache()
+        emit(f"device-to-device copy: {copy_gbps:.0f} GB/s (1 GiB, read + write)")
+    else:
+        copy_gbps = None
+    head = (f"{'shape':>18s} {'dtype':5s} {'layout':13s} {'check':5s} {'err/torch':>9s} "
+            f"{'fwd ms tbn':>10s} {'torch':>8s} {'x':>5s} {'bwd ms tbn':>10s} {'torch':>8s} "
+            f"{'x':>5s} {'fwd GB/s':>8s} {'bwd GB/s':>8s}")
+    emit(head)
+    emit("-" * len(head))
+    n_fail = 0
+    speed_f, speed_b = [], []
+    timing_stopped = False
+    for shape, dtype, layout in cases(not cuda, args.batch):
+        sname = "x".join(map(str, shape))
+        try:
+            ok, worst, detail, tensors = check_case(shape, dtype, layout, device, gen)
+        except Exception as exc:  # noqa: BLE001
+            n_fail += 1
+            emit(f"{sname:>18s} {DNAME[dtype]:5s} {layout:13s} ERROR {type(exc).__name__}: {exc}")
+            continue
+        n_fail += 0 if ok else 1
+        cols = f"{sname:>18s} {DNAME[dtype]:5s} {layout:13s} {'ok' if ok else 'FAIL':5s} " \
+               f"{worst:9.2f}"
+        if not args.no_timing and time.perf_counter() - t_start > args.max_seconds:
+            if not timing_stopped:
+                emit(f"(--max-seconds {args.max_seconds:g} reached: timing stops, checks go on)")
+            timing_stopped = True
+        if not args.no_timing and not timing_stopped:
+            t = time_case(tensors, cuda, args.rep_ms, args.warmup_ms)
+            nbytes = tensors[0].numel() * tensors[0].element_size()
+            tf, pf = t[("triton_bn", "fwd")][0], t[("torch", "fwd")][0]
+            tb, pb = t[("triton_bn", "bwd")][0], t[("torch", "bwd")][0]
+            speed_f.append(pf / tf)
+            speed_b.append(pb / tb)
+            cols += (f" {tf:10.4f} {pf:8.4f} {pf / tf:5.2f} {tb:10.4f} {pb:8.4f} {pb / tb:5.2f}"
+                     f" {2 * nbytes / tf / 1e6:8.0f} {3 * nbytes / tb / 1e6:8.0f}")
+        emit(cols)
+        if detail:
+            emit(f"{'':>18s}   {detail}")
+        del tensors
+        if cuda:
+            torch.cuda.empty_cache()
+
+    def gm(v):
+        return math.exp(sum(map(math.log, v)) / len(v)) if v else float("nan")
+
+    emit("")
+    if speed_f:
+        emit(f"geomean speedup over torch.nn.functional.batch_norm: forward {gm(speed_f):.2f}x, "
+             f"backward {gm(speed_b):.2f}x ({len(speed_f)} cases)"
+             + ("" if cuda else "  [CPU interpreter: NOT GPU figures]"))
+    if copy_gbps:
+        emit(f"GB/s columns count the minimal bytes; the copy ceiling is {copy_gbps:.0f} GB/s")
+    if cuda:
+        for shape, dtype, layout in (((args.batch, 128, 28, 28), torch.float32, "nchw"),
+                                     ((args.batch, 256, 14, 14), torch.bfloat16,
+                                      "channels_last")):
+            try:
+                ok, worst, msg = cuda_graph_check(shape, dtype, layout, device, gen)
+            except Exception as exc:  # noqa: BLE001
+                ok, msg = False, f"{type(exc).__name__}: {exc}"
+            n_fail += 0 if ok else 1
+            emit(f"CUDA graph replay vs eager, {'x'.join(map(str, shape))} {DNAME[dtype]} "
+                 f"{layout}: {'ok' if ok else 'FAIL'} ({msg})")
+    else:
+        emit("CUDA graph check: skipped (no CUDA)")
+    emit(f"{'ALL CHECKS PASSED' if n_fail == 0 else f'{n_fail} CHECKS FAILED'} in "
+         f"{time.perf_counter() - t_start:.0f} s")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("\n".join(lines) + "\n")
+        print(f"table -> {args.out}")
+    return 1 if n_fail else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
