@@ -224,15 +224,16 @@ def check_inputs(x, weight, bias, residual, axes, groups, running: Optional[Runn
         if residual.shape != x.shape or residual.device != x.device:
             raise ValueError(f"residual must match the input's shape {tuple(x.shape)} and device "
                              f"{x.device}, got {tuple(residual.shape)} on {residual.device}")
-    if not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"virtual_batch_size must give a positive number of ghost batches, got "
-                         f"{groups}")
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups (the number of ghost batches) must be a positive int, got "
+                         f"{groups!r}")
     if groups > 1 and training:
         if 0 in axes:
-            raise ValueError("virtual_batch_size needs a batch axis 0 that is not a channel axis")
+            raise ValueError("groups > 1 (ghost batches) needs the batch axis 0 not to be a "
+                             f"channel axis, got {axis_desc}")
         if x.shape[0] % groups:
-            raise ValueError(f"the batch size {x.shape[0]} is not a multiple of the ghost-batch "
-                             f"count {groups}")
+            raise ValueError(f"groups={groups} (ghost batches) must divide the batch size "
+                             f"{x.shape[0]}")
     if renorm is not None:
         if renorm.style == "keras":
             if renorm.mean is None or renorm.stddev is None or running is None \

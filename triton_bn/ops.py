@@ -158,17 +158,20 @@ def _launch_apply(fw: _Forward, relu: bool, from_running: bool = False, running_
         BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B, num_warps=plan.num_warps)
 
 
-def _launch_stats(fw: _Forward, plan: tuning.TilePlan) -> tuple[torch.Tensor, torch.Tensor]:
+def _launch_stats(fw: _Forward, plan: tuning.TilePlan
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Partial (mean - pivot, M2) per part and statistic channel, and each channel's pivot."""
     geo = fw.geo
     xs, _, _, st_x, _, _ = fw.views()
     part_mean = torch.empty((plan.n_parts, geo.S), device=fw.x.device, dtype=fw.mean.dtype)
     part_m2 = torch.empty_like(part_mean)
+    pivot = torch.empty(geo.S, device=fw.x.device, dtype=fw.mean.dtype)
     bn_stats_kernel[plan.grid](
-        xs, part_mean, part_m2, geo.R1, geo.K, geo.S, plan.A, plan.B, plan.a_chunk, plan.b_chunk,
+        xs, part_mean, part_m2, pivot, geo.R1, geo.K, geo.S, plan.A, plan.B, plan.a_chunk, plan.b_chunk,
         plan.n_channel_tiles, plan.n_b_parts, *st_x,
         HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=fw.int64,
         BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B, num_warps=plan.num_warps)
-    return part_mean, part_m2
+    return part_mean, part_m2, pivot
 
 
 def _state_args(fw: _Forward, weight, bias, running_mean, running_var, num_batches_tracked,
@@ -193,8 +196,8 @@ def _state_args(fw: _Forward, weight, bias, running_mean, running_var, num_batch
     return tensors, scalars, flags, gscale, gshift
 
 
-def _launch_finalize(fw: _Forward, part_mean, part_m2, part_count, plan: Optional[tuning.TilePlan],
-                     state) -> None:
+def _launch_finalize(fw: _Forward, part_mean, part_m2, part_count, pivot,
+                     plan: Optional[tuning.TilePlan], state) -> None:
     tensors, scalars, flags, _, _ = state
     geo = fw.geo
     if plan is None:  # one part per process (sync BN): counts given
@@ -202,8 +205,9 @@ def _launch_finalize(fw: _Forward, part_mean, part_m2, part_count, plan: Optiona
     else:
         layout = (plan.n_parts, plan.n_b_parts, plan.A, plan.a_chunk, plan.b_count, plan.b_chunk)
     bn_finalize_kernel[(tuning.cdiv(geo.K, _FINALIZE_BLOCK),)](
-        part_mean, part_m2, _or_dummy(part_count, fw.mean), fw.mean, fw.rstd, fw.scale, fw.shift,
-        *tensors, geo.K, geo.G, *layout, *scalars, HAS_COUNTS=part_count is not None,
+        part_mean, part_m2, _or_dummy(part_count, fw.mean), _or_dummy(pivot, fw.mean), fw.mean,
+        fw.rstd, fw.scale, fw.shift, *tensors, geo.K, geo.G, *layout, *scalars,
+        HAS_COUNTS=part_count is not None, HAS_PIVOT=pivot is not None,
         BLOCK_C=_FINALIZE_BLOCK, **flags)
 
 
@@ -258,7 +262,7 @@ def bn_forward(
     tensors, scalars, flags, gscale, gshift = state
     geo = fw.geo
     if global_moments is not None:
-        _launch_finalize(fw, *global_moments, None, state)
+        _launch_finalize(fw, *global_moments, None, None, state)
         if x.numel():
             _launch_apply(fw, relu)
         return ForwardResult(_restore(fw.prep.tensors[1], fw.y, fw.prep), fw.mean, fw.rstd,
@@ -274,8 +278,8 @@ def bn_forward(
             RELU=relu, BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B, num_warps=plan.num_warps,
             **flags)
     else:
-        part_mean, part_m2 = _launch_stats(fw, plan)
-        _launch_finalize(fw, part_mean, part_m2, None, plan, state)
+        part_mean, part_m2, pivot = _launch_stats(fw, plan)
+        _launch_finalize(fw, part_mean, part_m2, None, pivot, plan, state)
         _launch_apply(fw, relu)
     return ForwardResult(_restore(fw.prep.tensors[1], fw.y, fw.prep), fw.mean, fw.rstd, fw.scale,
                          fw.shift, gscale, gshift)
@@ -291,10 +295,10 @@ def local_moments(x: torch.Tensor, axes: tuple[int, ...], groups: int = 1
         zeros = torch.zeros(geo.S, device=x.device, dtype=fw.mean.dtype)
         return zeros, zeros.clone(), 0
     plan = tuning.plan_tiles(geo, "forward", x.device, x.dtype, allow_fused=False)
-    part_mean, part_m2 = _launch_stats(fw, plan)
+    part_mean, part_m2, pivot = _launch_stats(fw, plan)
     m2 = torch.empty_like(fw.mean)
     bn_merge_kernel[(tuning.cdiv(geo.S, _FINALIZE_BLOCK),)](
-        part_mean, part_m2, fw.mean, m2, geo.S, plan.n_parts, plan.n_b_parts, plan.A,
+        part_mean, part_m2, pivot, fw.mean, m2, geo.S, plan.n_parts, plan.n_b_parts, plan.A,
         plan.a_chunk, plan.b_count, plan.b_chunk, BLOCK_C=_FINALIZE_BLOCK)
     return fw.mean, m2, geo.R
 

@@ -20,7 +20,7 @@ def channel_grad_terms(sum_dy, sum_dy_xmu, rstd, scale, n, TRAINING: tl.constexp
     """From one statistic channel's sums: (sum of dy * x_hat, CoefB, CoefC)."""
     sum_dy_xhat = sum_dy_xmu * rstd
     if TRAINING:
-        inv_n = 1.0 / tl.maximum(n, 1.0)
+        inv_n = 1.0 / tl.maximum(n + tl.zeros_like(sum_dy), 1.0)  # n is an fp32 scalar argument
         coef_b = -scale * rstd * sum_dy_xhat * inv_n
         coef_c = -scale * sum_dy * inv_n
     else:

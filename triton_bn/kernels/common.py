@@ -93,22 +93,17 @@ def tile_offsets(a, b, s_fixed, R1, K, stride_r0, stride_r1, stride_g, stride_k,
 
 
 @triton.jit
-def load_pivot(X, a0, b0, b_end, s_fixed, R1, K, stride_r0, stride_r1, stride_g, stride_k,
-               ACC: tl.constexpr, HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr,
-               BLOCK_B: tl.constexpr):
-    """One sample of each channel (at row a0), broadcastable against a tile. Moments are taken of
-    x - pivot (the shifted-data algorithm), so values like 1000 + 0.01 * noise lose no digits to
-    the sums; the pivot is added back to the mean only at the end."""
-    a0 = a0.to(tl.int64)
+def load_pivot(X, b, b_mask, s_fixed, K, stride_g, stride_k, ACC: tl.constexpr,
+               HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr):
+    """The first element (r0 = r1 = 0) of each channel, broadcastable against a tile. Moments are
+    taken of x - pivot (the shifted-data algorithm) with one pivot per channel shared by every
+    part, so values like 1000 + 0.01 * noise lose no digits to the sums or to the partial means;
+    the pivot is added back to the mean once, at the end."""
     if CHANNELS_FAST:
-        b = b0 + tl.arange(0, BLOCK_B)
-        offs = ((a0 // R1) * stride_r0 + (a0 % R1) * stride_r1
-                + channel_offset(b, K, stride_g, stride_k, HAS_GROUPS))
-        return tl.load(X + offs, mask=b < b_end, other=0.0).to(ACC)[None, :]
+        offs = channel_offset(b, K, stride_g, stride_k, HAS_GROUPS)
+        return tl.load(X + offs, mask=b_mask, other=0.0).to(ACC)[None, :]
     else:
-        offs = (channel_offset(s_fixed, K, stride_g, stride_k, HAS_GROUPS) + a0 * stride_r0
-                + b0 * stride_r1)
-        return tl.load(X + offs).to(ACC)
+        return tl.load(X + channel_offset(s_fixed, K, stride_g, stride_k, HAS_GROUPS)).to(ACC)
 
 
 @triton.jit

@@ -121,7 +121,8 @@ def channel_affine_and_update(
 @triton.jit
 def bn_stats_kernel(
     X,                    # activation, addressed through its strides
-    PartMean, PartM2,     # [n_parts, S] fp32 out: per-part mean and M2 of each statistic channel
+    PartMean, PartM2,     # [n_parts, S] out: per-part mean (minus Pivot) and M2 of each channel
+    Pivot,                # [S] out: the sample each channel's means are taken relative to
     R1, K, S, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts,
     stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
     HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
@@ -130,8 +131,11 @@ def bn_stats_kernel(
     ACC = PartMean.dtype.element_ty
     part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
         tl.program_id(0), n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST)
-    pivot = load_pivot(X, a_begin, b_begin, b_end, s_fixed, R1, K, stride_x_r0, stride_x_r1,
-                       stride_x_g, stride_x_k, ACC, HAS_GROUPS, CHANNELS_FAST, BLOCK_B)
+    # every part of a channel shifts by the same sample (its first), so the parts' means stay small
+    # and are merged without rounding at the data's offset; the finalize adds the pivot back once
+    b_first = b_begin + tl.arange(0, BLOCK_B)
+    pivot = load_pivot(X, b_first, b_first < b_end, s_fixed, K, stride_x_g, stride_x_k, ACC,
+                       HAS_GROUPS, CHANNELS_FAST)
     mean = tl.zeros([BLOCK_B], ACC)
     m2 = tl.zeros([BLOCK_B], ACC)
     n = tl.zeros([BLOCK_B], ACC)
@@ -145,12 +149,16 @@ def bn_stats_kernel(
             mean, m2, n = chan_merge(mean, m2, n, t_mean, t_m2, t_n)
     if CHANNELS_FAST:
         b = b_begin + tl.arange(0, BLOCK_B)
-        tl.store(PartMean + part * S + b, mean + tl.reshape(pivot, [BLOCK_B]), mask=b < b_end)
+        tl.store(PartMean + part * S + b, mean, mask=b < b_end)
         tl.store(PartM2 + part * S + b, m2, mask=b < b_end)
+        if part == 0:
+            tl.store(Pivot + b, tl.reshape(pivot, [BLOCK_B]), mask=b < b_end)
     else:
         mean, m2, n = tl.reduce((mean, m2, n), 0, chan_merge)
-        tl.store(PartMean + part * S + s_fixed, mean + pivot)
+        tl.store(PartMean + part * S + s_fixed, mean)
         tl.store(PartM2 + part * S + s_fixed, m2)
+        if part == 0:
+            tl.store(Pivot + s_fixed, pivot)
 
 
 @triton.jit
@@ -180,6 +188,7 @@ def merge_parts(PartMean, PartM2, PartCount, s, c_mask, S, n_parts, n_b_parts, A
 @triton.jit
 def bn_merge_kernel(
     PartMean, PartM2,              # [n_parts, S] partial statistics
+    Pivot,                         # [S] the parts' means are relative to it
     OutMean, OutM2,                # [S] out: merged mean and M2 (a process's local moments)
     S, n_parts, n_b_parts, A, a_chunk, B_count, b_chunk, BLOCK_C: tl.constexpr,
 ):
@@ -188,7 +197,7 @@ def bn_merge_kernel(
     s_mask = s < S
     mean, m2, n = merge_parts(PartMean, PartM2, PartMean, s, s_mask, S, n_parts, n_b_parts, A,
                               a_chunk, B_count, b_chunk, ACC, False, BLOCK_C)
-    tl.store(OutMean + s, mean, mask=s_mask)
+    tl.store(OutMean + s, mean + tl.load(Pivot + s, mask=s_mask, other=0.0), mask=s_mask)
     tl.store(OutM2 + s, m2, mask=s_mask)
 
 
@@ -196,12 +205,13 @@ def bn_merge_kernel(
 def bn_finalize_kernel(
     PartMean, PartM2,              # [n_parts, S] partial statistics
     PartCount,                     # [n_parts] element count of each part (HAS_COUNTS)
+    Pivot,                         # [S] added to the merged means (HAS_PIVOT)
     Mean, Rstd, Scale, Shift,      # [S] out: batch mean, 1/std, y = (x - Mean) * Scale + Shift
     Weight, Bias, AdjScale, AdjBias, GScale, GShift,
     RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd,
     K, G, n_parts, n_b_parts, A, a_chunk, B_count, b_chunk,
     eps, momentum, renorm_momentum, rmin, rmax, dmax,
-    HAS_COUNTS: tl.constexpr,
+    HAS_COUNTS: tl.constexpr, HAS_PIVOT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADJUST: tl.constexpr,
     RENORM: tl.constexpr, UPDATE_RUNNING: tl.constexpr, UNBIASED: tl.constexpr,
     CUMULATIVE: tl.constexpr, SAVE_GAFFINE: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -221,6 +231,8 @@ def bn_finalize_kernel(
         mean, m2, n = merge_parts(PartMean, PartM2, PartCount, s, c_mask, S, n_parts, n_b_parts,
                                   A, a_chunk, B_count, b_chunk, ACC, HAS_COUNTS, BLOCK_C)
         var = m2 / tl.maximum(n, 1.0)
+        if HAS_PIVOT:
+            mean += tl.load(Pivot + s, mask=c_mask, other=0.0)
         tl.store(Mean + s, mean, mask=c_mask)
         tl.store(Rstd + s, 1.0 / sqrt_rn(var + eps), mask=c_mask)
         sum_mean += mean
@@ -322,8 +334,7 @@ def bn_fused_forward_kernel(
     x_offs = tile_offsets(a, b, s_fixed, R1, K, stride_x_r0, stride_x_r1, 0, stride_x_k,
                           False, CHANNELS_FAST)
     x = tl.load(X + x_offs, mask=mask, other=0.0).to(ACC)
-    pivot = load_pivot(X, a_begin, b_begin, b_end, s_fixed, R1, K, stride_x_r0, stride_x_r1, 0,
-                       stride_x_k, ACC, False, CHANNELS_FAST, BLOCK_B)
+    pivot = load_pivot(X, b, b_mask, s_fixed, K, 0, stride_x_k, ACC, False, CHANNELS_FAST)
     mean, m2, n = tile_moments(x - pivot, mask)
     if CHANNELS_FAST:
         mean += tl.reshape(pivot, [BLOCK_B])

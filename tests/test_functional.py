@@ -1,0 +1,904 @@
+"""triton_bn.functional (batch_norm, normalize) against the float64 reference and torch.
+
+Every case runs on both code paths: the single-pass kernels (``fused``) and the split reduction
+with one part (``split1``) or several parts (``split3``: small tiles so that even these small
+shapes are cut into several partial sums that the finalize kernel has to merge).
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TOL, grad_tol
+
+from triton_bn import Renorm, RunningStats, batch_norm, normalize, tuning
+from triton_bn.reference import reference_batch_norm
+
+PATHS = {
+    "fused": {"force_fused": True},
+    "split1": {"force_fused": False, "parts": 1},
+    "split3": {"force_fused": False, "parts": 3, "tile": 32, "max_block_inner": 8, "max_block_channels": 2},
+}
+ALL_PATHS = list(PATHS)
+
+
+# ----------------------------------------------------------------------------------- helpers
+def axes_of(axis, nd):
+    axes = [axis] if isinstance(axis, int) else list(axis)
+    return tuple(sorted(a % nd for a in axes))
+
+
+def channels(shape, axes):
+    return math.prod(shape[a] for a in axes)
+
+
+def make_x(shape, axes, dtype=torch.float32):
+    """Random data with a different mean and spread in every channel (catches channel mix-ups)."""
+    nd = len(shape)
+    view = [shape[d] if d in axes else 1 for d in range(nd)]
+    K = channels(shape, axes)
+    offset = (torch.randn(K, dtype=torch.float64) * 2).reshape(view)
+    spread = (torch.rand(K, dtype=torch.float64) * 2 + 0.5).reshape(view)
+    return (torch.randn(shape, dtype=torch.float64) * spread + offset).to(dtype)
+
+
+def params(K, dtype=torch.float32):
+    w = (torch.rand(K, dtype=dtype) + 0.5).requires_grad_()
+    b = torch.randn(K, dtype=dtype).requires_grad_()
+    return w, b
+
+
+def running(K, dtype=torch.float32):
+    return torch.randn(K, dtype=dtype) * 0.5, torch.rand(K, dtype=dtype) + 0.5
+
+
+def torch_bn(x, axes, running_mean=None, running_var=None, weight=None, bias=None,
+             training=True, momentum=0.1, eps=1e-5):
+    """torch.nn.functional.batch_norm for any channel axes: [reduction..., channels...] -> (R, K)."""
+    if tuple(axes) == (1,):
+        return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    nd = x.dim()
+    perm = [d for d in range(nd) if d not in axes] + list(axes)
+    xp = x.permute(perm)
+    K = channels(x.shape, axes)
+    y2 = F.batch_norm(xp.reshape(-1, K), running_mean, running_var, weight, bias, training,
+                      momentum, eps)
+    return y2.reshape(xp.shape).permute([perm.index(d) for d in range(nd)])
+
+
+def grads(y, inputs, dy):
+    return torch.autograd.grad(y, inputs, dy)
+
+
+def run(path, fn, inputs, dy):
+    """Calls fn() and its backward with the code path forced."""
+    with tuning.override(**PATHS[path]):
+        y = fn()
+        g = grads(y, inputs, dy) if dy is not None else None
+    return y, g
+
+
+def assert_close(actual, expected, what=None, **tol):
+    msg = None if what is None else (lambda m: f"{what}: {m}")
+    torch.testing.assert_close(actual.double(), expected.double(), msg=msg, **tol)
+
+
+def per_channel_count(shape, axes):
+    return math.prod(shape) // channels(shape, axes)
+
+
+# ------------------------------------------------------------------ ranks, axes (float32)
+# (shape, axis, memory format)
+CASES = [
+    ((16, 5), 1, None),
+    ((12, 3), -1, None),
+    ((4, 3, 7), 1, None),
+    ((4, 3, 7), -1, None),
+    ((2, 3, 4, 5), 1, None),
+    ((2, 3, 4, 5), 1, torch.channels_last),
+    ((2, 3, 4, 5), -1, None),
+    ((2, 3, 4, 5), 2, None),  # a middle axis
+    ((2, 3, 4, 5), [1, 3], None),  # two non-adjacent axes: needs a permuted copy
+    ((2, 3, 4, 5), [2, 3], None),
+    ((2, 3, 2, 3, 4), 1, None),
+    ((2, 3, 2, 3, 4), 1, torch.channels_last_3d),
+    ((2, 3, 2, 3, 4), -1, None),
+    ((2, 3, 2, 3, 4), [1, 3], None),
+]
+
+
+def case_id(c):
+    shape, axis, fmt = c
+    f = {None: "", torch.channels_last: "-cl", torch.channels_last_3d: "-cl3d"}[fmt]
+    return f"{'x'.join(map(str, shape))}-ax{axis}{f}".replace(" ", "")
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_training_matches_reference_and_torch(case, path):
+    shape, axis, fmt = case
+    axes = axes_of(axis, len(shape))
+    K = channels(shape, axes)
+    x = make_x(shape, axes)
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    x.requires_grad_()
+    w, b = params(K)
+    rm0, rv0 = running(K)
+    dy = torch.randn(shape)
+    rm, rv = rm0.clone(), rv0.clone()
+
+    y, (dx, dw, db) = run(path, lambda: batch_norm(x, rm, rv, w, b, training=True, momentum=0.1,
+                                                   eps=1e-5, axis=axis), [x, w, b], dy)
+
+    yr, st = reference_batch_norm(x, w, b, axis=axis, training=True, eps=1e-5, running_mean=rm0,
+                                  running_var=rv0, momentum=0.1)
+    dxr, dwr, dbr = grads(yr, [x, w, b], dy.double())
+    n = per_channel_count(shape, axes)
+    tol = TOL[torch.float32]
+    assert_close(y, yr, **tol)
+    assert_close(dx, dxr, **tol)
+    assert_close(dw, dwr, **grad_tol(torch.float32, n))
+    assert_close(db, dbr, **grad_tol(torch.float32, n))
+    assert_close(rm, st["running_mean"], **tol)
+    assert_close(rv, st["running_var"], **tol)
+
+    # the same against torch.nn.functional.batch_norm in float32
+    rmt, rvt = rm0.clone(), rv0.clone()
+    yt = torch_bn(x, axes, rmt, rvt, w, b, training=True, momentum=0.1, eps=1e-5)
+    dxt, dwt, dbt = grads(yt, [x, w, b], dy)
+    assert_close(y, yt, **tol)
+    assert_close(dx, dxt, **tol)
+    assert_close(dw, dwt, **grad_tol(torch.float32, n))
+    assert_close(db, dbt, **grad_tol(torch.float32, n))
+    assert_close(rm, rmt, **tol)
+    assert_close(rv, rvt, **tol)
+    assert y.dtype == x.dtype and dx.dtype == x.dtype and dw.dtype == w.dtype
+
+
+@pytest.mark.parametrize("case", CASES[:9:2] + [CASES[11]], ids=case_id)
+def test_eval_matches_reference_and_torch(case):
+    shape, axis, fmt = case
+    axes = axes_of(axis, len(shape))
+    K = channels(shape, axes)
+    x = make_x(shape, axes)
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    x.requires_grad_()
+    w, b = params(K)
+    rm, rv = running(K)
+    rm0, rv0 = rm.clone(), rv.clone()
+    dy = torch.randn(shape)
+    y, (dx, dw, db) = run("split1", lambda: batch_norm(x, rm, rv, w, b, training=False, axis=axis),
+                          [x, w, b], dy)
+    yr, _ = reference_batch_norm(x, w, b, axis=axis, training=False, running_mean=rm0,
+                                 running_var=rv0)
+    dxr, dwr, dbr = grads(yr, [x, w, b], dy.double())
+    yt = torch_bn(x, axes, rm0.clone(), rv0.clone(), w, b, training=False)
+    dxt, dwt, dbt = grads(yt, [x, w, b], dy)
+    n = per_channel_count(shape, axes)
+    tol = TOL[torch.float32]
+    for ours, ref, tor, t in ((y, yr, yt, tol), (dx, dxr, dxt, tol),
+                              (dw, dwr, dwt, grad_tol(torch.float32, n)),
+                              (db, dbr, dbt, grad_tol(torch.float32, n))):
+        assert_close(ours, ref, **t)
+        assert_close(ours, tor, **t)
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0), "eval must not touch running stats"
+
+
+# ------------------------------------------------------------------------------ dtypes
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("fmt", [None, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dtypes_training(dtype, fmt, path):
+    """Half inputs: the reference is computed from the half input upcast, so only the output
+    rounding and the statistics' precision count. Running statistics (fp32 buffers, as in torch's
+    mixed-precision batch norm) must be accurate to fp32: statistics are accumulated in fp32."""
+    shape, axes = (4, 3, 5, 6), (1,)
+    K = 3
+    x = make_x(shape, axes, dtype)
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    x.requires_grad_()
+    pdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    w, b = params(K, pdtype)
+    rm0, rv0 = running(K, pdtype)
+    rm, rv = rm0.clone(), rv0.clone()
+    dy = torch.randn(shape, dtype=dtype)
+    y, (dx, dw, db) = run(path, lambda: batch_norm(x, rm, rv, w, b, training=True), [x, w, b], dy)
+    assert y.dtype == dtype and dx.dtype == dtype and dw.dtype == pdtype
+
+    xr = x.detach().double().requires_grad_()
+    yr, st = reference_batch_norm(xr, w, b, training=True, running_mean=rm0, running_var=rv0)
+    dxr, dwr, dbr = grads(yr, [xr, w, b], dy.double())
+    n = per_channel_count(shape, axes)
+    tol = TOL[dtype]
+    assert_close(y, yr, "y vs reference", **tol)
+    assert_close(dx, dxr, "dx vs reference", **tol)
+    assert_close(dw, dwr, "dweight vs reference", **grad_tol(pdtype, n))
+    assert_close(db, dbr, "dbias vs reference", **grad_tol(pdtype, n))
+    # fp32 statistics: running stats match the float64 statistics of the (upcast) input to fp32
+    assert_close(rm, st["running_mean"], **TOL[pdtype])
+    assert_close(rv, st["running_var"], **TOL[pdtype])
+
+    # torch in the same dtype
+    rmt, rvt = rm0.clone(), rv0.clone()
+    yt = F.batch_norm(x, rmt, rvt, w, b, True, 0.1, 1e-5)
+    dxt, dwt, dbt = grads(yt, [x, w, b], dy)
+    assert_close(y, yt, **tol)
+    assert_close(dx, dxt, **tol)
+    assert_close(dw, dwt, **grad_tol(dtype, n))
+    assert_close(db, dbt, **grad_tol(dtype, n))
+    assert_close(rm, rmt, **TOL[pdtype])
+    assert_close(rv, rvt, **TOL[pdtype])
+    if dtype == torch.float16:  # (bfloat16: see test_half_outputs_rounded_to_nearest)
+        # flash-attn's rule: no worse than ~2x torch's own error in the same dtype
+        for ours, tor, ref in ((y, yt, yr), (dx, dxt, dxr)):
+            err, err_t = (ours.double() - ref).abs().max(), (tor.double() - ref).abs().max()
+            assert err <= 2 * err_t + 1e-6, f"{err:.2e} vs torch {err_t:.2e}"
+
+
+# Triton 3.x's interpreter converts fp32 to bfloat16 by truncation, even with
+# fp_downcast_rounding="rtne" (checked with a two-line kernel); GPUs round to nearest.
+_BF16_INTERPRETER_TRUNCATES = pytest.mark.xfail(
+    tuning.interpreting(), reason="Triton interpreter truncates fp32 -> bfloat16", strict=False)
+
+
+@pytest.mark.parametrize("path", ["fused", "split3"])
+@pytest.mark.parametrize("dtype", [torch.float16,
+                                   pytest.param(torch.bfloat16, marks=_BF16_INTERPRETER_TRUNCATES)],
+                         ids=str)
+def test_half_outputs_rounded_to_nearest(dtype, path):
+    """The fp32 result is rounded to nearest when stored in half precision: nearly every output
+    equals the float64 reference rounded to nearest (truncation would miss about half of them
+    and bias every value towards zero)."""
+    shape = (4, 3, 5, 6)
+    x = make_x(shape, (1,), dtype).requires_grad_()
+    dy = torch.randn(shape, dtype=dtype)
+    y, (dx,) = run(path, lambda: batch_norm(x, None, None, training=True), [x], dy)
+    xr = x.detach().double().requires_grad_()
+    yr, _ = reference_batch_norm(xr)
+    (dxr,) = grads(yr, [xr], dy.double())
+    for name, ours, ref in (("y", y, yr), ("dx", dx, dxr)):
+        nearest = ref.to(dtype)
+        frac = (ours == nearest).double().mean().item()
+        toward_zero = (ours.double().abs() <= ref.abs()).double().mean().item()
+        assert frac > 0.9, f"{name}: only {frac:.0%} of the outputs are rounded to nearest"
+        assert toward_zero < 0.8, f"{name}: {toward_zero:.0%} of the outputs rounded toward zero"
+
+
+@pytest.mark.parametrize("path", ["fused", "split3"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_everything_matches_torch(dtype, path):
+    """A fully half model (module.half()): weight, bias and running statistics in half too."""
+    shape = (6, 4, 9)
+    x = make_x(shape, (1,), dtype).requires_grad_()
+    w, b = params(4, dtype)
+    rm0, rv0 = running(4, dtype)
+    rm, rv = rm0.clone(), rv0.clone()
+    dy = torch.randn(shape, dtype=dtype)
+    y, (dx, dw, db) = run(path, lambda: batch_norm(x, rm, rv, w, b, training=True), [x, w, b], dy)
+    assert rm.dtype == dtype and dw.dtype == dtype and db.dtype == dtype
+    rmt, rvt = rm0.clone(), rv0.clone()
+    yt = F.batch_norm(x, rmt, rvt, w, b, True, 0.1, 1e-5)
+    dxt, dwt, dbt = grads(yt, [x, w, b], dy)
+    tol = TOL[dtype]
+    assert_close(y, yt, **tol)
+    assert_close(dx, dxt, **tol)
+    assert_close(dw, dwt, **grad_tol(dtype, 54))
+    assert_close(db, dbt, **grad_tol(dtype, 54))
+    assert_close(rm, rmt, **tol)
+    assert_close(rv, rvt, **tol)
+
+
+# ------------------------------------------------------------------------------- C = 1
+@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("shape,fmt", [((16, 1), None), ((4, 1, 3, 5), None),
+                                       ((4, 1, 3, 5), torch.channels_last),
+                                       ((2, 1, 2, 3, 3), torch.channels_last_3d)],
+                         ids=["2d", "nchw", "nhwc", "ndhwc"])
+def test_single_channel(shape, fmt, path):
+    x = make_x(shape, (1,))
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    x.requires_grad_()
+    w, b = params(1)
+    rm0, rv0 = running(1)
+    rm, rv = rm0.clone(), rv0.clone()
+    dy = torch.randn(shape)
+    y, (dx, dw, db) = run(path, lambda: batch_norm(x, rm, rv, w, b, training=True), [x, w, b], dy)
+    rmt, rvt = rm0.clone(), rv0.clone()
+    yt = F.batch_norm(x, rmt, rvt, w, b, True, 0.1, 1e-5)
+    dxt, dwt, dbt = grads(yt, [x, w, b], dy)
+    yr, st = reference_batch_norm(x, w, b, running_mean=rm0, running_var=rv0)
+    dxr, dwr, dbr = grads(yr, [x, w, b], dy.double())
+    tol, gt = TOL[torch.float32], grad_tol(torch.float32, x.numel())
+    for ours, tor, ref, t in ((y, yt, yr, tol), (dx, dxt, dxr, tol), (dw, dwt, dwr, gt),
+                              (db, dbt, dbr, gt), (rm, rmt, st["running_mean"], tol),
+                              (rv, rvt, st["running_var"], tol)):
+        assert_close(ours, ref, **t)
+        assert_close(ours, tor, **t)
+
+
+# --------------------------------------------------------------- one value per channel
+@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("shape", [(1, 5), (1, 3, 1, 1)], ids=["1x5", "1x3x1x1"])
+def test_one_value_per_channel_gives_beta(shape, path):
+    """normalize() in training with a single value per channel: the variance is 0, x - mean is 0,
+    so y is exactly beta (batch_norm refuses this input like torch, see test_errors.py)."""
+    x = (torch.randn(shape) * 3).requires_grad_()
+    K = shape[1]
+    w, b = params(K)
+    rm0, rv0 = running(K)
+    stats = RunningStats(rm0.clone(), rv0.clone(), momentum=0.1)
+    dy = torch.randn(shape)
+    y, (dx, dw, db) = run(path, lambda: normalize(x, w, b, running=stats), [x, w, b], dy)
+    view = [K if d == 1 else 1 for d in range(len(shape))]
+    assert torch.equal(y, b.detach().reshape(view).expand(shape)), "y must be exactly beta"
+    yr, st = reference_batch_norm(x, w, b, running_mean=rm0, running_var=rv0)
+    dxr, dwr, dbr = grads(yr, [x, w, b], dy.double())
+    tol = TOL[torch.float32]
+    assert_close(dx, dxr, **tol)
+    assert_close(dw, dwr, **tol)
+    assert_close(db, dbr, **tol)
+    assert_close(stats.mean, st["running_mean"], **tol)
+    assert_close(stats.var, st["running_var"], **tol)
+    assert torch.isfinite(stats.var).all()
+
+
+# ----------------------------------------------------------------------- ill-conditioned
+def _max_err(a, ref):
+    return (a.double() - ref.double()).abs().max().item()
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("fmt", [None, torch.channels_last], ids=["nchw", "nhwc"])
+def test_ill_conditioned_no_worse_than_torch(fmt, path):
+    """1000 + 0.01 * noise in float32: the error against float64 (computed from the same float32
+    input) is at most ~2x torch's own float32 error, for y and dx (flash-attn's rule). A few
+    draws, so that one lucky rounding on either side does not decide the outcome."""
+    shape = (8, 3, 5, 5)
+    w, b = params(3)
+    for draw in range(3):
+        torch.manual_seed(100 + draw)
+        x = (1000 + 0.01 * torch.randn(shape)).float()
+        if fmt is not None:
+            x = x.contiguous(memory_format=fmt)
+        x.requires_grad_()
+        dy = torch.randn(shape)
+        y, (dx,) = run(path, lambda x=x: batch_norm(x, None, None, w, b, training=True), [x], dy)
+        yt = F.batch_norm(x, None, None, w, b, True, 0.1, 1e-5)
+        (dxt,) = grads(yt, [x], dy)
+        xr = x.detach().double().requires_grad_()
+        yr, _ = reference_batch_norm(xr, w, b, training=True)
+        (dxr,) = grads(yr, [xr], dy.double())
+        floor_y = 1e-6 * yr.abs().max().item()
+        floor_dx = 1e-6 * dxr.abs().max().item()
+        err_y, err_yt = _max_err(y, yr), _max_err(yt, yr)
+        err_dx, err_dxt = _max_err(dx, dxr), _max_err(dxt, dxr)
+        assert err_y <= 2 * err_yt + floor_y, f"draw {draw}: y error {err_y:.2e} vs torch {err_yt:.2e}"
+        assert err_dx <= 2 * err_dxt + floor_dx, \
+            f"draw {draw}: dx error {err_dx:.2e} vs torch {err_dxt:.2e}"
+        # and the output is still meaningful (not drowned in cancellation)
+        assert err_y < 1e-2 * yr.abs().max().item()
+
+
+# -------------------------------------------------------------------- momentum conventions
+@pytest.mark.parametrize("path", ["fused", "split3"])
+def test_torch_momentum_in_place(path):
+    shape = (6, 4, 5)
+    x = make_x(shape, (1,))
+    rm0, rv0 = running(4)
+    rm, rv = rm0.clone(), rv0.clone()
+    ptr_m, ptr_v = rm.data_ptr(), rv.data_ptr()
+    with tuning.override(**PATHS[path]):
+        batch_norm(x, rm, rv, training=True, momentum=0.3)
+    assert rm.data_ptr() == ptr_m and rv.data_ptr() == ptr_v
+    # independent formula: new = (1 - m) * old + m * batch (unbiased variance)
+    bm = x.double().mean(dim=(0, 2))
+    bv = x.double().var(dim=(0, 2), unbiased=True)
+    assert_close(rm, 0.7 * rm0.double() + 0.3 * bm, **TOL[torch.float32])
+    assert_close(rv, 0.7 * rv0.double() + 0.3 * bv, **TOL[torch.float32])
+    rmt, rvt = rm0.clone(), rv0.clone()
+    F.batch_norm(x, rmt, rvt, training=True, momentum=0.3)
+    assert_close(rm, rmt, **TOL[torch.float32])
+    assert_close(rv, rvt, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("path", ["fused", "split3"])
+def test_cumulative_momentum_matches_torch_module(path):
+    """momentum=None: cumulative average with factor 1/num_batches_tracked, the counter being
+    incremented (by the caller) before each call, as nn.BatchNorm does."""
+    bn = torch.nn.BatchNorm1d(4, momentum=None)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(4))
+        bn.running_var.copy_(torch.rand(4) + 0.5)
+    stats = RunningStats(bn.running_mean.clone(), bn.running_var.clone(), momentum=None,
+                         num_batches_tracked=torch.tensor(0, dtype=torch.long))
+    rm_ref, rv_ref = bn.running_mean.clone().double(), bn.running_var.clone().double()
+    bn.train()
+    for step in range(3):
+        x = make_x((5, 4, 3), (1,))
+        bn(x)
+        stats.num_batches_tracked += 1
+        with tuning.override(**PATHS[path]):
+            normalize(x, running=stats, training=True)
+        _, st = reference_batch_norm(x, running_mean=rm_ref, running_var=rv_ref, momentum=None,
+                                     num_batches_tracked=step + 1)
+        rm_ref, rv_ref = st["running_mean"], st["running_var"]
+        assert_close(stats.mean, bn.running_mean, **TOL[torch.float32])
+        assert_close(stats.var, bn.running_var, **TOL[torch.float32])
+        assert_close(stats.mean, rm_ref, **TOL[torch.float32])
+        assert_close(stats.var, rv_ref, **TOL[torch.float32])
+    assert int(stats.num_batches_tracked) == 3 == int(bn.num_batches_tracked)
+
+
+@pytest.mark.parametrize("path", ["fused", "split3"])
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_keras_momentum(unbiased, path):
+    shape, K = (2, 3, 4, 5), 5
+    x = make_x(shape, (3,))
+    rm0, rv0 = running(K)
+    stats = RunningStats(rm0.clone(), rv0.clone(), momentum=0.99, convention="keras",
+                         unbiased=unbiased)
+    with tuning.override(**PATHS[path]):
+        normalize(x, axis=-1, running=stats, eps=1e-3)
+    red = (0, 1, 2)
+    bm = x.double().mean(dim=red)
+    bv = x.double().var(dim=red, unbiased=unbiased)
+    tol = TOL[torch.float32]
+    assert_close(stats.mean, rm0.double() * 0.99 + bm * 0.01, **tol)
+    assert_close(stats.var, rv0.double() * 0.99 + bv * 0.01, **tol)
+    _, st = reference_batch_norm(x, axis=-1, eps=1e-3, running_mean=rm0, running_var=rv0,
+                                 momentum=0.99, convention="keras", unbiased=unbiased)
+    assert_close(stats.mean, st["running_mean"], **tol)
+    assert_close(stats.var, st["running_var"], **tol)
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_training_without_running_stats(path):
+    shape = (4, 3, 5)
+    x = make_x(shape, (1,)).requires_grad_()
+    w, b = params(3)
+    dy = torch.randn(shape)
+    y, (dx, dw, db) = run(path, lambda: batch_norm(x, None, None, w, b, training=True),
+                          [x, w, b], dy)
+    yt = F.batch_norm(x, None, None, w, b, True)
+    dxt, dwt, dbt = grads(yt, [x, w, b], dy)
+    tol = TOL[torch.float32]
+    assert_close(y, yt, **tol)
+    assert_close(dx, dxt, **tol)
+    assert_close(dw, dwt, **grad_tol(torch.float32, 20))
+    assert_close(db, dbt, **grad_tol(torch.float32, 20))
+
+
+# ------------------------------------------------------ ghost batches, renorm, adjustment
+def _ref_grads(yr, inputs, dy):
+    return grads(yr, inputs, dy.double())
+
+
+@pytest.mark.parametrize("path", ["split1", "split3"])
+@pytest.mark.parametrize("axis,fmt", [(1, None), (1, torch.channels_last), (-1, None)],
+                         ids=["nchw", "nhwc", "axis-1"])
+def test_ghost_batches(axis, fmt, path):
+    shape, G = (8, 3, 2, 3), 4
+    axes = axes_of(axis, 4)
+    K = channels(shape, axes)
+    x = make_x(shape, axes)
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    x.requires_grad_()
+    w, b = params(K)
+    rm0, rv0 = running(K)
+    stats = RunningStats(rm0.clone(), rv0.clone(), momentum=0.1)
+    dy = torch.randn(shape)
+    y, (dx, dw, db) = run(path, lambda: normalize(x, w, b, axis=axis, running=stats, groups=G),
+                          [x, w, b], dy)
+    yr, st = reference_batch_norm(x, w, b, axis=axis, running_mean=rm0, running_var=rv0,
+                                  groups=G)
+    dxr, dwr, dbr = _ref_grads(yr, [x, w, b], dy)
+    # independent: ghost batch g holds samples g, g + G, ... and is normalized on its own
+    xs = x.reshape((shape[0] // G, G) + shape[1:])
+    yt = torch.stack([torch_bn(xs[:, g], axes, None, None, w, b)
+                      for g in range(G)], dim=1).reshape(shape)
+    dxt, dwt, dbt = grads(yt, [x, w, b], dy)
+    tol, gt = TOL[torch.float32], grad_tol(torch.float32, x.numel() // K)
+    for ours, ref, tor, t in ((y, yr, yt, tol), (dx, dxr, dxt, tol), (dw, dwr, dwt, gt),
+                              (db, dbr, dbt, gt)):
+        assert_close(ours, ref, **t)
+        assert_close(ours, tor, **t)
+    assert_close(stats.mean, st["running_mean"], **tol)
+    assert_close(stats.var, st["running_var"], **tol)
+
+
+def _keras_renorm_state(K, clip):
+    rmean = torch.randn(K) * 0.3
+    rstd = torch.rand(K) + 0.7
+    mstd = torch.rand(K) + 0.6
+    kw = {"rmin": 0.8, "rmax": 1.25, "dmax": 0.3} if clip else {}
+    return rmean, rstd, mstd, kw
+
+
+@pytest.mark.parametrize("path", ["fused", "split3"])
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("clip", [True, False], ids=["clip", "noclip"])
+def test_renorm_keras(clip, groups, path):
+    shape, K = (4, 3, 3, 4), 4
+    x = make_x(shape, (3,)).requires_grad_()
+    w, b = params(K)
+    rm0, rv0 = running(K)
+    rmean, rstd, mstd, kw = _keras_renorm_state(K, clip)
+    stats = RunningStats(rm0.clone(), rv0.clone(), momentum=0.9, convention="keras",
+                         moving_stddev=mstd.clone())
+    rn = Renorm("keras", momentum=0.8, mean=rmean.clone(), stddev=rstd.clone(), **kw)
+    dy = torch.randn(shape)
+    y, (dx, dw, db) = run(path, lambda: normalize(x, w, b, axis=-1, eps=1e-3, running=stats,
+                                                  renorm=rn, groups=groups), [x, w, b], dy)
+    yr, st = reference_batch_norm(
+        x, w, b, axis=-1, eps=1e-3, running_mean=rm0, running_var=rv0, momentum=0.9,
+        convention="keras", groups=groups,
+        renorm=dict(style="keras", momentum=0.8, mean=rmean, stddev=rstd, moving_stddev=mstd, **kw))
+    dxr, dwr, dbr = _ref_grads(yr, [x, w, b], dy)
+    tol, gt = TOL[torch.float32], grad_tol(torch.float32, x.numel() // K)
+    assert_close(y, yr, **tol)
+    assert_close(dx, dxr, **tol)
+    assert_close(dw, dwr, **gt)
+    assert_close(db, dbr, **gt)
+    for name, ours in (("running_mean", stats.mean), ("running_var", stats.var),
+                       ("moving_stddev", stats.moving_stddev), ("renorm_mean", rn.mean),
+                       ("renorm_stddev", rn.stddev)):
+        assert_close(ours, st[name], name, **tol)
+    if not clip and groups == 1:
+        # independent: r * x_hat + d == (x - renorm_mean) / renorm_stddev exactly when unclipped
+        ind = (x.detach().double() - rmean.double()) / rstd.double() * w.detach().double() \
+            + b.detach().double()
+        assert_close(y, ind, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("path", ["fused", "split3"])
+@pytest.mark.parametrize("clip", [True, False], ids=["clip", "noclip"])
+def test_renorm_torch(clip, path):
+    shape, K = (6, 3, 8), 3
+    x = make_x(shape, (1,)).requires_grad_()
+    w, b = params(K)
+    rm0, rv0 = running(K)
+    stats = RunningStats(rm0.clone(), rv0.clone(), momentum=0.1)
+    kw = {"rmin": 1 / 1.2, "rmax": 1.2, "dmax": 0.3} if clip else {}
+    dy = torch.randn(shape)
+    y, (dx, dw, db) = run(path, lambda: normalize(x, w, b, running=stats,
+                                                  renorm=Renorm("torch", **kw)), [x, w, b], dy)
+    yr, st = reference_batch_norm(x, w, b, running_mean=rm0, running_var=rv0,
+                                  renorm=dict(style="torch", **kw))
+    dxr, dwr, dbr = _ref_grads(yr, [x, w, b], dy)
+    tol, gt = TOL[torch.float32], grad_tol(torch.float32, x.numel() // K)
+    assert_close(y, yr, **tol)
+    assert_close(dx, dxr, **tol)
+    assert_close(dw, dwr, **gt)
+    assert_close(db, dbr, **gt)
+    assert_close(stats.mean, st["running_mean"], **tol)
+    assert_close(stats.var, st["running_var"], **tol)
+    if not clip:
+        # unclipped renorm normalizes with the (pre-update) running statistics
+        yt = F.batch_norm(x.detach(), rm0, rv0, w.detach(), b.detach(), training=False)
+        assert_close(y, yt, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("path", ["fused", "split3"])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_adjustment(groups, path):
+    shape, K = (4, 3, 5), 3
+    x = make_x(shape, (1,)).requires_grad_()
+    w, b = params(K)
+    a_scale, a_bias = torch.rand(K) + 0.5, torch.randn(K) * 0.3
+    dy = torch.randn(shape)
+    y, (dx, dw, db) = run(path, lambda: normalize(x, w, b, groups=groups,
+                                                  adjustment=(a_scale, a_bias)), [x, w, b], dy)
+    yr, _ = reference_batch_norm(x, w, b, groups=groups, adjustment=(a_scale, a_bias))
+    dxr, dwr, dbr = _ref_grads(yr, [x, w, b], dy)
+    tol, gt = TOL[torch.float32], grad_tol(torch.float32, x.numel() // K)
+    assert_close(y, yr, **tol)
+    assert_close(dx, dxr, **tol)
+    assert_close(dw, dwr, **gt)
+    assert_close(db, dbr, **gt)
+    if groups == 1:
+        # independent: y = (x_hat * a + b_adj) * gamma + beta, via torch in float64
+        xh = F.batch_norm(x.double(), None, None, training=True)
+        view = (1, K, 1)
+        yt = (xh * a_scale.double().view(view) + a_bias.double().view(view)) \
+            * w.double().view(view) + b.double().view(view)
+        dxt, dwt, dbt = grads(yt, [x, w, b], dy.double())
+        for ours, tor, t in ((y, yt, tol), (dx, dxt, tol), (dw, dwt, gt), (db, dbt, gt)):
+            assert_close(ours, tor, **t)
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("fmt", [None, torch.channels_last], ids=["nchw", "nhwc"])
+def test_residual_relu(fmt, training, path):
+    shape, K = (3, 4, 3, 5), 4
+    x = make_x(shape, (1,))
+    z = torch.randn(shape)
+    if fmt is not None:
+        x, z = x.contiguous(memory_format=fmt), z.contiguous(memory_format=fmt)
+    x.requires_grad_()
+    z.requires_grad_()
+    w, b = params(K)
+    rm0, rv0 = running(K)
+    stats = RunningStats(rm0.clone(), rv0.clone())
+    dy = torch.randn(shape)
+    y, (dx, dw, db, dz) = run(path, lambda: normalize(x, w, b, training=training, running=stats,
+                                                      residual=z, activation="relu"),
+                              [x, w, b, z], dy)
+    yr, st = reference_batch_norm(x, w, b, training=training, running_mean=rm0, running_var=rv0,
+                                  residual=z, activation="relu")
+    ref = _ref_grads(yr, [x, w, b, z], dy)
+    # independent: relu(torch batch norm + z) in float64
+    yt = torch.relu(F.batch_norm(x.double(), rm0.double(), rv0.double(), w.double(), b.double(),
+                                 training=training) + z.double())
+    tor = grads(yt, [x, w, b, z], dy.double())
+    tol, gt = TOL[torch.float32], grad_tol(torch.float32, x.numel() // K)
+    for ours, r, t_, t in zip((y, dx, dw, db, dz), (yr,) + ref, (yt,) + tor,
+                              (tol, tol, gt, gt, tol)):
+        assert_close(ours, r, **t)
+        assert_close(ours, t_, **t)
+    assert (y >= 0).all() and (y == 0).any(), "relu must clamp some outputs at 0"
+    assert_close(stats.mean, st["running_mean"], **tol)
+    assert_close(stats.var, st["running_var"], **tol)
+
+
+# ---------------------------------------------------------------------------- gradcheck
+def _gc(fn, inputs, fast_mode=True):
+    # fast mode (random projections of the Jacobian) keeps the interpreter's call count small
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4,
+                                    fast_mode=fast_mode)
+
+
+@pytest.mark.parametrize("path", ["fused", "split3"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gradcheck_plain(training, path):
+    x = make_x((4, 2, 3), (1,), torch.float64).requires_grad_()
+    w, b = params(2, torch.float64)
+    rm, rv = running(2, torch.float64)
+    with tuning.override(**PATHS[path]):
+        _gc(lambda x, w, b: batch_norm(x, rm, rv, w, b, training=training), (x, w, b))
+
+
+def test_gradcheck_full_jacobian():
+    """One slow, full (non-fast) gradcheck on the smallest interesting shape."""
+    x = make_x((3, 2, 2), (1,), torch.float64).requires_grad_()
+    w, b = params(2, torch.float64)
+    with tuning.override(**PATHS["fused"]):
+        _gc(lambda x, w, b: batch_norm(x, None, None, w, b, training=True), (x, w, b),
+            fast_mode=False)
+
+
+@pytest.mark.parametrize("path", ["fused", "split3"])
+def test_gradcheck_channels_last_relu_residual(path):
+    x = make_x((2, 3, 2, 2), (1,), torch.float64).contiguous(memory_format=torch.channels_last)
+    z = torch.randn(2, 3, 2, 2, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    z.requires_grad_()
+    w, b = params(3, torch.float64)
+    with tuning.override(**PATHS[path]):
+        _gc(lambda x, w, b, z: normalize(x, w, b, residual=z, activation="relu"), (x, w, b, z))
+
+
+def test_gradcheck_ghost_groups():
+    x = make_x((4, 2, 3), (1,), torch.float64).requires_grad_()
+    w, b = params(2, torch.float64)
+    with tuning.override(**PATHS["split3"]):
+        _gc(lambda x, w, b: normalize(x, w, b, groups=2), (x, w, b))
+
+
+@pytest.mark.parametrize("path", ["fused", "split3"])
+def test_gradcheck_renorm_adjustment(path):
+    """r and d held constant by the clipping bounds (r clipped to rmin == rmax, d to dmax) and
+    momenta that leave the renorm state unchanged, so the numerical Jacobian sees constants."""
+    K = 2
+    x = make_x((4, 3, K), (2,), torch.float64).requires_grad_()
+    w, b = params(K, torch.float64)
+    stats = RunningStats(torch.zeros(K, dtype=torch.float64), torch.ones(K, dtype=torch.float64),
+                         momentum=1.0, convention="keras",
+                         moving_stddev=torch.ones(K, dtype=torch.float64))
+    rn = Renorm("keras", rmin=1.5, rmax=1.5, dmax=0.3, momentum=1.0,
+                mean=torch.full((K,), -50.0, dtype=torch.float64),
+                stddev=torch.ones(K, dtype=torch.float64))
+    adj = (torch.rand(K, dtype=torch.float64) + 0.5, torch.randn(K, dtype=torch.float64))
+    with tuning.override(**PATHS[path]):
+        _gc(lambda x, w, b: normalize(x, w, b, axis=-1, running=stats, renorm=rn, adjustment=adj),
+            (x, w, b))
+
+
+# ------------------------------------------------------------------- poisoned allocations
+def _poison(t):
+    if t.device.type == "meta":
+        return t
+    if t.dtype.is_floating_point or t.dtype.is_complex:
+        t.fill_(float("nan"))
+    elif t.dtype == torch.bool:
+        t.fill_(True)
+    else:
+        t.fill_(torch.iinfo(t.dtype).max // 3)
+    return t
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """A context manager: inside it torch.empty / torch.empty_like return poisoned tensors."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+    calls = []
+
+    def empty(*a, **k):
+        calls.append("empty")
+        return _poison(real_empty(*a, **k))
+
+    def empty_like(*a, **k):
+        calls.append("empty_like")
+        return _poison(real_empty_like(*a, **k))
+
+    def ctx():
+        m = monkeypatch.context()
+        cm = m.__enter__()
+        cm.setattr(torch, "empty", empty)
+        cm.setattr(torch, "empty_like", empty_like)
+        return m
+
+    ctx.calls = calls
+    return ctx
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("kind", ["plain", "ghost", "renorm-adjust-relu", "eval", "multi-axis"])
+@pytest.mark.parametrize("fmt", [None, torch.channels_last], ids=["nchw", "nhwc"])
+def test_poisoned_buffers(fmt, kind, path, poisoned):
+    if kind == "ghost" and path == "fused":
+        pytest.skip("ghost batches always take the split path")
+    shape = (4, 3, 2, 5)
+    axis = [1, 3] if kind == "multi-axis" else 1
+    axes = axes_of(axis, 4)
+    K = channels(shape, axes)
+    x = make_x(shape, axes)
+    z = torch.randn(shape)
+    if fmt is not None:
+        x, z = x.contiguous(memory_format=fmt), z.contiguous(memory_format=fmt)
+    x.requires_grad_()
+    z.requires_grad_()
+    w, b = params(K)
+    rm0, rv0 = running(K)
+    nbt0 = torch.tensor(4)
+    kw = {"axis": axis}
+    rkw = {"axis": axis}
+    inputs = [x, w, b]
+    if kind == "ghost":
+        kw.update(groups=2)
+        rkw.update(groups=2)
+    elif kind == "renorm-adjust-relu":
+        adj = (torch.rand(K) + 0.5, torch.randn(K) * 0.2)
+        kw.update(renorm=Renorm("torch", rmin=0.9, rmax=1.1, dmax=0.1), adjustment=adj,
+                  residual=z, activation="relu")
+        rkw.update(renorm={"style": "torch", "rmin": 0.9, "rmax": 1.1, "dmax": 0.1}, adjustment=adj,
+                   residual=z, activation="relu")
+        inputs = [x, w, b, z]
+    elif kind == "eval":
+        kw.update(training=False, residual=z, activation="relu")
+        rkw.update(training=False, residual=z, activation="relu")
+        inputs = [x, w, b, z]
+    stats = RunningStats(rm0.clone(), rv0.clone(), momentum=None, num_batches_tracked=nbt0)
+    dy = torch.randn(shape)
+    m = poisoned()
+    try:
+        y, g = run(path, lambda: normalize(x, w, b, running=stats, **kw), inputs, dy)
+    finally:
+        m.__exit__(None, None, None)
+    assert "empty_like" in poisoned.calls, "the outputs were allocated through the poisoned path"
+    assert not torch.isnan(torch.empty(3).fill_(1.0)).any()  # the patch is gone
+    yr, st = reference_batch_norm(x, w, b, running_mean=rm0, running_var=rv0, momentum=None,
+                                  num_batches_tracked=4, **rkw)
+    gr = _ref_grads(yr, inputs, dy)
+    tol, gt = TOL[torch.float32], grad_tol(torch.float32, x.numel() // K)
+    assert_close(y, yr, **tol)
+    for i, (ours, ref) in enumerate(zip(g, gr)):
+        assert_close(ours, ref, **(gt if i in (1, 2) else tol))
+    assert_close(stats.mean, st["running_mean"], **tol)
+    assert_close(stats.var, st["running_var"], **tol)
+
+
+# --------------------------------------------------------------------------- determinism
+@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("kind", ["nchw", "nhwc", "ghost"])
+def test_bitwise_deterministic(kind, path):
+    if kind == "ghost" and path == "fused":
+        pytest.skip("ghost batches always take the split path")
+    shape = (4, 3, 2, 5)
+    x = make_x(shape, (1,))
+    if kind == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w, b = params(3)
+    rm0, rv0 = running(3)
+    dy = torch.randn(shape)
+    groups = 2 if kind == "ghost" else 1
+    outs = []
+    for _ in range(2):
+        stats = RunningStats(rm0.clone(), rv0.clone())
+        y, g = run(path, lambda s=stats: normalize(x, w, b, running=s, groups=groups), [x, w, b], dy)
+        outs.append((y, *g, stats.mean, stats.var))
+    for a, b_ in zip(*outs):
+        assert torch.equal(a, b_)
+    assert not torch.equal(outs[0][-2], rm0), "running stats were updated"
+
+
+# -------------------------------------------------------------------- inputs not modified
+@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_inputs_unmodified(training, path):
+    shape = (4, 3, 2, 5)
+    x = make_x(shape, (1,)).contiguous(memory_format=torch.channels_last).requires_grad_()
+    z = torch.randn(shape).requires_grad_()
+    w, b = params(3)
+    rm, rv = running(3)
+    adj = (torch.rand(3) + 0.5, torch.randn(3))
+    dy = torch.randn(shape)
+    before = [t.detach().clone() for t in (x, z, w, b, dy, *adj)]
+    stats = RunningStats(rm, rv)
+    run(path, lambda: normalize(x, w, b, training=training, running=stats, residual=z,
+                                activation="relu", adjustment=adj), [x, w, b, z], dy)
+    for t, t0 in zip((x, z, w, b, dy, *adj), before):
+        assert torch.equal(t.detach(), t0)
+        assert t.stride() == t0.stride()
+
+
+# ---------------------------------------------------------------------------- zero-size
+@pytest.mark.parametrize("shape,fmt", [((0, 3, 4), None), ((0, 3, 2, 2), torch.channels_last),
+                                       ((2, 3, 0), None)], ids=["N0", "N0-nhwc", "L0"])
+@pytest.mark.parametrize("path", ["fused", "split3"])
+def test_zero_size_batch(shape, fmt, path):
+    x = torch.randn(shape)
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    x.requires_grad_()
+    w, b = params(3)
+    rm0, rv0 = running(3)
+    rm, rv = rm0.clone(), rv0.clone()
+    dy = torch.randn(shape)
+    y, (dx, dw, db) = run(path, lambda: batch_norm(x, rm, rv, w, b, training=True), [x, w, b], dy)
+    assert y.shape == x.shape and y.numel() == 0 and y.dtype == x.dtype
+    assert dx.shape == x.shape
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+    assert torch.equal(dw, torch.zeros(3)) and torch.equal(db, torch.zeros(3))
+
+
+# ------------------------------------------------------------------------- NaN isolation
+@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("fmt", [None, torch.channels_last], ids=["nchw", "nhwc"])
+def test_nan_stays_in_its_channel(fmt, path):
+    shape, bad = (4, 5, 3, 3), 2
+    x = make_x(shape, (1,))
+    x[1, bad, 2, 0] = float("nan")
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    x.requires_grad_()
+    w, b = params(5)
+    rm0, rv0 = running(5)
+    rm, rv = rm0.clone(), rv0.clone()
+    dy = torch.randn(shape)
+    y, (dx, dw, db) = run(path, lambda: batch_norm(x, rm, rv, w, b, training=True), [x, w, b], dy)
+    good = [c for c in range(5) if c != bad]
+    for t in (y, dx):
+        assert torch.isfinite(t[:, good]).all()
+        assert torch.isnan(t[:, bad]).all()
+    for t in (dw, rm, rv):
+        assert torch.isfinite(t[good]).all()
+        assert torch.isnan(t[bad])
+    assert torch.isfinite(db).all()  # sum(dy) does not involve x
+    yr, st = reference_batch_norm(x, w, b, running_mean=rm0, running_var=rv0)
+    dxr, dwr, _ = _ref_grads(yr, [x, w, b], dy)
+    tol = TOL[torch.float32]
+    assert_close(y[:, good], yr[:, good], **tol)
+    assert_close(dx[:, good], dxr[:, good], **tol)
+    assert_close(dw[good], dwr[good], **grad_tol(torch.float32, 36))
+    assert_close(rm[good], st["running_mean"][good], **tol)
