@@ -14,8 +14,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import custom_ops  # noqa: F401  (registers the triton_bn:: operators for torch.compile)
-from . import ops
+from . import (
+    custom_ops,  # noqa: F401  (registers the triton_bn:: operators for torch.compile)
+    ops,
+)
 from .layout import normalize_axes
 from .ops import RENORM_KERAS, RENORM_NONE, RENORM_TORCH
 

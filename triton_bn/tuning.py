@@ -179,6 +179,8 @@ def plan_tiles(geo: Geometry, kind: str, device: torch.device, dtype: torch.dtyp
     kn = knobs(device)
     cached = cached_entry(kind, geo, dtype)
     fused_max = kn.fused_forward_max if kind == "forward" else kn.fused_backward_max
+    if dtype == torch.float64:
+        fused_max //= 2  # fp64 tiles take twice the registers (16384 spills on sm_90)
     if geo.channels_fast:
         A, B = max(1, geo.R), geo.S
         fused_block_b = min(next_pow2(B), kn.max_block_channels, max(1, fused_max // next_pow2(A)))

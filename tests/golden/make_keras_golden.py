@@ -306,7 +306,8 @@ def renorm_clip_report(arrays, kwargs):
     dmax = clipping.get("dmax")
     bounds = {"r": (clipping.get("rmin"), clipping.get("rmax")),
               "d": (None if dmax is None else -dmax, dmax)}
-    state = lambda prefix, n: arrays[f"{prefix}{n}"].reshape(-1).astype(np.float64)
+    def state(prefix, n):
+        return arrays[f"{prefix}{n}"].reshape(-1).astype(np.float64)
     prefix = "init_"
     clipped = free = 0
     margin = np.inf

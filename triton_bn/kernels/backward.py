@@ -12,7 +12,15 @@ recomputed from x (and the residual), never stored.
 import triton
 import triton.language as tl
 
-from .common import channel_block, load_channel_values, program_ranges, relu_gate, tile_indices, tile_offsets
+from .common import (
+    channel_block,
+    load_channel_values,
+    load_coefficients,
+    program_ranges,
+    relu_gate,
+    tile_indices,
+    tile_offsets,
+)
 
 
 @triton.jit
@@ -63,9 +71,7 @@ def bn_backward_reduce_kernel(
     acc_dy_xmu = tl.zeros([BLOCK_B], ACC)
     for b0 in range(b_begin, b_end, BLOCK_B):
         bc, bc_mask = channel_block(b0, b_end, s_fixed, S, BLOCK_B, CHANNELS_FAST)
-        mean = load_channel_values(Mean, bc, bc_mask, bc, ACC, CHANNELS_FAST)
-        scale = load_channel_values(Scale, bc, bc_mask, bc, ACC, CHANNELS_FAST)
-        shift = load_channel_values(Shift, bc, bc_mask, bc, ACC, CHANNELS_FAST)
+        mean, scale, shift = load_coefficients(Mean, Scale, Shift, bc, bc_mask, ACC, CHANNELS_FAST)
         for a0 in range(a_begin, a_end, BLOCK_A):
             a, b, b_mask, mask = tile_indices(a0, b0, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
             x_offs = tile_offsets(a, b, s_fixed, R1, K, stride_x_r0, stride_x_r1, stride_x_g,
@@ -147,9 +153,7 @@ def bn_backward_apply_kernel(
         tl.program_id(0), n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST)
     for b0 in range(b_begin, b_end, BLOCK_B):
         bc, bc_mask = channel_block(b0, b_end, s_fixed, S, BLOCK_B, CHANNELS_FAST)
-        mean = load_channel_values(Mean, bc, bc_mask, bc, ACC, CHANNELS_FAST)
-        scale = load_channel_values(Scale, bc, bc_mask, bc, ACC, CHANNELS_FAST)
-        shift = load_channel_values(Shift, bc, bc_mask, bc, ACC, CHANNELS_FAST)
+        mean, scale, shift = load_coefficients(Mean, Scale, Shift, bc, bc_mask, ACC, CHANNELS_FAST)
         coef_b = load_channel_values(CoefB, bc, bc_mask, bc, ACC, CHANNELS_FAST)
         coef_c = load_channel_values(CoefC, bc, bc_mask, bc, ACC, CHANNELS_FAST)
         for a0 in range(a_begin, a_end, BLOCK_A):

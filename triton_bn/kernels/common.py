@@ -37,7 +37,8 @@ def sqrt_rn(x):
 
 @triton.jit
 def tile_moments(x, mask):
-    """Per-column (mean, M2, count) of a tile (fp32, or fp64 for float64 inputs) over axis 0, two-pass inside the tile."""
+    """Per-column (mean, M2, count) over axis 0 of a tile (fp32, or fp64 for float64 inputs),
+    two-pass inside the tile."""
     n = tl.sum(mask.to(x.dtype), 0)
     mean = tl.sum(tl.where(mask, x, 0.0), 0) / tl.maximum(n, 1.0)
     centred = tl.where(mask, x - mean[None, :], 0.0)
@@ -123,6 +124,16 @@ def channel_block(b0, b_end, s_fixed, S, BLOCK_B: tl.constexpr, CHANNELS_FAST: t
         return bc, bc < b_end
     else:
         return s_fixed, s_fixed < S
+
+
+@triton.jit
+def load_coefficients(Mean, Scale, Shift, bc, bc_mask, ACC: tl.constexpr,
+                      CHANNELS_FAST: tl.constexpr):
+    """The forward's (mean, scale, shift) of the statistic channels bc, broadcastable to a tile."""
+    mean = load_channel_values(Mean, bc, bc_mask, bc, ACC, CHANNELS_FAST)
+    scale = load_channel_values(Scale, bc, bc_mask, bc, ACC, CHANNELS_FAST)
+    shift = load_channel_values(Shift, bc, bc_mask, bc, ACC, CHANNELS_FAST)
+    return mean, scale, shift
 
 
 @triton.jit

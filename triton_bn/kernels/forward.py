@@ -20,6 +20,7 @@ from .common import (
     chan_merge,
     channel_block,
     load_channel_values,
+    load_coefficients,
     load_pivot,
     program_ranges,
     sqrt_rn,
@@ -291,9 +292,8 @@ def bn_apply_kernel(
                         tl.store(Scale + bc, scale)
                         tl.store(Shift + bc, shift)
         else:
-            mean = load_channel_values(Mean, bc, bc_mask, bc, ACC, CHANNELS_FAST)
-            scale = load_channel_values(Scale, bc, bc_mask, bc, ACC, CHANNELS_FAST)
-            shift = load_channel_values(Shift, bc, bc_mask, bc, ACC, CHANNELS_FAST)
+            mean, scale, shift = load_coefficients(Mean, Scale, Shift, bc, bc_mask, ACC,
+                                                   CHANNELS_FAST)
         for a0 in range(a_begin, a_end, BLOCK_A):
             a, b, b_mask, mask = tile_indices(a0, b0, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
             x_offs = tile_offsets(a, b, s_fixed, R1, K, stride_x_r0, stride_x_r1, stride_x_g,
