@@ -14,6 +14,7 @@ shape needs more than two reduction groups or more than one channel group is the
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -87,7 +88,15 @@ def plan_geometry(shape: Sequence[int], tensors_strides: Sequence[Sequence[int]]
 
     ``groups`` > 1 splits the batch (dim 0) Keras-style: sample n belongs to ghost batch n % groups.
     Returns None when the layout needs more than two reduction groups or one channel group.
+    Memoized: it runs on every call, and host time matters next to microsecond kernels.
     """
+    return _plan_geometry(tuple(shape), tuple(tuple(st) for st in tensors_strides),
+                          tuple(channel_axes), groups)
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan_geometry(shape: tuple, tensors_strides: tuple, channel_axes: tuple,
+                   groups: int) -> Geometry | None:
     n_t = len(tensors_strides)
     dims = [(int(size), [int(st[d]) for st in tensors_strides]) for d, size in enumerate(shape)]
     group_strides = [0] * n_t

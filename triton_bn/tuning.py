@@ -128,15 +128,31 @@ CACHE_FIELDS = ("fused", "tile", "num_warps", "target_programs")
 _FORCED_ENTRIES: dict = {}
 
 
-@functools.lru_cache(maxsize=4)
-def load_cache(path: str) -> dict:
-    """The JSON cache at ``path`` as {cache_key: entry}; {} when missing or unreadable. Read once per
-    process and path: call ``load_cache.cache_clear()`` after rewriting the file."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+class _JsonCache:
+    """``load_cache(path)``: the JSON cache at ``path`` as {cache_key: entry}; {} when missing or
+    unreadable. Read once per process and path: call ``load_cache.cache_clear()`` after rewriting
+    the file (that also drops the memoized launch plans)."""
+
+    def __init__(self) -> None:
+        self._data: dict = {}
+        self.generation = 0
+
+    def __call__(self, path: str) -> dict:
+        data = self._data.get(path)
+        if data is None:
+            try:
+                data = json.loads(Path(path).read_text())
+            except (OSError, ValueError):
+                data = {}
+            self._data[path] = data = data if isinstance(data, dict) else {}
+        return data
+
+    def cache_clear(self) -> None:
+        self._data.clear()
+        self.generation += 1
+
+
+load_cache = _JsonCache()
 
 
 def cache_key(kind: str, geo: Geometry, dtype: torch.dtype) -> str:
@@ -173,9 +189,28 @@ def _split(extent_tiles: int, wanted: int) -> int:
     return max(1, min(extent_tiles, wanted))
 
 
+_PLANS: dict = {}
+
+
 def plan_tiles(geo: Geometry, kind: str, device: torch.device, dtype: torch.dtype,
                allow_fused: bool = True) -> TilePlan:
-    """kind: 'forward' or 'backward' (the reduction kernels) or 'apply' (element-wise kernels)."""
+    """kind: 'forward' or 'backward' (the reduction kernels) or 'apply' (element-wise kernels).
+
+    Memoized per (geometry, kind, device, dtype) and the knobs / cache in force, since it runs
+    several times per call."""
+    forced = json.dumps(_FORCED_ENTRIES, sort_keys=True, default=str) if _FORCED_ENTRIES else None
+    key = (geo, kind, device, dtype, allow_fused, tuple(sorted(_OVERRIDES.items())) or None,
+           forced, os.environ.get("TRITON_BN_TUNE_CACHE"), load_cache.generation)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) > 4096:
+            _PLANS.clear()
+        plan = _PLANS[key] = _plan_tiles(geo, kind, device, dtype, allow_fused)
+    return plan
+
+
+def _plan_tiles(geo: Geometry, kind: str, device: torch.device, dtype: torch.dtype,
+                allow_fused: bool) -> TilePlan:
     kn = knobs(device)
     cached = cached_entry(kind, geo, dtype)
     fused_max = kn.fused_forward_max if kind == "forward" else kn.fused_backward_max
