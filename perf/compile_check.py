@@ -6,6 +6,8 @@
     python perf/compile_check.py --cover --no-sweep   # a covering subset (tests/test_gpu_compile.py)
     python perf/compile_check.py --list           # the specializations and where they come from
     python perf/compile_check.py --json out.json  # also write the rows as JSON
+    python perf/compile_check.py --scenario vec: --no-sweep --ptx-stats
+                                                  # vectorized (16-byte) loads / stores per kernel
 
 Triton's CPU interpreter (what the test-suite runs without a GPU) is lenient: code it runs may not
 compile for a GPU. This script compiles the kernels the way a GPU run would, down to a cubin with the
@@ -42,6 +44,14 @@ run here. Flags in the table: pointer dtypes
 fast, RES = residual, W / B = weight / bias, UPD = running update, UNB = unbiased, CUM = cumulative
 momentum, GAFF = renorm / adjustment affine, DX / DW / DB / DRES = gradients written, ...).
 The compiled kernels go to a fresh temporary Triton cache (``--cache-dir`` to keep / reuse one).
+
+``--ptx-stats`` adds, per specialization, the global loads and stores of its PTX by form (static
+instruction counts): ``ld.v4.b32`` is a 16-byte vector access (4 fp32 or 8 bf16 elements, LDG.E.128 in
+SASS), ``ld.b32`` / ``ld.b16`` a scalar one; ``vec`` is the share of the bytes those instructions move
+that vector instructions move (the per-channel coefficients and statistics are scalar by nature, so
+a fully vectorized element kernel shows 80-100 %, a scalar one 0 %). ``--scenario`` keeps only the
+specializations that scenarios whose label contains the string launch (``vec:``: the layouts whose
+vectorization matters; ``sweep:``: the tile sweep).
 """
 
 from __future__ import annotations
@@ -60,7 +70,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,6 +183,7 @@ class Spec:
     arch: int
     tile_sweep: bool = False
     features: frozenset = frozenset()
+    scenarios: list = field(default_factory=list)  # every scenario that launched it, in order
 
 
 @dataclass
@@ -193,6 +204,9 @@ class Result:
     num_warps: int | None = None
     seconds: float = 0.0
     tile_sweep: bool = False
+    # global memory instructions in the PTX, by form: {"ld.v4.b32": 8, "st.b32": 3, ...}
+    ptx_mem: dict | None = None
+    ptx_vector_fraction: float | None = None  # of the global bytes the PTX instructions move
 
 
 class Recorder:
@@ -206,12 +220,15 @@ class Recorder:
     def hook(self, *, key, repr, fn, compile, is_manual_warmup, already_compiled):
         data = compile["specialization_data"]
         ident = (fn.name, str(key))
-        if ident not in self.specs:
+        if ident in self.specs:
+            self.specs[ident].scenarios.append(self.scenario)
+        else:
             jf = fn.jit_function
             parsed = json.loads(data)
             self.specs[ident] = Spec(fn.name, f"{jf.fn.__module__}:{jf.fn.__qualname__}", data,
                                      describe(jf, parsed), self.scenario, self.arch,
-                                     self.tile_sweep, features(fn.name, jf, parsed))
+                                     self.tile_sweep, features(fn.name, jf, parsed),
+                                     [self.scenario])
         return True  # do not compile or launch now
 
     def run(self, label: str, fn: Callable[[], object], tile_sweep: bool = False) -> None:
@@ -472,6 +489,23 @@ def scenarios(quick: bool):
             lambda: step(NCHW_MID, torch.float16, "nchw", pdt=torch.float64))
         add("gpu:fp64:x_fp64_params_fp16", GPU_KNOBS,
             lambda: step(NHWC_MID, torch.float64, "nhwc", pdt=torch.float16))
+
+        # 6. the memory-bound layouts whose vectorized (16-byte) loads / stores matter
+        #    (--scenario vec: --ptx-stats): ResNet-50's first stage NCHW fp32 and channels_last bf16
+        #    (split path), a late stage NCHW (single pass; 49-element rows cannot be 16-byte
+        #    aligned) and the small-C rank-2 case
+        vec_cases = [(torch.float32, "nchw", (32, 64, 56, 56), (False,)),
+                     (torch.bfloat16, "nhwc", (32, 64, 56, 56), (False,)),
+                     (torch.float32, "nchw", (32, 2048, 7, 7), (True,)),
+                     (torch.float32, "nchw", (65536, 3), (False,))]
+        for dt, layout, shape, fused_modes in vec_cases:
+            tag = f"vec:{dname[dt]}:{layout if len(shape) > 2 else 'nc'}{'x'.join(map(str, shape))}"
+            for fused in fused_modes:
+                add(f"{tag}:train:{'fused' if fused else 'split'}", {**GPU_KNOBS, "force_fused": fused},
+                    lambda s=shape, d=dt, m=layout: step(s, d, m))
+            add(f"{tag}:eval", GPU_KNOBS, lambda s=shape, d=dt, m=layout: step(s, d, m, training=False))
+            add(f"{tag}:res+relu", GPU_KNOBS,
+                lambda s=shape, d=dt, m=layout: step(s, d, m, residual=True, relu=True, need_dres=True))
     return out, step
 
 
@@ -624,6 +658,43 @@ def _resource_usage(cubin: bytes, name: str) -> dict:
     return out
 
 
+_PTX_MEM = re.compile(r"\b(ld|st)\.global((?:\.[\w:]+)+)")
+
+
+def ptx_memory_ops(ptx: str) -> dict:
+    """Global loads / stores in PTX by form, e.g. {"ld.v4.b32": 8, "ld.b32": 1, "st.b16": 4}:
+    the vector width (none = scalar) and the element type of each ld.global / st.global
+    (cache modifiers dropped). Static instruction counts, not executed ones."""
+    out: dict = {}
+    for op, mods in _PTX_MEM.findall(ptx):
+        parts = mods.strip(".").split(".")
+        vec = next((m for m in parts if re.fullmatch(r"v\d+", m)), None)
+        ty = next((m for m in reversed(parts) if re.fullmatch(r"[bsuf]\d+", m)), "?")
+        key = f"{op}.{vec}.{ty}" if vec else f"{op}.{ty}"
+        out[key] = out.get(key, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def vector_fraction(mem: dict) -> float | None:
+    """The share of the bytes moved by the instructions of ``mem`` (ptx_memory_ops) that vector
+    (v2 / v4 / v8) instructions move; None without global memory instructions."""
+    total = vec = 0
+    for key, n in mem.items():
+        parts = key.split(".")
+        width = int(parts[1][1:]) if parts[1].startswith("v") else 1
+        m = re.fullmatch(r"[bsuf](\d+)", parts[-1])
+        nbytes = n * width * (int(m.group(1)) // 8 if m else 4)
+        total += nbytes
+        vec += nbytes if width > 1 else 0
+    return vec / total if total else None
+
+
+def format_memory_ops(mem: dict | None) -> str:
+    if not mem:
+        return "-"
+    return " ".join(f"{k}x{v}" for k, v in mem.items())
+
+
 def _compile_one(i: int) -> Result:
     from triton import knobs
     from triton.runtime.jit import _triton_jit_function_registry
@@ -650,6 +721,10 @@ def _compile_one(i: int) -> Result:
     res.seconds = time.perf_counter() - t0
     res.ok = True
     md = kernel.metadata
+    ptx = kernel.asm.get("ptx")
+    if ptx:
+        res.ptx_mem = ptx_memory_ops(ptx)
+        res.ptx_vector_fraction = vector_fraction(res.ptx_mem)
     res.shared = int(md.shared)
     res.num_warps = int(md.num_warps)
     limit = SMEM_LIMIT.get(spec.arch)
@@ -728,6 +803,24 @@ def print_table(results: list[Result], file=sys.stdout) -> None:
               f"{r.error if not r.ok else r.scenario}", file=file)
 
 
+def print_ptx_stats(results: list[Result], file=sys.stdout) -> None:
+    """Per specialization: registers and the global loads / stores of its PTX by vector width
+    (ld.v4.b32 = one 16-byte access; ld.b32 = a scalar 4-byte one), and the share of the bytes they
+    move that vector instructions move ("vec")."""
+    rows = sorted((r for r in results if r.ok), key=lambda r: (r.arch, r.tile_sweep, r.kernel, r.flags))
+    if not rows:
+        return
+    kw = max(len(r.kernel) for r in rows)
+    fw = max(len(r.flags) for r in rows)
+    print("\nGlobal memory instructions in the PTX (static counts; vec = share of the bytes moved "
+          "by v2/v4 instructions):", file=file)
+    print(f"{'sm':>3} {'kernel':<{kw}} {'flags':<{fw}} {'regs':>4} {'vec':>4}  loads / stores", file=file)
+    for r in rows:
+        frac = "-" if r.ptx_vector_fraction is None else f"{r.ptx_vector_fraction:4.0%}"
+        print(f"{r.arch:>3} {r.kernel:<{kw}} {r.flags:<{fw}} {_fmt(r.n_regs):>4} {frac:>4}  "
+              f"{format_memory_ops(r.ptx_mem)}   <- {r.scenario}", file=file)
+
+
 def print_summary(results: list[Result], scenario_errors, elapsed: float, file=sys.stdout) -> None:
     print(file=file)
     for arch in sorted({r.arch for r in results}):
@@ -786,6 +879,12 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", default=None, help="Triton cache dir (default: a fresh temp dir)")
     p.add_argument("--json", default=None, help="write the results as JSON here")
     p.add_argument("--list", action="store_true", help="list the specializations, compile nothing")
+    p.add_argument("--scenario", default="",
+                   help="only specializations that a scenario whose label contains this launches "
+                        "(e.g. 'vec:' for the layouts whose vectorization matters)")
+    p.add_argument("--ptx-stats", action="store_true",
+                   help="also print each specialization's global loads / stores in the PTX by "
+                        "vector width (ld.v4.b32 = 16-byte access) and registers")
     args = p.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -804,7 +903,10 @@ def main(argv=None) -> int:
         scenario_errors = []
         for arch in [int(a) for a in args.arch.split(",") if a.strip()]:
             rec = collect(arch, args.quick, sweep=not (args.no_sweep or args.quick))
-            specs = [s for s in rec.specs.values() if args.kernel in s.kernel]
+            specs = [s for s in rec.specs.values() if args.kernel in s.kernel
+                     and any(args.scenario in lbl for lbl in s.scenarios)]
+            for s in specs:  # name the first scenario that matched
+                s.scenario = next(lbl for lbl in s.scenarios if args.scenario in lbl)
             n_all = len(specs)
             if args.cover:
                 specs = cover(specs)
@@ -820,6 +922,8 @@ def main(argv=None) -> int:
         if args.list:
             return 0
         print_table(results)
+        if args.ptx_stats:
+            print_ptx_stats(results)
         print_summary(results, scenario_errors, time.perf_counter() - t0)
         if args.json:
             Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=1))
