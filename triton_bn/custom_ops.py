@@ -60,7 +60,7 @@ def _(x, weight, bias, residual, adj_scale, adj_bias, running_mean, running_var,
     K = math.prod(x.shape[a] for a in axes)
     S = K * (groups if training else 1)
     stat = x.new_empty(S, dtype=ops.acc_dtype(x.dtype))
-    has_g = training and (renorm != ops.RENORM_NONE or adj_scale is not None)
+    has_g = training and ops.saves_gaffine(renorm, adj_scale is not None)
     g = x.new_empty(K if has_g else 0, dtype=stat.dtype)
     return (torch.empty_like(x, memory_format=torch.preserve_format), stat, stat.clone(),
             stat.clone(), stat.clone(), g, g.clone())

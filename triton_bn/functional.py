@@ -130,7 +130,7 @@ class BatchNormFunction(torch.autograd.Function):
         if BatchNormFunction._traced(x):
             y, mean, rstd, scale, shift, gscale, gshift = torch.ops.triton_bn.bn_forward(
                 x, weight, bias, residual, adj_scale, adj_bias, *state, axes=list(cfg.axes), **kw)
-            has_g = cfg.training and (cfg.renorm != RENORM_NONE or adj_scale is not None)
+            has_g = cfg.training and ops.saves_gaffine(cfg.renorm, adj_scale is not None)
             gscale, gshift = (gscale, gshift) if has_g else (None, None)
         else:
             global_moments = None
@@ -258,6 +258,13 @@ def check_inputs(x, weight, bias, residual, axes, groups, running: Optional[Runn
     return K
 
 
+def check_values_per_channel(x: torch.Tensor, axes: Sequence[int]) -> None:
+    """torch's training-mode rule: batch statistics need more than one value per channel."""
+    if math.prod([x.shape[d] for d in range(x.dim()) if d not in axes]) == 1:
+        raise ValueError("Expected more than 1 value per channel when training, got input "
+                         f"size {x.size()}")
+
+
 def _contiguous_state(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     if t is not None and not t.is_contiguous():
         raise ValueError("running statistics and other state tensors must be contiguous, they "
@@ -356,10 +363,7 @@ def batch_norm(
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must both be given or both be None")
     if training and input.numel() > 0:
-        per_channel = input.numel() // max(1, math.prod([input.shape[a] for a in axes]))
-        if per_channel == 1:
-            raise ValueError("Expected more than 1 value per channel when training, got input "
-                             f"size {input.size()}")
+        check_values_per_channel(input, axes)
     running = None
     if running_mean is not None:
         running = RunningStats(running_mean, running_var, momentum=momentum, convention="torch",

@@ -14,14 +14,13 @@ cumulative momentum is read on the device (no host sync), and two extras:
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import nn
 
 from .distributed import sync_normalize, world_size
-from .functional import Renorm, RunningStats, check_inputs, normalize
+from .functional import Renorm, RunningStats, check_inputs, check_values_per_channel, normalize
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm"]
 
@@ -89,9 +88,8 @@ class _TritonBatchNorm:
                             dmax=self.dmax)
         check_inputs(input, self.weight, self.bias, residual, (1,), 1, running, renorm, None,
                      use_batch, "dim 1 (num_features)")
-        if use_batch and self._needs_two_values() and input.shape[0] * math.prod(input.shape[2:]) == 1:
-            raise ValueError("Expected more than 1 value per channel when training, got "
-                             f"input size {input.size()}")
+        if use_batch and self._needs_two_values():
+            check_values_per_channel(input, (1,))
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)  # on the device; momentum=None reads it there
         return {"axis": 1, "training": use_batch, "eps": self.eps, "running": running,

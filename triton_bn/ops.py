@@ -99,6 +99,11 @@ class ForwardResult:
     gshift: Optional[torch.Tensor]
 
 
+def saves_gaffine(renorm: int, has_adjust: bool) -> bool:
+    """Whether a training forward keeps the pre-gamma affine (gscale, gshift) for backward."""
+    return renorm != RENORM_NONE or has_adjust
+
+
 def _clip_values(rmin, rmax, dmax) -> tuple[float, float, float]:
     return (-math.inf if rmin is None else float(rmin), math.inf if rmax is None else float(rmax),
             math.inf if dmax is None else float(dmax))
@@ -110,7 +115,7 @@ class _Forward:
 
     x: torch.Tensor
     prep: Prepared
-    y: torch.Tensor
+    y: Optional[torch.Tensor]
     mean: torch.Tensor
     rstd: torch.Tensor
     scale: torch.Tensor
@@ -127,17 +132,23 @@ class _Forward:
         z, st_z = (t[2], st[2]) if self.has_residual else (t[0], st[0])
         return t[0], t[1], z, st[0], st[1], st_z
 
+    def result(self, gscale=None, gshift=None) -> ForwardResult:
+        return ForwardResult(_restore(self.prep.tensors[1], self.y, self.prep), self.mean,
+                             self.rstd, self.scale, self.shift, gscale, gshift)
+
 
 def _start_forward(x: torch.Tensor, residual: Optional[torch.Tensor], axes, groups: int,
-                   training: bool) -> _Forward:
+                   training: bool, output: bool = True) -> _Forward:
+    """Prepares a forward; ``output=False`` (statistics only) allocates neither y nor the
+    per-channel coefficients."""
     acc = acc_dtype(x.dtype)
-    y = torch.empty_like(x, memory_format=torch.preserve_format)
-    active = [x, y] + ([residual] if residual is not None else [])
+    y = torch.empty_like(x, memory_format=torch.preserve_format) if output else None
+    active = [x] + ([y] if output else []) + ([residual] if residual is not None else [])
     prep = prepare(x.shape, active, axes, groups if training else 1)
     S = prep.geometry.S
     mean = torch.empty(S, device=x.device, dtype=acc)
-    return _Forward(x, prep, y, mean, torch.empty_like(mean), torch.empty_like(mean),
-                    torch.empty_like(mean), residual is not None, _needs_int64(*prep.tensors))
+    coeffs = [torch.empty_like(mean) for _ in range(3)] if output else [mean] * 3
+    return _Forward(x, prep, y, mean, *coeffs, residual is not None, _needs_int64(*prep.tensors))
 
 
 def _launch_apply(fw: _Forward, relu: bool, from_running: bool = False, running_mean=None,
@@ -162,7 +173,7 @@ def _launch_stats(fw: _Forward, plan: tuning.TilePlan
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Partial (mean - pivot, M2) per part and statistic channel, and each channel's pivot."""
     geo = fw.geo
-    xs, _, _, st_x, _, _ = fw.views()
+    xs, st_x = fw.prep.tensors[0], geo.strides[0]
     part_mean = torch.empty((plan.n_parts, geo.S), device=fw.x.device, dtype=fw.mean.dtype)
     part_m2 = torch.empty_like(part_mean)
     pivot = torch.empty(geo.S, device=fw.x.device, dtype=fw.mean.dtype)
@@ -182,7 +193,7 @@ def _state_args(fw: _Forward, weight, bias, running_mean, running_var, num_batch
     K = fw.geo.K
     dummy = fw.mean
     has_adjust = adj_scale is not None
-    save_gaffine = renorm != RENORM_NONE or has_adjust
+    save_gaffine = saves_gaffine(renorm, has_adjust)
     gscale = torch.empty(K, device=fw.x.device, dtype=fw.mean.dtype) if save_gaffine else None
     gshift = torch.empty_like(gscale) if save_gaffine else None
     tensors = tuple(_or_dummy(t, dummy) for t in (
@@ -252,8 +263,7 @@ def bn_forward(
     fw = _start_forward(x, residual, axes, groups, training)
     if not training:
         _launch_apply(fw, relu, True, running_mean, running_var, weight, bias, eps)
-        return ForwardResult(_restore(fw.prep.tensors[1], fw.y, fw.prep), fw.mean, fw.rstd,
-                             fw.scale, fw.shift, None, None)
+        return fw.result()
     state = _state_args(fw, weight, bias, running_mean, running_var, num_batches_tracked,
                         renorm_mean, renorm_stddev, moving_stddev, adj_scale, adj_bias, eps=eps,
                         momentum=momentum, cumulative=cumulative, unbiased=unbiased,
@@ -265,8 +275,7 @@ def bn_forward(
         _launch_finalize(fw, *global_moments, None, None, state)
         if x.numel():
             _launch_apply(fw, relu)
-        return ForwardResult(_restore(fw.prep.tensors[1], fw.y, fw.prep), fw.mean, fw.rstd,
-                             fw.scale, fw.shift, gscale, gshift)
+        return fw.result(gscale, gshift)
     plan = tuning.plan_tiles(geo, "forward", x.device, x.dtype)
     if plan.fused:
         xs, ys, zs, st_x, st_y, st_z = fw.views()
@@ -281,15 +290,14 @@ def bn_forward(
         part_mean, part_m2, pivot = _launch_stats(fw, plan)
         _launch_finalize(fw, part_mean, part_m2, None, pivot, plan, state)
         _launch_apply(fw, relu)
-    return ForwardResult(_restore(fw.prep.tensors[1], fw.y, fw.prep), fw.mean, fw.rstd, fw.scale,
-                         fw.shift, gscale, gshift)
+    return fw.result(gscale, gshift)
 
 
 def local_moments(x: torch.Tensor, axes: tuple[int, ...], groups: int = 1
                   ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """This process's (mean [S], M2 [S], count) per statistic channel, for sync BN to exchange.
     An empty input gives zeros and count 0."""
-    fw = _start_forward(x, None, axes, groups, True)
+    fw = _start_forward(x, None, axes, groups, True, output=False)
     geo = fw.geo
     if x.numel() == 0:
         zeros = torch.zeros(geo.S, device=x.device, dtype=fw.mean.dtype)

@@ -224,9 +224,7 @@ def _plan_tiles(geo: Geometry, kind: str, device: torch.device, dtype: torch.dty
         A, B = max(1, geo.R0), max(1, geo.R1)
         fits = next_pow2(A) * next_pow2(B) <= fused_max
         fused_block_b = next_pow2(B)
-    fused = allow_fused and kind != "apply" and geo.G == 1 and fits
-    if kn.force_fused is not None:
-        fused = allow_fused and kind != "apply" and geo.G == 1 and kn.force_fused and fits
+    fused = allow_fused and kind != "apply" and geo.G == 1 and fits and kn.force_fused is not False
     if cached is not None and kind != "apply":
         fused = fused and bool(cached.get("fused", True))
     if fused:
