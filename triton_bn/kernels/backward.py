@@ -66,7 +66,8 @@ def bn_backward_reduce_kernel(
 ):
     ACC = Scale.dtype.element_ty
     part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
-        tl.program_id(0), n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST)
+        tl.program_id(0), n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST,
+        INT64)
     acc_dy = tl.zeros([BLOCK_B], ACC)
     acc_dy_xmu = tl.zeros([BLOCK_B], ACC)
     for b0 in range(b_begin, b_end, BLOCK_B):
@@ -119,7 +120,8 @@ def bn_backward_finalize_kernel(
         s = g * K + c
         sum_dy = tl.zeros([BLOCK_C], ACC)
         sum_dy_xmu = tl.zeros([BLOCK_C], ACC)
-        for p in range(n_parts):
+        for part_index in range(n_parts):
+            p = tl.cast(part_index, tl.int64)
             sum_dy += tl.load(PartSumDy + p * S + s, mask=c_mask, other=0.0)
             sum_dy_xmu += tl.load(PartSumDyXmu + p * S + s, mask=c_mask, other=0.0)
         rstd = tl.load(Rstd + s, mask=c_mask, other=0.0)
@@ -150,7 +152,8 @@ def bn_backward_apply_kernel(
 ):
     ACC = Scale.dtype.element_ty
     part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
-        tl.program_id(0), n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST)
+        tl.program_id(0), n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST,
+        INT64)
     for b0 in range(b_begin, b_end, BLOCK_B):
         bc, bc_mask = channel_block(b0, b_end, s_fixed, S, BLOCK_B, CHANNELS_FAST)
         mean, scale, shift = load_coefficients(Mean, Scale, Shift, bc, bc_mask, ACC, CHANNELS_FAST)
@@ -200,7 +203,8 @@ def bn_fused_backward_kernel(
     """Single pass (G == 1): x and dy of this program's channels are read once."""
     ACC = Scale.dtype.element_ty
     _, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
-        tl.program_id(0), tl.num_programs(0), 1, A, B, A, B, BLOCK_B, CHANNELS_FAST)
+        tl.program_id(0), tl.num_programs(0), 1, A, B, A, B, BLOCK_B, CHANNELS_FAST,
+        INT64 and not CHANNELS_FAST)  # channels fast: one part, channel tiles << 2**31
     a, b, b_mask, mask = tile_indices(a_begin, b_begin, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
     if CHANNELS_FAST:
         c = b

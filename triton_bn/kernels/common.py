@@ -56,13 +56,17 @@ def channel_offset(s, K, stride_g, stride_k, HAS_GROUPS: tl.constexpr):
 
 @triton.jit
 def program_ranges(pid, n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk,
-                   BLOCK_B: tl.constexpr, CHANNELS_FAST: tl.constexpr):
+                   BLOCK_B: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr):
     """Splits a flat program id into (part index, a range, b range, fixed channel).
 
     Programs are numbered channel-tile fastest. In the channels-fast orientation B is the number of
     statistic channels and the b range is this program's channel tile; otherwise B = R1 and the program
-    owns channel ``s_fixed``.
+    owns channel ``s_fixed``. With INT64 every value derived here is 64-bit, so the products with
+    chunk sizes and strides made from them (a_part * a_chunk, s_fixed * stride_k, part * S) cannot
+    wrap for tensors past 2**31 elements.
     """
+    if INT64:
+        pid = pid.to(tl.int64)
     channel_tile = pid % n_channel_tiles
     part = pid // n_channel_tiles
     a_part = part // n_b_parts

@@ -131,7 +131,8 @@ def bn_stats_kernel(
 ):
     ACC = PartMean.dtype.element_ty
     part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
-        tl.program_id(0), n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST)
+        tl.program_id(0), n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST,
+        INT64)
     # every part of a channel shifts by the same sample (its first), so the parts' means stay small
     # and are merged without rounding at the data's offset; the finalize adds the pivot back once
     b_first = b_begin + tl.arange(0, BLOCK_B)
@@ -172,7 +173,8 @@ def merge_parts(PartMean, PartM2, PartCount, s, c_mask, S, n_parts, n_b_parts, A
     mean = tl.zeros([BLOCK_C], ACC)
     m2 = tl.zeros([BLOCK_C], ACC)
     n = tl.zeros([BLOCK_C], ACC)
-    for p in range(n_parts):
+    for part_index in range(n_parts):
+        p = tl.cast(part_index, tl.int64)  # part offsets, chunk bounds and counts can pass 2**31
         if HAS_COUNTS:
             count = tl.load(PartCount + p).to(ACC)
         else:
@@ -267,7 +269,8 @@ def bn_apply_kernel(
 ):
     ACC = Scale.dtype.element_ty
     part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
-        tl.program_id(0), n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST)
+        tl.program_id(0), n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST,
+        INT64)
     for b0 in range(b_begin, b_end, BLOCK_B):
         bc, bc_mask = channel_block(b0, b_end, s_fixed, S, BLOCK_B, CHANNELS_FAST)
         if FROM_RUNNING:
@@ -329,7 +332,8 @@ def bn_fused_forward_kernel(
     (no ghost batches here: G == 1)."""
     ACC = Mean.dtype.element_ty
     _, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
-        tl.program_id(0), tl.num_programs(0), 1, A, B, A, B, BLOCK_B, CHANNELS_FAST)
+        tl.program_id(0), tl.num_programs(0), 1, A, B, A, B, BLOCK_B, CHANNELS_FAST,
+        INT64 and not CHANNELS_FAST)  # channels fast: one part, channel tiles << 2**31
     a, b, b_mask, mask = tile_indices(a_begin, b_begin, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
     x_offs = tile_offsets(a, b, s_fixed, R1, K, stride_x_r0, stride_x_r1, 0, stride_x_k,
                           False, CHANNELS_FAST)
