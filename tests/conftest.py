@@ -14,7 +14,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # Absolute/relative tolerances against the float64 reference, per input dtype. Half precision
 # loses ~3 decimal digits at the input and output; statistics are fp32 throughout.
 TOL = {
-    torch.float64: dict(atol=1e-9, rtol=1e-7),
+    torch.float64: dict(atol=1e-12, rtol=1e-12),
     torch.float32: dict(atol=2e-5, rtol=2e-5),
     torch.float16: dict(atol=4e-3, rtol=4e-3),
     torch.bfloat16: dict(atol=3e-2, rtol=2e-2),

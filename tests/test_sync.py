@@ -123,6 +123,35 @@ def _check_keras_layer(rank: int) -> None:
         ref.zero_grad()
 
 
+def _check_every_rank_empty(rank: int) -> None:
+    """Every rank's batch empty: the state stays as it was (as one process with an empty batch,
+    and torch's module), for the torch module and for Keras renorm state; gradients are zeros."""
+    C = 3
+    ours = SyncBatchNorm(C, renorm=True)
+    ref = nn.BatchNorm2d(C)
+    with torch.no_grad():
+        for m in (ours, ref):
+            m.running_mean.copy_(torch.arange(C) + 0.5)
+            m.running_var.copy_(torch.arange(C) + 2.0)
+    x = torch.randn(0, C, 4, 5, requires_grad=True)
+    y = ours(x)
+    y.sum().backward()
+    ref(torch.randn(0, C, 4, 5))
+    assert y.shape == x.shape and x.grad.shape == x.shape
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(ours, name), getattr(ref, name), rtol=0, atol=0)
+    torch.testing.assert_close(ours.weight.grad, torch.zeros(C), rtol=0, atol=0)
+    rm, rv, mstd = torch.randn(C), torch.rand(C) + 0.5, torch.rand(C) + 0.5
+    r_mean, r_std = torch.randn(C), torch.rand(C) + 0.5
+    running = triton_bn.RunningStats(rm.clone(), rv.clone(), momentum=0.9, convention="keras",
+                                     unbiased=False, moving_stddev=mstd.clone())
+    renorm = triton_bn.Renorm(style="keras", mean=r_mean.clone(), stddev=r_std.clone())
+    sync_normalize(torch.randn(0, 2, C), axis=-1, training=True, running=running, renorm=renorm)
+    for got, want in ((running.mean, rm), (running.var, rv), (running.moving_stddev, mstd),
+                      (renorm.mean, r_mean), (renorm.stddev, r_std)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def _worker(rank: int, world: int, init_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
@@ -133,6 +162,7 @@ def _worker(rank: int, world: int, init_file: str) -> None:
         _check_keras(rank)
         torch.manual_seed(0)
         _check_keras_layer(rank)
+        _check_every_rank_empty(rank)
     finally:
         dist.destroy_process_group()
 

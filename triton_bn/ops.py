@@ -21,6 +21,7 @@ from .kernels.backward import (
     bn_fused_backward_kernel,
 )
 from .kernels.forward import (
+    HYPER_FIELDS,
     RENORM_KERAS,
     RENORM_NONE,
     RENORM_TORCH,
@@ -104,9 +105,31 @@ def saves_gaffine(renorm: int, has_adjust: bool) -> bool:
     return renorm != RENORM_NONE or has_adjust
 
 
-def _clip_values(rmin, rmax, dmax) -> tuple[float, float, float]:
-    return (-math.inf if rmin is None else float(rmin), math.inf if rmax is None else float(rmax),
-            math.inf if dmax is None else float(dmax))
+_HYPER_CACHE: dict = {}
+
+
+def hyper_tensor(device: torch.device, dtype: torch.dtype, eps: float, momentum: float = 0.0,
+                 renorm_momentum: float = 0.0, rmin: Optional[float] = None,
+                 rmax: Optional[float] = None, dmax: Optional[float] = None) -> torch.Tensor:
+    """The kernels' float hyper-parameters (``HYPER_FIELDS``) as a tensor in the statistics dtype
+    ``dtype``, so float64 gets them exactly (a Python float kernel argument is passed as fp32).
+    Absent clipping bounds are infinite. One tensor per distinct set of values and device, made once
+    and reused (no host-to-device copy per call; it stays valid across CUDA-graph replays)."""
+    values = (float(eps), float(momentum), float(renorm_momentum),
+              -math.inf if rmin is None else float(rmin), math.inf if rmax is None else float(rmax),
+              math.inf if dmax is None else float(dmax))
+    key = (device, dtype, values)
+    t = _HYPER_CACHE.get(key)
+    if t is None:
+        t = torch.empty(len(HYPER_FIELDS), device=device, dtype=dtype)
+        for i, v in enumerate(values):
+            t[i].fill_(v)  # device-side fills: allowed even while a CUDA graph is being captured
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if not capturing:  # memory made during a capture belongs to that graph's pool
+            if len(_HYPER_CACHE) > 1024:
+                _HYPER_CACHE.clear()
+            _HYPER_CACHE[key] = t
+    return t
 
 
 @dataclass
@@ -157,12 +180,13 @@ def _launch_apply(fw: _Forward, relu: bool, from_running: bool = False, running_
     xs, ys, zs, st_x, st_y, st_z = fw.views()
     plan = tuning.plan_tiles(geo, "apply", fw.x.device, fw.x.dtype)
     dummy = fw.mean
+    hyper = hyper_tensor(fw.x.device, fw.mean.dtype, eps) if from_running else dummy
     bn_apply_kernel[plan.grid](
         xs, ys, zs, fw.mean, fw.scale, fw.shift, fw.rstd,
         _or_dummy(running_mean, dummy), _or_dummy(running_var, dummy), _or_dummy(weight, dummy),
         _or_dummy(bias, dummy),
         geo.R1, geo.K, geo.S, plan.A, plan.B, plan.a_chunk, plan.b_chunk, plan.n_channel_tiles,
-        plan.n_b_parts, float(eps), *st_x, *st_y, *st_z,
+        plan.n_b_parts, hyper, *st_x, *st_y, *st_z,
         HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=fw.int64,
         HAS_RESIDUAL=fw.has_residual, RELU=relu, FROM_RUNNING=from_running,
         WRITE_COEFFS=from_running, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
@@ -188,8 +212,8 @@ def _launch_stats(fw: _Forward, plan: tuning.TilePlan
 def _state_args(fw: _Forward, weight, bias, running_mean, running_var, num_batches_tracked,
                 renorm_mean, renorm_stddev, moving_stddev, adj_scale, adj_bias, *, eps, momentum,
                 cumulative, unbiased, update_running, renorm, renorm_momentum, rmin, rmax, dmax):
-    """(tensor args, scalar args, constexpr flags, gscale, gshift) shared by the finalize and the
-    single-pass kernels."""
+    """(tensor args, hyper-parameter tensor, constexpr flags, gscale, gshift) shared by the
+    finalize and the single-pass kernels."""
     K = fw.geo.K
     dummy = fw.mean
     has_adjust = adj_scale is not None
@@ -199,17 +223,17 @@ def _state_args(fw: _Forward, weight, bias, running_mean, running_var, num_batch
     tensors = tuple(_or_dummy(t, dummy) for t in (
         weight, bias, adj_scale, adj_bias, gscale, gshift, running_mean, running_var,
         num_batches_tracked, renorm_mean, renorm_stddev, moving_stddev))
-    rmin_v, rmax_v, dmax_v = _clip_values(rmin, rmax, dmax)
-    scalars = (float(eps), float(momentum), float(renorm_momentum), rmin_v, rmax_v, dmax_v)
+    hyper = hyper_tensor(fw.x.device, fw.mean.dtype, eps, momentum, renorm_momentum, rmin, rmax,
+                         dmax)
     flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_ADJUST=has_adjust,
                  RENORM=renorm, UPDATE_RUNNING=update_running and running_mean is not None,
                  UNBIASED=unbiased, CUMULATIVE=cumulative, SAVE_GAFFINE=save_gaffine)
-    return tensors, scalars, flags, gscale, gshift
+    return tensors, hyper, flags, gscale, gshift
 
 
 def _launch_finalize(fw: _Forward, part_mean, part_m2, part_count, pivot,
                      plan: Optional[tuning.TilePlan], state) -> None:
-    tensors, scalars, flags, _, _ = state
+    tensors, hyper, flags, _, _ = state
     geo = fw.geo
     if plan is None:  # one part per process (sync BN): counts given
         layout = (part_mean.shape[0], 1, 0, 0, 0, 0)
@@ -217,7 +241,7 @@ def _launch_finalize(fw: _Forward, part_mean, part_m2, part_count, pivot,
         layout = (plan.n_parts, plan.n_b_parts, plan.A, plan.a_chunk, plan.b_count, plan.b_chunk)
     bn_finalize_kernel[(tuning.cdiv(geo.K, _FINALIZE_BLOCK),)](
         part_mean, part_m2, _or_dummy(part_count, fw.mean), _or_dummy(pivot, fw.mean), fw.mean,
-        fw.rstd, fw.scale, fw.shift, *tensors, geo.K, geo.G, *layout, *scalars,
+        fw.rstd, fw.scale, fw.shift, *tensors, geo.K, geo.G, *layout, hyper,
         HAS_COUNTS=part_count is not None, HAS_PIVOT=pivot is not None,
         BLOCK_C=_FINALIZE_BLOCK, **flags)
 
@@ -269,7 +293,7 @@ def bn_forward(
                         momentum=momentum, cumulative=cumulative, unbiased=unbiased,
                         update_running=update_running, renorm=renorm,
                         renorm_momentum=renorm_momentum, rmin=rmin, rmax=rmax, dmax=dmax)
-    tensors, scalars, flags, gscale, gshift = state
+    tensors, hyper, flags, gscale, gshift = state
     geo = fw.geo
     if global_moments is not None:
         _launch_finalize(fw, *global_moments, None, None, state)
@@ -281,7 +305,7 @@ def bn_forward(
         xs, ys, zs, st_x, st_y, st_z = fw.views()
         bn_fused_forward_kernel[plan.grid](
             xs, ys, zs, fw.mean, fw.rstd, fw.scale, fw.shift, *tensors,
-            geo.R1, geo.K, plan.A, plan.B, *scalars,
+            geo.R1, geo.K, plan.A, plan.B, hyper,
             st_x[0], st_x[1], st_x[3], st_y[0], st_y[1], st_y[3], st_z[0], st_z[1], st_z[3],
             CHANNELS_FAST=geo.channels_fast, INT64=fw.int64, HAS_RESIDUAL=residual is not None,
             RELU=relu, BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B, num_warps=plan.num_warps,
@@ -376,7 +400,7 @@ def _launch_grad_finalize(bw: _Backward, part_dy, part_dyx, rstd, scale, gscale,
     bn_backward_finalize_kernel[(tuning.cdiv(geo.K, _FINALIZE_BLOCK),)](
         part_dy, part_dyx, rstd, scale, _or_dummy(gscale, dummy), _or_dummy(gshift, dummy),
         coef_b, coef_c, _or_dummy(dweight, dummy), _or_dummy(dbias, dummy),
-        _or_dummy(count, dummy), geo.K, geo.G, part_dy.shape[0], float(geo.R),
+        _or_dummy(count, dummy), geo.K, geo.G, part_dy.shape[0], geo.R,
         N_FROM_PTR=count is not None, TRAINING=training,
         HAS_GAFFINE=gscale is not None and training, WRITE_DW=dweight is not None,
         WRITE_DB=dbias is not None, BLOCK_C=_FINALIZE_BLOCK)
@@ -440,7 +464,7 @@ def bn_backward(
             xs, dys, zs, dxs if bw.dx is not None else dummy, dzs if bw.write_dres else dummy,
             mean, rstd, scale, shift, _or_dummy(gscale, dummy), _or_dummy(gshift, dummy),
             _or_dummy(dweight, dummy), _or_dummy(dbias, dummy),
-            geo.R1, geo.K, plan.A, plan.B, float(geo.R),
+            geo.R1, geo.K, plan.A, plan.B, geo.R,
             *(s for st in strides for s in (st[0], st[1], st[3])),
             CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, HAS_RESIDUAL=residual is not None,
             RELU=relu, TRAINING=training, HAS_GAFFINE=gscale is not None and training,

@@ -28,7 +28,7 @@ def channel_grad_terms(sum_dy, sum_dy_xmu, rstd, scale, n, TRAINING: tl.constexp
     """From one statistic channel's sums: (sum of dy * x_hat, CoefB, CoefC)."""
     sum_dy_xhat = sum_dy_xmu * rstd
     if TRAINING:
-        inv_n = 1.0 / tl.maximum(n + tl.zeros_like(sum_dy), 1.0)  # n is an fp32 scalar argument
+        inv_n = 1.0 / tl.maximum(tl.cast(n, sum_dy.dtype) + tl.zeros_like(sum_dy), 1.0)  # n: an int
         coef_b = -scale * rstd * sum_dy_xhat * inv_n
         coef_c = -scale * sum_dy * inv_n
     else:
@@ -113,7 +113,7 @@ def bn_backward_finalize_kernel(
     c_mask = c < K
     S = G * K
     if N_FROM_PTR:
-        n = tl.load(Count).to(ACC)
+        n = tl.load(Count)
     total_dy = tl.zeros([BLOCK_C], ACC)
     total_dy_xhat = tl.zeros([BLOCK_C], ACC)
     for g in range(G):

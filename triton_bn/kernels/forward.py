@@ -33,6 +33,18 @@ RENORM_NONE = 0
 RENORM_KERAS = 1  # reference: renorm_mean / renorm_stddev buffers, Keras (tf_keras) rules
 RENORM_TORCH = 2  # reference: running_mean / running_var, r clipped to [1/rmax, rmax]
 
+# The float hyper-parameters reach the kernels as a small tensor in the statistics dtype, not as
+# scalar arguments (Triton passes Python floats as fp32, which would round float64's eps and
+# momentum to ~1e-8); ops.hyper_tensor builds it in this order.
+HYPER_FIELDS = ("eps", "momentum", "renorm_momentum", "rmin", "rmax", "dmax")
+
+
+@triton.jit
+def load_hyper(Hyper):
+    """(eps, momentum, renorm_momentum, rmin, rmax, dmax) from the hyper-parameter tensor."""
+    return (tl.load(Hyper + 0), tl.load(Hyper + 1), tl.load(Hyper + 2), tl.load(Hyper + 3),
+            tl.load(Hyper + 4), tl.load(Hyper + 5))
+
 
 @triton.jit
 def channel_affine_and_update(
@@ -45,7 +57,7 @@ def channel_affine_and_update(
     NumBatches,                    # [1] int64 batches seen (CUMULATIVE momentum)
     RenormMean, RenormStd,         # [K] Keras renorm_mean / renorm_stddev, updated in place
     MovingStd,                     # [K] Keras moving_stddev, updated in place
-    eps, momentum, renorm_momentum, rmin, rmax, dmax,
+    Hyper,                         # [6] eps, momentum, renorm_momentum, rmin, rmax, dmax (ACC dtype)
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADJUST: tl.constexpr,
     RENORM: tl.constexpr, UPDATE_RUNNING: tl.constexpr, UNBIASED: tl.constexpr,
     CUMULATIVE: tl.constexpr, SAVE_GAFFINE: tl.constexpr,
@@ -54,7 +66,9 @@ def channel_affine_and_update(
 
     momentum / renorm_momentum are the weight of the NEW value: PyTorch's momentum, or 1 - Keras's.
     Every state value is read before any is written (r and d use the pre-update statistics).
+    A channel that saw no element (n == 0: every process of sync BN empty) keeps its state.
     """
+    eps, momentum, renorm_momentum, rmin, rmax, dmax = load_hyper(Hyper)
     g_scale = tl.full(batch_mean.shape, 1.0, batch_mean.dtype)
     g_shift = tl.zeros(batch_mean.shape, batch_mean.dtype)
     batch_std = sqrt_rn(batch_var + eps)
@@ -93,6 +107,7 @@ def channel_affine_and_update(
         shift += tl.load(Bias + c, mask=c_mask, other=0.0).to(batch_mean.dtype)
 
     if UPDATE_RUNNING:
+        c_mask = c_mask & (n > 0)
         f = momentum
         if CUMULATIVE:
             f = 1.0 / tl.load(NumBatches).to(batch_mean.dtype)
@@ -213,7 +228,7 @@ def bn_finalize_kernel(
     Weight, Bias, AdjScale, AdjBias, GScale, GShift,
     RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd,
     K, G, n_parts, n_b_parts, A, a_chunk, B_count, b_chunk,
-    eps, momentum, renorm_momentum, rmin, rmax, dmax,
+    Hyper,                         # [6] see HYPER_FIELDS
     HAS_COUNTS: tl.constexpr, HAS_PIVOT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADJUST: tl.constexpr,
     RENORM: tl.constexpr, UPDATE_RUNNING: tl.constexpr, UNBIASED: tl.constexpr,
@@ -226,6 +241,7 @@ def bn_finalize_kernel(
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < K
     S = G * K
+    eps = tl.load(Hyper)
     sum_mean = tl.zeros([BLOCK_C], ACC)
     sum_var = tl.zeros([BLOCK_C], ACC)
     n = tl.zeros([BLOCK_C], ACC)
@@ -242,9 +258,12 @@ def bn_finalize_kernel(
         sum_var += var
     multiplier, shift = channel_affine_and_update(
         c, c_mask, sum_mean / G, sum_var / G, n, Weight, Bias, AdjScale, AdjBias, GScale, GShift,
-        RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd,
-        eps, momentum, renorm_momentum, rmin, rmax, dmax,
+        RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd, Hyper,
         HAS_WEIGHT, HAS_BIAS, HAS_ADJUST, RENORM, UPDATE_RUNNING, UNBIASED, CUMULATIVE, SAVE_GAFFINE)
+    # Rstd was stored above by other threads than may read it back below: a block barrier makes
+    # those global stores visible (the same threads own the same channels today, but nothing in
+    # Triton's layout rules promises it)
+    tl.debug_barrier()
     for g in range(G):
         s = g * K + c
         rstd = tl.load(Rstd + s, mask=c_mask, other=0.0)
@@ -258,7 +277,8 @@ def bn_apply_kernel(
     Mean, Scale, Shift,            # [S] fp32 coefficients (out when FROM_RUNNING and WRITE_COEFFS)
     Rstd,                          # [S] fp32 out when FROM_RUNNING and WRITE_COEFFS
     RunMean, RunVar, Weight, Bias,  # [K] for FROM_RUNNING (inference)
-    R1, K, S, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts, eps,
+    R1, K, S, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts,
+    Hyper,                         # [6] see HYPER_FIELDS (eps, for FROM_RUNNING)
     stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
     stride_y_r0, stride_y_r1, stride_y_g, stride_y_k,
     stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
@@ -274,6 +294,7 @@ def bn_apply_kernel(
     for b0 in range(b_begin, b_end, BLOCK_B):
         bc, bc_mask = channel_block(b0, b_end, s_fixed, S, BLOCK_B, CHANNELS_FAST)
         if FROM_RUNNING:
+            eps = tl.load(Hyper)
             mean = load_channel_values(RunMean, bc, bc_mask, bc, ACC, CHANNELS_FAST)
             rstd = 1.0 / sqrt_rn(load_channel_values(RunVar, bc, bc_mask, bc, ACC, CHANNELS_FAST) + eps)
             scale = rstd
@@ -317,7 +338,8 @@ def bn_fused_forward_kernel(
     Mean, Rstd, Scale, Shift,      # [K] fp32 out
     Weight, Bias, AdjScale, AdjBias, GScale, GShift,
     RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd,
-    R1, K, A, B, eps, momentum, renorm_momentum, rmin, rmax, dmax,
+    R1, K, A, B,
+    Hyper,                         # [6] see HYPER_FIELDS
     stride_x_r0, stride_x_r1, stride_x_k,
     stride_y_r0, stride_y_r1, stride_y_k,
     stride_z_r0, stride_z_r1, stride_z_k,
@@ -350,11 +372,10 @@ def bn_fused_forward_kernel(
         c = s_fixed
         c_mask = s_fixed < K
     var = m2 / tl.maximum(n, 1.0)
-    rstd = 1.0 / sqrt_rn(var + eps)
+    rstd = 1.0 / sqrt_rn(var + tl.load(Hyper))
     multiplier, shift = channel_affine_and_update(
         c, c_mask, mean, var, n, Weight, Bias, AdjScale, AdjBias, GScale, GShift,
-        RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd,
-        eps, momentum, renorm_momentum, rmin, rmax, dmax,
+        RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd, Hyper,
         HAS_WEIGHT, HAS_BIAS, HAS_ADJUST, RENORM, UPDATE_RUNNING, UNBIASED, CUMULATIVE, SAVE_GAFFINE)
     scale = rstd * multiplier
     tl.store(Mean + c, mean, mask=c_mask)
