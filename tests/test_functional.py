@@ -387,6 +387,49 @@ def test_ill_conditioned_no_worse_than_torch(fmt, path):
         assert err_y < 1e-2 * yr.abs().max().item()
 
 
+@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("fmt", [None, torch.channels_last], ids=["nchw", "nhwc"])
+def test_ill_conditioned_keeps_its_digits(fmt, path):
+    """1000 + 0.01 * noise in float32: the kernels subtract a sample of the channel (the centre)
+    and fold the small offset mean - centre into the coefficients, so y, dx, dgamma and dbeta keep
+    ~6 digits against float64 (torch's float32, which subtracts a mean rounded at 1000, keeps ~3:
+    y error ~1e-3 of its range). Before the centre/offset split, y was off by ~5e-4."""
+    shape = (8, 3, 5, 5)
+    w, b = params(3)
+    torch.manual_seed(7)
+    x = (1000 + 0.01 * torch.randn(shape)).float()
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    x.requires_grad_()
+    wg, bg = w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    dy = torch.randn(shape)
+    y, got = run(path, lambda: batch_norm(x, None, None, wg, bg, training=True), [x, wg, bg], dy)
+    xr = x.detach().double().requires_grad_()
+    wr, br = w.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    yr, _ = reference_batch_norm(xr, wr, br, training=True)
+    want = grads(yr, [xr, wr, br], dy.double())
+    for name, a, r in zip(("y", "dx", "dgamma", "dbeta"), (y, *got), (yr, *want)):
+        rel = _max_err(a, r) / r.abs().max().item()
+        assert rel < 1e-5, f"{name}: relative error {rel:.1e}"
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("fmt", [None, torch.channels_last], ids=["nchw", "nhwc"])
+def test_integer_data_mean_is_exact(fmt, path):
+    """Sums of integers are exact in float32, and the kernels carry sums (not rounded partial
+    means) through every merge, so a batch mean that float32 can represent comes out exact: the
+    running mean after one step with momentum 1 equals the float64 mean rounded once."""
+    shape = (8, 4, 6, 5)  # n = 240 per channel
+    x = torch.randint(-50, 50, shape).float()
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    rm, rv = torch.zeros(4), torch.ones(4)
+    with tuning.override(**PATHS[path]):
+        batch_norm(x, rm, rv, training=True, momentum=1.0)
+    want = x.double().mean((0, 2, 3)).float()
+    assert torch.equal(rm, want), f"{rm.tolist()} != {want.tolist()}"
+
+
 # -------------------------------------------------------------------- momentum conventions
 @pytest.mark.parametrize("path", ["fused", "split3"])
 def test_torch_momentum_in_place(path):

@@ -62,8 +62,9 @@ def _(x, weight, bias, residual, adj_scale, adj_bias, running_mean, running_var,
     stat = x.new_empty(S, dtype=ops.acc_dtype(x.dtype))
     has_g = training and ops.saves_gaffine(renorm, adj_scale is not None)
     g = x.new_empty(K if has_g else 0, dtype=stat.dtype)
-    return (torch.empty_like(x, memory_format=torch.preserve_format), stat, stat.clone(),
-            stat.clone(), stat.clone(), g, g.clone())
+    centre_and_offset = x.new_empty(2 * S, dtype=stat.dtype)  # see ops.ForwardResult.mean
+    return (torch.empty_like(x, memory_format=torch.preserve_format), centre_and_offset,
+            stat, stat.clone(), stat.clone(), g, g.clone())
 
 
 @torch.library.custom_op("triton_bn::bn_backward", mutates_args=())

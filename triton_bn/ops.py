@@ -92,7 +92,8 @@ def _or_dummy(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
 @dataclass
 class ForwardResult:
     y: torch.Tensor
-    mean: torch.Tensor  # [S] batch (training) or running (inference) mean, fp32/fp64
+    mean: torch.Tensor  # [2 * S]: S centres, then S offsets; the batch (training) or running
+    #                     (inference) mean = centre + offset, kept as two numbers (kernels/forward.py)
     rstd: torch.Tensor  # [S]
     scale: torch.Tensor  # [S] y = (x - mean) * scale + shift
     shift: torch.Tensor  # [S]
@@ -163,14 +164,18 @@ class _Forward:
 def _start_forward(x: torch.Tensor, residual: Optional[torch.Tensor], axes, groups: int,
                    training: bool, output: bool = True) -> _Forward:
     """Prepares a forward; ``output=False`` (statistics only) allocates neither y nor the
-    per-channel coefficients."""
+    per-channel coefficients, and ``mean`` is then the [S] merged mean."""
     acc = acc_dtype(x.dtype)
     y = torch.empty_like(x, memory_format=torch.preserve_format) if output else None
     active = [x] + ([y] if output else []) + ([residual] if residual is not None else [])
     prep = prepare(x.shape, active, axes, groups if training else 1)
     S = prep.geometry.S
-    mean = torch.empty(S, device=x.device, dtype=acc)
-    coeffs = [torch.empty_like(mean) for _ in range(3)] if output else [mean] * 3
+    if output:
+        mean = torch.empty(2 * S, device=x.device, dtype=acc)  # [centre (S), offset (S)]
+        coeffs = [torch.empty(S, device=x.device, dtype=acc) for _ in range(3)]
+    else:
+        mean = torch.empty(S, device=x.device, dtype=acc)
+        coeffs = [mean] * 3
     return _Forward(x, prep, y, mean, *coeffs, residual is not None, _needs_int64(*prep.tensors))
 
 
@@ -195,18 +200,18 @@ def _launch_apply(fw: _Forward, relu: bool, from_running: bool = False, running_
 
 def _launch_stats(fw: _Forward, plan: tuning.TilePlan
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Partial (mean - pivot, M2) per part and statistic channel, and each channel's pivot."""
+    """Partial (sum of x - pivot, M2) per part and statistic channel, and each channel's pivot."""
     geo = fw.geo
     xs, st_x = fw.prep.tensors[0], geo.strides[0]
-    part_mean = torch.empty((plan.n_parts, geo.S), device=fw.x.device, dtype=fw.mean.dtype)
-    part_m2 = torch.empty_like(part_mean)
+    part_sum = torch.empty((plan.n_parts, geo.S), device=fw.x.device, dtype=fw.mean.dtype)
+    part_m2 = torch.empty_like(part_sum)
     pivot = torch.empty(geo.S, device=fw.x.device, dtype=fw.mean.dtype)
     bn_stats_kernel[plan.grid](
-        xs, part_mean, part_m2, pivot, geo.R1, geo.K, geo.S, plan.A, plan.B, plan.a_chunk, plan.b_chunk,
+        xs, part_sum, part_m2, pivot, geo.R1, geo.K, geo.S, plan.A, plan.B, plan.a_chunk, plan.b_chunk,
         plan.n_channel_tiles, plan.n_b_parts, *st_x,
         HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=fw.int64,
         BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B, num_warps=plan.num_warps)
-    return part_mean, part_m2, pivot
+    return part_sum, part_m2, pivot
 
 
 def _state_args(fw: _Forward, weight, bias, running_mean, running_var, num_batches_tracked,
@@ -311,8 +316,8 @@ def bn_forward(
             RELU=relu, BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B, num_warps=plan.num_warps,
             **flags)
     else:
-        part_mean, part_m2, pivot = _launch_stats(fw, plan)
-        _launch_finalize(fw, part_mean, part_m2, None, pivot, plan, state)
+        part_sum, part_m2, pivot = _launch_stats(fw, plan)
+        _launch_finalize(fw, part_sum, part_m2, None, pivot, plan, state)
         _launch_apply(fw, relu)
     return fw.result(gscale, gshift)
 
@@ -327,10 +332,10 @@ def local_moments(x: torch.Tensor, axes: tuple[int, ...], groups: int = 1
         zeros = torch.zeros(geo.S, device=x.device, dtype=fw.mean.dtype)
         return zeros, zeros.clone(), 0
     plan = tuning.plan_tiles(geo, "forward", x.device, x.dtype, allow_fused=False)
-    part_mean, part_m2, pivot = _launch_stats(fw, plan)
+    part_sum, part_m2, pivot = _launch_stats(fw, plan)
     m2 = torch.empty_like(fw.mean)
     bn_merge_kernel[(tuning.cdiv(geo.S, _FINALIZE_BLOCK),)](
-        part_mean, part_m2, pivot, fw.mean, m2, geo.S, plan.n_parts, plan.n_b_parts, plan.A,
+        part_sum, part_m2, pivot, fw.mean, m2, geo.S, plan.n_parts, plan.n_b_parts, plan.A,
         plan.a_chunk, plan.b_count, plan.b_chunk, BLOCK_C=_FINALIZE_BLOCK)
     return fw.mean, m2, geo.R
 
@@ -391,14 +396,14 @@ def _launch_grad_reduce(bw: _Backward, plan, mean, scale, shift, relu):
     return part_dy, part_dyx
 
 
-def _launch_grad_finalize(bw: _Backward, part_dy, part_dyx, rstd, scale, gscale, gshift,
+def _launch_grad_finalize(bw: _Backward, part_dy, part_dyx, mean, rstd, scale, gscale, gshift,
                           dweight, dbias, training, count: Optional[torch.Tensor]):
     geo = bw.geo
     coef_b = torch.empty_like(scale)
     coef_c = torch.empty_like(scale)
     dummy = scale
     bn_backward_finalize_kernel[(tuning.cdiv(geo.K, _FINALIZE_BLOCK),)](
-        part_dy, part_dyx, rstd, scale, _or_dummy(gscale, dummy), _or_dummy(gshift, dummy),
+        part_dy, part_dyx, mean, rstd, scale, _or_dummy(gscale, dummy), _or_dummy(gshift, dummy),
         coef_b, coef_c, _or_dummy(dweight, dummy), _or_dummy(dbias, dummy),
         _or_dummy(count, dummy), geo.K, geo.G, part_dy.shape[0], geo.R,
         N_FROM_PTR=count is not None, TRAINING=training,
@@ -446,7 +451,7 @@ def bn_backward(
            Optional[torch.Tensor]]:
     """Gradients (dx, dweight, dbias, dresidual) from the saved forward coefficients.
 
-    Sync BN: ``all_reduce(t)`` sums a [2, S] tensor (sum dy, sum dy*(x - mean)) over processes in
+    Sync BN: ``all_reduce(t)`` sums a [2, S] tensor (sum dy, sum dy*(x - centre)) over processes in
     place and ``global_count`` [1] is the element count per channel over all processes; dweight
     and dbias stay local (as torch.nn.SyncBatchNorm's), dx uses the global sums.
     """
@@ -479,14 +484,14 @@ def bn_backward(
             part_dyx = torch.zeros_like(part_dy)
         if sync:
             # local parameter gradients first, then the dx coefficients from the global sums
-            _launch_grad_finalize(bw, part_dy, part_dyx, rstd, scale, gscale, gshift, dweight,
+            _launch_grad_finalize(bw, part_dy, part_dyx, mean, rstd, scale, gscale, gshift, dweight,
                                   dbias, training, None)
             sums = torch.stack([part_dy.sum(0), part_dyx.sum(0)])
             all_reduce(sums)
-            coef_b, coef_c = _launch_grad_finalize(bw, sums[0:1], sums[1:2], rstd, scale, gscale,
+            coef_b, coef_c = _launch_grad_finalize(bw, sums[0:1], sums[1:2], mean, rstd, scale, gscale,
                                                    gshift, None, None, training, global_count)
         else:
-            coef_b, coef_c = _launch_grad_finalize(bw, part_dy, part_dyx, rstd, scale, gscale,
+            coef_b, coef_c = _launch_grad_finalize(bw, part_dy, part_dyx, mean, rstd, scale, gscale,
                                                    gshift, dweight, dbias, training, None)
         if (need_dx or bw.write_dres) and x.numel():
             _launch_grad_apply(bw, mean, scale, shift, coef_b, coef_c, training, relu)

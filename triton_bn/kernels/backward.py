@@ -7,6 +7,12 @@ as Scale = rstd * M), the gradients are
     inference: dx = Scale * g
 so dx = Scale * g + CoefB * (x - mean) + CoefC with two per-channel coefficients. The ReLU mask is
 recomputed from x (and the residual), never stored.
+
+The kernels subtract the forward's centre c (see forward.py: mean = c + o, o the small offset), so
+they sum dy * (x - c) and fold the offset in per channel:
+    sum(g * (x - mean)) = sum(g * (x - c)) - o * sum(g),
+    dx = Scale * g + CoefB * (x - c) + (CoefC - CoefB * o),
+and CoefC as stored is the latter bracket.
 """
 
 import triton
@@ -24,13 +30,14 @@ from .common import (
 
 
 @triton.jit
-def channel_grad_terms(sum_dy, sum_dy_xmu, rstd, scale, n, TRAINING: tl.constexpr):
-    """From one statistic channel's sums: (sum of dy * x_hat, CoefB, CoefC)."""
-    sum_dy_xhat = sum_dy_xmu * rstd
+def channel_grad_terms(sum_dy, sum_dy_xc, offset, rstd, scale, n, TRAINING: tl.constexpr):
+    """From one statistic channel's sums of dy and dy * (x - centre): (sum of dy * x_hat, CoefB,
+    CoefC) with dx = Scale * dy + CoefB * (x - centre) + CoefC."""
+    sum_dy_xhat = (sum_dy_xc - offset * sum_dy) * rstd
     if TRAINING:
         inv_n = 1.0 / tl.maximum(tl.cast(n, sum_dy.dtype) + tl.zeros_like(sum_dy), 1.0)  # n: an int
         coef_b = -scale * rstd * sum_dy_xhat * inv_n
-        coef_c = -scale * sum_dy * inv_n
+        coef_c = -scale * sum_dy * inv_n - coef_b * offset
     else:
         coef_b = tl.zeros_like(sum_dy)
         coef_c = tl.zeros_like(sum_dy)
@@ -54,7 +61,7 @@ def store_param_grads(c, c_mask, sum_dy, sum_dy_xhat, GScale, GShift, DWeight, D
 @triton.jit
 def bn_backward_reduce_kernel(
     X, DY, Residual,               # activation, upstream gradient, residual (RELU mask only)
-    Mean, Scale, Shift,            # [S] fp32 forward coefficients
+    Mean, Scale, Shift,            # [S] fp32 forward coefficients (Mean: its first S, the centres)
     PartSumDy, PartSumDyXmu,       # [n_parts, S] fp32 out
     R1, K, S, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts,
     stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
@@ -97,7 +104,8 @@ def bn_backward_reduce_kernel(
 
 @triton.jit
 def bn_backward_finalize_kernel(
-    PartSumDy, PartSumDyXmu,       # [n_parts, S] fp32 partial sums
+    PartSumDy, PartSumDyXmu,       # [n_parts, S] fp32 partial sums of dy and dy * (x - centre)
+    Mean,                          # [2 * S] forward centres, then offsets
     Rstd, Scale,                   # [S] fp32 forward coefficients
     GScale, GShift,                # [K] fp32 pre-gamma affine (HAS_GAFFINE)
     CoefB, CoefC,                  # [S] fp32 out: dx coefficients
@@ -124,9 +132,11 @@ def bn_backward_finalize_kernel(
             p = tl.cast(part_index, tl.int64)
             sum_dy += tl.load(PartSumDy + p * S + s, mask=c_mask, other=0.0)
             sum_dy_xmu += tl.load(PartSumDyXmu + p * S + s, mask=c_mask, other=0.0)
+        offset = tl.load(Mean + S + s, mask=c_mask, other=0.0)
         rstd = tl.load(Rstd + s, mask=c_mask, other=0.0)
         scale = tl.load(Scale + s, mask=c_mask, other=0.0)
-        sum_dy_xhat, coef_b, coef_c = channel_grad_terms(sum_dy, sum_dy_xmu, rstd, scale, n, TRAINING)
+        sum_dy_xhat, coef_b, coef_c = channel_grad_terms(sum_dy, sum_dy_xmu, offset, rstd, scale, n,
+                                                         TRAINING)
         tl.store(CoefB + s, coef_b, mask=c_mask)
         tl.store(CoefC + s, coef_c, mask=c_mask)
         total_dy += sum_dy
@@ -138,7 +148,7 @@ def bn_backward_finalize_kernel(
 @triton.jit
 def bn_backward_apply_kernel(
     X, DY, Residual, DX, DResidual,
-    Mean, Scale, Shift, CoefB, CoefC,   # [S] fp32
+    Mean, Scale, Shift, CoefB, CoefC,   # [S] fp32 (Mean: its first S, the centres)
     R1, K, S, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts,
     stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
     stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k,
@@ -186,7 +196,8 @@ def bn_backward_apply_kernel(
 @triton.jit
 def bn_fused_backward_kernel(
     X, DY, Residual, DX, DResidual,
-    Mean, Rstd, Scale, Shift,      # [K] fp32 forward coefficients
+    Mean,                          # [2 * K] forward centres, then offsets
+    Rstd, Scale, Shift,            # [K] fp32 forward coefficients
     GScale, GShift, DWeight, DBias,
     R1, K, A, B, n,
     stride_x_r0, stride_x_r1, stride_x_k,
@@ -212,7 +223,8 @@ def bn_fused_backward_kernel(
     else:
         c = s_fixed
         c_mask = s_fixed < K
-    mean = load_channel_values(Mean, c, c_mask, c, ACC, CHANNELS_FAST)
+    mean = load_channel_values(Mean, c, c_mask, c, ACC, CHANNELS_FAST)  # the centre
+    offset = load_channel_values(Mean + K, c, c_mask, c, ACC, CHANNELS_FAST)
     rstd = load_channel_values(Rstd, c, c_mask, c, ACC, CHANNELS_FAST)
     scale = load_channel_values(Scale, c, c_mask, c, ACC, CHANNELS_FAST)
     shift = load_channel_values(Shift, c, c_mask, c, ACC, CHANNELS_FAST)
@@ -230,11 +242,12 @@ def bn_fused_backward_kernel(
     sum_dy_xmu = tl.sum(dy * xmu, 0)
     if CHANNELS_FAST:
         sum_dy_xhat, coef_b, coef_c = channel_grad_terms(
-            sum_dy, sum_dy_xmu, rstd.reshape([BLOCK_B]), scale.reshape([BLOCK_B]), n, TRAINING)
+            sum_dy, sum_dy_xmu, offset.reshape([BLOCK_B]), rstd.reshape([BLOCK_B]),
+            scale.reshape([BLOCK_B]), n, TRAINING)
     else:
         sum_dy = tl.sum(sum_dy, 0)
         sum_dy_xmu = tl.sum(sum_dy_xmu, 0)
-        sum_dy_xhat, coef_b, coef_c = channel_grad_terms(sum_dy, sum_dy_xmu, rstd, scale, n,
+        sum_dy_xhat, coef_b, coef_c = channel_grad_terms(sum_dy, sum_dy_xmu, offset, rstd, scale, n,
                                                          TRAINING)
     store_param_grads(c, c_mask, sum_dy, sum_dy_xhat, GScale, GShift, DWeight, DBias,
                       HAS_GAFFINE, WRITE_DW, WRITE_DB)

@@ -16,14 +16,28 @@ import triton.language as tl
 
 
 @triton.jit
-def chan_merge(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
-    """Chan et al.'s merge of two (mean, M2, count) summaries; empty summaries merge exactly."""
+def chan_merge(sum_a, m2_a, n_a, sum_b, m2_b, n_b):
+    """Chan, Golub and LeVeque's pairwise merge of two (sum, M2, count) summaries of shifted data,
+    M2 being the sum of squared deviations from the summary's own mean:
+
+        n = n_a + n_b,   sum = sum_a + sum_b,
+        M2 = M2_a + M2_b + (sum_b / n_b - sum_a / n_a)**2 * n_a * n_b / n.
+
+    Sums rather than means are carried, so the mean (sum / n, divided once at the end) of data
+    whose sums are exact, such as integers, is exact. Empty summaries merge exactly (n_a * n_b = 0).
+    """
     n = n_a + n_b
-    w_b = tl.where(n > 0, n_b / tl.maximum(n, 1.0), 0.0)
-    delta = mean_b - mean_a
-    mean = mean_a + delta * w_b
-    m2 = m2_a + m2_b + delta * delta * n_a * w_b
-    return mean, m2, n
+    delta = sum_b / tl.maximum(n_b, 1.0) - sum_a / tl.maximum(n_a, 1.0)
+    m2 = m2_a + m2_b + delta * delta * (n_a * (n_b / tl.maximum(n, 1.0)))
+    return sum_a + sum_b, m2, n
+
+
+@triton.jit
+def mean_from_sum(centre, total, n):
+    """The mean of n values whose deviations from ``centre`` sum to ``total``: (centre * n + total)
+    / n, the numerator with one rounding (a fused multiply-add), so a mean of data whose sums are
+    exact (integers) is correctly rounded, however far the centre lies from it."""
+    return tl.fma(centre, n, total) / tl.maximum(n, 1.0)
 
 
 @triton.jit
@@ -37,12 +51,12 @@ def sqrt_rn(x):
 
 @triton.jit
 def tile_moments(x, mask):
-    """Per-column (mean, M2, count) over axis 0 of a tile (fp32, or fp64 for float64 inputs),
-    two-pass inside the tile."""
+    """Per-column (sum, M2, count) over axis 0 of a tile (fp32, or fp64 for float64 inputs),
+    two-pass inside the tile: M2 = sum((x - sum / n)**2), so it does not depend on the shift."""
     n = tl.sum(mask.to(x.dtype), 0)
-    mean = tl.sum(tl.where(mask, x, 0.0), 0) / tl.maximum(n, 1.0)
-    centred = tl.where(mask, x - mean[None, :], 0.0)
-    return mean, tl.sum(centred * centred, 0), n
+    total = tl.sum(tl.where(mask, x, 0.0), 0)
+    centred = tl.where(mask, x - (total / tl.maximum(n, 1.0))[None, :], 0.0)
+    return total, tl.sum(centred * centred, 0), n
 
 
 @triton.jit
@@ -102,8 +116,9 @@ def load_pivot(X, b, b_mask, s_fixed, K, stride_g, stride_k, ACC: tl.constexpr,
                HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr):
     """The first element (r0 = r1 = 0) of each channel, broadcastable against a tile. Moments are
     taken of x - pivot (the shifted-data algorithm) with one pivot per channel shared by every
-    part, so values like 1000 + 0.01 * noise lose no digits to the sums or to the partial means;
-    the pivot is added back to the mean once, at the end."""
+    part, so values like 1000 + 0.01 * noise lose no digits to the sums. The pivot is never added
+    back where precision matters: it stays the *centre* every kernel subtracts (x - centre is exact
+    for x near the centre), and the small offset mean - centre is kept beside it (see forward.py)."""
     if CHANNELS_FAST:
         offs = channel_offset(b, K, stride_g, stride_k, HAS_GROUPS)
         return tl.load(X + offs, mask=b_mask, other=0.0).to(ACC)[None, :]

@@ -1,15 +1,24 @@
 """Forward kernels: partial statistics, finalize (+ running-statistic updates), apply, single pass.
 
 Training, large reductions (three launches, x read twice):
-    bn_stats_kernel     -> fp32 partial (mean, M2) per (part, statistic channel)
-    bn_finalize_kernel  -> merges the parts in a fixed order; mean, rstd, scale, shift; running stats
-    bn_apply_kernel     -> y = act((x - mean) * scale + shift [+ residual])
+    bn_stats_kernel     -> fp32 partial (sum, M2) per (part, statistic channel), of x - pivot
+    bn_finalize_kernel  -> merges the parts in a fixed order; centre, offset, rstd, scale, shift;
+                           running stats
+    bn_apply_kernel     -> y = act((x - centre) * scale + shift [+ residual])
 Training, reductions that fit on chip: bn_fused_forward_kernel reads x once and writes y.
 Inference: bn_apply_kernel with FROM_RUNNING computes its coefficients from the running statistics.
 
 The per-channel maths after the statistics (renorm r/d and clipping, adjustment, gamma/beta, the
 running-statistic update in either momentum convention) is one helper, ``channel_affine_and_update``,
 used by the finalize and the single-pass kernels alike.
+
+Centre and offset. The batch mean is kept as two numbers per channel, ``Mean[:S]`` = the centre c
+(the channel's pivot sample, or the running mean in inference) and ``Mean[S:]`` = the offset
+o = mean - c, small and accurate. Every kernel subtracts the centre, which is exact for data near
+it, and folds the offset into its per-channel coefficients:
+    y = (x - mean) * scale + shift = (x - c) * scale + (shift - o * scale)
+so Shift holds shift - o * scale. Data such as 1000 + 0.01 * noise then keep their digits in y and
+in the gradients instead of losing them to a mean rounded at 1000.
 """
 
 import triton
@@ -22,6 +31,7 @@ from .common import (
     load_channel_values,
     load_coefficients,
     load_pivot,
+    mean_from_sum,
     program_ranges,
     sqrt_rn,
     tile_indices,
@@ -137,23 +147,23 @@ def channel_affine_and_update(
 @triton.jit
 def bn_stats_kernel(
     X,                    # activation, addressed through its strides
-    PartMean, PartM2,     # [n_parts, S] out: per-part mean (minus Pivot) and M2 of each channel
-    Pivot,                # [S] out: the sample each channel's means are taken relative to
+    PartSum, PartM2,      # [n_parts, S] out: per-part sum of (x - Pivot) and M2 of each channel
+    Pivot,                # [S] out: the sample each channel's sums are taken relative to
     R1, K, S, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts,
     stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
     HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
-    ACC = PartMean.dtype.element_ty
+    ACC = PartSum.dtype.element_ty
     part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
         tl.program_id(0), n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST,
         INT64)
-    # every part of a channel shifts by the same sample (its first), so the parts' means stay small
-    # and are merged without rounding at the data's offset; the finalize adds the pivot back once
+    # every part of a channel shifts by the same sample (its first), so the parts' sums stay small
+    # and are merged without rounding at the data's offset
     b_first = b_begin + tl.arange(0, BLOCK_B)
     pivot = load_pivot(X, b_first, b_first < b_end, s_fixed, K, stride_x_g, stride_x_k, ACC,
                        HAS_GROUPS, CHANNELS_FAST)
-    mean = tl.zeros([BLOCK_B], ACC)
+    total = tl.zeros([BLOCK_B], ACC)
     m2 = tl.zeros([BLOCK_B], ACC)
     n = tl.zeros([BLOCK_B], ACC)
     for a0 in range(a_begin, a_end, BLOCK_A):
@@ -162,30 +172,31 @@ def bn_stats_kernel(
             offs = tile_offsets(a, b, s_fixed, R1, K, stride_x_r0, stride_x_r1, stride_x_g,
                                 stride_x_k, HAS_GROUPS, CHANNELS_FAST)
             x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
-            t_mean, t_m2, t_n = tile_moments(x - pivot, mask)
-            mean, m2, n = chan_merge(mean, m2, n, t_mean, t_m2, t_n)
+            t_sum, t_m2, t_n = tile_moments(x - pivot, mask)
+            total, m2, n = chan_merge(total, m2, n, t_sum, t_m2, t_n)
     if CHANNELS_FAST:
         b = b_begin + tl.arange(0, BLOCK_B)
-        tl.store(PartMean + part * S + b, mean, mask=b < b_end)
+        tl.store(PartSum + part * S + b, total, mask=b < b_end)
         tl.store(PartM2 + part * S + b, m2, mask=b < b_end)
         if part == 0:
             tl.store(Pivot + b, tl.reshape(pivot, [BLOCK_B]), mask=b < b_end)
     else:
-        mean, m2, n = tl.reduce((mean, m2, n), 0, chan_merge)
-        tl.store(PartMean + part * S + s_fixed, mean)
+        total, m2, n = tl.reduce((total, m2, n), 0, chan_merge)
+        tl.store(PartSum + part * S + s_fixed, total)
         tl.store(PartM2 + part * S + s_fixed, m2)
         if part == 0:
             tl.store(Pivot + s_fixed, pivot)
 
 
 @triton.jit
-def merge_parts(PartMean, PartM2, PartCount, s, c_mask, S, n_parts, n_b_parts, A, a_chunk,
+def merge_parts(PartStat, PartM2, PartCount, s, c_mask, S, n_parts, n_b_parts, A, a_chunk,
                 B_count, b_chunk, ACC: tl.constexpr, HAS_COUNTS: tl.constexpr, BLOCK_C: tl.constexpr):
-    """(mean, M2, n) of statistic channels s from their parts, merged in part order.
+    """(sum, M2, n) of statistic channels s from their parts, merged in part order.
 
-    Part p's element count is PartCount[p] when HAS_COUNTS (e.g. one part per process in sync BN),
-    else the size of the p-th (a chunk, b chunk) block of the split reduction."""
-    mean = tl.zeros([BLOCK_C], ACC)
+    With HAS_COUNTS (one part per process in sync BN) PartStat holds each part's mean and
+    PartCount[p] its element count; else PartStat holds sums and a part's count is the size of the
+    p-th (a chunk, b chunk) block of the split reduction."""
+    total = tl.zeros([BLOCK_C], ACC)
     m2 = tl.zeros([BLOCK_C], ACC)
     n = tl.zeros([BLOCK_C], ACC)
     for part_index in range(n_parts):
@@ -197,34 +208,38 @@ def merge_parts(PartMean, PartM2, PartCount, s, c_mask, S, n_parts, n_b_parts, A
             pb = p % n_b_parts
             count = ((tl.minimum(A, (pa + 1) * a_chunk) - pa * a_chunk)
                      * (tl.minimum(B_count, (pb + 1) * b_chunk) - pb * b_chunk)).to(ACC)
-        p_mean = tl.load(PartMean + p * S + s, mask=c_mask, other=0.0).to(ACC)
+        p_sum = tl.load(PartStat + p * S + s, mask=c_mask, other=0.0).to(ACC)
+        if HAS_COUNTS:
+            p_sum = p_sum * count
         p_m2 = tl.load(PartM2 + p * S + s, mask=c_mask, other=0.0).to(ACC)
-        mean, m2, n = chan_merge(mean, m2, n, p_mean, p_m2, count + tl.zeros_like(p_mean))
-    return mean, m2, n
+        total, m2, n = chan_merge(total, m2, n, p_sum, p_m2, count + tl.zeros_like(p_sum))
+    return total, m2, n
 
 
 @triton.jit
 def bn_merge_kernel(
-    PartMean, PartM2,              # [n_parts, S] partial statistics
-    Pivot,                         # [S] the parts' means are relative to it
+    PartSum, PartM2,               # [n_parts, S] partial statistics
+    Pivot,                         # [S] the parts' sums are of x - Pivot
     OutMean, OutM2,                # [S] out: merged mean and M2 (a process's local moments)
     S, n_parts, n_b_parts, A, a_chunk, B_count, b_chunk, BLOCK_C: tl.constexpr,
 ):
-    ACC = PartMean.dtype.element_ty
+    ACC = PartSum.dtype.element_ty
     s = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     s_mask = s < S
-    mean, m2, n = merge_parts(PartMean, PartM2, PartMean, s, s_mask, S, n_parts, n_b_parts, A,
+    total, m2, n = merge_parts(PartSum, PartM2, PartSum, s, s_mask, S, n_parts, n_b_parts, A,
                               a_chunk, B_count, b_chunk, ACC, False, BLOCK_C)
-    tl.store(OutMean + s, mean + tl.load(Pivot + s, mask=s_mask, other=0.0), mask=s_mask)
+    mean = mean_from_sum(tl.load(Pivot + s, mask=s_mask, other=0.0), total, n)
+    tl.store(OutMean + s, mean, mask=s_mask)
     tl.store(OutM2 + s, m2, mask=s_mask)
 
 
 @triton.jit
 def bn_finalize_kernel(
-    PartMean, PartM2,              # [n_parts, S] partial statistics
+    PartStat, PartM2,              # [n_parts, S] partial statistics (see merge_parts)
     PartCount,                     # [n_parts] element count of each part (HAS_COUNTS)
-    Pivot,                         # [S] added to the merged means (HAS_PIVOT)
-    Mean, Rstd, Scale, Shift,      # [S] out: batch mean, 1/std, y = (x - Mean) * Scale + Shift
+    Pivot,                         # [S] the parts are of x - Pivot (HAS_PIVOT), else of x
+    Mean,                          # [2 * S] out: S centres (the pivots), S offsets = batch mean - centre
+    Rstd, Scale, Shift,            # [S] out: 1/std; y = (x - centre) * Scale + Shift
     Weight, Bias, AdjScale, AdjBias, GScale, GShift,
     RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd,
     K, G, n_parts, n_b_parts, A, a_chunk, B_count, b_chunk,
@@ -237,7 +252,7 @@ def bn_finalize_kernel(
     """One program per BLOCK_C parameter channels; merges parts in index order (deterministic).
     With ghost batches (G > 1) each group is normalized by its own statistics while the running
     statistics and renorm r/d use the mean over groups of the means and biased variances."""
-    ACC = PartMean.dtype.element_ty
+    ACC = PartStat.dtype.element_ty
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < K
     S = G * K
@@ -247,34 +262,39 @@ def bn_finalize_kernel(
     n = tl.zeros([BLOCK_C], ACC)
     for g in range(G):
         s = g * K + c
-        mean, m2, n = merge_parts(PartMean, PartM2, PartCount, s, c_mask, S, n_parts, n_b_parts,
-                                  A, a_chunk, B_count, b_chunk, ACC, HAS_COUNTS, BLOCK_C)
+        total, m2, n = merge_parts(PartStat, PartM2, PartCount, s, c_mask, S, n_parts, n_b_parts,
+                                   A, a_chunk, B_count, b_chunk, ACC, HAS_COUNTS, BLOCK_C)
         var = m2 / tl.maximum(n, 1.0)
+        offset = total / tl.maximum(n, 1.0)
+        centre = tl.zeros_like(offset)
         if HAS_PIVOT:
-            mean += tl.load(Pivot + s, mask=c_mask, other=0.0)
-        tl.store(Mean + s, mean, mask=c_mask)
+            centre = tl.load(Pivot + s, mask=c_mask, other=0.0)
+        tl.store(Mean + s, centre, mask=c_mask)
+        tl.store(Mean + S + s, offset, mask=c_mask)
         tl.store(Rstd + s, 1.0 / sqrt_rn(var + eps), mask=c_mask)
-        sum_mean += mean
+        sum_mean += mean_from_sum(centre, total, n)
         sum_var += var
     multiplier, shift = channel_affine_and_update(
         c, c_mask, sum_mean / G, sum_var / G, n, Weight, Bias, AdjScale, AdjBias, GScale, GShift,
         RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd, Hyper,
         HAS_WEIGHT, HAS_BIAS, HAS_ADJUST, RENORM, UPDATE_RUNNING, UNBIASED, CUMULATIVE, SAVE_GAFFINE)
-    # Rstd was stored above by other threads than may read it back below: a block barrier makes
-    # those global stores visible (the same threads own the same channels today, but nothing in
-    # Triton's layout rules promises it)
+    # Rstd and the offset were stored above by other threads than may read them back below: a
+    # block barrier makes those global stores visible (the same threads own the same channels
+    # today, but nothing in Triton's layout rules promises it)
     tl.debug_barrier()
     for g in range(G):
         s = g * K + c
-        rstd = tl.load(Rstd + s, mask=c_mask, other=0.0)
-        tl.store(Scale + s, rstd * multiplier, mask=c_mask)
-        tl.store(Shift + s, shift, mask=c_mask)
+        scale = tl.load(Rstd + s, mask=c_mask, other=0.0) * multiplier
+        tl.store(Scale + s, scale, mask=c_mask)
+        tl.store(Shift + s, shift - tl.load(Mean + S + s, mask=c_mask, other=0.0) * scale,
+                 mask=c_mask)
 
 
 @triton.jit
 def bn_apply_kernel(
     X, Y, Residual,                # activation in, output, optional residual added before the act.
-    Mean, Scale, Shift,            # [S] fp32 coefficients (out when FROM_RUNNING and WRITE_COEFFS)
+    Mean,                          # [2 * S] centres, offsets (out when FROM_RUNNING and WRITE_COEFFS)
+    Scale, Shift,                  # [S] fp32 coefficients (likewise)
     Rstd,                          # [S] fp32 out when FROM_RUNNING and WRITE_COEFFS
     RunMean, RunVar, Weight, Bias,  # [K] for FROM_RUNNING (inference)
     R1, K, S, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts,
@@ -304,14 +324,16 @@ def bn_apply_kernel(
             if HAS_BIAS:
                 shift += load_channel_values(Bias, bc, bc_mask, bc, ACC, CHANNELS_FAST)
             if WRITE_COEFFS:
-                if part == 0:
+                if part == 0:  # the centre is the running mean, the offset 0
                     if CHANNELS_FAST:
                         tl.store(Mean + bc[None, :], mean, mask=bc_mask[None, :])
+                        tl.store(Mean + S + bc[None, :], tl.zeros_like(mean), mask=bc_mask[None, :])
                         tl.store(Rstd + bc[None, :], rstd, mask=bc_mask[None, :])
                         tl.store(Scale + bc[None, :], scale, mask=bc_mask[None, :])
                         tl.store(Shift + bc[None, :], shift, mask=bc_mask[None, :])
                     else:
                         tl.store(Mean + bc, mean)
+                        tl.store(Mean + S + bc, tl.zeros_like(mean))
                         tl.store(Rstd + bc, rstd)
                         tl.store(Scale + bc, scale)
                         tl.store(Shift + bc, shift)
@@ -335,7 +357,8 @@ def bn_apply_kernel(
 @triton.jit
 def bn_fused_forward_kernel(
     X, Y, Residual,
-    Mean, Rstd, Scale, Shift,      # [K] fp32 out
+    Mean,                          # [2 * K] out: centres (the pivots), offsets = batch mean - centre
+    Rstd, Scale, Shift,            # [K] fp32 out; y = (x - centre) * Scale + Shift
     Weight, Bias, AdjScale, AdjBias, GScale, GShift,
     RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd,
     R1, K, A, B,
@@ -359,36 +382,38 @@ def bn_fused_forward_kernel(
     a, b, b_mask, mask = tile_indices(a_begin, b_begin, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
     x_offs = tile_offsets(a, b, s_fixed, R1, K, stride_x_r0, stride_x_r1, 0, stride_x_k,
                           False, CHANNELS_FAST)
-    x = tl.load(X + x_offs, mask=mask, other=0.0).to(ACC)
     pivot = load_pivot(X, b, b_mask, s_fixed, K, 0, stride_x_k, ACC, False, CHANNELS_FAST)
-    mean, m2, n = tile_moments(x - pivot, mask)
+    centred = tl.load(X + x_offs, mask=mask, other=0.0).to(ACC) - pivot  # x - centre
+    total, m2, n = tile_moments(centred, mask)
     if CHANNELS_FAST:
-        mean += tl.reshape(pivot, [BLOCK_B])
+        centre = tl.reshape(pivot, [BLOCK_B])
         c = b
         c_mask = b_mask
     else:
-        mean, m2, n = tl.reduce((mean, m2, n), 0, chan_merge)
-        mean += pivot
+        total, m2, n = tl.reduce((total, m2, n), 0, chan_merge)
+        centre = pivot
         c = s_fixed
         c_mask = s_fixed < K
+    offset = total / tl.maximum(n, 1.0)
     var = m2 / tl.maximum(n, 1.0)
     rstd = 1.0 / sqrt_rn(var + tl.load(Hyper))
     multiplier, shift = channel_affine_and_update(
-        c, c_mask, mean, var, n, Weight, Bias, AdjScale, AdjBias, GScale, GShift,
+        c, c_mask, mean_from_sum(centre, total, n), var, n, Weight, Bias, AdjScale, AdjBias, GScale, GShift,
         RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd, Hyper,
         HAS_WEIGHT, HAS_BIAS, HAS_ADJUST, RENORM, UPDATE_RUNNING, UNBIASED, CUMULATIVE, SAVE_GAFFINE)
     scale = rstd * multiplier
-    tl.store(Mean + c, mean, mask=c_mask)
+    shift = shift - offset * scale  # y = (x - centre) * scale + shift
+    tl.store(Mean + c, centre, mask=c_mask)
+    tl.store(Mean + K + c, offset, mask=c_mask)  # Mean is [2 * K] (G == 1)
     tl.store(Rstd + c, rstd, mask=c_mask)
     tl.store(Scale + c, scale, mask=c_mask)
     tl.store(Shift + c, shift, mask=c_mask)
     if CHANNELS_FAST:
-        mean = mean[None, :]
         scale = scale[None, :]
         shift = shift[None, :]
     y_offs = tile_offsets(a, b, s_fixed, R1, K, stride_y_r0, stride_y_r1, 0, stride_y_k,
                           False, CHANNELS_FAST)
     z_offs = tile_offsets(a, b, s_fixed, R1, K, stride_z_r0, stride_z_r1, 0, stride_z_k,
                           False, CHANNELS_FAST)
-    y = apply_activation((x - mean) * scale + shift, Residual, z_offs, mask, HAS_RESIDUAL, RELU)
+    y = apply_activation(centred * scale + shift, Residual, z_offs, mask, HAS_RESIDUAL, RELU)
     tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=mask)
