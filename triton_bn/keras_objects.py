@@ -309,7 +309,8 @@ def keras_on_torch():
 def is_keras3_object(obj: Any) -> bool:
     """Whether ``obj`` is a Keras 3 initializer, regularizer or constraint."""
     keras = sys.modules.get("keras")
-    if keras is None or not hasattr(keras, "initializers"):
+    major = str(getattr(keras, "__version__", "0")).split(".")[0]
+    if keras is None or not major.isdigit() or int(major) < 3:  # Keras 2's objects are TF's
         return False
     return isinstance(obj, (keras.initializers.Initializer, keras.regularizers.Regularizer,
                             keras.constraints.Constraint))
