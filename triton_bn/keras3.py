@@ -123,7 +123,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
             extras = [name for name, on in (("virtual_batch_size", self.virtual_batch_size),
                                             ("adjustment", self.adjustment),
                                             ("synchronized", self.synchronized)) if on]
-            if extras:
+            if extras and training:  # (they act in training only)
                 raise ValueError(f"{', '.join(extras)} cannot be combined with a mask in training "
                                  "or with inputs of rank < 2 (the kernels take no mask); got "
                                  f"inputs.shape={tuple(inputs.shape)}")
