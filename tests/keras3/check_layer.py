@@ -127,10 +127,18 @@ def test_keras_file_round_trip(tmp_path):
     close(loaded(x, training=True), model(x, training=True), 1e-6, what="training")
 
 
-def test_mixed_bfloat16():
-    """Keras's dtype policy: bf16 in and out, float32 variables updated in float32."""
+@pytest.fixture
+def mixed_bfloat16():
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def test_mixed_bfloat16(mixed_bfloat16):
+    """keras.mixed_precision's global policy: bf16 in and out, float32 variables updated in
+    float32."""
     shape = (8, 4, 4, 3)
-    ours, theirs = twin({"momentum": 0.5, "dtype": "mixed_bfloat16"}, shape)
+    ours, theirs = twin({"momentum": 0.5}, shape)
     assert ours.compute_dtype == "bfloat16" and ours.variable_dtype == "float32"
     x = data(shape)
     y0, y1 = ours(x, training=True), theirs(x, training=True)
@@ -140,6 +148,20 @@ def test_mixed_bfloat16():
         assert w0.value.dtype == torch.float32
         close(w0, w1, 1e-2, what=w1.path)  # the input itself was rounded to bf16
     close(ours(x, training=False), theirs(x, training=False), 2e-2, what="inference")
+
+
+def test_fit_under_mixed_bfloat16(mixed_bfloat16):
+    keras.utils.set_random_seed(0)
+    theirs, ours = convnet(keras.layers.BatchNormalization), convnet(TBN)
+    ours.set_weights(theirs.get_weights())
+    x, y = data((16, 6, 6, 2)), data((16, 2), seed=1)
+    losses = []
+    for model in (ours, theirs):
+        model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+        losses.append(model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+                      .history["loss"])
+        assert model.layers[1].moving_mean.value.dtype == torch.float32
+    np.testing.assert_allclose(losses[0], losses[1], rtol=5e-3)  # bf16 activations
 
 
 def test_stateless_call_leaves_the_variables_alone():
