@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from triton_bn.keras import L2, BatchNormalization, MaxNorm, RandomNormal, serialize
+from triton_bn.keras import BatchNormalization
+from triton_bn.keras_objects import L2, MaxNorm, RandomNormal, serialize
 from triton_bn.reference import reference_batch_norm
 
 SHAPE = (4, 3, 2, 3)  # NHWC, 3 channels on the last axis (Keras's default)

@@ -3,24 +3,27 @@
 Same constructor, defaults, weights (names, shapes, ``get_weights()`` order), config and errors as
 tf_keras; every statistic runs in the fused Triton kernels through ``functional.normalize``
 (renorm r/d clipping, strided ghost batches and adjustment included). The Keras objects the
-constructor takes by name (initializers, regularizers, constraints) are small serializable
-classes below; plain callables work too.
+constructor takes by name (initializers, regularizers, constraints) come from ``keras_objects``;
+plain callables and Keras 3's own objects work too. numpy is needed only by ``get_weights`` /
+``set_weights``.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from .distributed import sync_normalize
 from .functional import Renorm, RunningStats, normalize
+from .keras_objects import get_constraint, get_initializer, get_regularizer, serialize
 from .layout import normalize_axes
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = [
     "BatchNormalization",
@@ -29,301 +32,6 @@ __all__ = [
     "get_regularizer",
     "serialize",
 ]
-
-
-# ---------------------------------------------------------------------------------------------
-# Keras objects: initializers, regularizers, constraints
-# ---------------------------------------------------------------------------------------------
-class KerasObject:
-    """Base of the serializable Keras objects: ``get_config()`` holds the constructor kwargs."""
-
-    module = "keras"
-
-    def __init__(self, **config: Any):
-        self.config = config
-
-    def get_config(self) -> dict:
-        return dict(self.config)
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
-        return f"{type(self).__name__}({args})"
-
-
-def _fans(shape: Sequence[int]) -> tuple[int, int]:
-    """Keras's ``_compute_fans``."""
-    if len(shape) < 1:
-        return 1, 1
-    if len(shape) == 1:
-        return shape[0], shape[0]
-    if len(shape) == 2:
-        return shape[0], shape[1]
-    receptive = math.prod(shape[:-2])
-    return shape[-2] * receptive, shape[-1] * receptive
-
-
-class Initializer(KerasObject):
-    """``init(shape, dtype, device) -> Tensor``; random ones draw from torch's RNG (or ``seed``)."""
-
-    module = "keras.initializers"
-
-    def __call__(self, shape, dtype=torch.float32, device=None) -> torch.Tensor:
-        seed = self.config.get("seed")
-        gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
-        out = torch.empty(tuple(shape), dtype=torch.float32)
-        return self.fill(out, tuple(shape), gen).to(dtype=dtype, device=device)
-
-    def fill(self, out: torch.Tensor, shape: tuple, gen) -> torch.Tensor:
-        raise NotImplementedError
-
-
-class Zeros(Initializer):
-    def fill(self, out, shape, gen):
-        return out.zero_()
-
-
-class Ones(Initializer):
-    def fill(self, out, shape, gen):
-        return out.fill_(1.0)
-
-
-class Constant(Initializer):
-    def __init__(self, value: float = 0):
-        super().__init__(value=value)
-
-    def fill(self, out, shape, gen):
-        return out.copy_(torch.as_tensor(self.config["value"], dtype=out.dtype).expand(shape))
-
-
-class RandomNormal(Initializer):
-    def __init__(self, mean: float = 0.0, stddev: float = 0.05, seed: int | None = None):
-        super().__init__(mean=mean, stddev=stddev, seed=seed)
-
-    def fill(self, out, shape, gen):
-        return out.normal_(self.config["mean"], self.config["stddev"], generator=gen)
-
-
-class RandomUniform(Initializer):
-    def __init__(self, minval: float = -0.05, maxval: float = 0.05, seed: int | None = None):
-        super().__init__(minval=minval, maxval=maxval, seed=seed)
-
-    def fill(self, out, shape, gen):
-        return out.uniform_(self.config["minval"], self.config["maxval"], generator=gen)
-
-
-class TruncatedNormal(Initializer):
-    """Normal, redrawn outside two standard deviations (as Keras)."""
-
-    def __init__(self, mean: float = 0.0, stddev: float = 0.05, seed: int | None = None):
-        super().__init__(mean=mean, stddev=stddev, seed=seed)
-
-    def fill(self, out, shape, gen):
-        m, s = self.config["mean"], self.config["stddev"]
-        return nn.init.trunc_normal_(out, m, s, m - 2 * s, m + 2 * s, generator=gen)
-
-
-class VarianceScaling(Initializer):
-    def __init__(self, scale: float = 1.0, mode: str = "fan_in",
-                 distribution: str = "truncated_normal", seed: int | None = None):
-        if mode not in ("fan_in", "fan_out", "fan_avg"):
-            raise ValueError(f"VarianceScaling: mode must be fan_in, fan_out or fan_avg, got "
-                             f"{mode!r}")
-        if distribution not in ("truncated_normal", "untruncated_normal", "uniform"):
-            raise ValueError("VarianceScaling: distribution must be truncated_normal, "
-                             f"untruncated_normal or uniform, got {distribution!r}")
-        super().__init__(scale=scale, mode=mode, distribution=distribution, seed=seed)
-        self.scaling = (scale, mode, distribution)
-
-    def fill(self, out, shape, gen):
-        scale, mode, distribution = self.scaling
-        fan_in, fan_out = _fans(shape)
-        fan = {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2}[mode]
-        var = scale / max(1.0, fan)
-        if distribution == "uniform":
-            limit = math.sqrt(3.0 * var)
-            return out.uniform_(-limit, limit, generator=gen)
-        if distribution == "untruncated_normal":
-            return out.normal_(0.0, math.sqrt(var), generator=gen)
-        s = math.sqrt(var) / 0.87962566103423978
-        return nn.init.trunc_normal_(out, 0.0, s, -2 * s, 2 * s, generator=gen)
-
-
-def _scaling(name: str, scale: float, mode: str, distribution: str) -> type:
-    """A named VarianceScaling preset (GlorotUniform, HeNormal, ...) whose config is the seed."""
-
-    def __init__(self, seed: int | None = None):
-        VarianceScaling.__init__(self, scale, mode, distribution, seed)
-        self.config = {"seed": seed}
-
-    doc = f"VarianceScaling(scale={scale}, mode={mode!r}, distribution={distribution!r})."
-    return type(name, (VarianceScaling,), {"__init__": __init__, "__doc__": doc})
-
-
-GlorotUniform = _scaling("GlorotUniform", 1.0, "fan_avg", "uniform")
-GlorotNormal = _scaling("GlorotNormal", 1.0, "fan_avg", "truncated_normal")
-HeUniform = _scaling("HeUniform", 2.0, "fan_in", "uniform")
-HeNormal = _scaling("HeNormal", 2.0, "fan_in", "truncated_normal")
-LecunUniform = _scaling("LecunUniform", 1.0, "fan_in", "uniform")
-LecunNormal = _scaling("LecunNormal", 1.0, "fan_in", "truncated_normal")
-
-
-class Regularizer(KerasObject):
-    """``reg(weight) -> scalar tensor`` added to the loss. Factors are float32, as in Keras."""
-
-    module = "keras.regularizers"
-
-    def __init__(self, **factors: float):
-        for k, v in factors.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ValueError(f"{type(self).__name__}: {k}={v!r} is not a valid "
-                                 "regularization penalty number, expected an int or float value")
-        super().__init__(**{k: float(np.float32(v)) for k, v in factors.items()})
-
-    def __call__(self, w: torch.Tensor) -> torch.Tensor:
-        loss = w.new_zeros(())
-        if self.config.get("l1"):
-            loss = loss + self.config["l1"] * w.abs().sum()
-        if self.config.get("l2"):
-            loss = loss + self.config["l2"] * w.square().sum()
-        return loss
-
-
-class L1(Regularizer):
-    def __init__(self, l1: float = 0.01):
-        super().__init__(l1=l1)
-
-
-class L2(Regularizer):
-    def __init__(self, l2: float = 0.01):
-        super().__init__(l2=l2)
-
-
-class L1L2(Regularizer):
-    def __init__(self, l1: float = 0.0, l2: float = 0.0):
-        super().__init__(l1=l1, l2=l2)
-
-
-class Constraint(KerasObject):
-    """``c(weight) -> projected weight``; the norms reduce over ``axis`` (Keras's default 0)."""
-
-    module = "keras.constraints"
-    EPS = 1e-7  # keras.backend.epsilon()
-
-    def _rescale(self, w: torch.Tensor, lo: float, hi: float, rate: float = 1.0) -> torch.Tensor:
-        norms = w.square().sum(dim=self.config["axis"], keepdim=True).sqrt()
-        desired = rate * norms.clamp(lo, hi) + (1 - rate) * norms
-        return w * (desired / (self.EPS + norms))
-
-
-class NonNeg(Constraint):
-    def __call__(self, w):
-        return w * (w >= 0).to(w.dtype)
-
-
-class UnitNorm(Constraint):
-    def __init__(self, axis: int = 0):
-        super().__init__(axis=axis)
-
-    def __call__(self, w):
-        return w / (self.EPS + w.square().sum(dim=self.config["axis"], keepdim=True).sqrt())
-
-
-class MaxNorm(Constraint):
-    def __init__(self, max_value: float = 2, axis: int = 0):
-        super().__init__(max_value=max_value, axis=axis)
-
-    def __call__(self, w):
-        return self._rescale(w, 0.0, self.config["max_value"])
-
-
-class MinMaxNorm(Constraint):
-    def __init__(self, min_value: float = 0.0, max_value: float = 1.0, rate: float = 1.0,
-                 axis: int = 0):
-        super().__init__(min_value=min_value, max_value=max_value, rate=rate, axis=axis)
-
-    def __call__(self, w):
-        c = self.config
-        return self._rescale(w, c["min_value"], c["max_value"], c["rate"])
-
-
-_INITIALIZERS = {c.__name__: c for c in (
-    Zeros, Ones, Constant, RandomNormal, RandomUniform, TruncatedNormal, VarianceScaling,
-    GlorotUniform, GlorotNormal, HeUniform, HeNormal, LecunUniform, LecunNormal)}
-_INITIALIZERS.update(zeros=Zeros, ones=Ones, constant=Constant, random_normal=RandomNormal,
-                     random_uniform=RandomUniform, truncated_normal=TruncatedNormal,
-                     variance_scaling=VarianceScaling, glorot_uniform=GlorotUniform,
-                     glorot_normal=GlorotNormal, he_uniform=HeUniform, he_normal=HeNormal,
-                     lecun_uniform=LecunUniform, lecun_normal=LecunNormal)
-_REGULARIZERS = {"L1": L1, "L2": L2, "L1L2": L1L2, "l1": L1, "l2": L2,
-                 "l1_l2": lambda l1=0.01, l2=0.01: L1L2(l1, l2)}
-_CONSTRAINTS = {c.__name__: c for c in (NonNeg, UnitNorm, MaxNorm, MinMaxNorm)}
-_CONSTRAINTS.update(non_neg=NonNeg, nonneg=NonNeg, unit_norm=UnitNorm, unitnorm=UnitNorm,
-                    max_norm=MaxNorm, maxnorm=MaxNorm, min_max_norm=MinMaxNorm)
-
-
-def _get(identifier, table: dict, kind: str, arg: str, custom_objects: dict | None):
-    """Keras's ``get``: None, a name, a ``{"class_name", "config"}`` dict, or a callable."""
-    if identifier is None:
-        return None
-    if callable(identifier):
-        return identifier() if isinstance(identifier, type) else identifier
-    lookup = {**table, **(custom_objects or {})}
-    if isinstance(identifier, str):
-        name, config = identifier, {}
-    elif isinstance(identifier, dict) and "class_name" in identifier:
-        name, config = identifier["class_name"], identifier.get("config") or {}
-        if name == "function" and isinstance(config, str):  # a serialized plain function
-            name, config = config, None
-    else:
-        raise TypeError(f"{arg}: could not interpret {kind} identifier {identifier!r}: expected "
-                        f"a name, a {{'class_name', 'config'}} dict or a callable")
-    if name not in lookup:
-        raise ValueError(f"{arg}: unknown {kind} {name!r}; known: "
-                         f"{sorted(k for k in table if k[0].islower())} (or pass it in "
-                         "custom_objects)")
-    obj = lookup[name]
-    if config is None:
-        return obj
-    if not isinstance(config, dict):
-        raise TypeError(f"{arg}: the config of {kind} {name!r} must be a dict, got {config!r}")
-    try:
-        return obj(**config)
-    except (TypeError, ValueError) as exc:
-        raise type(exc)(f"{arg}: bad config for {kind} {name!r}: {exc}") from None
-
-
-def get_initializer(identifier, arg: str = "initializer", custom_objects=None):
-    """An initializer from a Keras name ("zeros", "random_normal", ...), a config dict or a
-    callable ``f(shape, dtype=...)``."""
-    if identifier is None:
-        raise ValueError(f"{arg}: an initializer is required, got None")
-    return _get(identifier, _INITIALIZERS, "initializer", arg, custom_objects)
-
-
-def get_regularizer(identifier, arg: str = "regularizer", custom_objects=None):
-    """A regularizer from "l1", "l2", "l1_l2", a config dict, a callable ``f(w) -> scalar``, or
-    None."""
-    return _get(identifier, _REGULARIZERS, "regularizer", arg, custom_objects)
-
-
-def get_constraint(identifier, arg: str = "constraint", custom_objects=None):
-    """A constraint from "non_neg", "unit_norm", "max_norm", "min_max_norm", a config dict, a
-    callable ``f(w) -> w``, or None."""
-    return _get(identifier, _CONSTRAINTS, "constraint", arg, custom_objects)
-
-
-def serialize(obj) -> dict | None:
-    """Keras's ``serialize_keras_object``: a JSON-friendly dict (None stays None). A plain
-    function is saved by name (restore it with ``from_config(..., custom_objects=...)``)."""
-    if obj is None:
-        return None
-    if hasattr(obj, "get_config"):
-        module = getattr(obj, "module", type(obj).__module__)
-        return {"module": module, "class_name": type(obj).__name__, "config": obj.get_config(),
-                "registered_name": None if isinstance(obj, KerasObject) else type(obj).__name__}
-    name = getattr(obj, "__name__", type(obj).__name__)
-    return {"module": getattr(obj, "__module__", None), "class_name": "function", "config": name,
-            "registered_name": name}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,6 +81,13 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
     """A weight as the kernels take it: a [K] view (same storage, so in-place updates land)."""
     return None if t is None else t.view(-1)
+
+
+def _as_array(w: Any) -> Any:
+    """A numpy array from an array-like (numpy is imported only here and in get_weights)."""
+    import numpy
+
+    return numpy.asarray(w)
 
 
 def _layer_error(name: str, detail: str) -> ValueError:
@@ -700,7 +415,8 @@ class BatchNormalization(nn.Module):
             raise ValueError(f'You called `set_weights(weights)` on layer "{self.name}" with a '
                              f"weight list of length {len(weights)}, but the layer was expecting "
                              f"{len(own)} weights." + ("" if self.built else " Build it first."))
-        values = [torch.as_tensor(np.asarray(w)) for w in weights]
+        values = [w if isinstance(w, torch.Tensor) else torch.as_tensor(_as_array(w))
+                  for w in weights]
         for w, v in zip(own, values):
             if tuple(v.shape) != tuple(w.shape):
                 raise ValueError(f'Layer "{self.name}" weight shape {tuple(w.shape)} is not '
