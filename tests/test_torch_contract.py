@@ -588,3 +588,32 @@ def test_fuse_modules_keeps_fused_relu():
 def test_torchscript_refuses_clearly():
     with pytest.raises(RuntimeError, match="torch.jit.script cannot compile triton_bn.BatchNorm2d"):
         torch.jit.script(nn.Sequential(nn.Conv2d(2, C, 1), BatchNorm2d(C)))
+
+
+class _OneProcessSync:
+    """The sync hook protocol of distributed.ProcessGroupSync for a single process (P = 1)."""
+
+    def exchange(self, x, axes, groups):
+        mean, m2, count = triton_bn.ops.local_moments(x, axes, groups)
+        return mean[None], m2[None], torch.full((1,), float(count), dtype=mean.dtype)
+
+    def all_reduce(self, t):
+        pass
+
+
+def test_synchronized_double_backward_and_transforms_fail_clearly():
+    x, w = leaf(4, C, 2), leaf(C, low=0.5)
+    token = triton_bn.BatchNormFunction.sync_hook.set(_OneProcessSync())
+    try:
+        y = normalize(x, w)
+        dx, = torch.autograd.grad(y.sum() + (y ** 2).sum(), x)  # the ordinary backward works
+        torch.testing.assert_close(dx, torch.autograd.grad(
+            (lambda y: y.sum() + (y ** 2).sum())(F.batch_norm(x, None, None, w, training=True)),
+            x)[0])
+        y = normalize(x, w)
+        with pytest.raises(RuntimeError, match="double backward .* synchronized"):
+            torch.autograd.grad((y ** 2).sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="torch.func transforms .* synchronized"):
+            vmap(lambda x: normalize(x, w))(x[None])
+    finally:
+        triton_bn.BatchNormFunction.sync_hook.reset(token)

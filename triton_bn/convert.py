@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch  # noqa: F401
 from torch import nn
 
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm, _TritonBatchNorm
