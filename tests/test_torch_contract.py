@@ -617,3 +617,43 @@ def test_synchronized_double_backward_and_transforms_fail_clearly():
             vmap(lambda x: normalize(x, w))(x[None])
     finally:
         triton_bn.BatchNormFunction.sync_hook.reset(token)
+
+
+def test_keras_layer_jvp_and_vmap_match_torch():
+    """The Keras layer (axis=-1, epsilon 1e-3) under torch.func.jvp and vmap, against
+    F.batch_norm on the channels-first view of the same data."""
+    layer = triton_bn.BatchNormalization(axis=-1, dtype=F64)
+    x = torch.randn(4, 2, C, dtype=F64)
+    layer(x, training=True)  # build
+
+    def ref(x):
+        return F.batch_norm(x.movedim(-1, 1), None, None, training=True, eps=1e-3).movedim(1, -1)
+
+    tx = torch.randn_like(x)
+    got, want = jvp(lambda x: layer(x, training=True), (x,), (tx,)), jvp(ref, (x,), (tx,))
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, atol=1e-10, rtol=1e-8)
+    layer.eval()
+    xb = torch.randn(3, 4, 2, C, dtype=F64)
+    ys = vmap(lambda x: layer(x, training=False))(xb)
+    torch.testing.assert_close(ys, torch.stack([layer(x, training=False) for x in xb]))
+
+
+def test_func_grad_of_module_in_training_updates_buffers_like_torch():
+    """Meta-learning style: torch.func.grad over a module's parameters via functional_call,
+    in training (running statistics updated as a side effect, as torch's)."""
+    ours, theirs = BatchNorm2d(C, dtype=F64), nn.BatchNorm2d(C, dtype=F64)
+    x = torch.randn(4, C, 2, 2, dtype=F64)
+    results = []
+    for m in (ours, theirs):
+        params = {k: v.detach() for k, v in m.named_parameters()}
+        buffers = dict(m.named_buffers())  # passed in: torch.func forbids mutating captures
+
+        def loss(p, b, m=m):
+            return (torch.func.functional_call(m, (p, b), (x,)) ** 3).sum()
+
+        g = torch.func.grad(loss)(params, buffers)
+        results.append([g["weight"], g["bias"], m.running_mean.clone(), m.running_var.clone(),
+                        m.num_batches_tracked.clone()])
+    for a, e in zip(*results):
+        torch.testing.assert_close(a, e, atol=1e-9, rtol=1e-7)
