@@ -657,3 +657,47 @@ def test_func_grad_of_module_in_training_updates_buffers_like_torch():
                         m.num_batches_tracked.clone()])
     for a, e in zip(*results):
         torch.testing.assert_close(a, e, atol=1e-9, rtol=1e-7)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_vmap_of_normalize_matches_a_loop_of_calls(groups, monkeypatch):
+    """Residual + ReLU, batched weights and running statistics: vmap against calling normalize
+    slice by slice. Without ghost batches the slices run as one folded call."""
+    import triton_bn.functional as fn
+
+    folded = []
+    real = fn._vmap_folded
+    monkeypatch.setattr(fn, "_vmap_folded", lambda *a: folded.append(real(*a)) or folded[-1])
+    B = 3
+    xb, zb = torch.randn(B, 4, C, 2) * 2 + 1, torch.randn(B, 4, C, 2)
+    wb, b = torch.rand(B, C) + 0.5, torch.randn(C)
+    rm, rv = torch.randn(B, C), torch.rand(B, C) + 0.5
+    rm_loop, rv_loop = rm.clone(), rv.clone()
+
+    def f(x, w, z, m, v):
+        return normalize(x, w, b, running=RunningStats(m, v), residual=z, activation="relu",
+                         groups=groups)
+
+    y = vmap(f)(xb, wb, zb, rm, rv)
+    assert (folded[0] is not None) == (groups == 1)
+    expected = torch.stack([f(xb[i], wb[i], zb[i], rm_loop[i], rv_loop[i]) for i in range(B)])
+    torch.testing.assert_close(y, expected, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(rm, rm_loop, atol=2e-6, rtol=2e-6)
+    torch.testing.assert_close(rv, rv_loop, atol=2e-6, rtol=2e-6)
+
+
+def test_per_sample_gradients_and_grad_of_vmap_match_torch():
+    """vmap(grad(...)) (per-model gradients, ensembles) and grad(vmap(...)), against torch."""
+    xb = torch.randn(3, 4, C, 2, dtype=F64)
+    w = torch.rand(C, dtype=F64) + 0.5
+    got = []
+    for fn in (batch_norm, F.batch_norm):
+        def loss(w, x, fn=fn):
+            return (fn(x, None, None, w, None, training=True) ** 3).sum()
+
+        per_slice = vmap(torch.func.grad(loss), in_dims=(None, 0))(w, xb)
+        whole = torch.func.grad(lambda w, fn=fn: vmap(lambda x: fn(x, None, None, w, None,
+                                                                 training=True) ** 3)(xb).sum())(w)
+        got.append((per_slice, whole))
+    for a, e in zip(*got):
+        torch.testing.assert_close(a, e, atol=1e-10, rtol=1e-8)

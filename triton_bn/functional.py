@@ -395,7 +395,8 @@ def _vmap_rule(info, in_dims, *args):
     """Each vmapped slice is an independent batch norm (torch's rule for batch_norm): slices
     of batched running statistics are updated in place; an unbatched input updates unbatched
     running statistics once; a batched input with unbatched running statistics in training is
-    an error, as in torch."""
+    an error, as in torch. A batched input runs as one call (``_vmap_folded``) where it can,
+    else one call per slice."""
     cfg: NormConfig = args[12]
     if cfg.update_running and in_dims[0] is not None and any(
             args[i] is not None and in_dims[i] is None for i in (6, 7, 9, 10, 11)):
@@ -403,6 +404,9 @@ def _vmap_rule(info, in_dims, *args):
             "vmap: Batch norm got a batched tensor as input while the running_mean or "
             "running_var, which will be updated in place, were not batched. Batch the running "
             "statistics too, or use track_running_stats=False or eval mode (torch's rule)")
+    folded = _vmap_folded(info.batch_size, in_dims, args)
+    if folded is not None:
+        return folded
     outs = []
     for i in range(info.batch_size):
         sliced = []
@@ -432,6 +436,40 @@ def _vmap_rule(info, in_dims, *args):
             result.append(torch.stack(parts))
             dims.append(0)
     return tuple(result), tuple(dims)
+
+
+def _vmap_folded(B: int, in_dims, args):
+    """A batched input as one kernel call: the vmapped dimension becomes a leading channel axis
+    (statistic channel b * K + k), so the B batch norms run together. None when it does not fit
+    (unbatched input, ghost batches, a batched cumulative counter): the caller loops then."""
+    cfg: NormConfig = args[12]
+    d = in_dims[0]
+    if d is None or (cfg.training and cfg.groups > 1) or in_dims[8] is not None:
+        return None
+    x = args[0].movedim(d, 0)
+    K = math.prod(x.shape[a + 1] for a in cfg.axes)
+    flat, copies = [], []
+    for j in range(1, 12):
+        t, e = args[j], in_dims[j]
+        if t is None or j == 8:  # absent, or the (unbatched) num_batches_tracked
+            flat.append(t)
+        elif j == 3:  # the residual, activation-shaped
+            flat.append(t.movedim(e, 0) if e is not None else t.expand((B,) + tuple(t.shape)))
+        elif e is None:  # read-only per-channel tensor shared by the slices
+            flat.append(t.expand(B, K).reshape(B * K))
+        else:
+            tb = t.movedim(e, 0)
+            if j in _STATE_ARGS and not tb.is_contiguous():  # updated through a copy
+                c = tb.contiguous()
+                copies.append((tb, c))
+                tb = c
+            flat.append(tb.reshape(B * K))
+    fcfg = dataclasses.replace(cfg, axes=(0,) + tuple(a + 1 for a in cfg.axes))
+    outs = TransformBatchNormFunction.apply(x, *flat, fcfg, None)
+    for original, copy in copies:
+        original.copy_(copy)
+    result = (outs[0],) + tuple(None if t is None else t.reshape(B, -1) for t in outs[1:])
+    return result, tuple(None if t is None else 0 for t in result)
 
 
 class ArgumentError(ValueError, RuntimeError):
