@@ -7,12 +7,15 @@ over the kernels. ``batch_norm`` is ``torch.nn.functional.batch_norm``'s contrac
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import numbers
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+from torch.autograd import forward_ad
 
 from . import (
     custom_ops,  # noqa: F401  (registers the triton_bn:: operators for torch.compile)
@@ -21,7 +24,8 @@ from . import (
 from .layout import normalize_axes
 from .ops import RENORM_KERAS, RENORM_NONE, RENORM_TORCH
 
-__all__ = ["batch_norm", "normalize", "RunningStats", "Renorm", "BatchNormFunction", "NormConfig"]
+__all__ = ["ArgumentError", "ArgumentTypeError", "BatchNormFunction", "InputTypeError", "NormConfig",
+           "RankError", "Renorm", "RunningStats", "batch_norm", "normalize"]
 
 
 @dataclass
@@ -80,6 +84,220 @@ class NormConfig:
     relu: bool
 
 
+def _forward(x, weight, bias, residual, adj_scale, adj_bias, running_mean, running_var,
+             num_batches_tracked, renorm_mean, renorm_stddev, moving_stddev, cfg: NormConfig,
+             sync):
+    """(y, mean, rstd, scale, shift, gscale, gshift, global_count) from the kernels (or the
+    custom operators while tracing); the statistics are None for an empty, unsynchronized input."""
+    if x.numel() == 0 and sync is None:
+        return torch.empty_like(x), None, None, None, None, None, None, None
+    state = (running_mean, running_var, num_batches_tracked, renorm_mean, renorm_stddev,
+             moving_stddev)
+    kw = {"groups": cfg.groups, "training": cfg.training, "eps": cfg.eps,
+          "momentum": cfg.momentum, "cumulative": cfg.cumulative, "unbiased": cfg.unbiased,
+          "update_running": cfg.update_running, "renorm": cfg.renorm,
+          "renorm_momentum": cfg.renorm_momentum, "rmin": cfg.rmin, "rmax": cfg.rmax,
+          "dmax": cfg.dmax, "relu": cfg.relu}
+    if _traced(x):
+        y, mean, rstd, scale, shift, gscale, gshift = torch.ops.triton_bn.bn_forward(
+            x, weight, bias, residual, adj_scale, adj_bias, *state, axes=list(cfg.axes), **kw)
+        has_g = cfg.training and ops.saves_gaffine(cfg.renorm, adj_scale is not None)
+        gscale, gshift = (gscale, gshift) if has_g else (None, None)
+        return y, mean, rstd, scale, shift, gscale, gshift, None
+    global_moments = global_count = None
+    if sync is not None:
+        global_moments = sync.exchange(x, cfg.axes, cfg.groups)
+        global_count = global_moments[2].sum().reshape(1)
+    r = ops.bn_forward(x, weight, bias, *state, adj_scale, adj_bias, residual, axes=cfg.axes,
+                       global_moments=global_moments, **kw)
+    return r.y, r.mean, r.rstd, r.scale, r.shift, r.gscale, r.gshift, global_count
+
+
+def _traced(x: torch.Tensor) -> bool:
+    return torch.compiler.is_compiling() or type(x) is not torch.Tensor
+
+
+def _wrapped(t: Optional[torch.Tensor]) -> bool:
+    """A functorch wrapper (vmap's BatchedTensor, torch.func.grad's) or the legacy batched
+    tensor of ``is_grads_batched``: the kernels cannot read its storage."""
+    return t is not None and (torch._C._functorch.is_functorch_wrapped_tensor(t)
+                              or torch._C._functorch.is_legacy_batchedtensor(t))
+
+
+def _backward(ctx, dy: torch.Tensor) -> tuple:
+    """(dx, dweight, dbias, dresidual). The kernels for an ordinary backward; differentiable
+    torch operations when grad mode is on inside backward (``create_graph=True``: double
+    backward) or when dy / x are functorch wrappers (vmap over the backward: ``jacrev``,
+    ``is_grads_batched``, gradcheck's batched check)."""
+    need_x, need_w, need_b, need_z = ctx.needs_input_grad[:4]
+    x, weight, residual, mean, rstd, scale, shift, gscale, gshift = ctx.saved_tensors
+    cfg = ctx.cfg
+    if mean is None:  # empty input: every gradient is zero
+        w_like = weight if weight is not None else dy.new_empty(0)
+        return (torch.zeros_like(dy) if need_x else None,
+                torch.zeros_like(w_like) if need_w else None,
+                dy.new_zeros(ctx.bias_shape, dtype=ctx.param_dtypes[1]) if need_b else None,
+                torch.zeros_like(dy) if need_z else None)
+    if _traced(dy):  # torch.compile (which has no double backward) or a tensor subclass
+        grads = torch.ops.triton_bn.bn_backward(
+            dy, x, residual, mean, rstd, scale, shift, gscale, gshift, axes=list(cfg.axes),
+            groups=cfg.groups, training=cfg.training, relu=cfg.relu, need_dx=need_x,
+            need_dweight=need_w, need_dbias=need_b, need_dresidual=need_z)
+        dx, dw, db, dz = [g if need else None for g, need in zip(grads, ctx.needs_input_grad)]
+        if need_z and not cfg.relu:
+            dz = dy  # d(y + z)/dz without an activation (the operator may not alias dy)
+    elif torch.is_grad_enabled() or _wrapped(dy) or _wrapped(x):
+        if ctx.sync is not None:
+            raise RuntimeError(
+                "triton_bn: double backward (create_graph=True) and functorch transforms of the "
+                "backward are not supported through synchronized batch norm (SyncBatchNorm / "
+                "sync_normalize with more than one process)")
+        dx, dw, db, dz = _torch_backward(dy, x, weight, residual, mean, rstd, scale, shift,
+                                         gscale, gshift, cfg, torch.is_grad_enabled(),
+                                         (need_x, need_w, need_b, need_z))
+    else:
+        sync = {} if ctx.sync is None else {"all_reduce": ctx.sync.all_reduce,
+                                            "global_count": ctx.global_count}
+        dx, dw, db, dz = ops.bn_backward(
+            dy, x, residual, mean, rstd, scale, shift, gscale, gshift, axes=cfg.axes,
+            groups=cfg.groups, training=cfg.training, relu=cfg.relu, need_dx=need_x,
+            need_dweight=need_w, need_dbias=need_b, need_dresidual=need_z, **sync)
+    w_dtype, b_dtype = ctx.param_dtypes
+    if dw is not None:
+        dw = dw.to(w_dtype)
+    if db is not None:
+        db = db.to(b_dtype)
+    return dx, dw, db, dz
+
+
+class _Views:
+    """The kernels' maths in plain torch operations (differentiable, vmappable): the activation
+    as [V, G, ...] when there are ghost batches, and [S] / [K] per-channel tensors as
+    broadcastable views of it (statistic channel s = g * K + k, as in ``layout``)."""
+
+    def __init__(self, x: torch.Tensor, cfg: NormConfig) -> None:
+        self.shape = tuple(x.shape)
+        G = cfg.groups if cfg.training else 1
+        nd = x.dim() + (G > 1)
+        caxes = tuple(a + 1 for a in cfg.axes) if G > 1 else cfg.axes
+        self.G, self.caxes = G, caxes
+        gshape = (x.shape[0] // G, G) + self.shape[1:] if G > 1 else self.shape
+        self.gshape = gshape
+        self.red = tuple(d for d in range(nd) if d not in caxes and not (G > 1 and d == 1))
+        self.red_all = tuple(d for d in range(nd) if d not in caxes)
+        self.stat_shape = [gshape[d] if d in caxes or (G > 1 and d == 1) else 1
+                           for d in range(nd)]
+        self.param_shape = [gshape[d] if d in caxes else 1 for d in range(nd)]
+
+    def act(self, t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+        return None if t is None else t.to(dtype).reshape(self.gshape)
+
+    def stat(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(self.stat_shape)
+
+    def param(self, t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+        return None if t is None else t.to(dtype).reshape(self.param_shape)
+
+    def out(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return t.reshape(self.shape).to(like.dtype)
+
+
+def _relu_mask(v: _Views, x, residual, mean, scale, shift, acc):
+    """Where the fused ReLU passed its input (recomputed from the saved coefficients)."""
+    with torch.no_grad():
+        pre = (v.act(x, acc) - v.stat(mean)) * v.stat(scale) + v.stat(shift)
+        if residual is not None:
+            pre = pre + v.act(residual, acc)
+        return pre > 0
+
+
+def _torch_backward(dy, x, weight, residual, mean, rstd, scale, shift, gscale, gshift,
+                    cfg: NormConfig, recompute: bool, needs) -> tuple:
+    """The backward in torch operations. ``recompute``: the batch statistics are recomputed
+    from x so that the gradients are differentiable functions of x (double backward); the
+    renorm r, d and the adjustment stay constants, as in the forward."""
+    need_x, need_w, need_b, need_z = needs
+    acc = mean.dtype
+    v = _Views(x, cfg)
+    xa, g = v.act(x, acc), v.act(dy, acc)
+    if cfg.relu:
+        g = torch.where(_relu_mask(v, x, residual, mean, scale, shift, acc), g, 0.0)
+    dz = v.out(g, residual) if need_z else None
+    if cfg.training and recompute:
+        m = xa.mean(dim=v.red, keepdim=True)
+        r = torch.rsqrt(((xa - m) ** 2).mean(dim=v.red, keepdim=True) + cfg.eps)
+    else:
+        m, r = v.stat(mean), v.stat(rstd)
+    xhat = (xa - m) * r
+    gs = v.param(gscale, acc) if cfg.training else None
+    gh = v.param(gshift, acc) if cfg.training else None
+    dw = db = dx = None
+    if need_b:
+        db = g.sum(dim=v.red_all)
+    if need_w:
+        u = xhat if gs is None else xhat * gs + gh
+        dw = (g * u).sum(dim=v.red_all).reshape(-1)
+    if need_x:
+        dxhat = g if weight is None else g * v.param(weight, acc)
+        if gs is not None:
+            dxhat = dxhat * gs
+        if cfg.training:
+            dxhat = dxhat - dxhat.mean(dim=v.red, keepdim=True) \
+                - xhat * (dxhat * xhat).mean(dim=v.red, keepdim=True)
+        dx = v.out(dxhat * r, x)
+    if db is not None:
+        db = db.reshape(-1)
+    return dx, dw, db, dz
+
+
+def _jvp(ctx, tx, tw, tb, tz) -> torch.Tensor:
+    """Forward-mode derivative of y from the input tangents (r, d and the adjustment constant)."""
+    x, weight, residual, mean, rstd, scale, shift, gscale, gshift = ctx.saved_tensors
+    cfg = ctx.cfg
+    if mean is None:
+        return torch.zeros_like(x)
+    if ctx.sync is not None:
+        raise RuntimeError("triton_bn: forward-mode AD is not supported through synchronized "
+                           "batch norm (more than one process)")
+    acc = mean.dtype
+    v = _Views(x, cfg)
+    m, r = v.stat(mean), v.stat(rstd)
+    xhat = (v.act(x, acc) - m) * r
+    gs = v.param(gscale, acc) if cfg.training else None
+    gh = v.param(gshift, acc) if cfg.training else None
+    t = torch.zeros_like(xhat)
+    if tx is not None:
+        ta = v.act(tx, acc)
+        if cfg.training:
+            ta = ta - ta.mean(dim=v.red, keepdim=True) \
+                - xhat * (ta * xhat).mean(dim=v.red, keepdim=True)
+        t = ta * r
+        if gs is not None:
+            t = t * gs
+        if weight is not None:
+            t = t * v.param(weight, acc)
+    if tw is not None:
+        t = t + (xhat if gs is None else xhat * gs + gh) * v.param(tw, acc)
+    if tb is not None:
+        t = t + v.param(tb, acc)
+    if tz is not None:
+        t = t + v.act(tz, acc)
+    if cfg.relu:
+        t = torch.where(_relu_mask(v, x, residual, mean, scale, shift, acc), t, 0.0)
+    return v.out(t, x)
+
+
+def _save(ctx, inputs, outs, sync) -> None:
+    x, weight, bias, residual = inputs[:4]
+    cfg = inputs[12]
+    _, mean, rstd, scale, shift, gscale, gshift, global_count = outs
+    ctx.cfg, ctx.sync, ctx.global_count = cfg, sync, global_count
+    ctx.param_dtypes = (weight.dtype if weight is not None else None,
+                        bias.dtype if bias is not None else None)
+    ctx.bias_shape = bias.shape if bias is not None else (0,)
+    ctx.save_for_backward(x, weight, residual, mean, rstd, scale, shift, gscale, gshift)
+
+
 class BatchNormFunction(torch.autograd.Function):
     """y = act(batch_norm(x) [+ residual]); gradients for x, weight, bias and residual.
 
@@ -88,6 +306,10 @@ class BatchNormFunction(torch.autograd.Function):
     so the graph has no breaks. ``sync`` (see ``distributed.ProcessGroupSync``: ``exchange(x, axes,
     groups)`` gives every process's (mean [P, S], M2 [P, S], count [P]) and ``all_reduce(t)`` sums
     in place) makes the batch statistics those of all processes; dweight/dbias stay local.
+
+    Backward runs the kernels, or differentiable torch operations under ``create_graph=True``
+    (double backward). Under torch.func transforms and forward-mode AD ``run`` uses
+    ``TransformBatchNormFunction`` (setup_context, jvp and vmap rules) instead.
     """
 
     # carries a sync hook from ``distributed.sync_normalize`` through ``normalize`` to here
@@ -98,134 +320,237 @@ class BatchNormFunction(torch.autograd.Function):
             num_batches_tracked, renorm_mean, renorm_stddev, moving_stddev, cfg: NormConfig):
         """``apply`` with the active sync hook (if any; training only, never while compiling)."""
         sync = None
-        if cfg.training and not torch.compiler.is_compiling():
-            sync = BatchNormFunction.sync_hook.get()
+        if not torch.compiler.is_compiling():
+            if cfg.training:
+                sync = BatchNormFunction.sync_hook.get()
+            # torch.func transforms and forward-mode AD need the setup_context/jvp/vmap form
+            # (which Dynamo cannot trace, so torch.compile keeps this class)
+            if torch._C._functorch.peek_interpreter_stack() is not None \
+                    or forward_ad._current_level >= 0:
+                if sync is not None:
+                    raise RuntimeError(
+                        "triton_bn: torch.func transforms (vmap, grad, jvp, jacrev, ...) and "
+                        "forward-mode AD are not supported through synchronized batch norm (more "
+                        "than one process)")
+                return TransformBatchNormFunction.apply(
+                    x, weight, bias, residual, adj_scale, adj_bias, running_mean, running_var,
+                    num_batches_tracked, renorm_mean, renorm_stddev, moving_stddev, cfg, None)[0]
         return BatchNormFunction.apply(x, weight, bias, residual, adj_scale, adj_bias,
                                        running_mean, running_var, num_batches_tracked,
                                        renorm_mean, renorm_stddev, moving_stddev, cfg, sync)
 
     @staticmethod
-    def _traced(x: torch.Tensor) -> bool:
-        return torch.compiler.is_compiling() or type(x) is not torch.Tensor
-
-    @staticmethod
     def forward(ctx, x, weight, bias, residual, adj_scale, adj_bias, running_mean, running_var,
                 num_batches_tracked, renorm_mean, renorm_stddev, moving_stddev, cfg: NormConfig,
                 sync=None):
-        ctx.cfg, ctx.sync = cfg, sync
-        ctx.param_dtypes = (weight.dtype if weight is not None else None,
-                            bias.dtype if bias is not None else None)
-        if x.numel() == 0 and sync is None:
-            ctx.empty = True
-            ctx.save_for_backward(weight, bias)
-            return torch.empty_like(x)
-        ctx.empty = False
-        state = (running_mean, running_var, num_batches_tracked, renorm_mean, renorm_stddev,
-                 moving_stddev)
-        kw = {"groups": cfg.groups, "training": cfg.training, "eps": cfg.eps,
-              "momentum": cfg.momentum, "cumulative": cfg.cumulative, "unbiased": cfg.unbiased,
-              "update_running": cfg.update_running, "renorm": cfg.renorm,
-              "renorm_momentum": cfg.renorm_momentum, "rmin": cfg.rmin, "rmax": cfg.rmax,
-              "dmax": cfg.dmax, "relu": cfg.relu}
-        if BatchNormFunction._traced(x):
-            y, mean, rstd, scale, shift, gscale, gshift = torch.ops.triton_bn.bn_forward(
-                x, weight, bias, residual, adj_scale, adj_bias, *state, axes=list(cfg.axes), **kw)
-            has_g = cfg.training and ops.saves_gaffine(cfg.renorm, adj_scale is not None)
-            gscale, gshift = (gscale, gshift) if has_g else (None, None)
-        else:
-            global_moments = None
-            if sync is not None:
-                global_moments = sync.exchange(x, cfg.axes, cfg.groups)
-                ctx.global_count = global_moments[2].sum().reshape(1)
-            r = ops.bn_forward(x, weight, bias, *state, adj_scale, adj_bias, residual,
-                               axes=cfg.axes, global_moments=global_moments, **kw)
-            y, mean, rstd, scale, shift, gscale, gshift = (r.y, r.mean, r.rstd, r.scale, r.shift,
-                                                           r.gscale, r.gshift)
-        ctx.save_for_backward(x, residual, mean, rstd, scale, shift, gscale, gshift)
-        return y
+        inputs = (x, weight, bias, residual, adj_scale, adj_bias, running_mean, running_var,
+                  num_batches_tracked, renorm_mean, renorm_stddev, moving_stddev, cfg)
+        outs = _forward(*inputs, sync)
+        _save(ctx, inputs, outs, sync)
+        return outs[0]
 
     @staticmethod
     def backward(ctx, dy):
-        nones = [None] * 10
-        need_x, need_w, need_b, need_z = ctx.needs_input_grad[:4]
-        if ctx.empty:
-            weight, bias = ctx.saved_tensors
-            dw = torch.zeros_like(weight) if need_w else None
-            db = torch.zeros_like(bias) if need_b else None
-            return (torch.zeros_like(dy) if need_x else None, dw, db,
-                    torch.zeros_like(dy) if need_z else None, *nones)
-        x, residual, mean, rstd, scale, shift, gscale, gshift = ctx.saved_tensors
-        cfg = ctx.cfg
-        kw = {"groups": cfg.groups, "training": cfg.training, "relu": cfg.relu, "need_dx": need_x,
-              "need_dweight": need_w, "need_dbias": need_b, "need_dresidual": need_z}
-        if BatchNormFunction._traced(dy):
-            grads = torch.ops.triton_bn.bn_backward(
-                dy, x, residual, mean, rstd, scale, shift, gscale, gshift, axes=list(cfg.axes),
-                **kw)
-            dx, dw, db, dz = [g if need else None for g, need in zip(grads, ctx.needs_input_grad)]
-            if need_z and not cfg.relu:
-                dz = dy  # d(y + z)/dz without an activation (the operator may not alias dy)
+        return (*_backward(ctx, dy), *([None] * 10))
+
+
+class TransformBatchNormFunction(torch.autograd.Function):
+    """``BatchNormFunction`` for torch.func transforms and forward-mode AD (``setup_context``
+    style, which they need; Dynamo cannot trace a custom ``jvp``, so torch.compile and the plain
+    eager path use ``BatchNormFunction``): forward returns y and the saved statistics
+    (non-differentiable outputs); the ``vmap`` rule runs each vmapped slice as an independent
+    batch norm."""
+
+    @staticmethod
+    def forward(x, weight, bias, residual, adj_scale, adj_bias, running_mean, running_var,
+                num_batches_tracked, renorm_mean, renorm_stddev, moving_stddev, cfg, sync):
+        return _forward(x, weight, bias, residual, adj_scale, adj_bias, running_mean,
+                        running_var, num_batches_tracked, renorm_mean, renorm_stddev,
+                        moving_stddev, cfg, sync)[:7]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _save(ctx, inputs, tuple(output) + (None,), None)
+        ctx.mark_non_differentiable(*[t for t in output[1:] if t is not None])
+        x, weight, _, residual = inputs[:4]
+        ctx.save_for_forward(x, weight, residual, *output[1:])
+
+    @staticmethod
+    def backward(ctx, dy, *_):
+        return (*_backward(ctx, dy), *([None] * 10))
+
+    @staticmethod
+    def jvp(ctx, tx, tw, tb, tz, *_):
+        return (_jvp(ctx, tx, tw, tb, tz),) + (None,) * 6
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _vmap_rule(info, in_dims, *args)
+
+
+_STATE_ARGS = range(6, 12)  # running_mean ... moving_stddev: updated in place in training
+
+
+def _vmap_rule(info, in_dims, *args):
+    """Each vmapped slice is an independent batch norm (torch's rule for batch_norm): slices
+    of batched running statistics are updated in place; an unbatched input updates unbatched
+    running statistics once; a batched input with unbatched running statistics in training is
+    an error, as in torch. A batched input runs as one call (``_vmap_folded``) where it can,
+    else one call per slice."""
+    cfg: NormConfig = args[12]
+    if cfg.update_running and in_dims[0] is not None and any(
+            args[i] is not None and in_dims[i] is None for i in (6, 7, 9, 10, 11)):
+        raise RuntimeError(
+            "vmap: Batch norm got a batched tensor as input while the running_mean or "
+            "running_var, which will be updated in place, were not batched. Batch the running "
+            "statistics too, or use track_running_stats=False or eval mode (torch's rule)")
+    folded = _vmap_folded(info.batch_size, in_dims, args)
+    if folded is not None:
+        return folded
+    outs = []
+    for i in range(info.batch_size):
+        sliced = []
+        copies = []
+        for j, (a, d) in enumerate(zip(args[:12], in_dims[:12])):
+            if d is not None:
+                a = a.select(d, i)
+                if j in _STATE_ARGS and not a.is_contiguous():
+                    c = a.contiguous()
+                    copies.append((a, c))
+                    a = c
+            sliced.append(a)
+        c = cfg
+        if i > 0 and cfg.update_running and in_dims[0] is None and all(
+                in_dims[j] is None for j in _STATE_ARGS):
+            c = dataclasses.replace(cfg, update_running=False)  # same input: update once
+        outs.append(TransformBatchNormFunction.apply(*sliced, c, None))
+        for a, copy in copies:
+            a.copy_(copy)
+    result, dims = [], []
+    for k in range(7):
+        parts = [o[k] for o in outs]
+        if parts[0] is None:
+            result.append(None)
+            dims.append(None)
         else:
-            sync = {} if ctx.sync is None else {"all_reduce": ctx.sync.all_reduce,
-                                                "global_count": ctx.global_count}
-            dx, dw, db, dz = ops.bn_backward(dy, x, residual, mean, rstd, scale, shift, gscale,
-                                             gshift, axes=cfg.axes, **kw, **sync)
-        w_dtype, b_dtype = ctx.param_dtypes
-        if dw is not None:
-            dw = dw.to(w_dtype)
-        if db is not None:
-            db = db.to(b_dtype)
-        return dx, dw, db, dz, *nones
+            result.append(torch.stack(parts))
+            dims.append(0)
+    return tuple(result), tuple(dims)
+
+
+def _vmap_folded(B: int, in_dims, args):
+    """A batched input as one kernel call: the vmapped dimension becomes a leading channel axis
+    (statistic channel b * K + k), so the B batch norms run together. None when it does not fit
+    (unbatched input, ghost batches, a batched cumulative counter): the caller loops then."""
+    cfg: NormConfig = args[12]
+    d = in_dims[0]
+    if d is None or (cfg.training and cfg.groups > 1) or in_dims[8] is not None:
+        return None
+    x = args[0].movedim(d, 0)
+    K = math.prod(x.shape[a + 1] for a in cfg.axes)
+    flat, copies = [], []
+    for j in range(1, 12):
+        t, e = args[j], in_dims[j]
+        if t is None or j == 8:  # absent, or the (unbatched) num_batches_tracked
+            flat.append(t)
+        elif j == 3:  # the residual, activation-shaped
+            flat.append(t.movedim(e, 0) if e is not None else t.expand((B,) + tuple(t.shape)))
+        elif e is None:  # read-only per-channel tensor shared by the slices
+            flat.append(t.expand(B, K).reshape(B * K))
+        else:
+            tb = t.movedim(e, 0)
+            if j in _STATE_ARGS and not tb.is_contiguous():  # updated through a copy
+                c = tb.contiguous()
+                copies.append((tb, c))
+                tb = c
+            flat.append(tb.reshape(B * K))
+    fcfg = dataclasses.replace(cfg, axes=(0,) + tuple(a + 1 for a in cfg.axes))
+    outs = TransformBatchNormFunction.apply(x, *flat, fcfg, None)
+    for original, copy in copies:
+        original.copy_(copy)
+    result = (outs[0],) + tuple(None if t is None else t.reshape(B, -1) for t in outs[1:])
+    return result, tuple(None if t is None else 0 for t in result)
+
+
+class ArgumentError(ValueError, RuntimeError):
+    """A bad argument value (a size, shape or device): a ValueError, and also the RuntimeError
+    torch's batch norm raises for the same input, so code written for either catches it."""
+
+
+class ArgumentTypeError(TypeError, RuntimeError):
+    """A parameter or statistic of the wrong dtype: a TypeError, and the RuntimeError torch
+    raises ("mixed dtype", "expected scalar type")."""
+
+
+class InputTypeError(TypeError, NotImplementedError):
+    """An input dtype the kernels do not support (integers, complex): a TypeError, and the
+    NotImplementedError torch raises ('"batch_norm" not implemented for ...')."""
+
+
+class RankError(ArgumentError, IndexError):
+    """An input of rank < 2 (no channel dimension): torch raises RuntimeError or IndexError."""
+
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _check_floating(name: str, t: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in ops.FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 tensor, "
-                        f"got {t.dtype}")
+        cls = InputTypeError if name == "input" else ArgumentTypeError
+        raise cls(f"{name} must be a float16, bfloat16, float32 or float64 tensor, got "
+                  f"{t.dtype} (\"batch_norm\" not implemented for it)")
 
 
 def _check_channel_tensor(name: str, t: Optional[torch.Tensor], x: torch.Tensor, K: int,
-                          axis_desc: str) -> None:
+                          axis_desc: str, torch_dtypes: bool = False) -> None:
     if t is None:
         return
     _check_floating(name, t)
     if t.device != x.device:
-        raise ValueError(f"{name} is on {t.device} but input is on {x.device}; "
-                         "move them to the same device")
+        raise ArgumentError(f"{name} is on {t.device} but input is on {x.device}; move them to "
+                            "the same device")
     if t.dim() != 1 or t.numel() != K:
-        raise ValueError(f"{name} must have shape ({K},) to match the {K} channels along "
-                         f"{axis_desc}, got shape {tuple(t.shape)}")
+        raise ArgumentError(f"{name} should contain {K} elements not {t.numel()}: it must have "
+                            f"shape ({K},), one value per channel along {axis_desc}; got shape "
+                            f"{tuple(t.shape)}")
+    if torch_dtypes and t.dtype != x.dtype and not (x.dtype in _HALF and t.dtype == torch.float32):
+        raise ArgumentTypeError(
+            f"mixed dtype: {name} is {t.dtype} but the input is {x.dtype}; as torch's batch norm, "
+            "parameters and running statistics must have the input's dtype, or float32 for a "
+            "float16/bfloat16 input")
 
 
 def check_inputs(x, weight, bias, residual, axes, groups, running: Optional[RunningStats],
-                 renorm: Optional[Renorm], adjustment, training: bool, axis_desc: str) -> int:
-    """Raises a clear TypeError/ValueError for bad arguments; returns the channel count K."""
+                 renorm: Optional[Renorm], adjustment, training: bool, axis_desc: str,
+                 torch_dtypes: bool = False) -> int:
+    """Raises a clear exception for bad arguments (TypeError/ValueError, dual-typed with torch's
+    RuntimeError where torch raises that); returns the channel count K. ``torch_dtypes``: torch's
+    rule for mixed dtypes (the drop-ins and ``batch_norm``)."""
     _check_floating("input", x)
     if x.dim() < 2:
-        raise ValueError(f"input must have rank >= 2 (a batch dimension and channels), got shape "
-                         f"{tuple(x.shape)}")
+        raise RankError(f"input must have rank >= 2 (a batch dimension and channels), got shape "
+                        f"{tuple(x.shape)}")
     K = math.prod([x.shape[a] for a in axes])
     for name, t in (("weight", weight), ("bias", bias)):
-        _check_channel_tensor(name, t, x, K, axis_desc)
+        _check_channel_tensor(name, t, x, K, axis_desc, torch_dtypes)
     if running is not None:
-        _check_channel_tensor("running_mean", running.mean, x, K, axis_desc)
-        _check_channel_tensor("running_var", running.var, x, K, axis_desc)
+        _check_channel_tensor("running_mean", running.mean, x, K, axis_desc, torch_dtypes)
+        _check_channel_tensor("running_var", running.var, x, K, axis_desc, torch_dtypes)
         _check_channel_tensor("moving_stddev", running.moving_stddev, x, K, axis_desc)
         if running.convention not in ("torch", "keras"):
             raise ValueError(f"convention must be 'torch' or 'keras', got {running.convention!r}")
-        if running.momentum is None:
-            if running.convention != "torch" or running.num_batches_tracked is None:
-                raise ValueError("momentum=None (cumulative moving average) needs the torch "
-                                 "convention and a num_batches_tracked tensor")
-        elif not 0.0 <= float(running.momentum) <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1], got {running.momentum}")
+        if running.momentum is None and (running.convention != "torch"
+                                         or running.num_batches_tracked is None):
+            raise ValueError("momentum=None (cumulative moving average) needs the torch "
+                             "convention and a num_batches_tracked tensor")
     if residual is not None:
         _check_floating("residual", residual)
         if residual.shape != x.shape or residual.device != x.device:
-            raise ValueError(f"residual must match the input's shape {tuple(x.shape)} and device "
-                             f"{x.device}, got {tuple(residual.shape)} on {residual.device}")
+            raise ArgumentError(f"residual must match the input's shape {tuple(x.shape)} and "
+                                f"device {x.device}, got {tuple(residual.shape)} on "
+                                f"{residual.device}")
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
         raise ValueError(f"groups (the number of ghost batches) must be a positive int, got "
                          f"{groups!r}")
@@ -265,11 +590,15 @@ def check_values_per_channel(x: torch.Tensor, axes: Sequence[int]) -> None:
                          f"size {x.size()}")
 
 
-def _contiguous_state(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    if t is not None and not t.is_contiguous():
-        raise ValueError("running statistics and other state tensors must be contiguous, they "
-                         "are updated in place")
-    return t
+def check_torch_eps(eps, training: bool) -> None:
+    """torch.nn.functional.batch_norm's rule (and wording): eps > 0 when the batch statistics
+    are used, eps >= 0 otherwise."""
+    if not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a number, got {type(eps).__name__}")
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
 
 
 def normalize(
@@ -302,22 +631,35 @@ def normalize(
         raise ValueError(f"activation must be None or 'relu', got {activation!r}")
     check_inputs(x, weight, bias, residual, axes, groups, running, renorm, adjustment, training,
                  axis_desc)
-    if not training:
-        if running is None:
-            raise ValueError("running_mean and running_var must be given in inference mode "
-                             "(training=False)")
-        groups, renorm, adjustment = 1, None, None
-    if not isinstance(eps, (int, float)) or eps < 0:
+    if not training and running is None:
+        raise ArgumentError("running_mean and running_var must be given in inference mode "
+                            "(training=False): running_mean must be defined in evaluation mode")
+    if training and running is not None and running.momentum is not None \
+            and not 0.0 <= float(running.momentum) <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {running.momentum}")
+    if not isinstance(eps, numbers.Real) or eps < 0:
         raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    return apply_checked(x, weight, bias, axes, training, eps, running, groups, renorm,
+                         adjustment, residual, activation == "relu")
 
+
+def apply_checked(x, weight, bias, axes: tuple, training: bool, eps: float,
+                  running: Optional[RunningStats], groups: int, renorm: Optional[Renorm],
+                  adjustment, residual, relu: bool) -> torch.Tensor:
+    """``normalize`` after its checks (the layers check with their own API's rules, then call
+    this). Non-contiguous state tensors are updated through a contiguous copy, copied back."""
+    if not training:
+        groups, renorm, adjustment = 1, None, None
+    copies = []
     if running is not None:
         keras = running.convention == "keras"
         momentum = 1.0 - float(running.momentum) if keras else (
             0.0 if running.momentum is None else float(running.momentum))
         cumulative = running.momentum is None
-        rm, rv = _contiguous_state(running.mean), _contiguous_state(running.var)
-        nbt, mstd = running.num_batches_tracked, _contiguous_state(running.moving_stddev)
-        unbiased = running.unbiased
+        rm = _contiguous_state(running.mean, copies)
+        rv = _contiguous_state(running.var, copies)
+        mstd = _contiguous_state(running.moving_stddev, copies)
+        nbt, unbiased = running.num_batches_tracked, running.unbiased
     else:
         momentum, cumulative, rm, rv, nbt, mstd, unbiased = 0.0, False, None, None, None, None, False
     renorm_mode, renorm_momentum, rmin, rmax, dmax = RENORM_NONE, 0.0, None, None, None
@@ -326,7 +668,8 @@ def normalize(
         renorm_mode = RENORM_KERAS if renorm.style == "keras" else RENORM_TORCH
         renorm_momentum = 1.0 - float(renorm.momentum)
         rmin, rmax, dmax = renorm.rmin, renorm.rmax, renorm.dmax
-        r_mean, r_std = _contiguous_state(renorm.mean), _contiguous_state(renorm.stddev)
+        r_mean = _contiguous_state(renorm.mean, copies)
+        r_std = _contiguous_state(renorm.stddev, copies)
     a_scale, a_bias = adjustment if adjustment is not None else (None, None)
     if a_scale is not None:
         a_scale, a_bias = a_scale.detach().contiguous(), a_bias.detach().contiguous()
@@ -336,9 +679,22 @@ def normalize(
                      momentum=momentum, cumulative=cumulative, unbiased=bool(unbiased),
                      update_running=training and rm is not None, renorm=renorm_mode,
                      renorm_momentum=renorm_momentum, rmin=rmin, rmax=rmax, dmax=dmax,
-                     relu=activation == "relu")
-    return BatchNormFunction.run(x, weight, bias, residual, a_scale, a_bias, rm, rv, nbt,
-                                   r_mean, r_std, mstd, cfg)
+                     relu=relu)
+    y = BatchNormFunction.run(x, weight, bias, residual, a_scale, a_bias, rm, rv, nbt, r_mean,
+                              r_std, mstd, cfg)
+    for original, copy in copies:
+        original.copy_(copy)
+    return y
+
+
+def _contiguous_state(t: Optional[torch.Tensor], copies: list) -> Optional[torch.Tensor]:
+    """``t``, or a contiguous copy of it (noted in ``copies`` to be copied back after the call:
+    torch updates non-contiguous running statistics in place too)."""
+    if t is None or t.is_contiguous():
+        return t
+    c = t.contiguous()
+    copies.append((t, c))
+    return c
 
 
 def batch_norm(
@@ -356,16 +712,41 @@ def batch_norm(
 
     PyTorch momentum convention and unbiased running variance; running statistics may be None
     (then training must be True) and are updated in place, on the device, without a host sync.
+    torch's checks, in torch's order, with torch's exception types (see ``ArgumentError``).
     """
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if input.dim() < 2:
+        _check_floating("input", input)
+        raise RankError(f"input must have rank >= 2 (a batch dimension and channels), got shape "
+                        f"{tuple(input.shape)}")
     axes = normalize_axes(axis, input.dim())
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must both be given or both be None")
-    if training and input.numel() > 0:
+    if training:
         check_values_per_channel(input, axes)
+    check_torch_eps(eps, training)
+    if (running_mean is None) != (running_var is None):
+        msg = "running_mean and running_var must either both be None or neither be None"
+        if training:
+            raise ValueError(msg)
+        raise ArgumentError(f"{msg} (running_mean and running_var must be defined in "
+                            "evaluation mode)")
+    if not training and running_mean is None:
+        raise ArgumentError("running_mean must be defined in evaluation mode (training=False): "
+                            "pass running_mean and running_var")
+    if not isinstance(momentum, numbers.Real):
+        raise TypeError(f"batch_norm(): argument 'momentum' must be float, not "
+                        f"{type(momentum).__name__}")
+    K = math.prod([input.shape[a] for a in axes])
+    # torch checks the number of elements of weight and bias, not their shape
+    if weight is not None and weight.dim() != 1 and weight.numel() == K:
+        weight = weight.reshape(K)
+    if bias is not None and bias.dim() != 1 and bias.numel() == K:
+        bias = bias.reshape(K)
     running = None
     if running_mean is not None:
-        running = RunningStats(running_mean, running_var, momentum=momentum, convention="torch",
-                               unbiased=True)
-    return normalize(input, weight, bias, axis=axes, training=training, eps=eps, running=running)
+        running = RunningStats(running_mean, running_var, momentum=float(momentum),
+                               convention="torch", unbiased=True)
+    check_inputs(input, weight, bias, None, axes, 1, running, None, None, training,
+                 f"axis={axis}", torch_dtypes=True)
+    return apply_checked(input, weight, bias, axes, bool(training), eps, running, 1, None, None,
+                         None, False)

@@ -17,10 +17,18 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.fx
 from torch import nn
 
 from .distributed import sync_normalize, world_size
-from .functional import Renorm, RunningStats, check_inputs, check_values_per_channel, normalize
+from .functional import (
+    Renorm,
+    RunningStats,
+    apply_checked,
+    check_inputs,
+    check_torch_eps,
+    check_values_per_channel,
+)
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm"]
 
@@ -67,41 +75,64 @@ class _TritonBatchNorm:
             s += f", activation={self.activation!r}"
         return s
 
-    def _arguments(self, input: torch.Tensor, residual: torch.Tensor | None) -> dict[str, Any]:
-        """torch's _BatchNorm.forward decisions as ``normalize`` keyword arguments, validated
-        (and 1-value-per-channel checked) before num_batches_tracked is incremented."""
-        self._check_input_dim(input)
-        # batch statistics in training, and in eval when there are no buffers (as torch)
-        use_batch = self.training or (self.running_mean is None and self.running_var is None)
-        running = None
-        if self.running_mean is not None and (not self.training or self.track_running_stats):
-            nbt = self.num_batches_tracked
-            cumulative = self.momentum is None and nbt is not None
-            running = RunningStats(
-                self.running_mean, self.running_var, convention="torch", unbiased=True,
-                momentum=None if cumulative else (self.momentum or 0.0),
-                num_batches_tracked=nbt if cumulative else None)
-        renorm = None
-        if self.renorm and use_batch:
-            rmax = self.rmax
-            renorm = Renorm(style="torch", rmin=None if rmax is None else 1.0 / rmax, rmax=rmax,
-                            dmax=self.dmax)
-        check_inputs(input, self.weight, self.bias, residual, (1,), 1, running, renorm, None,
-                     use_batch, "dim 1 (num_features)")
-        if use_batch and self._needs_two_values():
-            check_values_per_channel(input, (1,))
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)  # on the device; momentum=None reads it there
-        return {"axis": 1, "training": use_batch, "eps": self.eps, "running": running,
-                "renorm": renorm, "residual": residual, "activation": self.activation}
-
-    def _needs_two_values(self) -> bool:
-        return True
-
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None
                 ) -> torch.Tensor:
         """Batch norm over dim 1 (torch semantics), then ``+ residual`` and the activation."""
-        return normalize(input, self.weight, self.bias, **self._arguments(input, residual))
+        if not isinstance(input, torch.fx.Proxy):  # torch's rank check (FX traces without it)
+            self._check_input_dim(input)
+        return module_batch_norm(
+            input, residual, self.weight, self.bias, self.running_mean, self.running_var,
+            self.num_batches_tracked, self.training, self.track_running_stats, self.momentum,
+            self.eps, self.renorm, self.rmax, self.dmax, self.activation, self._synchronized())
+
+    def _synchronized(self) -> Any:
+        return False
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"torch.jit.script cannot compile triton_bn.{type(self).__name__}: its kernels are "
+            "Triton (Python) code, which TorchScript cannot express. Use torch.compile (it traces "
+            "these layers without graph breaks), or script a model holding torch.nn batch norms.")
+
+
+@torch.fx.wrap
+def module_batch_norm(input, residual, weight, bias, running_mean, running_var,
+                      num_batches_tracked, training: bool, track_running_stats: bool,
+                      momentum, eps, renorm: bool, rmax, dmax, activation,
+                      synchronized) -> torch.Tensor:
+    """One call of a triton_bn module, from tensors and plain values only, so that ``torch.fx``
+    records it as one node: torch's _BatchNorm.forward decisions and checks (torch's order and
+    exception types), all made before num_batches_tracked is incremented. ``synchronized``:
+    False, or a SyncBatchNorm's process group in a tuple.
+    """
+    # batch statistics in training, and in eval when there are no buffers (as torch)
+    use_batch = training or (running_mean is None and running_var is None)
+    group = None
+    if synchronized and training and world_size(synchronized[0]) > 1:
+        group = synchronized
+    if use_batch and group is None:  # synchronized, the global count matters (as torch's)
+        check_values_per_channel(input, (1,))
+    check_torch_eps(eps, use_batch)
+    running = None
+    if running_mean is not None and (not training or track_running_stats):
+        cumulative = momentum is None and num_batches_tracked is not None
+        running = RunningStats(
+            running_mean, running_var, convention="torch", unbiased=True,
+            momentum=None if cumulative else (momentum or 0.0),
+            num_batches_tracked=num_batches_tracked if cumulative else None)
+    rn = None
+    if renorm and use_batch:
+        rn = Renorm(style="torch", rmin=None if rmax is None else 1.0 / rmax, rmax=rmax, dmax=dmax)
+    check_inputs(input, weight, bias, residual, (1,), 1, running, rn, None, use_batch,
+                 "dim 1 (num_features)", torch_dtypes=True)
+    if training and track_running_stats and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)  # on the device; momentum=None reads it there
+    if group is not None:
+        return sync_normalize(input, weight, bias, process_group=group[0], axis=1,
+                              training=True, eps=eps, running=running, renorm=rn,
+                              residual=residual, activation=activation)
+    return apply_checked(input, weight, bias, (1,), use_batch, eps, running, 1, rn, None, residual,
+                         activation == "relu")
 
 
 def _norm_kwargs(bias: bool) -> dict:
@@ -144,18 +175,8 @@ class SyncBatchNorm(_TritonBatchNorm, nn.SyncBatchNorm):
         super()._check_input_dim(input)
         self._check_non_zero_input_channels(input)
 
-    def _needs_two_values(self) -> bool:
-        # synchronized, the count that matters is the global one (as torch's)
-        return not self.training or world_size(self.process_group) < 2
-
-    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None
-                ) -> torch.Tensor:
-        """As the other modules', with the batch statistics of every rank in training."""
-        args = self._arguments(input, residual)
-        if not self.training:  # no synchronization in eval mode, even without running stats
-            return normalize(input, self.weight, self.bias, **args)
-        return sync_normalize(input, self.weight, self.bias, process_group=self.process_group,
-                              **args)
+    def _synchronized(self):
+        return (self.process_group,)
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any | None = None
