@@ -195,6 +195,12 @@ class _Views:
     def stat(self, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(self.stat_shape)
 
+    def centre_offset(self, mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward's saved mean (``ops.ForwardResult.mean``: S centres, then S offsets; the
+        batch mean is their sum) as two stat views."""
+        centre, offset = mean.chunk(2, dim=-1)
+        return self.stat(centre), self.stat(offset)
+
     def param(self, t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
         return None if t is None else t.to(dtype).reshape(self.param_shape)
 
@@ -205,7 +211,8 @@ class _Views:
 def _relu_mask(v: _Views, x, residual, mean, scale, shift, acc):
     """Where the fused ReLU passed its input (recomputed from the saved coefficients)."""
     with torch.no_grad():
-        pre = (v.act(x, acc) - v.stat(mean)) * v.stat(scale) + v.stat(shift)
+        # the kernels' form: Shift already holds the offset's share, y = (x - centre) * scale + shift
+        pre = (v.act(x, acc) - v.centre_offset(mean)[0]) * v.stat(scale) + v.stat(shift)
         if residual is not None:
             pre = pre + v.act(residual, acc)
         return pre > 0
@@ -226,9 +233,11 @@ def _torch_backward(dy, x, weight, residual, mean, rstd, scale, shift, gscale, g
     if cfg.training and recompute:
         m = xa.mean(dim=v.red, keepdim=True)
         r = torch.rsqrt(((xa - m) ** 2).mean(dim=v.red, keepdim=True) + cfg.eps)
+        xhat = (xa - m) * r
     else:
-        m, r = v.stat(mean), v.stat(rstd)
-    xhat = (xa - m) * r
+        centre, offset = v.centre_offset(mean)
+        r = v.stat(rstd)
+        xhat = ((xa - centre) - offset) * r
     gs = v.param(gscale, acc) if cfg.training else None
     gh = v.param(gshift, acc) if cfg.training else None
     dw = db = dx = None
@@ -261,8 +270,9 @@ def _jvp(ctx, tx, tw, tb, tz) -> torch.Tensor:
                            "batch norm (more than one process)")
     acc = mean.dtype
     v = _Views(x, cfg)
-    m, r = v.stat(mean), v.stat(rstd)
-    xhat = (v.act(x, acc) - m) * r
+    centre, offset = v.centre_offset(mean)
+    r = v.stat(rstd)
+    xhat = ((v.act(x, acc) - centre) - offset) * r
     gs = v.param(gscale, acc) if cfg.training else None
     gh = v.param(gshift, acc) if cfg.training else None
     t = torch.zeros_like(xhat)
@@ -468,7 +478,10 @@ def _vmap_folded(B: int, in_dims, args):
     outs = TransformBatchNormFunction.apply(x, *flat, fcfg, None)
     for original, copy in copies:
         original.copy_(copy)
-    result = (outs[0],) + tuple(None if t is None else t.reshape(B, -1) for t in outs[1:])
+    # per slice: [S] tensors are [B * K] -> [B, K]; the mean is [2 * B * K] (centres, then
+    # offsets; see ops.ForwardResult.mean) -> [B, 2 * K], each slice's centres then offsets
+    mean = outs[1].reshape(2, B, -1).transpose(0, 1).reshape(B, -1)
+    result = (outs[0], mean) + tuple(None if t is None else t.reshape(B, -1) for t in outs[2:])
     return result, tuple(None if t is None else 0 for t in result)
 
 
