@@ -198,7 +198,7 @@ def test_plan_tiles_honours_a_cache_entry(tmp_path, monkeypatch):
     default = tuning.plan_tiles(geo, "forward", dev, torch.float32)
     assert default.fused  # small enough for the single-pass kernel
     cache = tmp_path / "tune.json"
-    key = tuning.cache_key("forward", geo, torch.float32)
+    key = tuning.cache_key("forward", geo, torch.float32, dev)
     cache.write_text(json.dumps({key: {"fused": False, "tile": 64, "num_warps": 2,
                                        "target_programs": 3}}))
     monkeypatch.setenv("TRITON_BN_TUNE_CACHE", str(cache))
@@ -217,7 +217,7 @@ def test_plan_tiles_honours_a_cache_entry(tmp_path, monkeypatch):
 def test_target_programs_from_cache_sets_the_split(tmp_path, monkeypatch):
     geo = _geometry((64, 2, 16, 16))  # 2 channels, 16384 elements each
     dev = torch.device("cpu")
-    key = tuning.cache_key("forward", geo, torch.float32)
+    key = tuning.cache_key("forward", geo, torch.float32, dev)
     cache = tmp_path / "tune.json"
     monkeypatch.setenv("TRITON_BN_TUNE_CACHE", str(cache))
     plans = {}
@@ -239,7 +239,7 @@ def test_tune_writes_cache_that_plan_tiles_loads(tmp_path, monkeypatch):
     data = json.loads(cache.read_text())
     geo = _geometry((4, 4, 6, 6), "channels_last")
     for kind in ("forward", "backward"):
-        entry = data[tuning.cache_key(kind, geo, torch.float32)]
+        entry = data[f"cpu-interpreter|{kind}|R0=1|R1=144|G=1|K=4|cf=1|torch.float32"]  # names the device
         assert entry["candidates"] and all("plan" in c for c in entry["candidates"])
         timed = [c for c in entry["candidates"] if "ms" in c]
         assert entry["ms"] == min(c["ms"] for c in timed)
