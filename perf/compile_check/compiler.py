@@ -21,6 +21,7 @@ from . import ROOT
 from .driver import jit_function, tool
 from .record import Spec
 
+# opt-in shared memory per block (bytes): a launch needing more fails with OutOfResources
 SMEM_LIMIT = {70: 98304, 75: 65536, 80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448,
               100: 232448, 120: 101376}
 

@@ -17,14 +17,13 @@ SHORT = {"CHANNELS_FAST": "CF", "HAS_GROUPS": "GROUPS", "HAS_RESIDUAL": "RES", "
          "WRITE_COEFFS": "COEFFS", "HAS_COUNTS": "COUNTS", "HAS_PIVOT": "PIVOT",
          "TRAINING": "TRAIN", "HAS_GAFFINE": "GAFF", "WRITE_DW": "DW", "WRITE_DB": "DB",
          "WRITE_DX": "DX", "WRITE_DRESIDUAL": "DRES", "N_FROM_PTR": "NPTR"}
-# opt-in shared memory per block (bytes): a launch needing more fails with OutOfResources
 DT = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "fp64": "f64", "i64": "i64", "i32": "i32"}
 
 
 @dataclass
 class Spec:
     kernel: str
-    fn_key: str  # "module:qualname" in triton's JIT registry
+    fn_key: str  # "module:qualname" of its JITFunction (driver.jit_function)
     data: str  # JITFunction specialization data (JSON), for JITFunction.preload
     flags: str
     scenario: str
@@ -40,7 +39,6 @@ class Spec:
         return {"kernel": self.kernel, "flags": self.flags, "scenario": self.scenario,
                 "scenarios": self.scenarios, "arch": self.arch, "tile_sweep": self.tile_sweep,
                 "blocks": list(self.blocks), "num_warps": self.num_warps}
-
 
 
 class Recorder:
