@@ -96,31 +96,33 @@ TILE_MIN, TILE_MAX = 16, 65536
 CACHE_FIELDS = ("fused", "tile", "num_warps", "target_programs")
 
 
-def _check_value(name: str, value, where: str):
-    """``value`` of knob / cache field ``name``, or ValueError saying where and what is expected."""
-    def is_int(v):
-        return isinstance(v, int) and not isinstance(v, bool)
-    if name == "fused":
+_OPTIONAL_KNOBS = ("force_fused", "parts", "num_warps")  # None: the heuristic decides
+
+
+def _check_value(name: str, value, where: str, *, knob: bool = False):
+    """``value`` of cache field (or, with knob=True, knob) ``name``, or a ValueError saying where
+    and what is expected."""
+    if knob and name in _OPTIONAL_KNOBS and value is None:
+        return value
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if name in ("fused", "force_fused"):
         ok, want = isinstance(value, bool), "true or false"
-    elif name == "force_fused":
-        ok, want = value is None or isinstance(value, bool), "True, False or None"
     elif name == "num_warps":
-        ok, want = (value is None and where.startswith("override")) or (is_int(value) and value in NUM_WARPS), \
-            "one of 1, 2, 4, 8, 16, 32"
+        ok, want = is_int and value in NUM_WARPS, "one of 1, 2, 4, 8, 16, 32"
     elif name == "tile":
-        ok = is_int(value) and TILE_MIN <= value <= TILE_MAX and value & (value - 1) == 0
+        ok = is_int and TILE_MIN <= value <= TILE_MAX and value & (value - 1) == 0
         want = f"a power of two from {TILE_MIN} to {TILE_MAX}"
-    elif name == "parts":
-        ok, want = value is None or (is_int(value) and value >= 1), "a positive integer or None"
-    else:  # target_programs and the other size knobs
-        ok, want = is_int(value) and value >= 1, "a positive integer"
+    else:  # target_programs, parts and the other size knobs
+        ok, want = is_int and value >= 1, "a positive integer"
     if not ok:
+        if knob and name in _OPTIONAL_KNOBS:
+            want += " (or None)"
         raise ValueError(f"{where}: {name} must be {want}, got {value!r}")
     return value
 
 
 def validate_entry(entry, where: str) -> tuple:
-    """The plan fields (CACHE_FIELDS) of a tune-cache entry as sorted (name, value) pairs; a
+    """The plan fields (CACHE_FIELDS) of a tune-cache entry as (name, value) pairs; a
     ValueError naming ``where`` (the file and the key) when the entry or one of them is invalid."""
     if not isinstance(entry, dict):
         raise ValueError(f"{where}: an entry must be a JSON object, got {type(entry).__name__}")
@@ -178,7 +180,7 @@ def override(**kwargs) -> Iterator[None]:
     for name, value in kwargs.items():
         if name not in KNOB_NAMES:
             raise TypeError(f"override: unknown knob {name!r}; expected one of {', '.join(KNOB_NAMES)}")
-        _check_value(name, value, f"override({name}=...)")
+        _check_value(name, value, f"override({name}=...)", knob=True)
     merged = {**_policy.knob_overrides(), **kwargs}
     with use_policy(replace(_policy, overrides=tuple(sorted(merged.items())))):
         yield
