@@ -97,6 +97,7 @@ def test_reference_stays_on_the_input_device(feature):
 
 
 # ---------------------------------------------------------------- bench, plot, summary
+@pytest.mark.slow
 def test_bench_quick_writes_csv_summary_and_plots(tmp_path):
     out, plots = tmp_path / "results", tmp_path / "plots"
     r = _run(["-m", "triton_bn", "bench", "--quick", "--out", str(out), "--plots", str(plots),
@@ -152,6 +153,7 @@ def _synthetic_csv(path: Path, eager_factor: float, keras_factor: float, frac: f
     w.close()
 
 
+@pytest.mark.slow
 def test_plot_reads_csv_only(tmp_path):
     csv_path = tmp_path / "r.csv"
     _synthetic_csv(csv_path, 1.5, 4.0, 0.85)
@@ -230,6 +232,7 @@ def test_target_programs_from_cache_sets_the_split(tmp_path, monkeypatch):
     assert plans[2].grid[0] == 2 and plans[16].grid[0] == 16
 
 
+@pytest.mark.slow
 def test_tune_writes_cache_that_plan_tiles_loads(tmp_path, monkeypatch):
     cache = tmp_path / "tune.json"
     r = _run(["-m", "triton_bn", "tune", "--shape", "4x4x6x6", "--dtypes", "fp32", "--layouts",
@@ -267,6 +270,7 @@ def test_cli_help_and_bad_arguments(capsys):
         main(["bench", "--modes", "sideways"])
 
 
+@pytest.mark.slow
 def test_gpu_check_without_cuda(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: perf/gpu_check.py runs for real there")

@@ -46,6 +46,7 @@ def _kernel_names() -> set:
     return names
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_sm90(tmp_path):
     pytest.importorskip("triton.backends.nvidia.compiler", reason="triton without its NVIDIA backend")
     out_json = tmp_path / "compile.json"
@@ -63,6 +64,7 @@ def _tile_warps(rows, kernel):
     return {(r["blocks"][0] * r["blocks"][1], r["num_warps"]) for r in rows if r["kernel"] == kernel}
 
 
+@pytest.mark.slow
 def test_tile_sweep_compiles_a_specialization_per_swept_tile_and_warps(tmp_path):
     """The sweep's tiles and warps are planner inputs: every (tile, warps) pair reaches the split
     kernels in every swept dtype and layout (listed), and those of one dtype and layout compile."""
