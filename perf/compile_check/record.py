@@ -83,10 +83,7 @@ def constexprs(jf, data: dict) -> dict:
 def describe(jf, data: dict) -> str:
     """Compact flags of one specialization: constexprs, pointer dtypes, num_warps."""
     names = jf.arg_names
-    consts = {}
-    for k, v in zip(data["constant_keys"], data["constant_vals"]):
-        if jf.params[k[0]].is_constexpr:  # not the ints specialized as == 1 (strides etc.)
-            consts[names[k[0]]] = v
+    consts = constexprs(jf, data)
     parts = []
     blocks = [f"{consts.pop(n)}" for n in ("BLOCK_A", "BLOCK_B", "BLOCK_C") if n in consts]
     for n, v in consts.items():
@@ -110,10 +107,8 @@ def describe(jf, data: dict) -> str:
 def features(kernel: str, jf, data: dict) -> frozenset:
     """What a specialization exercises, for --cover: each constexpr value (per kernel), the pointer
     dtypes, the orientation x dtype, the warps, and whether a tile dimension is 1."""
-    names = jf.arg_names
     out = {(kernel,)}
-    consts = {names[k[0]]: v for k, v in zip(data["constant_keys"], data["constant_vals"])
-              if jf.params[k[0]].is_constexpr}
+    consts = constexprs(jf, data)
     blocks = [v for n, v in consts.items() if n.startswith("BLOCK_")]
     for n, v in consts.items():
         if not n.startswith("BLOCK_"):
