@@ -34,7 +34,7 @@ ptxas bundled with Triton, but on a machine without a GPU or a CUDA driver:
 
 ``--cover`` compiles only a greedy covering subset of what was recorded: every constexpr value, pointer
 dtype combination, orientation x dtype, warp count and unit tile dimension of every kernel at least once
-(~75 of the ~920 specializations without the sweep, ~1 min on 2 busy cores; the full run, 1185 with the
+(~75 of the ~950 specializations without the sweep, ~1 min on 2 busy cores; the full run, 1185 with the
 sweep, took 11.5 min per architecture on 2 busy cores, ~22 min of compile time summed).
 
 Prints a table (kernel x flags -> ok / error, regs, spills, shared memory, compile seconds), a per-kernel
