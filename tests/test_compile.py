@@ -62,6 +62,7 @@ NO_CXX = shutil.which("g++") is None and shutil.which("clang++") is None
 INDUCTOR = pytest.param("inductor", marks=pytest.mark.skipif(NO_CXX, reason="no C++ compiler"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["aot_eager", INDUCTOR])
 def test_fullgraph_matches_eager(backend):
     torch._dynamo.reset()

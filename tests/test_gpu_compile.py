@@ -6,6 +6,8 @@ imported triton in interpreter mode): the real launch code of ``triton_bn.ops`` 
 scenarios with a compile-only Triton driver, and a covering subset of the specializations it launches
 (every constexpr value, dtype, orientation and warp count of every kernel at least once) is compiled
 to a cubin with Triton's bundled ptxas. ``python perf/compile_check.py`` compiles all of them.
+A second test checks that the tile sweep (the tiles and warps a tuned GPU run may pick) launches and
+compiles a distinct specialization per swept value.
 """
 
 import ast
@@ -20,6 +22,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "perf" / "compile_check.py"
 NO_TOOLCHAIN = 2  # compile_check's exit status when the NVIDIA toolchain cannot run here
+# the split path's (tile elements, warps) pairs of compile_check's sweep, and the default's
+SWEPT = {(1024, 4), (2048, 4), (2048, 8), (4096, 8), (8192, 4), (8192, 8), (16384, 4), (16384, 8)}
+
+
+def _compile_check(*args, timeout=600):
+    """(exit status, output) of compile_check in a fresh process; skips without the toolchain."""
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+    output = proc.stdout + proc.stderr
+    if proc.returncode == NO_TOOLCHAIN:
+        pytest.skip(output.strip().splitlines()[-1] if output.strip() else "no NVIDIA toolchain")
+    return proc.returncode, output
 
 
 def _kernel_names() -> set:
@@ -31,20 +46,43 @@ def _kernel_names() -> set:
     return names
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_sm90(tmp_path):
     pytest.importorskip("triton.backends.nvidia.compiler", reason="triton without its NVIDIA backend")
     out_json = tmp_path / "compile.json"
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--arch", "90", "--cover", "--no-sweep", "--json", str(out_json)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
-    output = proc.stdout + proc.stderr
-    if proc.returncode == NO_TOOLCHAIN:
-        pytest.skip(output.strip().splitlines()[-1] if output.strip() else "no NVIDIA toolchain")
-    assert out_json.exists(), f"compile_check produced no results (exit {proc.returncode}):\n{output[-6000:]}"
+    rc, output = _compile_check("--arch", "90", "--cover", "--no-sweep", "--json", str(out_json))
+    assert out_json.exists(), f"compile_check produced no results (exit {rc}):\n{output[-6000:]}"
     results = json.loads(out_json.read_text())
     failed = [f"{r['kernel']} [{r['flags']}] ({r['scenario']}): {r['error']}" for r in results if not r["ok"]]
     assert not failed, "kernels that do not compile for sm_90:\n" + "\n".join(failed)
-    assert proc.returncode == 0, output[-6000:]
+    assert rc == 0, output[-6000:]
     missing = _kernel_names() - {r["kernel"] for r in results}
     assert not missing, f"kernels that no scenario of compile_check launches: {sorted(missing)}"
+
+
+def _tile_warps(rows, kernel):
+    return {(r["blocks"][0] * r["blocks"][1], r["num_warps"]) for r in rows if r["kernel"] == kernel}
+
+
+@pytest.mark.slow
+def test_tile_sweep_compiles_a_specialization_per_swept_tile_and_warps(tmp_path):
+    """The sweep's tiles and warps are planner inputs: every (tile, warps) pair reaches the split
+    kernels in every swept dtype and layout (listed), and those of one dtype and layout compile."""
+    pytest.importorskip("triton.backends.nvidia.compiler", reason="triton without its NVIDIA backend")
+    listed = tmp_path / "sweep.json"
+    rc, output = _compile_check("--arch", "90", "--list", "--scenario", "sweep:", "--json", str(listed))
+    assert rc == 0, output[-6000:]
+    rows = json.loads(listed.read_text())
+    for dtype in ("fp32", "bf16", "fp64"):
+        for layout in ("nchw", "nhwc"):
+            split = [r for r in rows if any(lbl.startswith(f"sweep:{dtype}:{layout}:split_tile")
+                                            for lbl in r["scenarios"])]
+            for kernel in ("bn_stats_kernel", "bn_backward_reduce_kernel"):
+                assert _tile_warps(split, kernel) == SWEPT, (dtype, layout, kernel)
+    compiled = tmp_path / "compiled.json"
+    rc, output = _compile_check("--arch", "90", "--scenario", "sweep:fp32:nchw:split",
+                                "--kernel", "bn_stats_kernel", "--json", str(compiled))
+    assert rc == 0, output[-6000:]
+    results = json.loads(compiled.read_text())
+    assert all(r["ok"] for r in results), output[-6000:]
+    assert _tile_warps(results, "bn_stats_kernel") == SWEPT

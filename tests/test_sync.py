@@ -167,6 +167,7 @@ def _worker(rank: int, world: int, init_file: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_sync_three_processes_uneven_batches(tmp_path):
     world = len(SIZES)
     ctx = mp.spawn(_worker, args=(world, str(tmp_path / "init")), nprocs=world, join=False)

@@ -2,7 +2,8 @@
 
 The plan is a pure function of the geometry, the dtype and the device, so the same input gives the
 same partial sums in the same order (bitwise determinism). A JSON cache written by ``triton-bn tune``
-can override the heuristic per shape; tests and sweeps can force values with ``override(...)``.
+can override the heuristic per shape and GPU; tests and sweeps can force values with ``override(...)``.
+What is forced is one frozen ``Policy``, part of the key the plans are memoized under.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import contextlib
 import functools
 import json
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -19,8 +20,9 @@ import torch
 
 from .layout import Geometry
 
-__all__ = ["TilePlan", "plan_tiles", "override", "interpreting", "cache_path", "load_cache",
-           "cache_key", "cached_entry", "use_entries", "CACHE_FIELDS"]
+__all__ = ["TilePlan", "Policy", "plan_tiles", "override", "use_entries", "use_policy",
+           "current_policy", "interpreting", "cache_path", "load_cache", "cache_key", "cached_entry",
+           "device_name", "validate_entry", "CACHE_FIELDS", "NUM_WARPS"]
 
 
 def interpreting() -> bool:
@@ -81,21 +83,107 @@ class Knobs:
     target_programs: int  # programs the split kernels aim for
     force_fused: bool | None = None  # None: heuristic
     parts: int | None = None  # force this many reduction parts (tests)
+    num_warps: int | None = None  # warps of the split kernels (None: 4)
 
 
-_OVERRIDES: dict = {}
+KNOB_NAMES = tuple(f.name for f in fields(Knobs))
+NUM_WARPS = (1, 2, 4, 8, 16, 32)  # what the GPU compiler accepts (a power of two, <= 32 warps)
+TILE_MIN, TILE_MAX = 16, 65536
+
+# The fields of a cache entry that plan_tiles reads (the rest of an entry is the tuning record:
+# timings of every candidate, device, versions). fused=False forbids the single-pass path; tile,
+# num_warps and target_programs set the split path's tile size, warps and program count.
+CACHE_FIELDS = ("fused", "tile", "num_warps", "target_programs")
+
+
+_OPTIONAL_KNOBS = ("force_fused", "parts", "num_warps")  # None: the heuristic decides
+
+
+def _check_value(name: str, value, where: str, *, knob: bool = False):
+    """``value`` of cache field (or, with knob=True, knob) ``name``, or a ValueError saying where
+    and what is expected."""
+    if knob and name in _OPTIONAL_KNOBS and value is None:
+        return value
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if name in ("fused", "force_fused"):
+        ok, want = isinstance(value, bool), "true or false"
+    elif name == "num_warps":
+        ok, want = is_int and value in NUM_WARPS, "one of 1, 2, 4, 8, 16, 32"
+    elif name == "tile":
+        ok = is_int and TILE_MIN <= value <= TILE_MAX and value & (value - 1) == 0
+        want = f"a power of two from {TILE_MIN} to {TILE_MAX}"
+    else:  # target_programs, parts and the other size knobs
+        ok, want = is_int and value >= 1, "a positive integer"
+    if not ok:
+        if knob and name in _OPTIONAL_KNOBS:
+            want += " (or None)"
+        raise ValueError(f"{where}: {name} must be {want}, got {value!r}")
+    return value
+
+
+def validate_entry(entry, where: str) -> tuple:
+    """The plan fields (CACHE_FIELDS) of a tune-cache entry as (name, value) pairs; a
+    ValueError naming ``where`` (the file and the key) when the entry or one of them is invalid."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: an entry must be a JSON object, got {type(entry).__name__}")
+    return tuple((name, _check_value(name, entry[name], where))
+                 for name in CACHE_FIELDS if name in entry)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Everything plan_tiles reads besides the geometry, kind, device and dtype: the knobs forced
+    by ``override(...)`` and the entries forced by ``use_entries(...)``, as sorted (name, value)
+    pairs. Frozen and hashable: it is part of the key the plans are memoized under, so a sweep
+    over tiles or warps gets a plan (and kernel specialization) per value."""
+
+    overrides: tuple = ()  # ((knob name, value), ...)
+    entries: tuple = ()  # ((cache key, ((field, value), ...)), ...)
+
+    def knob_overrides(self) -> dict:
+        return dict(self.overrides)
+
+    def entry(self, key: str) -> dict | None:
+        for k, fields_ in self.entries:
+            if k == key:
+                return dict(fields_)
+        return None
+
+
+_policy = Policy()
+
+
+def current_policy() -> Policy:
+    """The policy in force (set by ``override`` and ``use_entries``)."""
+    return _policy
+
+
+@contextlib.contextmanager
+def use_policy(policy: Policy) -> Iterator[None]:
+    """Makes ``policy`` the one in force for the duration (process-wide, so autograd's backward
+    threads see it too)."""
+    global _policy
+    if not isinstance(policy, Policy):
+        raise TypeError(f"use_policy: policy must be a tuning.Policy, got {type(policy).__name__}")
+    old, _policy = _policy, policy
+    try:
+        yield
+    finally:
+        _policy = old
 
 
 @contextlib.contextmanager
 def override(**kwargs) -> Iterator[None]:
-    """Temporarily forces knobs, e.g. ``override(force_fused=False, parts=3)`` in tests."""
-    old = dict(_OVERRIDES)
-    _OVERRIDES.update(kwargs)
-    try:
+    """Temporarily forces knobs, e.g. ``override(force_fused=False, parts=3)`` in tests or
+    ``override(force_fused=False, tile=8192, num_warps=8)`` in a sweep. While any knob is forced
+    the tune cache file is not read."""
+    for name, value in kwargs.items():
+        if name not in KNOB_NAMES:
+            raise TypeError(f"override: unknown knob {name!r}; expected one of {', '.join(KNOB_NAMES)}")
+        _check_value(name, value, f"override({name}=...)", knob=True)
+    merged = {**_policy.knob_overrides(), **kwargs}
+    with use_policy(replace(_policy, overrides=tuple(sorted(merged.items())))):
         yield
-    finally:
-        _OVERRIDES.clear()
-        _OVERRIDES.update(old)
 
 
 @functools.lru_cache(maxsize=None)
@@ -103,7 +191,7 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def knobs(device: torch.device) -> Knobs:
+def knobs(device: torch.device, policy: Policy | None = None) -> Knobs:
     if device.type == "cuda" and not interpreting():
         base = Knobs(tile=4096, fused_forward_max=16384, fused_backward_max=8192,
                      max_block_channels=128, max_block_inner=1024,
@@ -111,7 +199,21 @@ def knobs(device: torch.device) -> Knobs:
     else:  # the interpreter runs programs one by one: few, large tiles
         base = Knobs(tile=4096, fused_forward_max=16384, fused_backward_max=16384,
                      max_block_channels=64, max_block_inner=256, target_programs=1)
-    return replace(base, **_OVERRIDES) if _OVERRIDES else base
+    policy = _policy if policy is None else policy
+    return replace(base, **policy.knob_overrides()) if policy.overrides else base
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_name(device_index: int) -> str:
+    return torch.cuda.get_device_name(device_index)
+
+
+def device_name(device: torch.device) -> str:
+    """The name tune-cache entries are keyed by: the GPU's name (torch.cuda.get_device_name), or
+    "cpu-interpreter" when the kernels run in Triton's CPU interpreter."""
+    if device.type == "cuda" and not interpreting():
+        return _cuda_name(device.index if device.index is not None else torch.cuda.current_device())
+    return "cpu-interpreter"
 
 
 def cache_path() -> Path:
@@ -120,18 +222,21 @@ def cache_path() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "triton_bn" / "tune.json"
 
 
-# The fields of a cache entry that plan_tiles reads (the rest of an entry is the tuning record:
-# timings of every candidate, device, versions). fused=False forbids the single-pass path; tile,
-# num_warps and target_programs set the split path's tile size, warps and program count.
-CACHE_FIELDS = ("fused", "tile", "num_warps", "target_programs")
+KINDS = ("forward", "backward", "apply")
 
-_FORCED_ENTRIES: dict = {}
+
+def is_legacy_key(key: str) -> bool:
+    """A key without a device name (written before entries were keyed by GPU)."""
+    return key.split("|", 1)[0] in KINDS
 
 
 class _JsonCache:
-    """``load_cache(path)``: the JSON cache at ``path`` as {cache_key: entry}; {} when missing or
-    unreadable. Read once per process and path: call ``load_cache.cache_clear()`` after rewriting
-    the file (that also drops the memoized launch plans)."""
+    """``load_cache(path)``: the JSON cache at ``path`` as {cache_key: plan fields} ({} when the
+    file does not exist), every entry validated: a ValueError names the file and the key of an
+    invalid entry, of a key without a device name (a cache written by an older triton_bn: rerun
+    ``triton-bn tune`` or delete it), or says the file is not a JSON object. Read once per process
+    and path: call ``load_cache.cache_clear()`` after rewriting the file (that also drops the
+    memoized launch plans)."""
 
     def __init__(self) -> None:
         self._data: dict = {}
@@ -140,12 +245,33 @@ class _JsonCache:
     def __call__(self, path: str) -> dict:
         data = self._data.get(path)
         if data is None:
-            try:
-                data = json.loads(Path(path).read_text())
-            except (OSError, ValueError):
-                data = {}
-            self._data[path] = data = data if isinstance(data, dict) else {}
+            data = self._data[path] = self._read(path)
         return data
+
+    @staticmethod
+    def _read(path: str) -> dict:
+        try:
+            text = Path(path).read_text()
+        except FileNotFoundError:
+            return {}
+        except OSError as e:
+            raise ValueError(f"tune cache {path}: cannot be read ({e})") from None
+        try:
+            raw = json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"tune cache {path}: not valid JSON ({e}); rerun `triton-bn tune` "
+                             "or delete the file") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"tune cache {path}: expected a JSON object {{key: entry}}, got "
+                             f"{type(raw).__name__}")
+        out = {}
+        for key, entry in raw.items():
+            if is_legacy_key(key):
+                raise ValueError(f"tune cache {path}, key {key!r}: the key names no GPU (written by "
+                                 "an older triton_bn, whose entries could be applied on another "
+                                 "card); rerun `triton-bn tune` or delete the file")
+            out[key] = dict(validate_entry(entry, f"tune cache {path}, key {key!r}"))
+        return out
 
     def cache_clear(self) -> None:
         self._data.clear()
@@ -155,34 +281,33 @@ class _JsonCache:
 load_cache = _JsonCache()
 
 
-def cache_key(kind: str, geo: Geometry, dtype: torch.dtype) -> str:
-    return f"{kind}|R0={geo.R0}|R1={geo.R1}|G={geo.G}|K={geo.K}|cf={int(geo.channels_fast)}|{dtype}"
+def cache_key(kind: str, geo: Geometry, dtype: torch.dtype, device: torch.device) -> str:
+    """The key of a tune-cache entry: the device's name (``device_name``), the kernel kind, the
+    geometry and the dtype."""
+    return (f"{device_name(device)}|{kind}|R0={geo.R0}|R1={geo.R1}|G={geo.G}|K={geo.K}"
+            f"|cf={int(geo.channels_fast)}|{dtype}")
 
 
 @contextlib.contextmanager
 def use_entries(entries: dict) -> Iterator[None]:
     """Temporarily makes plan_tiles use these {cache_key: entry} before the file (the tuner's
-    candidates); they win over ``override(...)`` too."""
-    old = dict(_FORCED_ENTRIES)
-    _FORCED_ENTRIES.update(entries)
-    try:
+    candidates); they win over ``override(...)`` too. Entries are validated like the file's."""
+    new = {k: validate_entry(e, f"use_entries, key {k!r}") for k, e in entries.items()}
+    merged = {**dict(_policy.entries), **new}
+    with use_policy(replace(_policy, entries=tuple(sorted(merged.items())))):
         yield
-    finally:
-        _FORCED_ENTRIES.clear()
-        _FORCED_ENTRIES.update(old)
 
 
-def cached_entry(kind: str, geo: Geometry, dtype: torch.dtype) -> dict | None:
-    """The tuned entry plan_tiles should honour for this geometry, or None (heuristic)."""
-    key = cache_key(kind, geo, dtype)
-    if _FORCED_ENTRIES:
-        entry = _FORCED_ENTRIES.get(key)
-        if entry is not None:
-            return entry
-    if _OVERRIDES:
-        return None
-    entry = load_cache(str(cache_path())).get(key)
-    return entry if isinstance(entry, dict) else None
+def cached_entry(kind: str, geo: Geometry, dtype: torch.dtype, device: torch.device,
+                 policy: Policy | None = None) -> dict | None:
+    """The tuned plan fields plan_tiles honours for this geometry on this device, or None
+    (heuristic): a forced entry, else (when no knob is overridden) the cache file's."""
+    policy = _policy if policy is None else policy
+    key = cache_key(kind, geo, dtype, device)
+    entry = policy.entry(key)
+    if entry is not None or policy.overrides:
+        return entry
+    return load_cache(str(cache_path())).get(key)
 
 
 def _split(extent_tiles: int, wanted: int) -> int:
@@ -193,26 +318,32 @@ _PLANS: dict = {}
 
 
 def plan_tiles(geo: Geometry, kind: str, device: torch.device, dtype: torch.dtype,
-               allow_fused: bool = True) -> TilePlan:
+               allow_fused: bool = True, policy: Policy | None = None) -> TilePlan:
     """kind: 'forward' or 'backward' (the reduction kernels) or 'apply' (element-wise kernels).
 
-    Memoized per (geometry, kind, device, dtype) and the knobs / cache in force, since it runs
-    several times per call."""
-    forced = json.dumps(_FORCED_ENTRIES, sort_keys=True, default=str) if _FORCED_ENTRIES else None
-    key = (geo, kind, device, dtype, allow_fused, tuple(sorted(_OVERRIDES.items())) or None,
-           forced, os.environ.get("TRITON_BN_TUNE_CACHE"), load_cache.generation)
+    A pure function of its arguments, the policy (default: the one in force) and, when the policy
+    overrides no knob, the tune cache file; memoized on all of them, since it runs several times
+    per call."""
+    policy = _policy if policy is None else policy
+    source = None if policy.overrides else (str(cache_path()), load_cache.generation)
+    key = (geo, kind, device, dtype, allow_fused, policy, source)
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) > 4096:
             _PLANS.clear()
-        plan = _PLANS[key] = _plan_tiles(geo, kind, device, dtype, allow_fused)
+        plan = _PLANS[key] = _plan_tiles(geo, kind, device, dtype, allow_fused, policy)
     return plan
 
 
 def _plan_tiles(geo: Geometry, kind: str, device: torch.device, dtype: torch.dtype,
-                allow_fused: bool) -> TilePlan:
-    kn = knobs(device)
-    cached = cached_entry(kind, geo, dtype)
+                allow_fused: bool, policy: Policy) -> TilePlan:
+    kn = knobs(device, policy)
+    cached = cached_entry(kind, geo, dtype, device, policy)
+    if cached:  # a tuned entry's fields are knobs for this one geometry
+        tuned = {k: cached[k] for k in ("tile", "num_warps", "target_programs") if k in cached}
+        if kind != "apply" and cached.get("fused") is False:
+            tuned["force_fused"] = False
+        kn = replace(kn, **tuned)
     fused_max = kn.fused_forward_max if kind == "forward" else kn.fused_backward_max
     if dtype == torch.float64:
         fused_max //= 2  # fp64 tiles take twice the registers (16384 spills on sm_90)
@@ -225,8 +356,6 @@ def _plan_tiles(geo: Geometry, kind: str, device: torch.device, dtype: torch.dty
         fits = next_pow2(A) * next_pow2(B) <= fused_max
         fused_block_b = next_pow2(B)
     fused = allow_fused and kind != "apply" and geo.G == 1 and fits and kn.force_fused is not False
-    if cached is not None and kind != "apply":
-        fused = fused and bool(cached.get("fused", True))
     if fused:
         block_a = next_pow2(A)
         tile = block_a * fused_block_b
@@ -234,7 +363,7 @@ def _plan_tiles(geo: Geometry, kind: str, device: torch.device, dtype: torch.dty
         n_tiles = cdiv(B, fused_block_b) if geo.channels_fast else geo.S
         return TilePlan(True, block_a, fused_block_b, A, B, A, B, n_tiles, 1, 1, warps)
 
-    tile = int(cached.get("tile", kn.tile)) if cached else kn.tile
+    tile = kn.tile
     if geo.channels_fast:
         block_b = min(next_pow2(B), kn.max_block_channels)
         block_a = max(1, min(next_pow2(A), tile // block_b))
@@ -253,9 +382,7 @@ def _plan_tiles(geo: Geometry, kind: str, device: torch.device, dtype: torch.dty
         n_a = _split(a_tiles, kn.parts)
         n_b = _split(b_tiles, cdiv(kn.parts, n_a))
     else:
-        target = int(cached.get("target_programs", kn.target_programs)) if cached else \
-            kn.target_programs
-        want = max(1, cdiv(target, n_channel_tiles))
+        want = max(1, cdiv(kn.target_programs, n_channel_tiles))
         n_a = _split(a_tiles, want)
         n_b = _split(b_tiles, cdiv(want, n_a))
     a_chunk = cdiv(a_tiles, n_a) * block_a
@@ -265,6 +392,6 @@ def _plan_tiles(geo: Geometry, kind: str, device: torch.device, dtype: torch.dty
     else:
         b_chunk = cdiv(b_tiles, n_b) * block_b
         n_b = cdiv(B, b_chunk)
-    warps = int(cached.get("num_warps", 4)) if cached else 4
+    warps = kn.num_warps or 4
     return TilePlan(False, block_a, block_b, A, B, a_chunk, b_chunk, n_channel_tiles, n_a, n_b,
                     warps)

@@ -2,9 +2,10 @@
 shape and writes the fastest to the JSON cache that ``tuning.plan_tiles`` reads
 (``tuning.cache_path()``: env TRITON_BN_TUNE_CACHE, else ~/.cache/triton_bn/tune.json).
 
-An entry is keyed by ``tuning.cache_key(kind, geometry, dtype)``; plan_tiles reads its
-``tuning.CACHE_FIELDS`` (fused, tile, num_warps, target_programs); the rest records the run: the
-timing of every candidate, the device and the versions.
+An entry is keyed by ``tuning.cache_key(kind, geometry, dtype, device)`` (the key names the GPU,
+so a cache tuned on one card is not applied on another); plan_tiles reads its
+``tuning.CACHE_FIELDS`` (fused, tile, num_warps, target_programs), validated when the file is
+loaded; the rest records the run: the timing of every candidate, the device and the versions.
 """
 
 from __future__ import annotations
@@ -28,9 +29,6 @@ from .shapes import Case
 from .timing import TimerConfig, bench_fn
 
 __all__ = ["candidates", "tune_case", "run_tune", "write_cache"]
-
-KINDS = ("forward", "backward")
-
 
 def candidates(cuda: bool, sm_count: int = 1) -> list[dict]:
     """The search space: the single-pass kernel (where it fits) and split configurations."""
@@ -66,7 +64,7 @@ def tune_case(case: Case, kind: str, device: torch.device, timer: TimerConfig,
     rm = torch.zeros(C, device=device)
     rv = torch.ones(C, device=device)
     geo = _geometry(x)
-    key = tuning.cache_key(kind, geo, case.torch_dtype)
+    key = tuning.cache_key(kind, geo, case.torch_dtype, device)
 
     def forward():
         return triton_bn.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5)
@@ -130,7 +128,9 @@ def tune_case(case: Case, kind: str, device: torch.device, timer: TimerConfig,
 
 
 def write_cache(path: Path, entries: dict, info: RunInfo) -> None:
-    """Merges entries into the JSON cache at ``path`` (atomically) and drops the in-process copy."""
+    """Merges entries into the JSON cache at ``path`` (atomically) and drops the in-process copy.
+    Keys of an older triton_bn (without a GPU name, which ``tuning.load_cache`` rejects) are
+    dropped."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -139,6 +139,7 @@ def write_cache(path: Path, entries: dict, info: RunInfo) -> None:
             data = {}
     except (OSError, ValueError):
         data = {}
+    data = {k: v for k, v in data.items() if not tuning.is_legacy_key(k)}
     for key, entry in entries.items():
         entry = dict(entry, device=info.gpu_name, device_kind=info.device, torch=info.torch,
                      triton=info.triton, triton_bn=info.triton_bn, date=info.date)

@@ -1,0 +1,7 @@
+"""``python -m perf.compile_check``: see the package docstring."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

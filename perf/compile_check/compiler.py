@@ -1,0 +1,230 @@
+"""Phase 2: compile each recorded specialization to a cubin with the JIT's own compile path, in a
+pool of worker processes, and read its resources: registers, spills and stack (ptxas -v), local
+memory (cuobjdump --dump-resource-usage), shared memory (Triton's metadata) and the global loads /
+stores of its PTX."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import subprocess
+import tempfile
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import ROOT
+from .driver import jit_function, tool
+from .record import Spec
+
+# opt-in shared memory per block (bytes): a launch needing more fails with OutOfResources
+SMEM_LIMIT = {70: 98304, 75: 65536, 80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448,
+              100: 232448, 120: 101376}
+
+
+@dataclass
+class Result:
+    kernel: str
+    flags: str
+    scenario: str
+    arch: int
+    ok: bool
+    error: str = ""
+    error_full: str = ""
+    n_regs: int | None = None
+    n_spills: int | None = None  # local memory bytes / 4, as the CUDA driver reports it
+    spill_stores: int | None = None  # bytes, ptxas -v
+    spill_loads: int | None = None
+    stack: int | None = None
+    shared: int | None = None
+    num_warps: int | None = None
+    seconds: float = 0.0
+    tile_sweep: bool = False
+    blocks: list | None = None  # the BLOCK_* constexprs (flags shows them as BLOCK_A x BLOCK_B)
+    # global memory instructions in the PTX, by form: {"ld.v4.b32": 8, "st.b32": 3, ...}
+    ptx_mem: dict | None = None
+    ptx_vector_fraction: float | None = None  # of the global bytes the PTX instructions move
+
+
+
+_SPECS: list[Spec] = []
+_CUOBJDUMP: str | None = None
+
+
+def _jit_functions() -> dict:
+    """name -> JITFunction of every @triton.jit function in triton_bn.kernels (kernels and helpers)."""
+    from triton.runtime.jit import JITFunction
+
+    from triton_bn.kernels import backward, common, forward
+    out = {}
+    for mod in (common, forward, backward):
+        for name, obj in vars(mod).items():
+            if isinstance(obj, JITFunction):
+                out.setdefault(name, obj)
+    return out
+
+
+def _where(err) -> str:
+    """file:line of a CompilationError (its node's line inside the function it names)."""
+    m = re.search(r"^def\s+(\w+)", err.src or "", re.MULTILINE)
+    node_line = getattr(err.node, "lineno", None)
+    if not m or node_line is None:
+        return "?"
+    jf = _jit_functions().get(m.group(1))
+    if jf is None:
+        return f"{m.group(1)}:{node_line}"
+    path = Path(jf.fn.__code__.co_filename)
+    with contextlib.suppress(ValueError):
+        path = path.relative_to(ROOT)
+    return f"{path}:{jf.def_file_line_number + node_line - 1} ({m.group(1)})"
+
+
+def _chain(e: BaseException) -> list:
+    out = []
+    cur: BaseException | None = e
+    while cur is not None and len(out) < 20:
+        out.append(cur)
+        cur = cur.__cause__ or (cur.__context__ if not cur.__suppress_context__ else None)
+    return out
+
+
+def _short_error(e: BaseException) -> str:
+    """One line: where (the innermost jit function's file:line) and the innermost message."""
+    from triton.compiler.errors import CompilationError
+    chain = _chain(e)
+    comp = [c for c in chain if isinstance(c, CompilationError)]
+    if comp:
+        inner = comp[-1]
+        msg = (inner.error_message or "").strip()
+        last = chain[-1]
+        if not msg and last is not inner:
+            msg = f"{type(last).__name__}: {str(last).strip()}"
+        msg = msg.splitlines()[-1] if msg else type(inner).__name__
+        return f"{_where(inner)}: {msg}"[:300]
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    interesting = [ln for ln in lines if "error" in ln.lower()]
+    msg = (interesting or lines or [""])[0]
+    return f"{type(e).__name__}: {msg}"[:300]
+
+
+def _resource_usage(cubin: bytes, name: str) -> dict:
+    out = {}
+    if not _CUOBJDUMP:
+        return out
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        path = f.name
+    try:
+        txt = subprocess.run([_CUOBJDUMP, "--dump-resource-usage", path], capture_output=True,
+                             text=True, timeout=60, check=False).stdout
+    finally:
+        os.unlink(path)
+    for key, field_ in (("REG", "n_regs"), ("STACK", "stack"), ("LOCAL", "local")):
+        m = re.search(rf"\b{key}:(\d+)", txt)
+        if m:
+            out[field_] = int(m.group(1))
+    return out
+
+
+_PTX_MEM = re.compile(r"\b(ld|st)\.global((?:\.[\w:]+)+)")
+
+
+def ptx_memory_ops(ptx: str) -> dict:
+    """Global loads / stores in PTX by form, e.g. {"ld.v4.b32": 8, "ld.b32": 1, "st.b16": 4}:
+    the vector width (none = scalar) and the element type of each ld.global / st.global
+    (cache modifiers dropped). Static instruction counts, not executed ones."""
+    out: dict = {}
+    for op, mods in _PTX_MEM.findall(ptx):
+        parts = mods.strip(".").split(".")
+        vec = next((m for m in parts if re.fullmatch(r"v\d+", m)), None)
+        ty = next((m for m in reversed(parts) if re.fullmatch(r"[bsuf]\d+", m)), "?")
+        key = f"{op}.{vec}.{ty}" if vec else f"{op}.{ty}"
+        out[key] = out.get(key, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def vector_fraction(mem: dict) -> float | None:
+    """The share of the bytes moved by the instructions of ``mem`` (ptx_memory_ops) that vector
+    (v2 / v4 / v8) instructions move; None without global memory instructions."""
+    total = vec = 0
+    for key, n in mem.items():
+        parts = key.split(".")
+        width = int(parts[1][1:]) if parts[1].startswith("v") else 1
+        m = re.fullmatch(r"[bsuf](\d+)", parts[-1])
+        nbytes = n * width * (int(m.group(1)) // 8 if m else 4)
+        total += nbytes
+        vec += nbytes if width > 1 else 0
+    return vec / total if total else None
+
+
+def _compile_one(i: int) -> Result:
+    from triton import knobs
+
+    spec = _SPECS[i]
+    res = Result(spec.kernel, spec.flags, spec.scenario, spec.arch, ok=False,
+                 tile_sweep=spec.tile_sweep, blocks=list(spec.blocks))
+    jf = jit_function(spec.fn_key)
+    knobs.runtime.jit_cache_hook = None
+    knobs.nvidia.dump_ptxas_log = True
+    log = io.StringIO()
+    t0 = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(log), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            kernel = jf.preload(spec.data)
+    except Exception as e:  # noqa: BLE001 - every compile error is a result
+        res.seconds = time.perf_counter() - t0
+        res.error = _short_error(e)
+        res.error_full = "\n".join(
+            "".join(traceback.format_exception_only(type(c), c)).strip()
+            for c in _chain(e))
+        return res
+    res.seconds = time.perf_counter() - t0
+    res.ok = True
+    md = kernel.metadata
+    ptx = kernel.asm.get("ptx")
+    if ptx:
+        res.ptx_mem = ptx_memory_ops(ptx)
+        res.ptx_vector_fraction = vector_fraction(res.ptx_mem)
+    res.shared = int(md.shared)
+    res.num_warps = int(md.num_warps)
+    limit = SMEM_LIMIT.get(spec.arch)
+    if limit is not None and res.shared > limit:  # what CompiledKernel._init_handles would raise
+        res.ok = False
+        res.error = f"OutOfResources: shared memory {res.shared} > {limit} bytes of sm_{spec.arch}"
+        res.error_full = res.error
+    text = log.getvalue()
+    m = re.search(r"Used (\d+) registers", text)
+    if m:
+        res.n_regs = int(m.group(1))
+    m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    if m:
+        res.stack, res.spill_stores, res.spill_loads = map(int, m.groups())
+    usage = _resource_usage(kernel.asm["cubin"], kernel.name)
+    if res.n_regs is None:
+        res.n_regs = usage.get("n_regs")
+    # the CUDA driver's n_spills is the function's local memory (LOCAL_SIZE_BYTES) / 4: the
+    # per-thread stack frame (where ptxas spills) plus any local arrays
+    stack = usage.get("stack", res.stack)
+    if stack is not None or "local" in usage:
+        res.n_spills = ((stack or 0) + usage.get("local", 0)) // 4
+    return res
+
+
+def compile_all(specs: list[Spec], jobs: int) -> list[Result]:
+    global _SPECS, _CUOBJDUMP
+    _SPECS = specs
+    _CUOBJDUMP = tool("cuobjdump")
+    if jobs <= 1 or len(specs) <= 1:
+        return [_compile_one(i) for i in range(len(specs))]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    # fork: the workers inherit the recorded specializations, the compile-only driver and imports
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("fork")) as pool:
+        return list(pool.map(_compile_one, range(len(specs)), chunksize=1))
+
+

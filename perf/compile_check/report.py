@@ -1,0 +1,99 @@
+"""The report: the table of every specialization, the PTX memory-instruction table, the per-kernel
+summary, the spilling specializations and the full compile errors."""
+
+from __future__ import annotations
+
+import sys
+
+from .compiler import Result
+
+
+def format_memory_ops(mem: dict | None) -> str:
+    if not mem:
+        return "-"
+    return " ".join(f"{k}x{v}" for k, v in mem.items())
+
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else str(v)
+
+
+def print_table(results: list[Result], file=sys.stdout) -> None:
+    results = sorted(results, key=lambda r: (r.arch, r.tile_sweep, r.kernel, r.flags))
+    kw = max([len("kernel")] + [len(r.kernel) for r in results])
+    fw = max([len("flags")] + [len(r.flags) for r in results])
+    head = (f"{'sm':>3} {'kernel':<{kw}} {'flags':<{fw}} {'status':<6} {'regs':>4} {'spill':>5} "
+            f"{'st/ld B':>9} {'smem':>6} {'sec':>5}  error / first scenario")
+    print(head, file=file)
+    print("-" * len(head), file=file)
+    for r in results:
+        status = "ok" if r.ok else "ERROR"
+        stld = "-" if r.spill_stores is None else f"{r.spill_stores}/{r.spill_loads}"
+        print(f"{r.arch:>3} {r.kernel:<{kw}} {r.flags:<{fw}} {status:<6} {_fmt(r.n_regs):>4} "
+              f"{_fmt(r.n_spills):>5} {stld:>9} {_fmt(r.shared):>6} {r.seconds:5.1f}  "
+              f"{r.error if not r.ok else r.scenario}", file=file)
+
+
+def print_ptx_stats(results: list[Result], file=sys.stdout) -> None:
+    """Per specialization: registers and the global loads / stores of its PTX by vector width
+    (ld.v4.b32 = one 16-byte access; ld.b32 = a scalar 4-byte one), and the share of the bytes they
+    move that vector instructions move ("vec")."""
+    rows = sorted((r for r in results if r.ok), key=lambda r: (r.arch, r.tile_sweep, r.kernel, r.flags))
+    if not rows:
+        return
+    kw = max(len(r.kernel) for r in rows)
+    fw = max(len(r.flags) for r in rows)
+    print("\nGlobal memory instructions in the PTX (static counts; vec = share of the bytes moved "
+          "by v2/v4 instructions):", file=file)
+    print(f"{'sm':>3} {'kernel':<{kw}} {'flags':<{fw}} {'regs':>4} {'vec':>4}  loads / stores", file=file)
+    for r in rows:
+        frac = "-" if r.ptx_vector_fraction is None else f"{r.ptx_vector_fraction:4.0%}"
+        print(f"{r.arch:>3} {r.kernel:<{kw}} {r.flags:<{fw}} {_fmt(r.n_regs):>4} {frac:>4}  "
+              f"{format_memory_ops(r.ptx_mem)}   <- {r.scenario}", file=file)
+
+
+def print_summary(results: list[Result], scenario_errors, elapsed: float, file=sys.stdout) -> None:
+    print(file=file)
+    for arch in sorted({r.arch for r in results}):
+        rs = [r for r in results if r.arch == arch]
+        bad = [r for r in rs if not r.ok]
+        spill = [r for r in rs if r.ok and (r.n_spills or r.spill_stores)]
+        print(f"sm_{arch}: {len(rs)} specializations, {len(rs) - len(bad)} ok, {len(bad)} failed, "
+              f"{len(spill)} spill; compile time {sum(r.seconds for r in rs):.1f} s (summed)",
+              file=file)
+        kernels = sorted({r.kernel for r in rs})
+        for k in kernels:
+            kr = [r for r in rs if r.kernel == k and r.ok]
+            if not kr:
+                continue
+            worst = max(kr, key=lambda r: (r.n_spills or 0, r.n_regs or 0))
+            print(f"  {k:<28} {len(kr):3d} ok, regs {min(r.n_regs or 0 for r in kr)}-"
+                  f"{max(r.n_regs or 0 for r in kr)}, max spill {worst.n_spills} "
+                  f"({worst.flags}), max smem {max(r.shared or 0 for r in kr)}", file=file)
+    spills = sorted((r for r in results if r.ok and r.spill_stores),
+                    key=lambda r: (r.arch, r.kernel, -(r.spill_stores or 0)))
+    if spills:
+        print("\nSpilling specializations (ptxas spill stores/loads bytes per thread; tile = "
+              "BLOCK_A x BLOCK_B):", file=file)
+        for r in spills:
+            print(f"  sm_{r.arch} {r.kernel:<26} {r.flags:<58} regs {_fmt(r.n_regs):>3} "
+                  f"spill {r.spill_stores}/{r.spill_loads} B  <- {r.scenario}", file=file)
+    errs = [r for r in results if not r.ok]
+    if errs:
+        print("\nCompile errors (full messages, one per distinct message):", file=file)
+        seen = set()
+        for r in errs:
+            key = (r.kernel, r.error)
+            if key in seen:
+                continue
+            seen.add(key)
+            print(f"\n[sm_{r.arch}] {r.kernel} [{r.flags}] (scenario {r.scenario}):\n{r.error_full}",
+                  file=file)
+    if scenario_errors:
+        print("\nScenarios whose launch code raised (not compile errors):", file=file)
+        for label, msg in scenario_errors:
+            print(f"  {label}: {msg}", file=file)
+    print(f"\nwall time {elapsed:.1f} s", file=file)
+
+
