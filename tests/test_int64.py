@@ -36,7 +36,9 @@ BIG_VIEWS = {
     "nchw_channel_stride": ((2, 32, 4), (4, 2**27 + 1, 1)),
     "rows_stride": ((5, 16), (2**29 + 3, 1)),
 }
-PATHS = {"fused": {"force_fused": True}, "split3": {"force_fused": False, "parts": 3, "tile": 4}}
+PATHS = {"fused": {"force_fused": True},
+         "split3": {"force_fused": False, "parts": 3, "tile": 16, "max_block_inner": 4,
+                    "max_block_channels": 2}}
 
 
 @pytest.mark.parametrize("path", PATHS)
