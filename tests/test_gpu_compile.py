@@ -86,3 +86,24 @@ def test_tile_sweep_compiles_a_specialization_per_swept_tile_and_warps(tmp_path)
     results = json.loads(compiled.read_text())
     assert all(r["ok"] for r in results), output[-6000:]
     assert _tile_warps(results, "bn_stats_kernel") == SWEPT
+
+
+_TTIR = """  tt.func public @k(%Rstd: !tt.ptr<f32> loc("Rstd"), %Out: !tt.ptr<f32> loc("Out")) {
+    %0 = tt.splat %Rstd : !tt.ptr<f32> -> tensor<64x!tt.ptr<f32>>
+    %1 = tt.addptr %0, %c : tensor<64x!tt.ptr<f32>>, tensor<64xi32>
+    tt.store %1, %v, %m : tensor<64x!tt.ptr<f32>>
+{barrier}    %2 = tt.load %1, %m, %z : tensor<64x!tt.ptr<f32>>
+    %3 = tt.addptr %Out, %K : !tt.ptr<f32>, i32
+    tt.store %3, %2 : !tt.ptr<f32>
+  }"""
+
+
+@pytest.mark.parametrize("barrier", ["", "    ttg.barrier all\n", "    gpu.barrier\n"])
+def test_compile_report_flags_a_reload_without_barrier(barrier):
+    """The compile check fails a kernel that loads what it stored, through the same kernel
+    argument, with no block barrier in between (a race on a GPU that the interpreter cannot show)."""
+    sys.path.insert(0, str(ROOT))
+    from perf.compile_check.compiler import unsynced_reloads
+
+    hazards = unsynced_reloads(_TTIR.replace("{barrier}", barrier))
+    assert hazards == ([] if barrier else ["Rstd: stored on line 4, loaded on line 5"])

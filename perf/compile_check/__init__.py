@@ -41,7 +41,9 @@ Prints a table (kernel x flags -> ok / error, regs, spills, shared memory, compi
 summary, the spilling specializations and the full compile errors, and exits 1 when any specialization
 fails to compile or needs more shared memory than the architecture has, or when a scenario's launch
 code raises (spills are reported, not failures); exit 2 when the bundled NVIDIA toolchain cannot
-run here. Flags in the table: pointer dtypes
+run here. A kernel whose Triton IR loads, through the same kernel argument, what it stored earlier
+with no block barrier in between also fails (``compiler.unsynced_reloads``: a race on a GPU that the
+interpreter, one program at a time, cannot show). Flags in the table: pointer dtypes
 (x / statistics), BLOCK_A x BLOCK_B (or BLOCK_C), warps, then the constexprs that are set (CF = channels
 fast, RES = residual, W / B = weight / bias, UPD = running update, UNB = unbiased, CUM = cumulative
 momentum, GAFF = renorm / adjustment affine, DX / DW / DB / DRES = gradients written, ...).

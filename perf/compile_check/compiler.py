@@ -161,6 +161,40 @@ def vector_fraction(mem: dict) -> float | None:
     return vec / total if total else None
 
 
+_SSA = r"%[\w.#]+"
+_PTR_DEF = re.compile(rf"({_SSA}) = tt\.(?:splat|addptr|broadcast|expand_dims|reshape) ({_SSA})")
+_PTR_ARG = re.compile(rf"({_SSA}): !tt\.ptr")
+_MEM_OP = re.compile(rf"\btt\.(store|load) ({_SSA})")
+_BARRIER = re.compile(r"\b(?:gpu|ttg)\.barrier\b")
+
+
+def unsynced_reloads(ttir: str) -> list[str]:
+    """Global stores read back later in the same kernel with no block barrier in between, from the
+    Triton IR: "Rstd: stored on line 99, loaded on line 142". Pointers are traced to the kernel
+    argument they derive from (splat / addptr / broadcast chains), and the IR is read in program
+    order. Without a barrier, a thread may read an element another thread of the block has not yet
+    written: correct only while Triton happens to give both accesses the same thread mapping."""
+    root: dict[str, str] = {}
+    stored: dict[str, int] = {}
+    hazards = []
+    for lineno, line in enumerate(ttir.splitlines(), 1):
+        for arg in _PTR_ARG.findall(line):
+            root[arg] = arg[1:]
+        m = _PTR_DEF.search(line)
+        if m and m.group(2) in root:
+            root[m.group(1)] = root[m.group(2)]
+        if _BARRIER.search(line):
+            stored.clear()
+        m = _MEM_OP.search(line)
+        if m and m.group(2) in root:
+            name = root[m.group(2)]
+            if m.group(1) == "store":
+                stored.setdefault(name, lineno)
+            elif name in stored:
+                hazards.append(f"{name}: stored on line {stored[name]}, loaded on line {lineno}")
+    return hazards
+
+
 def _compile_one(i: int) -> Result:
     from triton import knobs
 
@@ -185,6 +219,11 @@ def _compile_one(i: int) -> Result:
         return res
     res.seconds = time.perf_counter() - t0
     res.ok = True
+    hazards = unsynced_reloads(kernel.asm.get("ttir", ""))
+    if hazards:  # a race on a GPU that the interpreter (one program at a time) cannot show
+        res.ok = False
+        res.error = "store then load of the same pointer without a barrier: " + "; ".join(hazards)
+        res.error_full = res.error
     md = kernel.metadata
     ptx = kernel.asm.get("ptx")
     if ptx:
