@@ -18,8 +18,6 @@ import functools
 from dataclasses import dataclass
 from typing import Sequence
 
-import torch
-
 __all__ = ["Geometry", "plan_geometry", "normalize_axes"]
 
 
@@ -124,8 +122,3 @@ def _plan_geometry(shape: tuple, tensors_strides: tuple, channel_axes: tuple,
     channels_fast = K > 1 and (R0 * R1 == 1 or abs(k_strides[0]) < abs(inner))
     return Geometry(R0=R0, R1=R1, G=groups, K=K, strides=strides, channels_fast=channels_fast)
 
-
-def dense_like(x: torch.Tensor) -> torch.Tensor:
-    """An uninitialised tensor shaped like ``x`` with x's strides when x is dense, else in x's
-    suggested memory format (what torch.empty_like does)."""
-    return torch.empty_like(x, memory_format=torch.preserve_format)

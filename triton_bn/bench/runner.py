@@ -37,7 +37,6 @@ class BenchOptions:
     progress: bool = True
     seed: int = 0
     copy_mb: int = 1024
-    skipped_providers: dict = field(default_factory=dict)  # provider -> reason (printed)
 
 
 def rel_err(out: Optional[torch.Tensor], ref: torch.Tensor) -> float:
