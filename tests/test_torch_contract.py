@@ -603,20 +603,17 @@ class _OneProcessSync:
 
 def test_synchronized_double_backward_and_transforms_fail_clearly():
     x, w = leaf(4, C, 2), leaf(C, low=0.5)
-    token = triton_bn.BatchNormFunction.sync_hook.set(_OneProcessSync())
-    try:
-        y = normalize(x, w)
-        dx, = torch.autograd.grad(y.sum() + (y ** 2).sum(), x)  # the ordinary backward works
-        torch.testing.assert_close(dx, torch.autograd.grad(
-            (lambda y: y.sum() + (y ** 2).sum())(F.batch_norm(x, None, None, w, training=True)),
-            x)[0])
-        y = normalize(x, w)
-        with pytest.raises(RuntimeError, match="double backward .* synchronized"):
-            torch.autograd.grad((y ** 2).sum(), x, create_graph=True)
-        with pytest.raises(RuntimeError, match="torch.func transforms .* synchronized"):
-            vmap(lambda x: normalize(x, w))(x[None])
-    finally:
-        triton_bn.BatchNormFunction.sync_hook.reset(token)
+    sync = _OneProcessSync()
+    y = normalize(x, w, sync=sync)
+    dx, = torch.autograd.grad(y.sum() + (y ** 2).sum(), x)  # the ordinary backward works
+    torch.testing.assert_close(dx, torch.autograd.grad(
+        (lambda y: y.sum() + (y ** 2).sum())(F.batch_norm(x, None, None, w, training=True)),
+        x)[0])
+    y = normalize(x, w, sync=sync)
+    with pytest.raises(RuntimeError, match="double backward .* synchronized"):
+        torch.autograd.grad((y ** 2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="torch.func transforms .* synchronized"):
+        vmap(lambda x: normalize(x, w, sync=sync))(x[None])
 
 
 def test_keras_layer_jvp_and_vmap_match_torch():

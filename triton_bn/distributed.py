@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from . import ops
-from .functional import BatchNormFunction, normalize
+from .functional import normalize
 
 __all__ = ["ProcessGroupSync", "sync_normalize", "world_size"]
 
@@ -69,8 +69,4 @@ def sync_normalize(x: torch.Tensor, weight: torch.Tensor | None = None,
 
 @torch.compiler.disable
 def _synchronized(x, weight, bias, process_group, kwargs) -> torch.Tensor:
-    token = BatchNormFunction.sync_hook.set(ProcessGroupSync(process_group))
-    try:
-        return normalize(x, weight, bias, **kwargs)
-    finally:
-        BatchNormFunction.sync_hook.reset(token)
+    return normalize(x, weight, bias, sync=ProcessGroupSync(process_group), **kwargs)

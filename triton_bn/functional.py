@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -322,17 +321,15 @@ class BatchNormFunction(torch.autograd.Function):
     ``TransformBatchNormFunction`` (setup_context, jvp and vmap rules) instead.
     """
 
-    # carries a sync hook from ``distributed.sync_normalize`` through ``normalize`` to here
-    sync_hook: ContextVar = ContextVar("triton_bn_sync_hook", default=None)
-
     @staticmethod
     def run(x, weight, bias, residual, adj_scale, adj_bias, running_mean, running_var,
-            num_batches_tracked, renorm_mean, renorm_stddev, moving_stddev, cfg: NormConfig):
-        """``apply`` with the active sync hook (if any; training only, never while compiling)."""
-        sync = None
+            num_batches_tracked, renorm_mean, renorm_stddev, moving_stddev, cfg: NormConfig,
+            sync=None):
+        """``apply`` with ``sync`` (``distributed.ProcessGroupSync`` or None) in training outside
+        torch.compile (a synchronized call is a graph break, see ``distributed``)."""
+        if torch.compiler.is_compiling() or not cfg.training:
+            sync = None
         if not torch.compiler.is_compiling():
-            if cfg.training:
-                sync = BatchNormFunction.sync_hook.get()
             # torch.func transforms and forward-mode AD need the setup_context/jvp/vmap form
             # (which Dynamo cannot trace, so torch.compile keeps this class)
             if torch._C._functorch.peek_interpreter_stack() is not None \
@@ -628,6 +625,7 @@ def normalize(
     adjustment: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     residual: Optional[torch.Tensor] = None,
     activation: Optional[str] = None,
+    sync=None,
 ) -> torch.Tensor:
     """Batch normalization over every dimension except ``axis`` (an int or a list).
 
@@ -635,6 +633,8 @@ def normalize(
     batches), running statistics updated in place on the device; training=False: the running
     statistics. Parameter-like tensors are 1-D with one value per channel (channels flattened in
     axis order). ``activation`` may be None or "relu", applied after adding ``residual``.
+    ``sync``: the collectives of synchronized batch norm (``distributed.ProcessGroupSync``; use
+    ``distributed.sync_normalize``), or None.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
@@ -653,12 +653,12 @@ def normalize(
     if not isinstance(eps, numbers.Real) or eps < 0:
         raise ValueError(f"eps must be a non-negative number, got {eps!r}")
     return apply_checked(x, weight, bias, axes, training, eps, running, groups, renorm,
-                         adjustment, residual, activation == "relu")
+                         adjustment, residual, activation == "relu", sync)
 
 
 def apply_checked(x, weight, bias, axes: tuple, training: bool, eps: float,
                   running: Optional[RunningStats], groups: int, renorm: Optional[Renorm],
-                  adjustment, residual, relu: bool) -> torch.Tensor:
+                  adjustment, residual, relu: bool, sync=None) -> torch.Tensor:
     """``normalize`` after its checks (the layers check with their own API's rules, then call
     this). Non-contiguous state tensors are updated through a contiguous copy, copied back."""
     if not training:
@@ -694,7 +694,7 @@ def apply_checked(x, weight, bias, axes: tuple, training: bool, eps: float,
                      renorm_momentum=renorm_momentum, rmin=rmin, rmax=rmax, dmax=dmax,
                      relu=relu)
     y = BatchNormFunction.run(x, weight, bias, residual, a_scale, a_bias, rm, rv, nbt, r_mean,
-                              r_std, mstd, cfg)
+                              r_std, mstd, cfg, sync)
     for original, copy in copies:
         original.copy_(copy)
     return y
