@@ -1,7 +1,8 @@
 """triton_bn: batch normalization on hand-written Triton kernels.
 
 The complete tf.keras BatchNormalization layer (renorm, ghost batches, adjustment), drop-ins for
-torch.nn.BatchNorm1d/2d/3d and SyncBatchNorm, on fused single-pass Welford kernels.
+torch.nn.BatchNorm1d/2d/3d and SyncBatchNorm, on fused Triton kernels (per-tile two-pass moments of
+shifted data, merged with Chan's formula; single pass when a channel fits on chip).
 """
 
 import os as _os

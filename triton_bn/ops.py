@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import tuning
+from .kernels import forward as _forward_kernels
 from .kernels.backward import (
     bn_backward_apply_kernel,
     bn_backward_finalize_kernel,
@@ -22,9 +23,6 @@ from .kernels.backward import (
 )
 from .kernels.forward import (
     HYPER_FIELDS,
-    RENORM_KERAS,
-    RENORM_NONE,
-    RENORM_TORCH,
     bn_apply_kernel,
     bn_finalize_kernel,
     bn_fused_forward_kernel,
@@ -32,6 +30,10 @@ from .kernels.forward import (
     bn_stats_kernel,
 )
 from .layout import Geometry, plan_geometry
+
+# the kernels' RENORM values as plain ints (custom-op and config arguments)
+RENORM_NONE, RENORM_KERAS, RENORM_TORCH = (int(c.value) for c in (
+    _forward_kernels.RENORM_NONE, _forward_kernels.RENORM_KERAS, _forward_kernels.RENORM_TORCH))
 
 __all__ = ["bn_forward", "bn_backward", "local_moments", "RENORM_NONE", "RENORM_KERAS", "RENORM_TORCH",
            "FLOAT_DTYPES", "ForwardResult"]
@@ -194,7 +196,7 @@ def _launch_apply(fw: _Forward, relu: bool, from_running: bool = False, running_
         plan.n_b_parts, hyper, *st_x, *st_y, *st_z,
         HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=fw.int64,
         HAS_RESIDUAL=fw.has_residual, RELU=relu, FROM_RUNNING=from_running,
-        WRITE_COEFFS=from_running, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B, num_warps=plan.num_warps)
 
 

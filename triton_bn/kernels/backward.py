@@ -30,6 +30,26 @@ from .common import (
 
 
 @triton.jit
+def load_x_and_gated_dy(X, DY, Residual, a, b, s_fixed, mask, mean, scale, shift, R1, K,
+                        stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
+                        stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k,
+                        stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
+                        ACC: tl.constexpr, HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr,
+                        HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr):
+    """x and g (the gradient reaching the normalization: dy, zero where the fused ReLU was off,
+    recomputed from x and the residual) of the tile a x b, in the accumulation dtype."""
+    x_offs = tile_offsets(a, b, s_fixed, R1, K, stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
+                          HAS_GROUPS, CHANNELS_FAST)
+    dy_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dy_r0, stride_dy_r1, stride_dy_g,
+                           stride_dy_k, HAS_GROUPS, CHANNELS_FAST)
+    z_offs = tile_offsets(a, b, s_fixed, R1, K, stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
+                          HAS_GROUPS, CHANNELS_FAST)
+    x = tl.load(X + x_offs, mask=mask, other=0.0).to(ACC)
+    dy = tl.load(DY + dy_offs, mask=mask, other=0.0).to(ACC)
+    return x, relu_gate(dy, x, mean, scale, shift, Residual, z_offs, mask, HAS_RESIDUAL, RELU)
+
+
+@triton.jit
 def channel_grad_terms(sum_dy, sum_dy_xc, offset, rstd, scale, n, TRAINING: tl.constexpr):
     """From one statistic channel's sums of dy and dy * (x - centre): (sum of dy * x_hat, CoefB,
     CoefC) with dx = Scale * dy + CoefB * (x - centre) + CoefC."""
@@ -82,15 +102,12 @@ def bn_backward_reduce_kernel(
         mean, scale, shift = load_coefficients(Mean, Scale, Shift, bc, bc_mask, ACC, CHANNELS_FAST)
         for a0 in range(a_begin, a_end, BLOCK_A):
             a, b, b_mask, mask = tile_indices(a0, b0, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
-            x_offs = tile_offsets(a, b, s_fixed, R1, K, stride_x_r0, stride_x_r1, stride_x_g,
-                                  stride_x_k, HAS_GROUPS, CHANNELS_FAST)
-            dy_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dy_r0, stride_dy_r1, stride_dy_g,
-                                   stride_dy_k, HAS_GROUPS, CHANNELS_FAST)
-            z_offs = tile_offsets(a, b, s_fixed, R1, K, stride_z_r0, stride_z_r1, stride_z_g,
-                                  stride_z_k, HAS_GROUPS, CHANNELS_FAST)
-            x = tl.load(X + x_offs, mask=mask, other=0.0).to(ACC)
-            dy = tl.load(DY + dy_offs, mask=mask, other=0.0).to(ACC)
-            dy = relu_gate(dy, x, mean, scale, shift, Residual, z_offs, mask, HAS_RESIDUAL, RELU)
+            x, dy = load_x_and_gated_dy(
+                X, DY, Residual, a, b, s_fixed, mask, mean, scale, shift, R1, K,
+                stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
+                stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k,
+                stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
+                ACC, HAS_GROUPS, CHANNELS_FAST, HAS_RESIDUAL, RELU)
             acc_dy += tl.sum(dy, 0)
             acc_dy_xmu += tl.sum(tl.where(mask, dy * (x - mean), 0.0), 0)
     if CHANNELS_FAST:
@@ -171,15 +188,12 @@ def bn_backward_apply_kernel(
         coef_c = load_channel_values(CoefC, bc, bc_mask, bc, ACC, CHANNELS_FAST)
         for a0 in range(a_begin, a_end, BLOCK_A):
             a, b, b_mask, mask = tile_indices(a0, b0, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
-            x_offs = tile_offsets(a, b, s_fixed, R1, K, stride_x_r0, stride_x_r1, stride_x_g,
-                                  stride_x_k, HAS_GROUPS, CHANNELS_FAST)
-            dy_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dy_r0, stride_dy_r1, stride_dy_g,
-                                   stride_dy_k, HAS_GROUPS, CHANNELS_FAST)
-            z_offs = tile_offsets(a, b, s_fixed, R1, K, stride_z_r0, stride_z_r1, stride_z_g,
-                                  stride_z_k, HAS_GROUPS, CHANNELS_FAST)
-            x = tl.load(X + x_offs, mask=mask, other=0.0).to(ACC)
-            dy = tl.load(DY + dy_offs, mask=mask, other=0.0).to(ACC)
-            dy = relu_gate(dy, x, mean, scale, shift, Residual, z_offs, mask, HAS_RESIDUAL, RELU)
+            x, dy = load_x_and_gated_dy(
+                X, DY, Residual, a, b, s_fixed, mask, mean, scale, shift, R1, K,
+                stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
+                stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k,
+                stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
+                ACC, HAS_GROUPS, CHANNELS_FAST, HAS_RESIDUAL, RELU)
             if WRITE_DRESIDUAL:
                 dz_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dz_r0, stride_dz_r1,
                                        stride_dz_g, stride_dz_k, HAS_GROUPS, CHANNELS_FAST)
@@ -228,15 +242,10 @@ def bn_fused_backward_kernel(
     rstd = load_channel_values(Rstd, c, c_mask, c, ACC, CHANNELS_FAST)
     scale = load_channel_values(Scale, c, c_mask, c, ACC, CHANNELS_FAST)
     shift = load_channel_values(Shift, c, c_mask, c, ACC, CHANNELS_FAST)
-    x_offs = tile_offsets(a, b, s_fixed, R1, K, stride_x_r0, stride_x_r1, 0, stride_x_k,
-                          False, CHANNELS_FAST)
-    dy_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dy_r0, stride_dy_r1, 0, stride_dy_k,
-                           False, CHANNELS_FAST)
-    z_offs = tile_offsets(a, b, s_fixed, R1, K, stride_z_r0, stride_z_r1, 0, stride_z_k,
-                          False, CHANNELS_FAST)
-    x = tl.load(X + x_offs, mask=mask, other=0.0).to(ACC)
-    dy = tl.load(DY + dy_offs, mask=mask, other=0.0).to(ACC)
-    dy = relu_gate(dy, x, mean, scale, shift, Residual, z_offs, mask, HAS_RESIDUAL, RELU)
+    x, dy = load_x_and_gated_dy(
+        X, DY, Residual, a, b, s_fixed, mask, mean, scale, shift, R1, K,
+        stride_x_r0, stride_x_r1, 0, stride_x_k, stride_dy_r0, stride_dy_r1, 0, stride_dy_k,
+        stride_z_r0, stride_z_r1, 0, stride_z_k, ACC, False, CHANNELS_FAST, HAS_RESIDUAL, RELU)
     xmu = tl.where(mask, x - mean, 0.0)
     sum_dy = tl.sum(dy, 0)
     sum_dy_xmu = tl.sum(dy * xmu, 0)

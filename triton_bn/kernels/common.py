@@ -1,4 +1,4 @@
-"""Triton helpers shared by the forward and backward kernels: Welford/Chan merging, tile addressing.
+"""Triton helpers shared by the forward and backward kernels: Chan merging, tile moments, addressing.
 
 Tiles. Every element kernel walks 2-D tiles ``[BLOCK_A, BLOCK_B]`` in one of two orientations, picked
 by the constexpr ``CHANNELS_FAST``:

@@ -39,9 +39,11 @@ from .common import (
     tile_offsets,
 )
 
-RENORM_NONE = 0
-RENORM_KERAS = 1  # reference: renorm_mean / renorm_stddev buffers, Keras (tf_keras) rules
-RENORM_TORCH = 2  # reference: running_mean / running_var, r clipped to [1/rmax, rmax]
+# values of the RENORM constexpr (global constexprs, so the kernels compare against the names;
+# the host side uses their int values, ops.RENORM_*)
+RENORM_NONE = tl.constexpr(0)
+RENORM_KERAS = tl.constexpr(1)  # reference: renorm_mean / renorm_stddev buffers, Keras rules
+RENORM_TORCH = tl.constexpr(2)  # reference: running_mean / running_var, r clipped to [1/rmax, rmax]
 
 # The float hyper-parameters reach the kernels as a small tensor in the statistics dtype, not as
 # scalar arguments (Triton passes Python floats as fp32, which would round float64's eps and
@@ -82,8 +84,13 @@ def channel_affine_and_update(
     g_scale = tl.full(batch_mean.shape, 1.0, batch_mean.dtype)
     g_shift = tl.zeros(batch_mean.shape, batch_mean.dtype)
     batch_std = sqrt_rn(batch_var + eps)
-    if RENORM != 0:
-        if RENORM == 1:
+    if RENORM != RENORM_NONE:
+        # Batch renormalization (Ioffe 2017): y = (x_hat * r + d) * gamma + beta with
+        # r = std_B / s and d = (mean_B - m) / s against reference statistics (m, s), both
+        # constants for autograd, clipped to [rmin, rmax] and [-dmax, dmax].
+        if RENORM == RENORM_KERAS:
+            # tf_keras divides by max(renorm_stddev, sqrt(eps)): a reference stddev that has
+            # decayed towards 0 cannot blow r and d up
             ref_mean = tl.load(RenormMean + c, mask=c_mask, other=0.0).to(batch_mean.dtype)
             ref_std = tl.maximum(tl.load(RenormStd + c, mask=c_mask, other=1.0).to(batch_mean.dtype),
                                  sqrt_rn(eps + tl.zeros(batch_mean.shape, batch_mean.dtype)))
@@ -123,7 +130,7 @@ def channel_affine_and_update(
             f = 1.0 / tl.load(NumBatches).to(batch_mean.dtype)
         old_mean = tl.load(RunMean + c, mask=c_mask, other=0.0).to(batch_mean.dtype)
         tl.store(RunMean + c, old_mean + (batch_mean - old_mean) * f, mask=c_mask)
-        if RENORM == 1:
+        if RENORM == RENORM_KERAS:
             old_rmean = tl.load(RenormMean + c, mask=c_mask, other=0.0).to(batch_mean.dtype)
             old_rstd = tl.load(RenormStd + c, mask=c_mask, other=0.0).to(batch_mean.dtype)
             old_mstd = tl.load(MovingStd + c, mask=c_mask, other=0.0).to(batch_mean.dtype)
@@ -293,9 +300,9 @@ def bn_finalize_kernel(
 @triton.jit
 def bn_apply_kernel(
     X, Y, Residual,                # activation in, output, optional residual added before the act.
-    Mean,                          # [2 * S] centres, offsets (out when FROM_RUNNING and WRITE_COEFFS)
+    Mean,                          # [2 * S] centres, offsets (out when FROM_RUNNING)
     Scale, Shift,                  # [S] fp32 coefficients (likewise)
-    Rstd,                          # [S] fp32 out when FROM_RUNNING and WRITE_COEFFS
+    Rstd,                          # [S] fp32 (out when FROM_RUNNING)
     RunMean, RunVar, Weight, Bias,  # [K] for FROM_RUNNING (inference)
     R1, K, S, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts,
     Hyper,                         # [6] see HYPER_FIELDS (eps, for FROM_RUNNING)
@@ -304,7 +311,7 @@ def bn_apply_kernel(
     stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
     HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, FROM_RUNNING: tl.constexpr,
-    WRITE_COEFFS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     ACC = Scale.dtype.element_ty
@@ -323,20 +330,20 @@ def bn_apply_kernel(
             shift = tl.zeros_like(scale)
             if HAS_BIAS:
                 shift += load_channel_values(Bias, bc, bc_mask, bc, ACC, CHANNELS_FAST)
-            if WRITE_COEFFS:
-                if part == 0:  # the centre is the running mean, the offset 0
-                    if CHANNELS_FAST:
-                        tl.store(Mean + bc[None, :], mean, mask=bc_mask[None, :])
-                        tl.store(Mean + S + bc[None, :], tl.zeros_like(mean), mask=bc_mask[None, :])
-                        tl.store(Rstd + bc[None, :], rstd, mask=bc_mask[None, :])
-                        tl.store(Scale + bc[None, :], scale, mask=bc_mask[None, :])
-                        tl.store(Shift + bc[None, :], shift, mask=bc_mask[None, :])
-                    else:
-                        tl.store(Mean + bc, mean)
-                        tl.store(Mean + S + bc, tl.zeros_like(mean))
-                        tl.store(Rstd + bc, rstd)
-                        tl.store(Scale + bc, scale)
-                        tl.store(Shift + bc, shift)
+            # the coefficients backward needs; the centre is the running mean, the offset 0
+            if part == 0:
+                if CHANNELS_FAST:
+                    tl.store(Mean + bc[None, :], mean, mask=bc_mask[None, :])
+                    tl.store(Mean + S + bc[None, :], tl.zeros_like(mean), mask=bc_mask[None, :])
+                    tl.store(Rstd + bc[None, :], rstd, mask=bc_mask[None, :])
+                    tl.store(Scale + bc[None, :], scale, mask=bc_mask[None, :])
+                    tl.store(Shift + bc[None, :], shift, mask=bc_mask[None, :])
+                else:
+                    tl.store(Mean + bc, mean)
+                    tl.store(Mean + S + bc, tl.zeros_like(mean))
+                    tl.store(Rstd + bc, rstd)
+                    tl.store(Scale + bc, scale)
+                    tl.store(Shift + bc, shift)
         else:
             mean, scale, shift = load_coefficients(Mean, Scale, Shift, bc, bc_mask, ACC,
                                                    CHANNELS_FAST)
