@@ -87,10 +87,6 @@ def _needs_int64(*tensors: Optional[torch.Tensor]) -> bool:
     return False
 
 
-def _or_dummy(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    return t if t is not None else like
-
-
 @dataclass
 class ForwardResult:
     y: torch.Tensor
@@ -155,7 +151,7 @@ class _Forward:
 
     def views(self):
         t, st = self.prep.tensors, self.geo.strides
-        z, st_z = (t[2], st[2]) if self.has_residual else (t[0], st[0])
+        z, st_z = (t[2], st[2]) if self.has_residual else (None, st[0])
         return t[0], t[1], z, st[0], st[1], st_z
 
     def result(self, gscale=None, gshift=None) -> ForwardResult:
@@ -186,17 +182,13 @@ def _launch_apply(fw: _Forward, relu: bool, from_running: bool = False, running_
     geo = fw.geo
     xs, ys, zs, st_x, st_y, st_z = fw.views()
     plan = tuning.plan_tiles(geo, "apply", fw.x.device, fw.x.dtype)
-    dummy = fw.mean
-    hyper = hyper_tensor(fw.x.device, fw.mean.dtype, eps) if from_running else dummy
+    hyper = hyper_tensor(fw.x.device, fw.mean.dtype, eps) if from_running else None
     bn_apply_kernel[plan.grid](
         xs, ys, zs, fw.mean, fw.scale, fw.shift, fw.rstd,
-        _or_dummy(running_mean, dummy), _or_dummy(running_var, dummy), _or_dummy(weight, dummy),
-        _or_dummy(bias, dummy),
+        running_mean if from_running else None, running_var, weight, bias,
         geo.R1, geo.K, geo.S, plan.A, plan.B, plan.a_chunk, plan.b_chunk, plan.n_channel_tiles,
         plan.n_b_parts, hyper, *st_x, *st_y, *st_z,
-        HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=fw.int64,
-        HAS_RESIDUAL=fw.has_residual, RELU=relu, FROM_RUNNING=from_running,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=fw.int64, RELU=relu,
         BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B, num_warps=plan.num_warps)
 
 
@@ -222,19 +214,15 @@ def _state_args(fw: _Forward, weight, bias, running_mean, running_var, num_batch
     """(tensor args, hyper-parameter tensor, constexpr flags, gscale, gshift) shared by the
     finalize and the single-pass kernels."""
     K = fw.geo.K
-    dummy = fw.mean
-    has_adjust = adj_scale is not None
-    save_gaffine = saves_gaffine(renorm, has_adjust)
+    save_gaffine = saves_gaffine(renorm, adj_scale is not None)
     gscale = torch.empty(K, device=fw.x.device, dtype=fw.mean.dtype) if save_gaffine else None
     gshift = torch.empty_like(gscale) if save_gaffine else None
-    tensors = tuple(_or_dummy(t, dummy) for t in (
-        weight, bias, adj_scale, adj_bias, gscale, gshift, running_mean, running_var,
-        num_batches_tracked, renorm_mean, renorm_stddev, moving_stddev))
+    tensors = (weight, bias, adj_scale, adj_bias, gscale, gshift, running_mean, running_var,
+               num_batches_tracked, renorm_mean, renorm_stddev, moving_stddev)
     hyper = hyper_tensor(fw.x.device, fw.mean.dtype, eps, momentum, renorm_momentum, rmin, rmax,
                          dmax)
-    flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_ADJUST=has_adjust,
-                 RENORM=renorm, UPDATE_RUNNING=update_running and running_mean is not None,
-                 UNBIASED=unbiased, CUMULATIVE=cumulative, SAVE_GAFFINE=save_gaffine)
+    flags = dict(RENORM=renorm, UPDATE_RUNNING=update_running and running_mean is not None,
+                 UNBIASED=unbiased, CUMULATIVE=cumulative)
     return tensors, hyper, flags, gscale, gshift
 
 
@@ -247,10 +235,8 @@ def _launch_finalize(fw: _Forward, part_mean, part_m2, part_count, pivot,
     else:
         layout = (plan.n_parts, plan.n_b_parts, plan.A, plan.a_chunk, plan.b_count, plan.b_chunk)
     bn_finalize_kernel[(tuning.cdiv(geo.K, _FINALIZE_BLOCK),)](
-        part_mean, part_m2, _or_dummy(part_count, fw.mean), _or_dummy(pivot, fw.mean), fw.mean,
-        fw.rstd, fw.scale, fw.shift, *tensors, geo.K, geo.G, *layout, hyper,
-        HAS_COUNTS=part_count is not None, HAS_PIVOT=pivot is not None,
-        BLOCK_C=_FINALIZE_BLOCK, **flags)
+        part_mean, part_m2, part_count, pivot, fw.mean, fw.rstd, fw.scale, fw.shift, *tensors,
+        geo.K, geo.G, *layout, hyper, BLOCK_C=_FINALIZE_BLOCK, **flags)
 
 
 def bn_forward(
@@ -314,9 +300,8 @@ def bn_forward(
             xs, ys, zs, fw.mean, fw.rstd, fw.scale, fw.shift, *tensors,
             geo.R1, geo.K, plan.A, plan.B, hyper,
             st_x[0], st_x[1], st_x[3], st_y[0], st_y[1], st_y[3], st_z[0], st_z[1], st_z[3],
-            CHANNELS_FAST=geo.channels_fast, INT64=fw.int64, HAS_RESIDUAL=residual is not None,
-            RELU=relu, BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B, num_warps=plan.num_warps,
-            **flags)
+            CHANNELS_FAST=geo.channels_fast, INT64=fw.int64, RELU=relu, BLOCK_A=plan.BLOCK_A,
+            BLOCK_B=plan.BLOCK_B, num_warps=plan.num_warps, **flags)
     else:
         part_sum, part_m2, pivot = _launch_stats(fw, plan)
         _launch_finalize(fw, part_sum, part_m2, None, pivot, plan, state)
@@ -366,7 +351,14 @@ class _Backward:
         """(x, dy, z, dx, dz) tensors and their strides, in the kernels' view."""
         t, st = self.prep.tensors, self.geo.strides
         idx = [0, 1, 2 if self.has_residual else 0, -2, -1]
-        return [t[i] for i in idx], [st[i] for i in idx]
+        tensors = [t[i] for i in idx]
+        if not self.has_residual:
+            tensors[2] = None
+        if self.dx is None:
+            tensors[3] = None
+        if not self.write_dres:
+            tensors[4] = None
+        return tensors, [st[i] for i in idx]
 
 
 def _start_backward(dy, x, residual, axes, groups, training, relu, need_dx, need_dresidual
@@ -393,7 +385,7 @@ def _launch_grad_reduce(bw: _Backward, plan, mean, scale, shift, relu):
         geo.R1, geo.K, geo.S, plan.A, plan.B, plan.a_chunk, plan.b_chunk, plan.n_channel_tiles,
         plan.n_b_parts, *st_x, *st_dy, *st_z,
         HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=bw.int64,
-        HAS_RESIDUAL=bw.has_residual, RELU=relu,
+        RELU=relu,
         BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B, num_warps=plan.num_warps)
     return part_dy, part_dyx
 
@@ -403,14 +395,11 @@ def _launch_grad_finalize(bw: _Backward, part_dy, part_dyx, mean, rstd, scale, g
     geo = bw.geo
     coef_b = torch.empty_like(scale)
     coef_c = torch.empty_like(scale)
-    dummy = scale
+    if not training:  # the pre-gamma affine (renorm, adjustment) exists in training only
+        gscale = gshift = None
     bn_backward_finalize_kernel[(tuning.cdiv(geo.K, _FINALIZE_BLOCK),)](
-        part_dy, part_dyx, mean, rstd, scale, _or_dummy(gscale, dummy), _or_dummy(gshift, dummy),
-        coef_b, coef_c, _or_dummy(dweight, dummy), _or_dummy(dbias, dummy),
-        _or_dummy(count, dummy), geo.K, geo.G, part_dy.shape[0], geo.R,
-        N_FROM_PTR=count is not None, TRAINING=training,
-        HAS_GAFFINE=gscale is not None and training, WRITE_DW=dweight is not None,
-        WRITE_DB=dbias is not None, BLOCK_C=_FINALIZE_BLOCK)
+        part_dy, part_dyx, mean, rstd, scale, gscale, gshift, coef_b, coef_c, dweight, dbias,
+        count, geo.K, geo.G, part_dy.shape[0], geo.R, TRAINING=training, BLOCK_C=_FINALIZE_BLOCK)
     return coef_b, coef_c
 
 
@@ -422,10 +411,8 @@ def _launch_grad_apply(bw: _Backward, mean, scale, shift, coef_b, coef_c, traini
         xs, dys, zs, dxs, dzs, mean, scale, shift, coef_b, coef_c,
         geo.R1, geo.K, geo.S, ap.A, ap.B, ap.a_chunk, ap.b_chunk, ap.n_channel_tiles, ap.n_b_parts,
         *st_x, *st_dy, *st_z, *st_dx, *st_dz,
-        HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=bw.int64,
-        HAS_RESIDUAL=bw.has_residual, RELU=relu, TRAINING=training,
-        WRITE_DX=bw.dx is not None, WRITE_DRESIDUAL=bw.write_dres,
-        BLOCK_A=ap.BLOCK_A, BLOCK_B=ap.BLOCK_B, num_warps=ap.num_warps)
+        HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, RELU=relu,
+        TRAINING=training, BLOCK_A=ap.BLOCK_A, BLOCK_B=ap.BLOCK_B, num_warps=ap.num_warps)
 
 
 def bn_backward(
@@ -466,18 +453,13 @@ def bn_backward(
     plan = tuning.plan_tiles(geo, "backward", x.device, x.dtype, allow_fused=not sync)
     if plan.fused and x.numel():
         (xs, dys, zs, dxs, dzs), strides = bw.views()
-        dummy = mean
+        g_scale, g_shift = (gscale, gshift) if training else (None, None)
         bn_fused_backward_kernel[plan.grid](
-            xs, dys, zs, dxs if bw.dx is not None else dummy, dzs if bw.write_dres else dummy,
-            mean, rstd, scale, shift, _or_dummy(gscale, dummy), _or_dummy(gshift, dummy),
-            _or_dummy(dweight, dummy), _or_dummy(dbias, dummy),
+            xs, dys, zs, dxs, dzs, mean, rstd, scale, shift, g_scale, g_shift, dweight, dbias,
             geo.R1, geo.K, plan.A, plan.B, geo.R,
             *(s for st in strides for s in (st[0], st[1], st[3])),
-            CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, HAS_RESIDUAL=residual is not None,
-            RELU=relu, TRAINING=training, HAS_GAFFINE=gscale is not None and training,
-            WRITE_DW=need_dweight, WRITE_DB=need_dbias, WRITE_DX=need_dx,
-            WRITE_DRESIDUAL=bw.write_dres, BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B,
-            num_warps=plan.num_warps)
+            CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, RELU=relu, TRAINING=training,
+            BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B, num_warps=plan.num_warps)
     else:
         if x.numel():
             part_dy, part_dyx = _launch_grad_reduce(bw, plan, mean, scale, shift, relu)

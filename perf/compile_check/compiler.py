@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import ROOT
-from .driver import jit_function, tool
+from .driver import jit_function, tool, unwrap
 from .record import Spec
 
 # opt-in shared memory per block (bytes): a launch needing more fails with OutOfResources
@@ -63,6 +63,7 @@ def _jit_functions() -> dict:
     out = {}
     for mod in (common, forward, backward):
         for name, obj in vars(mod).items():
+            obj = unwrap(obj)
             if isinstance(obj, JITFunction):
                 out.setdefault(name, obj)
     return out

@@ -64,6 +64,15 @@ def _make_driver(arch: int):
     return CompileOnlyDriver()
 
 
+def unwrap(obj):
+    """The JITFunction inside ``@triton.heuristics`` / ``@triton.autotune`` wrappers (else obj)."""
+    from triton.runtime.jit import JITFunction
+
+    while not isinstance(obj, JITFunction) and hasattr(obj, "fn"):
+        obj = obj.fn
+    return obj
+
+
 def _kernels():
     from triton.runtime.jit import JITFunction
 
@@ -71,7 +80,7 @@ def _kernels():
     out = {}
     for mod in (forward, backward):
         for name in dir(mod):
-            obj = getattr(mod, name)
+            obj = unwrap(getattr(mod, name))
             if isinstance(obj, JITFunction) and name.endswith("_kernel") and obj.__module__ == mod.__name__:
                 out[name] = obj
     return out
@@ -91,7 +100,7 @@ def jit_function(fn_key: str):
     obj = importlib.import_module(module)
     for part in qualname.split("."):
         obj = getattr(obj, part)
-    return obj
+    return unwrap(obj)
 
 
 def tool(name: str) -> str | None:

@@ -20,6 +20,7 @@ import triton.language as tl
 
 from .common import (
     channel_block,
+    given,
     load_channel_values,
     load_coefficients,
     program_ranges,
@@ -78,6 +79,7 @@ def store_param_grads(c, c_mask, sum_dy, sum_dy_xhat, GScale, GShift, DWeight, D
         tl.store(DBias + c, sum_dy, mask=c_mask)
 
 
+@triton.heuristics(given(HAS_RESIDUAL="Residual"))
 @triton.jit
 def bn_backward_reduce_kernel(
     X, DY, Residual,               # activation, upstream gradient, residual (RELU mask only)
@@ -119,6 +121,8 @@ def bn_backward_reduce_kernel(
         tl.store(PartSumDyXmu + part * S + s_fixed, tl.sum(acc_dy_xmu, 0))
 
 
+@triton.heuristics(given(N_FROM_PTR="Count", HAS_GAFFINE="GScale", WRITE_DW="DWeight",
+    WRITE_DB="DBias"))
 @triton.jit
 def bn_backward_finalize_kernel(
     PartSumDy, PartSumDyXmu,       # [n_parts, S] fp32 partial sums of dy and dy * (x - centre)
@@ -162,6 +166,7 @@ def bn_backward_finalize_kernel(
                       HAS_GAFFINE, WRITE_DW, WRITE_DB)
 
 
+@triton.heuristics(given(HAS_RESIDUAL="Residual", WRITE_DX="DX", WRITE_DRESIDUAL="DResidual"))
 @triton.jit
 def bn_backward_apply_kernel(
     X, DY, Residual, DX, DResidual,
@@ -207,6 +212,8 @@ def bn_backward_apply_kernel(
                 tl.store(DX + dx_offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
+@triton.heuristics(given(HAS_RESIDUAL="Residual", HAS_GAFFINE="GScale", WRITE_DW="DWeight",
+    WRITE_DB="DBias", WRITE_DX="DX", WRITE_DRESIDUAL="DResidual"))
 @triton.jit
 def bn_fused_backward_kernel(
     X, DY, Residual, DX, DResidual,

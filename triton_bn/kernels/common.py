@@ -15,6 +15,13 @@ import triton
 import triton.language as tl
 
 
+def given(**flags: str) -> dict:
+    """A ``@triton.heuristics`` map: ``FLAG="Name"`` sets the constexpr FLAG to whether the optional
+    tensor argument Name was passed (not None), so callers pass None for an absent tensor instead
+    of a dummy pointer plus a flag."""
+    return {flag: (lambda args, name=name: args[name] is not None) for flag, name in flags.items()}
+
+
 @triton.jit
 def chan_merge(sum_a, m2_a, n_a, sum_b, m2_b, n_b):
     """Chan, Golub and LeVeque's pairwise merge of two (sum, M2, count) summaries of shifted data,

@@ -28,6 +28,7 @@ from .common import (
     apply_activation,
     chan_merge,
     channel_block,
+    given,
     load_channel_values,
     load_coefficients,
     load_pivot,
@@ -240,6 +241,8 @@ def bn_merge_kernel(
     tl.store(OutM2 + s, m2, mask=s_mask)
 
 
+@triton.heuristics(given(HAS_COUNTS="PartCount", HAS_PIVOT="Pivot", HAS_WEIGHT="Weight",
+    HAS_BIAS="Bias", HAS_ADJUST="AdjScale", SAVE_GAFFINE="GScale"))
 @triton.jit
 def bn_finalize_kernel(
     PartStat, PartM2,              # [n_parts, S] partial statistics (see merge_parts)
@@ -297,6 +300,8 @@ def bn_finalize_kernel(
                  mask=c_mask)
 
 
+@triton.heuristics(given(HAS_RESIDUAL="Residual", FROM_RUNNING="RunMean", HAS_WEIGHT="Weight",
+    HAS_BIAS="Bias"))
 @triton.jit
 def bn_apply_kernel(
     X, Y, Residual,                # activation in, output, optional residual added before the act.
@@ -361,6 +366,8 @@ def bn_apply_kernel(
             tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
+@triton.heuristics(given(HAS_RESIDUAL="Residual", HAS_WEIGHT="Weight", HAS_BIAS="Bias",
+    HAS_ADJUST="AdjScale", SAVE_GAFFINE="GScale"))
 @triton.jit
 def bn_fused_forward_kernel(
     X, Y, Residual,
