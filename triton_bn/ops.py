@@ -40,7 +40,8 @@ __all__ = ["bn_forward", "bn_backward", "local_moments", "RENORM_NONE", "RENORM_
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT32_MAX = 2**31 - 1
-_FINALIZE_BLOCK = 64
+_FINALIZE_BLOCK = 32  # channels per finalize program
+_FINALIZE_PARTS = 64  # parts a finalize program merges as one tree (see kernels merge_parts)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -236,7 +237,7 @@ def _launch_finalize(fw: _Forward, part_mean, part_m2, part_count, pivot,
         layout = (plan.n_parts, plan.n_b_parts, plan.A, plan.a_chunk, plan.b_count, plan.b_chunk)
     bn_finalize_kernel[(tuning.cdiv(geo.K, _FINALIZE_BLOCK),)](
         part_mean, part_m2, part_count, pivot, fw.mean, fw.rstd, fw.scale, fw.shift, *tensors,
-        geo.K, geo.G, *layout, hyper, BLOCK_C=_FINALIZE_BLOCK, **flags)
+        geo.K, geo.G, *layout, hyper, BLOCK_C=_FINALIZE_BLOCK, BLOCK_P=_FINALIZE_PARTS, **flags)
 
 
 def bn_forward(
@@ -323,7 +324,7 @@ def local_moments(x: torch.Tensor, axes: tuple[int, ...], groups: int = 1
     m2 = torch.empty_like(fw.mean)
     bn_merge_kernel[(tuning.cdiv(geo.S, _FINALIZE_BLOCK),)](
         part_sum, part_m2, pivot, fw.mean, m2, geo.S, plan.n_parts, plan.n_b_parts, plan.A,
-        plan.a_chunk, plan.b_count, plan.b_chunk, BLOCK_C=_FINALIZE_BLOCK)
+        plan.a_chunk, plan.b_count, plan.b_chunk, BLOCK_C=_FINALIZE_BLOCK, BLOCK_P=_FINALIZE_PARTS)
     return fw.mean, m2, geo.R
 
 
@@ -399,7 +400,8 @@ def _launch_grad_finalize(bw: _Backward, part_dy, part_dyx, mean, rstd, scale, g
         gscale = gshift = None
     bn_backward_finalize_kernel[(tuning.cdiv(geo.K, _FINALIZE_BLOCK),)](
         part_dy, part_dyx, mean, rstd, scale, gscale, gshift, coef_b, coef_c, dweight, dbias,
-        count, geo.K, geo.G, part_dy.shape[0], geo.R, TRAINING=training, BLOCK_C=_FINALIZE_BLOCK)
+        count, geo.K, geo.G, part_dy.shape[0], geo.R, TRAINING=training, BLOCK_C=_FINALIZE_BLOCK,
+        BLOCK_P=_FINALIZE_PARTS)
     return coef_b, coef_c
 
 

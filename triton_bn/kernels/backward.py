@@ -134,9 +134,10 @@ def bn_backward_finalize_kernel(
     Count,                         # [1] elements per statistic channel, read when N_FROM_PTR
     K, G, n_parts, n,
     N_FROM_PTR: tl.constexpr, TRAINING: tl.constexpr, HAS_GAFFINE: tl.constexpr,
-    WRITE_DW: tl.constexpr,
-    WRITE_DB: tl.constexpr, BLOCK_C: tl.constexpr,
+    WRITE_DW: tl.constexpr, WRITE_DB: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
+    """One program per BLOCK_C parameter channels; the parts' sums are added BLOCK_P parts at a
+    time as a tree (tl.sum of a [BLOCK_P, BLOCK_C] tile), the blocks in order (deterministic)."""
     ACC = Scale.dtype.element_ty
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < K
@@ -149,10 +150,12 @@ def bn_backward_finalize_kernel(
         s = g * K + c
         sum_dy = tl.zeros([BLOCK_C], ACC)
         sum_dy_xmu = tl.zeros([BLOCK_C], ACC)
-        for part_index in range(n_parts):
-            p = tl.cast(part_index, tl.int64)
-            sum_dy += tl.load(PartSumDy + p * S + s, mask=c_mask, other=0.0)
-            sum_dy_xmu += tl.load(PartSumDyXmu + p * S + s, mask=c_mask, other=0.0)
+        for p0 in range(0, n_parts, BLOCK_P):
+            p = tl.cast(p0, tl.int64) + tl.arange(0, BLOCK_P).to(tl.int64)
+            tile_mask = (p < n_parts)[:, None] & c_mask[None, :]
+            offs = p[:, None] * S + s[None, :]
+            sum_dy += tl.sum(tl.load(PartSumDy + offs, mask=tile_mask, other=0.0), 0)
+            sum_dy_xmu += tl.sum(tl.load(PartSumDyXmu + offs, mask=tile_mask, other=0.0), 0)
         offset = tl.load(Mean + S + s, mask=c_mask, other=0.0)
         rstd = tl.load(Rstd + s, mask=c_mask, other=0.0)
         scale = tl.load(Scale + s, mask=c_mask, other=0.0)

@@ -198,8 +198,14 @@ def bn_stats_kernel(
 
 @triton.jit
 def merge_parts(PartStat, PartM2, PartCount, s, c_mask, S, n_parts, n_b_parts, A, a_chunk,
-                B_count, b_chunk, ACC: tl.constexpr, HAS_COUNTS: tl.constexpr, BLOCK_C: tl.constexpr):
-    """(sum, M2, n) of statistic channels s from their parts, merged in part order.
+                B_count, b_chunk, ACC: tl.constexpr, HAS_COUNTS: tl.constexpr, BLOCK_C: tl.constexpr,
+                BLOCK_P: tl.constexpr):
+    """(sum, M2, n) of statistic channels s from their parts, in a fixed order (deterministic).
+
+    BLOCK_P parts at a time are loaded as one [BLOCK_P, BLOCK_C] tile and merged as a tree
+    (tl.reduce with chan_merge: log2(BLOCK_P) dependent steps), the blocks one after another: a
+    channel's merge is ceil(n_parts / BLOCK_P) + log2(BLOCK_P) dependent steps deep, not n_parts
+    (520 parts: 15 instead of 520 round trips through L2).
 
     With HAS_COUNTS (one part per process in sync BN) PartStat holds each part's mean and
     PartCount[p] its element count; else PartStat holds sums and a part's count is the size of the
@@ -207,20 +213,27 @@ def merge_parts(PartStat, PartM2, PartCount, s, c_mask, S, n_parts, n_b_parts, A
     total = tl.zeros([BLOCK_C], ACC)
     m2 = tl.zeros([BLOCK_C], ACC)
     n = tl.zeros([BLOCK_C], ACC)
-    for part_index in range(n_parts):
-        p = tl.cast(part_index, tl.int64)  # part offsets, chunk bounds and counts can pass 2**31
+    for p0 in range(0, n_parts, BLOCK_P):
+        # part offsets, chunk bounds and counts can pass 2**31
+        p = tl.cast(p0, tl.int64) + tl.arange(0, BLOCK_P).to(tl.int64)
+        p_mask = p < n_parts
         if HAS_COUNTS:
-            count = tl.load(PartCount + p).to(ACC)
+            count = tl.load(PartCount + p, mask=p_mask, other=0.0).to(ACC)
         else:
             pa = p // n_b_parts
             pb = p % n_b_parts
             count = ((tl.minimum(A, (pa + 1) * a_chunk) - pa * a_chunk)
                      * (tl.minimum(B_count, (pb + 1) * b_chunk) - pb * b_chunk)).to(ACC)
-        p_sum = tl.load(PartStat + p * S + s, mask=c_mask, other=0.0).to(ACC)
+            count = tl.where(p_mask, count, 0.0)
+        tile_mask = p_mask[:, None] & c_mask[None, :]
+        offs = p[:, None] * S + s[None, :]
+        p_sum = tl.load(PartStat + offs, mask=tile_mask, other=0.0).to(ACC)
         if HAS_COUNTS:
-            p_sum = p_sum * count
-        p_m2 = tl.load(PartM2 + p * S + s, mask=c_mask, other=0.0).to(ACC)
-        total, m2, n = chan_merge(total, m2, n, p_sum, p_m2, count + tl.zeros_like(p_sum))
+            p_sum = p_sum * count[:, None]
+        p_m2 = tl.load(PartM2 + offs, mask=tile_mask, other=0.0).to(ACC)
+        block_sum, block_m2, block_n = tl.reduce(
+            (p_sum, p_m2, count[:, None] + tl.zeros_like(p_sum)), 0, chan_merge)
+        total, m2, n = chan_merge(total, m2, n, block_sum, block_m2, block_n)
     return total, m2, n
 
 
@@ -230,12 +243,13 @@ def bn_merge_kernel(
     Pivot,                         # [S] the parts' sums are of x - Pivot
     OutMean, OutM2,                # [S] out: merged mean and M2 (a process's local moments)
     S, n_parts, n_b_parts, A, a_chunk, B_count, b_chunk, BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
     ACC = PartSum.dtype.element_ty
     s = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     s_mask = s < S
     total, m2, n = merge_parts(PartSum, PartM2, PartSum, s, s_mask, S, n_parts, n_b_parts, A,
-                              a_chunk, B_count, b_chunk, ACC, False, BLOCK_C)
+                              a_chunk, B_count, b_chunk, ACC, False, BLOCK_C, BLOCK_P)
     mean = mean_from_sum(tl.load(Pivot + s, mask=s_mask, other=0.0), total, n)
     tl.store(OutMean + s, mean, mask=s_mask)
     tl.store(OutM2 + s, m2, mask=s_mask)
@@ -258,8 +272,9 @@ def bn_finalize_kernel(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADJUST: tl.constexpr,
     RENORM: tl.constexpr, UPDATE_RUNNING: tl.constexpr, UNBIASED: tl.constexpr,
     CUMULATIVE: tl.constexpr, SAVE_GAFFINE: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
-    """One program per BLOCK_C parameter channels; merges parts in index order (deterministic).
+    """One program per BLOCK_C parameter channels; merges the parts as merge_parts does.
     With ghost batches (G > 1) each group is normalized by its own statistics while the running
     statistics and renorm r/d use the mean over groups of the means and biased variances."""
     ACC = PartStat.dtype.element_ty
@@ -273,7 +288,8 @@ def bn_finalize_kernel(
     for g in range(G):
         s = g * K + c
         total, m2, n = merge_parts(PartStat, PartM2, PartCount, s, c_mask, S, n_parts, n_b_parts,
-                                   A, a_chunk, B_count, b_chunk, ACC, HAS_COUNTS, BLOCK_C)
+                                   A, a_chunk, B_count, b_chunk, ACC, HAS_COUNTS, BLOCK_C,
+                                   BLOCK_P)
         var = m2 / tl.maximum(n, 1.0)
         offset = total / tl.maximum(n, 1.0)
         centre = tl.zeros_like(offset)
