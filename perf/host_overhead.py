@@ -27,11 +27,12 @@ it on a CPU-only machine:
 
 Modes: ``forward`` (training forward, input requiring grad), ``forward_backward`` (that forward then
 ``torch.autograd.grad`` of (input, weight, bias): no gradient accumulation on either side) and
-``inference`` (eval forward under ``no_grad``). Per case: the median over ``--repeats`` (15) of the mean
-of ``--calls`` (200) back-to-back calls, in microseconds per call, with p20 / p80 of the repeats; the
-ratio to torch's median; Triton launches per call (by kernel); and, counted in a separate untimed pass
-under a ``TorchDispatchMode``, the aten ops per call that would run device work on a GPU (allocations,
-views and metadata ops excluded), e.g. ``add_`` for ``num_batches_tracked``.
+``inference`` (eval forward under ``no_grad``). Per case: the median over ``--repeats`` (15) of the
+mean of ``--calls`` (200) back-to-back calls (garbage collector off), in microseconds per call, with
+p20 / p80 of the repeats; the ratio to torch's median; Triton launches per call (by kernel); and,
+counted in a separate untimed pass under a ``TorchDispatchMode``, the aten ops per call that would run
+device work on a GPU (allocations, views and metadata ops excluded), e.g. ``add_`` for
+``num_batches_tracked``.
 
 Only public entry points of the package are used (``triton_bn.BatchNorm2d``, ``tuning.override``), so the
 benchmark runs against any revision. It is a benchmark, not a test: the numbers swing with machine load.
@@ -42,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import gc
 import importlib.util
 import statistics
 import sys
@@ -191,11 +193,17 @@ def make_call(module, x, mode: str):
 
 
 def time_call(fn, calls: int) -> float:
-    """Mean microseconds per call over ``calls`` back-to-back calls."""
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - t0) * 1e6 / calls
+    """Mean microseconds per call over ``calls`` back-to-back calls (garbage collector off, as
+    timeit does)."""
+    gc.collect()
+    gc.disable()
+    try:
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - t0) * 1e6 / calls
+    finally:
+        gc.enable()
 
 
 def _quantile(v: list, q: float) -> float:
