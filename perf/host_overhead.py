@@ -29,10 +29,11 @@ Modes: ``forward`` (training forward, input requiring grad), ``forward_backward`
 ``torch.autograd.grad`` of (input, weight, bias): no gradient accumulation on either side) and
 ``inference`` (eval forward under ``no_grad``). Per case: the median over ``--repeats`` (15) of the
 mean of ``--calls`` (200) back-to-back calls (garbage collector off), in microseconds per call, with
-p20 / p80 of the repeats; the ratio to torch's median; Triton launches per call (by kernel); and,
-counted in a separate untimed pass under a ``TorchDispatchMode``, the aten ops per call that would run
-device work on a GPU (allocations, views and metadata ops excluded), e.g. ``add_`` for
-``num_batches_tracked``.
+p20 / p80 of the repeats; the ratio to torch's median ("x torch") and the median of the per-repeat
+ratios to the torch timing taken just before ("paired", steadier on a loaded machine); Triton
+launches per call (by kernel); and, counted in a separate untimed pass under a ``TorchDispatchMode``,
+the aten ops per call that would run device work on a GPU (allocations, views and metadata ops
+excluded), e.g. ``add_`` for ``num_batches_tracked``.
 
 Only public entry points of the package are used (``triton_bn.BatchNorm2d``, ``tuning.override``), so the
 benchmark runs against any revision. It is a benchmark, not a test: the numbers swing with machine load.
@@ -328,8 +329,8 @@ def run(args, quick, repeats, calls, cases, paths, modes, shape, tshape, cache_d
                 it["us"].append(time_call(it["fn"], calls))
 
     rows = []
-    base = {(it["case"], it["mode"]): statistics.median(it["us"]) for it in items
-            if it["provider"] == "torch"}
+    torch_us = {(it["case"], it["mode"]): it["us"] for it in items if it["provider"] == "torch"}
+    base = {k: statistics.median(v) for k, v in torch_us.items()}
     for it in items:
         med = statistics.median(it["us"])
         rows.append({"case": it["case"], "provider": it["provider"], "path": it["path"],
@@ -337,6 +338,9 @@ def run(args, quick, repeats, calls, cases, paths, modes, shape, tshape, cache_d
                      "us_p20": round(_quantile(it["us"], 0.2), 2),
                      "us_p80": round(_quantile(it["us"], 0.8), 2),
                      "ratio_to_torch": round(med / base[(it["case"], it["mode"])], 2),
+                     # per repeat against the torch timing right before it: robust to load drifts
+                     "ratio_paired": round(statistics.median(
+                         u / t for u, t in zip(it["us"], torch_us[(it["case"], it["mode"])])), 2),
                      "launches_per_call": (round(it["launches"], 3)
                                            if it["provider"] == "triton_bn" else ""),
                      "device_ops_per_call": round(it["device_ops"], 3),
@@ -363,7 +367,8 @@ def _git_rev(pkg_dir: Path) -> str:
 
 
 def _print_table(rows: list[dict]) -> None:
-    head = ("case", "provider", "path", "mode", "us/call", "p20-p80", "x torch", "launches",
+    head = ("case", "provider", "path", "mode", "us/call", "p20-p80", "x torch", "paired",
+            "launches",
             "aten dev ops", "kernels / aten device ops per call")
     table = [head]
     for r in rows:
@@ -371,6 +376,7 @@ def _print_table(rows: list[dict]) -> None:
             + r["aten_device_ops"]
         table.append((r["case"], r["provider"], r["path"], r["mode"], f"{r['us_median']:.1f}",
                       f"{r['us_p20']:.1f}-{r['us_p80']:.1f}", f"{r['ratio_to_torch']:.2f}",
+                      f"{r['ratio_paired']:.2f}",
                       str(r["launches_per_call"]), f"{r['device_ops_per_call']:g}", detail))
     widths = [max(len(row[i]) for row in table) for i in range(len(head) - 1)]
     for row in table:
