@@ -104,7 +104,8 @@ class _StubUtils:
 
 
 class _Placeholder:
-    """A compiled kernel for ``--no-compile``: what JITFunction.run touches on a cache hit."""
+    """A compiled kernel for ``--no-compile``: what JITFunction.run touches on a cache hit (launch code
+    that asks the JIT for a kernel handle with ``warmup`` gets None here: use the default, compiling)."""
 
     def __init__(self, launcher: _StubLauncher) -> None:
         self.function, self.packed_metadata, self.run = None, None, launcher
@@ -112,6 +113,12 @@ class _Placeholder:
     def launch_metadata(self, grid, stream, *args):
         from triton import knobs
         return None if knobs.runtime.launch_enter_hook is None else {}
+
+    def _init_handles(self) -> None:
+        pass
+
+    def __getitem__(self, grid):  # CompiledKernel[grid](*args), for launch code that keeps handles
+        return lambda *args, stream=None: self.run(*grid, stream, None, None, None, None, None, *args)
 
 
 class Launches:
