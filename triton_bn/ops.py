@@ -133,22 +133,29 @@ def hyper_tensor(device: torch.device, dtype: torch.dtype, eps: float, momentum:
 
 
 @dataclass
-class _Forward:
-    """One forward call's prepared tensors, plans and outputs (shared by the steps below)."""
+class _Call:
+    """What the forward and backward steps of one call share: the prepared activation-like
+    tensors, whether a residual takes part, and whether offsets need 64 bits."""
 
-    x: torch.Tensor
     prep: Prepared
-    y: Optional[torch.Tensor]
-    mean: torch.Tensor
-    rstd: torch.Tensor
-    scale: torch.Tensor
-    shift: torch.Tensor
     has_residual: bool
     int64: bool
 
     @property
     def geo(self) -> Geometry:
         return self.prep.geometry
+
+
+@dataclass
+class _Forward(_Call):
+    """One forward call's prepared tensors, plans and outputs (shared by the steps below)."""
+
+    x: torch.Tensor
+    y: Optional[torch.Tensor]
+    mean: torch.Tensor
+    rstd: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
 
     def views(self):
         t, st = self.prep.tensors, self.geo.strides
@@ -175,7 +182,7 @@ def _start_forward(x: torch.Tensor, residual: Optional[torch.Tensor], axes, grou
     else:
         mean = torch.empty(S, device=x.device, dtype=acc)
         coeffs = [mean] * 3
-    return _Forward(x, prep, y, mean, *coeffs, residual is not None, _needs_int64(*prep.tensors))
+    return _Forward(prep, residual is not None, _needs_int64(*prep.tensors), x, y, mean, *coeffs)
 
 
 def _launch_apply(fw: _Forward, relu: bool, from_running: bool = False, running_mean=None,
@@ -336,17 +343,10 @@ def _restore(computed: torch.Tensor, allocated: torch.Tensor, prep: Prepared) ->
 
 
 @dataclass
-class _Backward:
-    prep: Prepared
+class _Backward(_Call):
     dx: Optional[torch.Tensor]
     dres: Optional[torch.Tensor]
     write_dres: bool
-    has_residual: bool
-    int64: bool
-
-    @property
-    def geo(self) -> Geometry:
-        return self.prep.geometry
 
     def views(self):
         """(x, dy, z, dx, dz) tensors and their strides, in the kernels' view."""
@@ -372,8 +372,7 @@ def _start_backward(dy, x, residual, axes, groups, training, relu, need_dx, need
     active = [x, dy] + ([residual] if residual is not None else [])
     active += [dx if dx is not None else x] + [dres if write_dres else x]
     prep = prepare(x.shape, active, axes, groups if training else 1)
-    return _Backward(prep, dx, dres, write_dres, residual is not None,
-                     _needs_int64(*prep.tensors))
+    return _Backward(prep, residual is not None, _needs_int64(*prep.tensors), dx, dres, write_dres)
 
 
 def _launch_grad_reduce(bw: _Backward, plan, mean, scale, shift, relu):
