@@ -1,12 +1,22 @@
 """Memory of a training step with torch's batch norm + ReLU, triton_bn converted, and fused.
 
-For each variant of one model (same seed, same random batch): the bytes autograd saves for
-backward in one forward (``saved_tensors_hooks``, each storage once; all of them, and without
-the model's own parameters and buffers), and the peak memory of one training step (forward,
-backward, SGD) above what was allocated before it (CUDA allocator on a GPU, profiler allocation
-events on the CPU). Writes a Markdown table (perf/README.md has the committed one).
+For each variant of one model (same weights, same batch): the bytes autograd saves for backward
+in one forward (``saved_tensors_hooks``, each storage once; without the model's own parameters
+and buffers) and the peak memory of a training step (forward, backward, SGD with momentum; the
+second step, so that gradients and momentum buffers exist).
 
-    python perf/fuse_memory.py --model resnet50 --batch 2 --size 64
+Two ways to run:
+
+* default (``--fake``): under ``FakeTensorMode`` (shapes, dtypes and storages without data), so a
+  real ResNet-50 at 224x224 takes seconds on a CPU. Peak memory is
+  ``torch.distributed._tools.mem_tracker.MemTracker``'s count of what the dispatched operators
+  allocate and free (no allocator caching). triton_bn's layers run through their custom operators'
+  fake implementations, as under torch.compile; the eager path's small split-reduction workspace
+  is not seen.
+* ``--real``: runs the step (on a GPU: CUDA allocator statistics; on a CPU the kernels run in
+  Triton's interpreter, so only for small models and inputs: profiler allocation events).
+
+    python perf/fuse_memory.py --model resnet50 --batch 32 --size 224
 """
 
 from __future__ import annotations
@@ -14,11 +24,11 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout: import this repository's triton_bn
@@ -33,47 +43,104 @@ from triton_bn.bench.models import (
     train_step,
 )
 
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="resnet50")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--size", type=int, default=64, help="image height and width")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    base = build_model(args.model, num_classes=10, seed=args.seed).to(device).train()
-    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
-    y = torch.randint(0, 10, (args.batch,), device=device)
-    variants = {
-        "torch BN + ReLU (eager)": lambda m: (m, ""),
-        "triton_bn convert_model": lambda m: (triton_bn.convert_model(m), ""),
-        "triton_bn fuse (residual='saved', default)": lambda m: _fuse(m, "saved"),
-        "triton_bn fuse (residual='all')": lambda m: _fuse(m, "all"),
-    }
-    where = f"{torch.cuda.get_device_name()}" if cuda else "CPU (Triton interpreter)"
-    print(f"{args.model} ({model_source(args.model)}), batch {args.batch}, "
-          f"{args.size}x{args.size}, fp32, {where}, torch {torch.__version__}\n")
-    print("| variant | fused | saved for backward (MB) | of which activations (MB) | "
-          "saved tensors | peak of a step (MB) |")
-    print("|---|---|---|---|---|---|")
-    for name, make in variants.items():
-        t0 = time.perf_counter()
-        model, note = make(copy.deepcopy(base))
-        opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        sb = saved_bytes(model, lambda m=model: F.cross_entropy(m(x), y))
-        opt.zero_grad(set_to_none=True)
-        peak = peak_bytes(lambda m=model, o=opt: train_step(m, o, x, y), device)
-        print(f"| {name} | {note} | {sb.total / 2**20:.3f} | {sb.activations / 2**20:.3f} | "
-              f"{sb.tensors} | {peak / 2**20:.3f} |", flush=True)
-        print(f"  ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-    return 0
+VARIANTS = {
+    "torch BN + ReLU (eager)": lambda m: (m, "-"),
+    "triton_bn convert_model": lambda m: (triton_bn.convert_model(m), "-"),
+    "triton_bn fuse (default, residual='saved')": lambda m: _fuse(m, "saved"),
+    "triton_bn fuse (residual='all')": lambda m: _fuse(m, "all"),
+}
 
 
 def _fuse(model, residual):
     model, report = triton_bn.fuse(model, residual=residual, return_report=True)
     return model, f"{report.count('relu')} BN+ReLU, {report.count('add+relu')} BN+add+ReLU"
+
+
+def _to_fake(model: nn.Module, mode) -> nn.Module:
+    """Replaces parameters and buffers by fake tensors (shared tensors stay shared)."""
+    memo: dict[int, torch.Tensor] = {}
+    for m in model.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None:
+                if id(p) not in memo:
+                    memo[id(p)] = nn.Parameter(mode.from_tensor(p.detach()), p.requires_grad)
+                m._parameters[name] = memo[id(p)]
+        for name, b in list(m._buffers.items()):
+            if b is not None:
+                memo.setdefault(id(b), mode.from_tensor(b))
+                m._buffers[name] = memo[id(b)]
+    return model
+
+
+def measure_fake(model: nn.Module, batch: int, size: int) -> tuple[int, int, dict]:
+    """(saved activation bytes, peak bytes, peak by category) under FakeTensorMode."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    mode = FakeTensorMode()
+    model = _to_fake(model, mode)
+    with mode:
+        x = torch.randn(batch, 3, size, size)
+        y = torch.randint(0, 10, (batch,))
+        saved = saved_bytes(model, lambda: F.cross_entropy(model(x), y))
+        for p in model.parameters():
+            p.grad = None
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        tracker = MemTracker()
+        tracker.track_external(model, opt)
+        with tracker:
+            train_step(model, opt, x, y)
+        tracker.reset_mod_stats()
+        with tracker:
+            train_step(model, opt, x, y)
+        snap = next(iter(tracker.get_tracker_snapshot("peak").values()))
+    by = {str(k).split(".")[-1].lower(): v for k, v in snap.items()}
+    return saved.activations, by.pop("total"), by
+
+
+def measure_real(model: nn.Module, batch: int, size: int, device: torch.device) -> tuple[int, int]:
+    model = model.to(device)
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    saved = saved_bytes(model, lambda: F.cross_entropy(model(x), y))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    opt.zero_grad(set_to_none=True)
+    train_step(model, opt, x, y)
+    return saved.activations, peak_bytes(lambda: train_step(model, opt, x, y), device)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="resnet50")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--size", type=int, default=224, help="image height and width")
+    p.add_argument("--real", action="store_true", help="run the steps (see the docstring)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    how = ("real, " + (torch.cuda.get_device_name() if cuda else "CPU, Triton interpreter")
+           if args.real else "FakeTensorMode + MemTracker (shapes only)")
+    print(f"{args.model} ({model_source(args.model)}), batch {args.batch}, {args.size}x{args.size},"
+          f" fp32, training step with SGD momentum; {how}; torch {torch.__version__}\n")
+    cols = "| variant | fused | saved for backward (MiB) | peak of a step (MiB) |"
+    extra = " activations / temporaries at the peak (MiB) |" if not args.real else ""
+    print(cols + extra)
+    print("|---" * (cols.count("|") - 1 + (1 if extra else 0)) + "|")
+    base = build_model(args.model, num_classes=10, seed=args.seed).train()
+    ref = None
+    for name, make in VARIANTS.items():
+        model, note = make(copy.deepcopy(base))
+        if args.real:
+            saved, peak = measure_real(model, args.batch, args.size, device)
+            tail = ""
+        else:
+            saved, peak, by = measure_fake(model, args.batch, args.size)
+            tail = f" {by['act'] / 2**20:.1f} / {by['temp'] / 2**20:.1f} |"
+        ref = ref or (saved, peak)
+        print(f"| {name} | {note} | {saved / 2**20:.2f} ({saved - ref[0]:+,} B) | "
+              f"{peak / 2**20:.2f} ({peak - ref[1]:+,} B) |{tail}", flush=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -144,15 +144,13 @@ class SavedBytes:
 def saved_bytes(model: nn.Module, fn: Callable[[], torch.Tensor]) -> SavedBytes:
     """Runs ``fn`` (a forward returning a loss) under ``saved_tensors_hooks`` and counts the
     storages saved for backward; then runs backward so that nothing is left pending."""
-    own = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    own |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+    own = {_storage_key(t) for t in (*model.parameters(), *model.buffers())}
     seen: dict[int, int] = {}
     count = [0]
 
     def pack(t: torch.Tensor):
         count[0] += 1
-        s = t.untyped_storage()
-        seen[s.data_ptr()] = s.nbytes()
+        seen[_storage_key(t)] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -160,6 +158,12 @@ def saved_bytes(model: nn.Module, fn: Callable[[], torch.Tensor]) -> SavedBytes:
     loss.backward()
     total = sum(seen.values())
     return SavedBytes(total, total - sum(v for k, v in seen.items() if k in own), count[0])
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    """Identifies a tensor's storage (views share it); works for fake tensors too, whose storages
+    all have data pointer 0."""
+    return t.untyped_storage()._cdata
 
 
 def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
