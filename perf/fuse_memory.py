@@ -28,7 +28,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout: import this repository's triton_bn
@@ -37,6 +36,7 @@ if str(ROOT) not in sys.path:  # run from a checkout: import this repository's t
 import triton_bn
 from triton_bn.bench.models import (
     build_model,
+    fake_memory,
     model_source,
     peak_bytes,
     saved_bytes,
@@ -56,49 +56,7 @@ def _fuse(model, residual):
     return model, f"{report.count('relu')} BN+ReLU, {report.count('add+relu')} BN+add+ReLU"
 
 
-def _to_fake(model: nn.Module, mode) -> nn.Module:
-    """Replaces parameters and buffers by fake tensors (shared tensors stay shared)."""
-    memo: dict[int, torch.Tensor] = {}
-    for m in model.modules():
-        for name, p in list(m._parameters.items()):
-            if p is not None:
-                if id(p) not in memo:
-                    memo[id(p)] = nn.Parameter(mode.from_tensor(p.detach()), p.requires_grad)
-                m._parameters[name] = memo[id(p)]
-        for name, b in list(m._buffers.items()):
-            if b is not None:
-                memo.setdefault(id(b), mode.from_tensor(b))
-                m._buffers[name] = memo[id(b)]
-    return model
-
-
-def measure_fake(model: nn.Module, batch: int, size: int) -> tuple[int, int, dict]:
-    """(saved activation bytes, peak bytes, peak by category) under FakeTensorMode."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker
-
-    mode = FakeTensorMode()
-    model = _to_fake(model, mode)
-    with mode:
-        x = torch.randn(batch, 3, size, size)
-        y = torch.randint(0, 10, (batch,))
-        saved = saved_bytes(model, lambda: F.cross_entropy(model(x), y))
-        for p in model.parameters():
-            p.grad = None
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        tracker = MemTracker()
-        tracker.track_external(model, opt)
-        with tracker:
-            train_step(model, opt, x, y)
-        tracker.reset_mod_stats()
-        with tracker:
-            train_step(model, opt, x, y)
-        snap = next(iter(tracker.get_tracker_snapshot("peak").values()))
-    by = {str(k).split(".")[-1].lower(): v for k, v in snap.items()}
-    return saved.activations, by.pop("total"), by
-
-
-def measure_real(model: nn.Module, batch: int, size: int, device: torch.device) -> tuple[int, int]:
+def measure_real(model: torch.nn.Module, batch: int, size: int, device: torch.device) -> tuple[int, int]:
     model = model.to(device)
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
@@ -135,7 +93,7 @@ def main(argv=None) -> int:
             saved, peak = measure_real(model, args.batch, args.size, device)
             tail = ""
         else:
-            saved, peak, by = measure_fake(model, args.batch, args.size)
+            saved, peak, by = fake_memory(model, args.batch, args.size)
             tail = f" {by['act'] / 2**20:.1f} / {by['temp'] / 2**20:.1f} |"
         ref = ref or (saved, peak)
         print(f"| {name} | {note} | {saved / 2**20:.2f} ({saved - ref[0]:+,} B) | "

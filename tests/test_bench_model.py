@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from triton_bn import fuse
 from triton_bn.bench import model_runner
-from triton_bn.bench.models import build_model, saved_bytes
+from triton_bn.bench.models import build_model, fake_memory, saved_bytes
 from triton_bn.bench.results import CPU_NOTE, read_rows
 from triton_bn.cli import main
 
@@ -108,3 +108,22 @@ def test_fused_resnet_saves_no_more_than_torch():
     # fusing every add (downsampling shortcuts included) keeps those shortcuts: more than torch
     a_big, _ = _saved(fuse(copy.deepcopy(base), residual="all"), x, y)
     assert a_big > t_big
+
+
+def test_resnet50_memory_fake_fused_not_above_torch():
+    """The real ResNet-50 config (HF, 53 batch norms) under FakeTensorMode (shapes only, fast):
+    besides triton_bn's extra per-channel statistics (8 bytes per channel) the fused model saves
+    less than torch for backward (no copy of the last ReLU output), and its step's peak
+    exceeds torch's by at most triton_bn's extra per-channel statistics (8 bytes per channel)
+    plus a few small temporaries; residual='all' keeps the downsampling shortcuts: more."""
+    base = build_model("resnet50", num_classes=10, seed=0).train()
+    channels = sum(m.num_features for m in base.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert channels == 26560
+    t_saved, t_peak, _ = fake_memory(copy.deepcopy(base), 4, 64)
+    fused, report = fuse(copy.deepcopy(base), return_report=True)
+    assert report.count("relu") == 33 and report.count("add+relu") == 12
+    f_saved, f_peak, _ = fake_memory(fused, 4, 64)
+    assert f_saved - 8 * channels < t_saved
+    assert f_peak <= t_peak + 8 * channels + 64 * 1024
+    a_saved, _, _ = fake_memory(fuse(copy.deepcopy(base), residual="all"), 4, 64)
+    assert a_saved > t_saved + 8 * channels
