@@ -295,3 +295,20 @@ def test_hf_mobilenet_nothing_to_fuse_is_equivalent():
     with torch.no_grad():
         torch.testing.assert_close(model.mobilenet_v2.conv_stem(x), ref.mobilenet_v2.conv_stem(x),
                                    **TOL[torch.float64])
+
+
+def test_fused_block_under_torch_compile():
+    """The fused GraphModule compiles without graph breaks (triton_bn's custom operators) and
+    matches torch's block, output and gradients."""
+    ref = _randomize(Bottleneck(8, 4)).train()
+    fused = fuse(copy.deepcopy(ref), residual="all")
+    compiled = torch.compile(fused, fullgraph=True)
+    x, dy = torch.randn(2, 8, 5, 5), torch.randn(2, 8, 5, 5)
+    y_ref, dx_ref, g_ref = _run(ref, x, dy)
+    y, dx, g = _run(compiled, x, dy)
+    torch.testing.assert_close(y, y_ref, **F32)
+    torch.testing.assert_close(dx, dx_ref, **F32)
+    g = {k.removeprefix("_orig_mod."): v for k, v in g.items()}
+    assert g.keys() == g_ref.keys()
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], atol=1e-4, rtol=1e-4, msg=name)
