@@ -11,6 +11,7 @@ from conftest import TOL
 from torch import fx, nn
 
 from triton_bn import BatchNorm2d, FuseReport, fuse
+from triton_bn.fuse import FusedSite
 from triton_bn.modules import _TritonBatchNorm
 
 F32 = TOL[torch.float32]
@@ -312,3 +313,17 @@ def test_fused_block_under_torch_compile():
     assert g.keys() == g_ref.keys()
     for name in g_ref:
         torch.testing.assert_close(g[name], g_ref[name], atol=1e-4, rtol=1e-4, msg=name)
+
+
+class ShortcutIsBNInput(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return F.relu(self.bn(x) + x)  # the BN keeps x for backward: fused by default
+
+
+def test_shortcut_saved_by_the_bn_itself_is_fused():
+    _, report = _compare(_randomize(ShortcutIsBNInput(3)).train(), torch.randn(2, 3, 4, 4))
+    assert report.fused == [FusedSite("bn", "add+relu")]

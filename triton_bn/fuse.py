@@ -40,7 +40,8 @@ _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}
 _INPLACE_ADDS = {operator.iadd, "add_"}
 _RESIDUAL_MODES = ("saved", "all", "none")
-_SAVES_INPUT = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+# layers that keep their input for backward (a batch norm in training does too)
+_SAVES_INPUT = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.modules.batchnorm._BatchNorm)
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ def fuse(model: nn.Module, *, residual: str = "saved", return_report: bool = Fal
     ``(model, FuseReport)`` when ``return_report``.
 
     ``residual`` says which adds to fuse: "saved" (default) only those whose shortcut is also
-    the input of a convolution or linear layer, which saves it for backward anyway (a fused
+    the input of a convolution, linear or batch-norm layer, which saves it for backward anyway (a fused
     layer with a residual saves the shortcut: fusing a downsampling shortcut would keep one more
     activation than torch does); "all"; or "none" (BN -> ReLU only).
     """
