@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .plotting import _plt, _title_suffix
+from .plotting import _maybe_log, _plt, _title_suffix
 from .results import as_float, slug
 
 __all__ = ["plot_models"]
@@ -34,7 +34,8 @@ def plot_models(rows: list[dict], outdir: Path) -> list[Path]:
                          0.0) or 0.0 for m in modes]
             xs = [j + (i - (len(variants) - 1) / 2) * width for j in range(len(modes))]
             bars = ax.bar(xs, vals, width, color=VARIANT_COLOR[v], label=v)
-            ax.bar_label(bars, fmt="%.0f", fontsize=7)
+            ax.bar_label(bars, fmt="%.3g", fontsize=7)
+        _maybe_log(ax, [as_float(r["value"]) for r in sel])  # the interpreter's spread
         ax.set_xticks(range(len(modes)), modes)
         ax.set_ylabel("training images/s (higher is better)")
         ax.set_title(f"{case}, batch {shape}, {dtype}, {layout}", fontsize=9)
