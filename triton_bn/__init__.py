@@ -16,11 +16,12 @@ if "TRITON_INTERPRET" not in _os.environ:
 
 from .convert import convert_model  # noqa: E402
 from .functional import BatchNormFunction, Renorm, RunningStats, batch_norm, normalize  # noqa: E402
+from .fuse import FuseReport, fuse  # noqa: E402
 from .keras import BatchNormalization  # noqa: E402
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = ["BatchNormalization", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm",
-           "convert_model", "batch_norm", "normalize", "RunningStats", "Renorm", "BatchNormFunction",
-           "__version__"]
+           "convert_model", "fuse", "FuseReport", "batch_norm", "normalize", "RunningStats",
+           "Renorm", "BatchNormFunction", "__version__"]

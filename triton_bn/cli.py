@@ -3,6 +3,7 @@ cache the kernels load) and ``plot`` (PNGs from result CSVs). ``python -m triton
 
     triton-bn bench                       # the default sweep for this machine
     triton-bn bench --shapes resnet50 --modes forward_backward --max-minutes 5
+    triton-bn bench --model resnet50      # training steps: torch BN, converted, fused
     triton-bn tune --shapes resnet50 --batches 32
     triton-bn plot perf/results/*.csv
 """
@@ -85,6 +86,71 @@ def _add_sweep_args(p: argparse.ArgumentParser, gpu_sets: str) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _add_model_args(b: argparse.ArgumentParser) -> None:
+    from .bench.model_runner import EXEC_MODES
+    from .bench.models import MODELS, VARIANTS
+
+    g = b.add_argument_group("whole models (--model)", "training steps of real models: torch BN, "
+                             "triton_bn converted and fused; eager, CUDA graphs, torch.compile")
+    g.add_argument("--model", type=_choices("--model", MODELS, all_ok=False), default=None,
+                   help=f"models, comma-separated: {', '.join(MODELS)} (torchvision's where it "
+                        "imports, else transformers configs); switches bench to training steps")
+    g.add_argument("--model-batch", type=int, default=None,
+                   help="images per step (default 64 on a GPU, 2 on CPU)")
+    g.add_argument("--image-size", type=int, default=None,
+                   help="image height and width (default 224 on a GPU, 64 on CPU: at 32 ResNet's "
+                        "last stage has 2 values per channel and its second loss is chaotic)")
+    g.add_argument("--exec", type=_choices("--exec", EXEC_MODES), default=list(EXEC_MODES),
+                   help="eager,cuda_graph,compile (default all; eager only on CPU)")
+    g.add_argument("--variants", type=_choices("--variants", VARIANTS), default=list(VARIANTS),
+                   help=f"{', '.join(VARIANTS)} (default all; the first is the baseline)")
+    g.add_argument("--check-steps", type=int, default=2,
+                   help="steps whose losses must match the baseline's before timing (default 2)")
+
+
+def cmd_bench_models(args) -> int:
+    """``bench --model``: see triton_bn/bench/model_runner.py."""
+    from .bench.model_runner import ModelBenchOptions, ModelCase, describe, run_model_bench
+    from .bench.results import run_info, slug
+    from .bench.timing import TimerConfig
+
+    device, cuda = _device()
+    info = run_info(cuda)
+    print(f"triton-bn bench --model: {info.gpu_name} [{info.device}], torch {info.torch}, "
+          f"triton {info.triton}, triton_bn {info.triton_bn}")
+    if not cuda:
+        print(CPU_NOTICE)
+    batch = args.model_batch or (64 if cuda else 2)
+    size = args.image_size or (224 if cuda else 64)
+    dtypes = args.dtypes or (["bf16"] if cuda else ["fp32"])
+    layouts = args.layouts or (["channels_last"] if cuda else ["nchw"])
+    cases = [ModelCase(m, batch, size, d, lay) for m in args.model for d in dtypes
+             for lay in layouts]
+    timer = TimerConfig(cuda=cuda, warmup_ms=max(args.warmup_ms, 100.0),
+                        rep_ms=max(args.rep_ms, 500.0), cpu_max_reps=1, cpu_min_reps=1)
+    csv_path = args.csv or args.out / (f"bench-models-{slug(info.gpu_name if cuda else 'cpu')}-"
+                                       f"{info.run_id}.csv")
+    opts = ModelBenchOptions(cases=cases, variants=args.variants, exec_modes=args.exec,
+                             check_steps=max(1, args.check_steps), compile_mode=args.compile_mode,
+                             seed=args.seed)
+    t0 = time.perf_counter()
+    status, rows = run_model_bench(opts, info, device, csv_path, timer)
+    print()
+    print(describe(rows))
+    print(f"\nCSV -> {csv_path}")
+    if not args.no_plot:
+        from .bench.model_plot import plot_models
+
+        try:
+            paths = plot_models(rows, args.plots)
+        except ImportError as exc:
+            print(f"no plots: {exc} (pip install matplotlib, or the dev extra)", file=sys.stderr)
+        else:
+            print(f"plots -> {', '.join(str(p) for p in paths)}")
+    print(f"bench finished in {time.perf_counter() - t0:.1f} s")
+    return status
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .bench.providers import PROVIDERS
     from .bench.shapes import MODES
@@ -117,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "CPU)")
     b.add_argument("--quick", action="store_true",
                    help="a smoke run: two tiny cases, fp32, triton_bn and torch_eager (tests)")
+    _add_model_args(b)
 
     t = sub.add_parser("tune", help="autotune the kernels' launch configurations into the cache",
                        description="Times every candidate configuration of the reduction kernels"
@@ -189,6 +256,8 @@ def cmd_bench(args) -> int:
     from .bench.summary import summarize
     from .bench.timing import TimerConfig
 
+    if args.model:
+        return cmd_bench_models(args)
     device, cuda = _device()
     info = run_info(cuda)
     print(f"triton-bn bench: {info.gpu_name} [{info.device}], torch {info.torch}, "

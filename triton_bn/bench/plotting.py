@@ -194,4 +194,9 @@ def make_plots(csv_paths: Iterable[Path], outdir: Path) -> list[Path]:
                             "copy_fraction", d, TARGETS["copy_fraction"],
                             f"target {TARGETS['copy_fraction']:.0%}")
         paths += _keras_bars(mrows, d)
+    from .model_plot import plot_models  # ``bench --model`` rows
+
+    for d, mrows in ((outdir if len(machines) == 1 else outdir / slug(f"{device}-{gpu}"), mrows)
+                     for (device, gpu), mrows in machines.items()):
+        paths += plot_models(mrows, d)
     return paths

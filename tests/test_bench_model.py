@@ -1,0 +1,129 @@
+"""``triton-bn bench --model`` and the whole-model memory measurement on CPU: the smoke run writes
+loss / images-per-second / peak rows and a plot, a variant whose losses differ from torch's is
+refused before timing, and the fused model saves no more activations for backward than torch."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from triton_bn import fuse
+from triton_bn.bench import model_runner
+from triton_bn.bench.models import build_model, fake_memory, saved_bytes
+from triton_bn.bench.results import CPU_NOTE, read_rows
+from triton_bn.cli import main
+
+pytest.importorskip("transformers")
+
+
+def test_bench_model_cpu_smoke(tmp_path, capsys):
+    csv_path = tmp_path / "m.csv"
+    status = main(["bench", "--model", "tiny_resnet", "--model-batch", "2", "--image-size", "16",
+                   "--variants", "torch_bn,triton_bn_fused", "--csv", str(csv_path), "--plots",
+                   str(tmp_path / "plots")])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "NOT GPU figures" in out and "eager mode only" in out
+    rows = read_rows([csv_path])
+    assert all(CPU_NOTE in r["note"] for r in rows)
+    by = {(r["provider"], r["mode"], r["metric"]): r for r in rows}
+    assert {k[0] for k in by} == {"torch_bn", "triton_bn_fused"} and {k[1] for k in by} == {"eager"}
+    for v in ("torch_bn", "triton_bn_fused"):
+        assert float(by[(v, "eager", "images_per_s")]["value"]) > 0
+        assert float(by[(v, "eager", "peak_mb")]["value"]) > 0
+        assert by[(v, "eager", "ms")]["shape"] == "2x3x16x16"
+    losses = [float(by[(v, "eager", "loss")]["value"]) for v in ("torch_bn", "triton_bn_fused")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    assert "fused" in by[("triton_bn_fused", "eager", "ms")]["note"]
+    assert list((tmp_path / "plots").glob("models_images_per_s-*.png"))
+
+
+def test_bench_model_refuses_mismatched_losses(tmp_path, monkeypatch, capsys):
+    """A variant that is not the same model (here: torch's, with one weight changed) is reported
+    as an error and not timed; the run fails."""
+    real = model_runner.make_variant
+
+    def broken(model, variant):
+        m, note = real(model, "torch_bn")
+        if variant != "torch_bn":
+            with torch.no_grad():
+                next(m.parameters()).mul_(1.5)
+        return m, note
+
+    monkeypatch.setattr(model_runner, "make_variant", broken)
+    csv_path = tmp_path / "m.csv"
+    status = main(["bench", "--model", "tiny_resnet", "--model-batch", "2", "--image-size", "16",
+                   "--variants", "torch_bn,triton_bn_converted", "--csv", str(csv_path),
+                   "--no-plot"])
+    assert status == 1
+    rows = read_rows([csv_path])
+    errors = [r for r in rows if r["metric"] == "error"]
+    assert len(errors) == 1 and errors[0]["provider"] == "triton_bn_converted"
+    assert "differ from torch_bn eager" in errors[0]["value"]
+    assert not any(r["provider"] == "triton_bn_converted" and r["metric"] == "ms" for r in rows)
+    assert "FAILED check" in capsys.readouterr().out
+
+
+def test_bench_model_bad_name():
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--model", "resnet51"])
+    assert exc.value.code == 2
+
+
+def _saved(model, x, y):
+    """(bytes of the activation storages saved for backward, without the model's parameters and
+    buffers, each once: those of tensors with more than one dimension, those of 1-D ones)."""
+    own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in own:
+            seen[s.data_ptr()] = (t.dim() > 1, s.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    return (sum(b for big, b in seen.values() if big), sum(b for big, b in seen.values() if not big))
+
+
+def test_fused_resnet_saves_no_more_than_torch():
+    """Saved for backward, each storage once: the fused model keeps no activation-sized tensor
+    more than torch; the only extra bytes are triton_bn's per-channel fp32 vectors (it saves
+    scale and shift beside mean and rstd: 2 x 4 bytes per channel and batch norm more)."""
+    base = build_model("tiny_resnet", num_classes=10, seed=0).train()
+    x, y = torch.randn(2, 3, 16, 16), torch.randint(0, 10, (2,))
+    t_big, t_vec = _saved(copy.deepcopy(base), x, y)
+    fused, report = fuse(copy.deepcopy(base), return_report=True)
+    f_big, f_vec = _saved(fused, x, y)
+    assert len(report.fused) >= 10
+    assert f_big <= t_big
+    channels = sum(m.num_features for m in base.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert f_vec <= t_vec + 8 * channels
+    # the helper counts what saved_bytes counts
+    m = copy.deepcopy(base)
+    assert saved_bytes(m, lambda: F.cross_entropy(m(x), y)).activations == t_big + t_vec
+    # fusing every add (downsampling shortcuts included) keeps those shortcuts: more than torch
+    a_big, _ = _saved(fuse(copy.deepcopy(base), residual="all"), x, y)
+    assert a_big > t_big
+
+
+def test_resnet50_memory_fake_fused_not_above_torch():
+    """The real ResNet-50 config (HF, 53 batch norms) under FakeTensorMode (shapes only, fast):
+    besides triton_bn's extra per-channel statistics (8 bytes per channel) the fused model saves
+    less than torch for backward (no copy of the last ReLU output), and its step's peak
+    exceeds torch's by at most triton_bn's extra per-channel statistics (8 bytes per channel)
+    plus a few small temporaries; residual='all' keeps the downsampling shortcuts: more."""
+    base = build_model("resnet50", num_classes=10, seed=0).train()
+    channels = sum(m.num_features for m in base.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert channels == 26560
+    t_saved, t_peak, _ = fake_memory(copy.deepcopy(base), 4, 64)
+    fused, report = fuse(copy.deepcopy(base), return_report=True)
+    assert report.count("relu") == 33 and report.count("add+relu") == 12
+    f_saved, f_peak, _ = fake_memory(fused, 4, 64)
+    assert f_saved - 8 * channels < t_saved
+    assert f_peak <= t_peak + 8 * channels + 64 * 1024
+    a_saved, _, _ = fake_memory(fuse(copy.deepcopy(base), residual="all"), 4, 64)
+    assert a_saved > t_saved + 8 * channels
