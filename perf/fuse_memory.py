@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout: import this repository's triton_bn
     sys.path.insert(0, str(ROOT))
 
-import triton_bn
-from triton_bn.bench.models import (
+import triton_bn  # noqa: E402  (after the sys.path line above)
+from triton_bn.bench.models import (  # noqa: E402
     build_model,
     fake_memory,
     model_source,
