@@ -91,8 +91,9 @@ def _saved(model, x, y):
 
 def test_fused_resnet_saves_no_more_than_torch():
     """Saved for backward, each storage once: the fused model keeps no activation-sized tensor
-    more than torch; the only extra bytes are triton_bn's per-channel fp32 vectors (it saves
-    scale and shift beside mean and rstd: 2 x 4 bytes per channel and batch norm more)."""
+    more than torch; the only extra bytes are triton_bn's per-channel fp32 vectors (beside torch's
+    mean and rstd it saves the mean's offset from its centre, scale and shift: 3 x 4 bytes per
+    channel and batch norm more)."""
     base = build_model("tiny_resnet", num_classes=10, seed=0).train()
     x, y = torch.randn(2, 3, 16, 16), torch.randint(0, 10, (2,))
     t_big, t_vec = _saved(copy.deepcopy(base), x, y)
@@ -101,7 +102,7 @@ def test_fused_resnet_saves_no_more_than_torch():
     assert len(report.fused) >= 10
     assert f_big <= t_big
     channels = sum(m.num_features for m in base.modules() if isinstance(m, torch.nn.BatchNorm2d))
-    assert f_vec <= t_vec + 8 * channels
+    assert f_vec <= t_vec + 12 * channels
     # the helper counts what saved_bytes counts
     m = copy.deepcopy(base)
     assert saved_bytes(m, lambda: F.cross_entropy(m(x), y)).activations == t_big + t_vec
