@@ -79,9 +79,9 @@ def test_gradgradcheck_normalize(case):
     assert GGC(f, tuple(inputs))
 
 
-def test_double_backward_matches_reference_with_every_feature():
-    """Second derivatives of a penalty on dx, against the float64 reference's autograd."""
-    x, w, b, z = leaf(4, C, 2), leaf(C, low=0.5), leaf(C), leaf(4, C, 2)
+def _every_feature():
+    """normalize with ghost batches, torch-style renorm, adjustment, residual and ReLU, and the
+    float64 reference of the same call: (ours, ref), each f(x, w, b, z) -> y."""
     adj = (torch.rand(C, dtype=F64) + 0.5, torch.randn(C, dtype=F64))
     rm, rv = torch.randn(C, dtype=F64) * 0.1, torch.rand(C, dtype=F64) + 0.5
     renorm = dict(style="torch", rmin=0.9, rmax=1.1, dmax=0.2)
@@ -94,6 +94,14 @@ def test_double_backward_matches_reference_with_every_feature():
         return reference_batch_norm(x, w, b, running_mean=rm, running_var=rv, groups=2,
                                     renorm=renorm, adjustment=adj, residual=z,
                                     activation="relu")[0]
+
+    return ours, ref
+
+
+def test_double_backward_matches_reference_with_every_feature():
+    """Second derivatives of a penalty on dx, against the float64 reference's autograd."""
+    x, w, b, z = leaf(4, C, 2), leaf(C, low=0.5), leaf(C), leaf(4, C, 2)
+    ours, ref = _every_feature()
 
     grads = []
     for f in (ours, ref):
@@ -189,18 +197,7 @@ def test_jvp_of_every_normalize_feature_matches_reference():
     parameter tangents are checked against F.batch_norm above)."""
     x, w, b, z = (torch.randn(4, C, 2, dtype=F64), torch.rand(C, dtype=F64) + 0.5,
                   torch.randn(C, dtype=F64), torch.randn(4, C, 2, dtype=F64))
-    adj = (torch.rand(C, dtype=F64) + 0.5, torch.randn(C, dtype=F64))
-    rm, rv = torch.randn(C, dtype=F64) * 0.1, torch.rand(C, dtype=F64) + 0.5
-    renorm = dict(style="torch", rmin=0.9, rmax=1.1, dmax=0.2)
-
-    def ours(x, w, b, z):
-        return normalize(x, w, b, running=RunningStats(rm.clone(), rv.clone()), groups=2,
-                         renorm=Renorm(**renorm), adjustment=adj, residual=z, activation="relu")
-
-    def ref(x, w, b, z):
-        return reference_batch_norm(x, w, b, running_mean=rm, running_var=rv, groups=2,
-                                    renorm=renorm, adjustment=adj, residual=z,
-                                    activation="relu")[0]
+    ours, ref = _every_feature()
 
     tx, tz = torch.randn_like(x), torch.randn_like(z)
     a, e = (jvp(lambda x, z, f=f: f(x, w, b, z), (x, z), (tx, tz))[1] for f in (ours, ref))

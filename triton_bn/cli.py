@@ -111,15 +111,10 @@ def _add_model_args(b: argparse.ArgumentParser) -> None:
 def cmd_bench_models(args) -> int:
     """``bench --model``: see triton_bn/bench/model_runner.py."""
     from .bench.model_runner import ModelBenchOptions, ModelCase, describe, run_model_bench
-    from .bench.results import run_info, slug
+    from .bench.results import slug
     from .bench.timing import TimerConfig
 
-    device, cuda = _device()
-    info = run_info(cuda)
-    print(f"triton-bn bench --model: {info.gpu_name} [{info.device}], torch {info.torch}, "
-          f"triton {info.triton}, triton_bn {info.triton_bn}")
-    if not cuda:
-        print(CPU_NOTICE)
+    device, cuda, info = _start("triton-bn bench --model", CPU_NOTICE)
     batch = args.model_batch or (64 if cuda else 2)
     size = args.image_size or (224 if cuda else 64)
     dtypes = args.dtypes or (["bf16"] if cuda else ["fp32"])
@@ -220,6 +215,20 @@ def _device() -> tuple[torch.device, bool]:
             cuda)
 
 
+def _start(command: str, cpu_note: str, with_triton_bn: bool = True):
+    """(device, cuda, run info) for a command, after printing its header line (and, without a
+    GPU, ``cpu_note``)."""
+    from .bench.results import run_info
+
+    device, cuda = _device()
+    info = run_info(cuda)
+    print(f"{command}: {info.gpu_name} [{info.device}], torch {info.torch}, triton {info.triton}"
+          + (f", triton_bn {info.triton_bn}" if with_triton_bn else ""))
+    if not cuda:
+        print(cpu_note)
+    return device, cuda, info
+
+
 def _sweep_cases(args, cuda: bool, default_sets: list[str], modes: Sequence[str],
                  with_keras: bool = True):
     from .bench.shapes import build_cases, custom_cases
@@ -251,19 +260,14 @@ def _order_for_gpu(cases):
 
 def cmd_bench(args) -> int:
     from .bench.providers import PROVIDERS
-    from .bench.results import run_info, slug
+    from .bench.results import slug
     from .bench.runner import BenchOptions, run_bench
     from .bench.summary import summarize
     from .bench.timing import TimerConfig
 
     if args.model:
         return cmd_bench_models(args)
-    device, cuda = _device()
-    info = run_info(cuda)
-    print(f"triton-bn bench: {info.gpu_name} [{info.device}], torch {info.torch}, "
-          f"triton {info.triton}, triton_bn {info.triton_bn}")
-    if not cuda:
-        print(CPU_NOTICE)
+    device, cuda, info = _start("triton-bn bench", CPU_NOTICE)
     providers = list(args.providers or PROVIDERS)
     if args.quick:
         from .bench.shapes import build_cases
@@ -318,17 +322,12 @@ def cmd_bench(args) -> int:
 def cmd_tune(args) -> int:
     from triton_bn import tuning
 
-    from .bench.results import run_info
     from .bench.timing import TimerConfig
     from .bench.tune import run_tune
 
-    device, cuda = _device()
-    info = run_info(cuda)
-    print(f"triton-bn tune: {info.gpu_name} [{info.device}], torch {info.torch}, "
-          f"triton {info.triton}")
-    if not cuda:
-        print("NOTE: no CUDA device: tuning in Triton's CPU interpreter; the choices suit the "
-              "interpreter only, not a GPU.")
+    device, cuda, info = _start("triton-bn tune", "NOTE: no CUDA device: tuning in Triton's CPU "
+                                "interpreter; the choices suit the interpreter only, not a GPU.",
+                                with_triton_bn=False)
     default_sets = ["resnet50", "smallc", "manyc", "bn1d"] if cuda else ["tiny"]
     cases = [c for c in _sweep_cases(args, cuda, default_sets, ("forward",), with_keras=False)
              if c.feature == "bn"]
