@@ -97,11 +97,8 @@ def bn_backward_reduce_kernel(
     part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
         tl.program_id(0), n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST,
         INT64)
-    # per-lane accumulators over all of this program's tiles, reduced across lanes once at the end
-    # (a column of the tile is always the same statistic channel: one b tile per program when
-    # channels are fast, one channel per program otherwise)
-    acc_dy = tl.zeros([BLOCK_A, BLOCK_B], ACC)
-    acc_dy_xmu = tl.zeros([BLOCK_A, BLOCK_B], ACC)
+    acc_dy = tl.zeros([BLOCK_B], ACC)
+    acc_dy_xmu = tl.zeros([BLOCK_B], ACC)
     for b0 in range(b_begin, b_end, BLOCK_B):
         bc, bc_mask = channel_block(b0, b_end, s_fixed, S, BLOCK_B, CHANNELS_FAST)
         mean, scale, shift = load_coefficients(Mean, Scale, Shift, bc, bc_mask, ACC, CHANNELS_FAST)
@@ -113,17 +110,15 @@ def bn_backward_reduce_kernel(
                 stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k,
                 stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
                 ACC, HAS_GROUPS, CHANNELS_FAST, HAS_RESIDUAL, RELU)
-            acc_dy += dy
-            acc_dy_xmu += tl.where(mask, dy * (x - mean), 0.0)
-    sum_dy = tl.sum(acc_dy, 0)
-    sum_dy_xmu = tl.sum(acc_dy_xmu, 0)
+            acc_dy += tl.sum(dy, 0)
+            acc_dy_xmu += tl.sum(tl.where(mask, dy * (x - mean), 0.0), 0)
     if CHANNELS_FAST:
         b = b_begin + tl.arange(0, BLOCK_B)
-        tl.store(PartSumDy + part * S + b, sum_dy, mask=b < b_end)
-        tl.store(PartSumDyXmu + part * S + b, sum_dy_xmu, mask=b < b_end)
+        tl.store(PartSumDy + part * S + b, acc_dy, mask=b < b_end)
+        tl.store(PartSumDyXmu + part * S + b, acc_dy_xmu, mask=b < b_end)
     else:
-        tl.store(PartSumDy + part * S + s_fixed, tl.sum(sum_dy, 0))
-        tl.store(PartSumDyXmu + part * S + s_fixed, tl.sum(sum_dy_xmu, 0))
+        tl.store(PartSumDy + part * S + s_fixed, tl.sum(acc_dy, 0))
+        tl.store(PartSumDyXmu + part * S + s_fixed, tl.sum(acc_dy_xmu, 0))
 
 
 @triton.heuristics(given(N_FROM_PTR="Count", HAS_GAFFINE="GScale", WRITE_DW="DWeight",
