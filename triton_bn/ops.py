@@ -41,7 +41,7 @@ __all__ = ["bn_forward", "bn_backward", "local_moments", "RENORM_NONE", "RENORM_
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT32_MAX = 2**31 - 1
 _FINALIZE_BLOCK = 32  # channels per finalize program
-_FINALIZE_PARTS = 64  # parts a finalize program merges as one tree (see kernels merge_parts)
+_FINALIZE_PARTS = 32  # parts a finalize program merges as one tree (see kernels merge_parts)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -205,7 +205,7 @@ def merge_parts(PartStat, PartM2, PartCount, s, c_mask, S, n_parts, n_b_parts, A
     BLOCK_P parts at a time are loaded as one [BLOCK_P, BLOCK_C] tile and merged as a tree
     (tl.reduce with chan_merge: log2(BLOCK_P) dependent steps), the blocks one after another: a
     channel's merge is ceil(n_parts / BLOCK_P) + log2(BLOCK_P) dependent steps deep, not n_parts
-    (520 parts: 15 instead of 520 round trips through L2).
+    (BLOCK_P = 32, 520 parts: 22 instead of 520 round trips through L2).
 
     With HAS_COUNTS (one part per process in sync BN) PartStat holds each part's mean and
     PartCount[p] its element count; else PartStat holds sums and a part's count is the size of the
