@@ -34,3 +34,16 @@ def grad_tol(dtype: torch.dtype, n: int) -> dict:
 def _seed():
     torch.manual_seed(1234)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _no_compile_caches(monkeypatch):
+    """torch.compile afresh in every test: inductor's and AOTAutograd's on-disk caches (in /tmp,
+    shared by every checkout on the machine) do not key on a custom operator's fake
+    implementation, so a graph cached by another version of triton_bn would be replayed with that
+    version's output shapes."""
+    import torch._functorch.config
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
