@@ -185,15 +185,18 @@ def _start_forward(x: torch.Tensor, residual: Optional[torch.Tensor], axes, grou
     return _Forward(prep, residual is not None, _needs_int64(*prep.tensors), x, y, mean, *coeffs)
 
 
-def _launch_apply(fw: _Forward, relu: bool, from_running: bool = False, running_mean=None,
-                  running_var=None, weight=None, bias=None, eps: float = 0.0) -> None:
+def _launch_apply(fw: _Forward, relu: bool, running_mean=None, running_var=None, weight=None,
+                  bias=None, eps: float = 0.0) -> None:
+    """y from the coefficients in ``fw``; with ``running_mean`` (inference) the kernel computes
+    those coefficients from the running statistics first."""
     geo = fw.geo
     xs, ys, zs, st_x, st_y, st_z = fw.views()
     plan = tuning.plan_tiles(geo, "apply", fw.x.device, fw.x.dtype)
+    from_running = running_mean is not None
     hyper = hyper_tensor(fw.x.device, fw.mean.dtype, eps) if from_running else None
     bn_apply_kernel[plan.grid](
         xs, ys, zs, fw.mean, fw.scale, fw.shift, fw.rstd,
-        running_mean if from_running else None, running_var, weight, bias,
+        running_mean, running_var, weight, bias,
         geo.R1, geo.K, geo.S, plan.A, plan.B, plan.a_chunk, plan.b_chunk, plan.n_channel_tiles,
         plan.n_b_parts, hyper, *st_x, *st_y, *st_z,
         HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=fw.int64, RELU=relu,
@@ -287,7 +290,7 @@ def bn_forward(
     """
     fw = _start_forward(x, residual, axes, groups, training)
     if not training:
-        _launch_apply(fw, relu, True, running_mean, running_var, weight, bias, eps)
+        _launch_apply(fw, relu, running_mean, running_var, weight, bias, eps)
         return fw.result()
     state = _state_args(fw, weight, bias, running_mean, running_var, num_batches_tracked,
                         renorm_mean, renorm_stddev, moving_stddev, adj_scale, adj_bias, eps=eps,
