@@ -29,6 +29,7 @@ from .kernels.forward import (
     bn_merge_kernel,
     bn_stats_kernel,
 )
+from .launch import launch
 from .layout import Geometry, plan_geometry
 
 # the kernels' RENORM values as plain ints (custom-op and config arguments)
@@ -194,13 +195,13 @@ def _launch_apply(fw: _Forward, relu: bool, running_mean=None, running_var=None,
     plan = tuning.plan_tiles(geo, "apply", fw.x.device, fw.x.dtype)
     from_running = running_mean is not None
     hyper = hyper_tensor(fw.x.device, fw.mean.dtype, eps) if from_running else None
-    bn_apply_kernel[plan.grid](
+    launch(bn_apply_kernel, plan.grid, (
         xs, ys, zs, fw.mean, fw.scale, fw.shift, fw.rstd,
         running_mean, running_var, weight, bias,
         geo.R1, geo.K, geo.S, plan.A, plan.B, plan.a_chunk, plan.b_chunk, plan.n_channel_tiles,
-        plan.n_b_parts, hyper, *st_x, *st_y, *st_z,
-        HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=fw.int64, RELU=relu,
-        BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B, num_warps=plan.num_warps)
+        plan.n_b_parts, hyper, *st_x, *st_y, *st_z),
+        dict(HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=fw.int64, RELU=relu,
+             BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B), num_warps=plan.num_warps)
 
 
 def _launch_stats(fw: _Forward, plan: tuning.TilePlan
@@ -211,11 +212,11 @@ def _launch_stats(fw: _Forward, plan: tuning.TilePlan
     part_sum = torch.empty((plan.n_parts, geo.S), device=fw.x.device, dtype=fw.mean.dtype)
     part_m2 = torch.empty_like(part_sum)
     pivot = torch.empty(geo.S, device=fw.x.device, dtype=fw.mean.dtype)
-    bn_stats_kernel[plan.grid](
+    launch(bn_stats_kernel, plan.grid, (
         xs, part_sum, part_m2, pivot, geo.R1, geo.K, geo.S, plan.A, plan.B, plan.a_chunk, plan.b_chunk,
-        plan.n_channel_tiles, plan.n_b_parts, *st_x,
-        HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=fw.int64,
-        BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B, num_warps=plan.num_warps)
+        plan.n_channel_tiles, plan.n_b_parts, *st_x),
+        dict(HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=fw.int64,
+             BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B), num_warps=plan.num_warps)
     return part_sum, part_m2, pivot
 
 
@@ -245,9 +246,10 @@ def _launch_finalize(fw: _Forward, part_mean, part_m2, part_count, pivot,
         layout = (part_mean.shape[0], 1, 0, 0, 0, 0)
     else:
         layout = (plan.n_parts, plan.n_b_parts, plan.A, plan.a_chunk, plan.b_count, plan.b_chunk)
-    bn_finalize_kernel[(tuning.cdiv(geo.K, _FINALIZE_BLOCK),)](
+    launch(bn_finalize_kernel, (tuning.cdiv(geo.K, _FINALIZE_BLOCK),), (
         part_mean, part_m2, part_count, pivot, fw.mean, fw.rstd, fw.scale, fw.shift, *tensors,
-        geo.K, geo.G, *layout, hyper, BLOCK_C=_FINALIZE_BLOCK, BLOCK_P=_FINALIZE_PARTS, **flags)
+        geo.K, geo.G, *layout, hyper),
+        dict(**flags, BLOCK_C=_FINALIZE_BLOCK, BLOCK_P=_FINALIZE_PARTS))
 
 
 def bn_forward(
@@ -307,12 +309,12 @@ def bn_forward(
     plan = tuning.plan_tiles(geo, "forward", x.device, x.dtype)
     if plan.fused:
         xs, ys, zs, st_x, st_y, st_z = fw.views()
-        bn_fused_forward_kernel[plan.grid](
+        launch(bn_fused_forward_kernel, plan.grid, (
             xs, ys, zs, fw.mean, fw.rstd, fw.scale, fw.shift, *tensors,
             geo.R1, geo.K, plan.A, plan.B, hyper,
-            st_x[0], st_x[1], st_x[3], st_y[0], st_y[1], st_y[3], st_z[0], st_z[1], st_z[3],
-            CHANNELS_FAST=geo.channels_fast, INT64=fw.int64, RELU=relu, BLOCK_A=plan.BLOCK_A,
-            BLOCK_B=plan.BLOCK_B, num_warps=plan.num_warps, **flags)
+            st_x[0], st_x[1], st_x[3], st_y[0], st_y[1], st_y[3], st_z[0], st_z[1], st_z[3]),
+            dict(CHANNELS_FAST=geo.channels_fast, INT64=fw.int64, RELU=relu, **flags,
+                 BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B), num_warps=plan.num_warps)
     else:
         part_sum, part_m2, pivot = _launch_stats(fw, plan)
         _launch_finalize(fw, part_sum, part_m2, None, pivot, plan, state)
@@ -332,9 +334,10 @@ def local_moments(x: torch.Tensor, axes: tuple[int, ...], groups: int = 1
     plan = tuning.plan_tiles(geo, "forward", x.device, x.dtype, allow_fused=False)
     part_sum, part_m2, pivot = _launch_stats(fw, plan)
     m2 = torch.empty_like(fw.mean)
-    bn_merge_kernel[(tuning.cdiv(geo.S, _FINALIZE_BLOCK),)](
+    launch(bn_merge_kernel, (tuning.cdiv(geo.S, _FINALIZE_BLOCK),), (
         part_sum, part_m2, pivot, fw.mean, m2, geo.S, plan.n_parts, plan.n_b_parts, plan.A,
-        plan.a_chunk, plan.b_count, plan.b_chunk, BLOCK_C=_FINALIZE_BLOCK, BLOCK_P=_FINALIZE_PARTS)
+        plan.a_chunk, plan.b_count, plan.b_chunk),
+        dict(BLOCK_C=_FINALIZE_BLOCK, BLOCK_P=_FINALIZE_PARTS))
     return fw.mean, m2, geo.R
 
 
@@ -383,13 +386,12 @@ def _launch_grad_reduce(bw: _Backward, plan, mean, scale, shift, relu):
     (xs, dys, zs, _, _), (st_x, st_dy, st_z, _, _) = bw.views()
     part_dy = torch.empty((plan.n_parts, geo.S), device=xs.device, dtype=mean.dtype)
     part_dyx = torch.empty_like(part_dy)
-    bn_backward_reduce_kernel[plan.grid](
+    launch(bn_backward_reduce_kernel, plan.grid, (
         xs, dys, zs, mean, scale, shift, part_dy, part_dyx,
         geo.R1, geo.K, geo.S, plan.A, plan.B, plan.a_chunk, plan.b_chunk, plan.n_channel_tiles,
-        plan.n_b_parts, *st_x, *st_dy, *st_z,
-        HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=bw.int64,
-        RELU=relu,
-        BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B, num_warps=plan.num_warps)
+        plan.n_b_parts, *st_x, *st_dy, *st_z),
+        dict(HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, RELU=relu,
+             BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B), num_warps=plan.num_warps)
     return part_dy, part_dyx
 
 
@@ -400,10 +402,10 @@ def _launch_grad_finalize(bw: _Backward, part_dy, part_dyx, mean, rstd, scale, g
     coef_c = torch.empty_like(scale)
     if not training:  # the pre-gamma affine (renorm, adjustment) exists in training only
         gscale = gshift = None
-    bn_backward_finalize_kernel[(tuning.cdiv(geo.K, _FINALIZE_BLOCK),)](
+    launch(bn_backward_finalize_kernel, (tuning.cdiv(geo.K, _FINALIZE_BLOCK),), (
         part_dy, part_dyx, mean, rstd, scale, gscale, gshift, coef_b, coef_c, dweight, dbias,
-        count, geo.K, geo.G, part_dy.shape[0], geo.R, TRAINING=training, BLOCK_C=_FINALIZE_BLOCK,
-        BLOCK_P=_FINALIZE_PARTS)
+        count, geo.K, geo.G, part_dy.shape[0], geo.R),
+        dict(TRAINING=training, BLOCK_C=_FINALIZE_BLOCK, BLOCK_P=_FINALIZE_PARTS))
     return coef_b, coef_c
 
 
@@ -411,12 +413,12 @@ def _launch_grad_apply(bw: _Backward, mean, scale, shift, coef_b, coef_c, traini
     geo = bw.geo
     (xs, dys, zs, dxs, dzs), (st_x, st_dy, st_z, st_dx, st_dz) = bw.views()
     ap = tuning.plan_tiles(geo, "apply", xs.device, xs.dtype)
-    bn_backward_apply_kernel[ap.grid](
+    launch(bn_backward_apply_kernel, ap.grid, (
         xs, dys, zs, dxs, dzs, mean, scale, shift, coef_b, coef_c,
         geo.R1, geo.K, geo.S, ap.A, ap.B, ap.a_chunk, ap.b_chunk, ap.n_channel_tiles, ap.n_b_parts,
-        *st_x, *st_dy, *st_z, *st_dx, *st_dz,
-        HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, RELU=relu,
-        TRAINING=training, BLOCK_A=ap.BLOCK_A, BLOCK_B=ap.BLOCK_B, num_warps=ap.num_warps)
+        *st_x, *st_dy, *st_z, *st_dx, *st_dz),
+        dict(HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, RELU=relu,
+             TRAINING=training, BLOCK_A=ap.BLOCK_A, BLOCK_B=ap.BLOCK_B), num_warps=ap.num_warps)
 
 
 def bn_backward(
@@ -458,12 +460,12 @@ def bn_backward(
     if plan.fused and x.numel():
         (xs, dys, zs, dxs, dzs), strides = bw.views()
         g_scale, g_shift = (gscale, gshift) if training else (None, None)
-        bn_fused_backward_kernel[plan.grid](
+        launch(bn_fused_backward_kernel, plan.grid, (
             xs, dys, zs, dxs, dzs, mean, rstd, scale, shift, g_scale, g_shift, dweight, dbias,
             geo.R1, geo.K, plan.A, plan.B, geo.R,
-            *(s for st in strides for s in (st[0], st[1], st[3])),
-            CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, RELU=relu, TRAINING=training,
-            BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B, num_warps=plan.num_warps)
+            *(s for st in strides for s in (st[0], st[1], st[3]))),
+            dict(CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, RELU=relu, TRAINING=training,
+                 BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B), num_warps=plan.num_warps)
     else:
         if x.numel():
             part_dy, part_dyx = _launch_grad_reduce(bw, plan, mean, scale, shift, relu)

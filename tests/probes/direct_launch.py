@@ -1,0 +1,71 @@
+"""Probe for tests/test_launch.py (run in a fresh process): every kernel launch of a set of layer calls,
+as the C launcher would receive it, once through Triton's JIT (``TRITON_BN_DIRECT_LAUNCH=0``) and once
+through ``triton_bn.launch``'s direct path, under the stand-in sm_90 driver of perf/ with placeholder
+kernels. Prints one JSON object: both launch lists and how many launches took the direct path."""
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "perf"))
+import host_overhead as ho  # noqa: E402
+
+ho._load("drv", ho.HERE / "compile_check" / "driver.py").setup_environment(tempfile.mkdtemp())
+sys.path.insert(0, str(ROOT))
+import torch  # noqa: E402
+
+import triton_bn  # noqa: E402
+from triton_bn import launch, tuning  # noqa: E402
+
+RECORD: list = []
+
+
+class Recorder(ho._StubLauncher):
+    def __call__(self, *args):
+        super().__call__(*args)
+        grid, tail = args[:3], args[9:]  # (grid x3, stream, function, metadata, meta, hooks x2)
+        RECORD.append([self.name, list(grid)] + [
+            ["tensor", str(a.dtype), list(a.shape), list(a.stride())] if isinstance(a, torch.Tensor)
+            else repr(a) for a in tail])
+
+
+ho._StubLauncher = Recorder
+ho.Launches(90, compile_kernels=False)
+knobs = ho._load("sc", ho.HERE / "compile_check" / "scenarios.py").GPU_KNOBS
+
+
+def calls():
+    for fmt in (torch.channels_last, torch.contiguous_format):
+        for dtype in (torch.bfloat16, torch.float32):
+            for fused in (False, True):
+                for relu in (False, True):
+                    m = triton_bn.BatchNorm2d(16, activation="relu" if relu else None)
+                    x = torch.empty((2, 16, 8, 8), dtype=dtype, memory_format=fmt).requires_grad_()
+                    z = torch.empty_like(x) if relu else None
+                    with tuning.override(**knobs, force_fused=fused):
+                        y = m(x, z)
+                        torch.autograd.grad(y, (x, m.weight), torch.empty_like(y))
+                        m.eval()
+                        with torch.no_grad():
+                            m(x, z)
+
+
+def run(direct: bool) -> list:
+    os.environ["TRITON_BN_DIRECT_LAUNCH"] = "1" if direct else "0"
+    launch.clear_cache()
+    RECORD.clear()
+    for _ in range(3):  # the first pass fills the caches, the later ones hit them
+        calls()
+    return list(RECORD)
+
+
+os.environ["TRITON_BN_DIRECT_LAUNCH"] = "0"
+calls()  # fills the JIT's cache (a placeholder kernel's first call launches nothing)
+jit = run(False)
+entries_before = len(launch._ENTRIES)
+direct = run(True)
+print(json.dumps({"jit": jit, "direct": direct, "entries_without": entries_before,
+                  "entries_with": len(launch._ENTRIES)}))

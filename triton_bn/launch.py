@@ -1,0 +1,133 @@
+"""Kernel launches without Triton's per-call binder on repeated signatures.
+
+``kernel[grid](*args, **constexprs)`` runs Triton's ``JITFunction.run`` on every call: it binds the
+~20-50 arguments, computes each one's specialization (dtype, 16-byte alignment, integer
+divisibility), builds a cache key and looks the compiled kernel up: about 15-25 us of Python per
+launch, several times the GPU time of a small batch-norm layer. ``launch`` does that work once per
+*call signature* and then hands the arguments straight to the compiled kernel's C launcher:
+
+    signature = (grid, each argument's value if it is not a tensor, else (dtype, 16-byte aligned?),
+                 the constexprs)
+
+Everything Triton specializes on is a function of that signature: the integers themselves (so
+their divisibility), each tensor's dtype and pointer alignment, which optional tensors are None,
+and the constexprs; the device and the Triton knobs that change code are added to the key. A new
+signature goes through ``kernel[grid]`` once (compiling if needed); the compiled kernel it returns
+is kept with the constant tail of the bound argument list (constexprs in signature order, including
+the ones ``@triton.heuristics`` derives), and later calls launch it as ``JITFunction.run`` would.
+
+Fallbacks, always through the JIT: Triton's CPU interpreter (``TRITON_INTERPRET=1``), a Triton
+without the launcher interface used here (checked once), or ``TRITON_BN_DIRECT_LAUNCH=0``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import torch
+
+try:  # Triton >= 3.4 (this interface is the same through 3.9)
+    from triton import knobs as _knobs
+    from triton.runtime import driver as _driver
+except ImportError:  # pragma: no cover - older Triton: the JIT path only
+    _knobs = _driver = None
+
+__all__ = ["launch", "direct_launch_enabled", "clear_cache"]
+
+_Tensor = torch.Tensor
+_ENTRIES: dict = {}
+_MAX_ENTRIES = 4096
+
+
+def direct_launch_enabled() -> bool:
+    """Whether repeated signatures bypass the JIT's binder (not in the interpreter)."""
+    return (_knobs is not None and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+            and os.environ.get("TRITON_BN_DIRECT_LAUNCH", "1") != "0")
+
+
+def clear_cache() -> None:
+    _ENTRIES.clear()
+
+
+class _Entry:
+    """A compiled kernel and the constant tail of its bound argument list."""
+
+    __slots__ = ("run", "function", "packed_metadata", "compiled", "tail")
+
+    def __init__(self, compiled, tail: tuple) -> None:
+        self.compiled = compiled
+        self.run = compiled.run
+        self.function = compiled.function
+        self.packed_metadata = compiled.packed_metadata
+        self.tail = tail
+
+
+def _jit_function(kernel):
+    """The JITFunction under ``@triton.heuristics`` wrappers, and the wrappers' derived values."""
+    derived = []
+    while not hasattr(kernel, "arg_names") or not hasattr(kernel, "params"):
+        derived.append(kernel.values)
+        kernel = kernel.fn
+    return kernel, derived
+
+
+def _bound_tail(kernel, args: tuple, constexprs: dict) -> Optional[tuple]:
+    """The arguments after the positional ones, in signature order, as ``JITFunction.run`` binds
+    them (given, derived by heuristics, or defaults); None when the layout is not the expected
+    one (positional arguments first, then only keyword constexprs)."""
+    jit, derived = _jit_function(kernel)
+    names = list(jit.arg_names)
+    given = dict(zip(names, args))
+    given.update(constexprs)
+    for values in reversed(derived):  # innermost wrapper first, as Heuristics.run nests
+        for name, fn in values.items():
+            given[name] = fn(given)
+    tail = []
+    for param in jit.params[len(args):]:
+        name = param.name
+        if name in given:
+            tail.append(given[name])
+        elif param.has_default:
+            tail.append(param.default)
+        else:
+            return None
+    return tuple(tail)
+
+
+def launch(kernel, grid: tuple, args: tuple, constexprs: dict, **options: Any) -> None:
+    """``kernel[grid](*args, **constexprs, **options)``, through the direct path when possible.
+
+    ``args`` are the kernel's leading positional parameters (tensors, None, ints, floats);
+    ``constexprs`` its constexpr parameters by name; ``options`` launch options (num_warps, ...).
+    """
+    if not direct_launch_enabled():
+        kernel[grid](*args, **constexprs, **options)
+        return
+    device = _driver.active.get_current_device()
+    sig = []
+    for a in args:
+        if isinstance(a, _Tensor):
+            sig.append((a.dtype, (a.data_ptr() & 15) == 0))
+        else:
+            sig.append(a)
+    key = (kernel, grid, tuple(sig), tuple(constexprs.items()), tuple(options.items()), device,
+           _knobs.runtime.debug)
+    entry = _ENTRIES.get(key)
+    stream = _driver.active.get_current_stream(device)
+    if entry is None:
+        compiled = kernel[grid](*args, **constexprs, **options)  # binds, compiles, launches
+        if hasattr(compiled, "result"):  # an async compile's future
+            compiled = compiled.result()
+        tail = _bound_tail(kernel, args, constexprs) if compiled is not None else None
+        if tail is not None and hasattr(compiled, "packed_metadata"):
+            if len(_ENTRIES) >= _MAX_ENTRIES:
+                _ENTRIES.clear()
+            _ENTRIES[key] = _Entry(compiled, tail)
+        return
+    g1 = grid[1] if len(grid) > 1 else 1
+    g2 = grid[2] if len(grid) > 2 else 1
+    enter = _knobs.runtime.launch_enter_hook
+    meta = None if enter is None else entry.compiled.launch_metadata(grid, stream, *args, *entry.tail)
+    entry.run(grid[0], g1, g2, stream, entry.function, entry.packed_metadata, meta, enter,
+              _knobs.runtime.launch_exit_hook, *args, *entry.tail)
