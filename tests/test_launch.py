@@ -2,8 +2,9 @@
 Triton's JIT would: every launch of a set of layer calls (training forward + backward on the split
 and single-pass paths, inference; NCHW and channels_last; bf16 and fp32; with and without the fused
 residual + ReLU) is recorded at the C launcher under the stand-in sm_90 driver of perf/, once
-through the JIT and once through the direct path, and the two lists must be equal. Runs in a fresh
-process: this one imported Triton in interpreter mode, where launches always go through the JIT."""
+through the JIT (``set_direct_launch(False)``) and once through the direct path, and the two lists
+must be equal. Runs in a fresh process: this one imported Triton in interpreter mode, where
+launches always go through the JIT."""
 
 import json
 import os
@@ -20,7 +21,7 @@ def test_direct_launch_passes_what_the_jit_passes():
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["entries_without"] == 0  # TRITON_BN_DIRECT_LAUNCH=0: the JIT every time
+    assert out["entries_without"] == 0  # direct launch off: the JIT every time
     assert out["entries_with"] > 0  # the direct path was taken
     jit, direct = out["jit"], out["direct"]
     assert len(jit) == len(direct) > 0

@@ -112,6 +112,10 @@ def _forward(x, weight, bias, residual, adj_scale, adj_bias, running_mean, runni
     return r.y, r.mean, r.rstd, r.scale, r.shift, r.gscale, r.gshift, global_count
 
 
+def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
 def _traced(x: torch.Tensor) -> bool:
     return torch.compiler.is_compiling() or type(x) is not torch.Tensor
 
@@ -342,6 +346,11 @@ class BatchNormFunction(torch.autograd.Function):
                 return TransformBatchNormFunction.apply(
                     x, weight, bias, residual, adj_scale, adj_bias, running_mean, running_var,
                     num_batches_tracked, renorm_mean, renorm_stddev, moving_stddev, cfg, None)[0]
+            if not (torch.is_grad_enabled() and _needs_grad(x, weight, bias, residual)):
+                # nothing to differentiate (inference, no_grad): no autograd node to build
+                return _forward(x, weight, bias, residual, adj_scale, adj_bias, running_mean,
+                                running_var, num_batches_tracked, renorm_mean, renorm_stddev,
+                                moving_stddev, cfg, sync)[0]
         return BatchNormFunction.apply(x, weight, bias, residual, adj_scale, adj_bias,
                                        running_mean, running_var, num_batches_tracked,
                                        renorm_mean, renorm_stddev, moving_stddev, cfg, sync)

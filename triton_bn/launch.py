@@ -33,17 +33,28 @@ try:  # Triton >= 3.4 (this interface is the same through 3.9)
 except ImportError:  # pragma: no cover - older Triton: the JIT path only
     _knobs = _driver = None
 
-__all__ = ["launch", "direct_launch_enabled", "clear_cache"]
+__all__ = ["launch", "direct_launch_enabled", "set_direct_launch", "clear_cache"]
 
 _Tensor = torch.Tensor
 _ENTRIES: dict = {}
 _MAX_ENTRIES = 4096
+_DIRECT: Optional[bool] = None
 
 
 def direct_launch_enabled() -> bool:
-    """Whether repeated signatures bypass the JIT's binder (not in the interpreter)."""
-    return (_knobs is not None and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
-            and os.environ.get("TRITON_BN_DIRECT_LAUNCH", "1") != "0")
+    """Whether repeated signatures bypass the JIT's binder (not in the interpreter; read from the
+    environment at the first launch, or set with ``set_direct_launch``)."""
+    global _DIRECT
+    if _DIRECT is None:
+        _DIRECT = (_knobs is not None and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+                   and os.environ.get("TRITON_BN_DIRECT_LAUNCH", "1") != "0")
+    return _DIRECT
+
+
+def set_direct_launch(enabled: Optional[bool]) -> None:
+    """Turns the direct path on or off (None: back to the environment's choice)."""
+    global _DIRECT
+    _DIRECT = enabled
 
 
 def clear_cache() -> None:
@@ -127,7 +138,16 @@ def launch(kernel, grid: tuple, args: tuple, constexprs: dict, **options: Any) -
         return
     g1 = grid[1] if len(grid) > 1 else 1
     g2 = grid[2] if len(grid) > 2 else 1
-    enter = _knobs.runtime.launch_enter_hook
+    enter, leave = _active_hook(_knobs.runtime.launch_enter_hook), \
+        _active_hook(_knobs.runtime.launch_exit_hook)
     meta = None if enter is None else entry.compiled.launch_metadata(grid, stream, *args, *entry.tail)
-    entry.run(grid[0], g1, g2, stream, entry.function, entry.packed_metadata, meta, enter,
-              _knobs.runtime.launch_exit_hook, *args, *entry.tail)
+    entry.run(grid[0], g1, g2, stream, entry.function, entry.packed_metadata, meta, enter, leave,
+              *args, *entry.tail)
+
+
+def _active_hook(hook):
+    """The launch hook, or None when it is an empty ``HookChain`` (Triton >= 3.5 always installs
+    one; the C launcher skips a None hook, and the launch metadata is then not needed)."""
+    if hook is not None and not getattr(hook, "calls", True):
+        return None
+    return hook

@@ -45,6 +45,14 @@ class Geometry:
     def S(self) -> int:
         return self.G * self.K
 
+    @functools.cached_property
+    def needs_int64(self) -> bool:
+        """Whether some tensor spans more than 2**31 - 1 elements from its first one, so that
+        element offsets need 64 bits (computed once per geometry, which is cached)."""
+        extents = (self.R0, self.R1, self.G, self.K)
+        return any(sum((e - 1) * abs(st) for e, st in zip(extents, strides)) + 1 > 2**31 - 1
+                   for strides in self.strides)
+
 
 def normalize_axes(axis: int | Sequence[int], ndim: int, *, arg: str = "axis") -> tuple[int, ...]:
     """Turns ``axis`` (an int or a list, negatives allowed) into sorted, unique, positive axes."""

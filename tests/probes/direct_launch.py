@@ -1,10 +1,9 @@
 """Probe for tests/test_launch.py (run in a fresh process): every kernel launch of a set of layer calls,
-as the C launcher would receive it, once through Triton's JIT (``TRITON_BN_DIRECT_LAUNCH=0``) and once
+as the C launcher would receive it, once through Triton's JIT (``launch.set_direct_launch(False)``) and once
 through ``triton_bn.launch``'s direct path, under the stand-in sm_90 driver of perf/ with placeholder
 kernels. Prints one JSON object: both launch lists and how many launches took the direct path."""
 
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -54,7 +53,7 @@ def calls():
 
 
 def run(direct: bool) -> list:
-    os.environ["TRITON_BN_DIRECT_LAUNCH"] = "1" if direct else "0"
+    launch.set_direct_launch(direct)
     launch.clear_cache()
     RECORD.clear()
     for _ in range(3):  # the first pass fills the caches, the later ones hit them
@@ -62,7 +61,7 @@ def run(direct: bool) -> list:
     return list(RECORD)
 
 
-os.environ["TRITON_BN_DIRECT_LAUNCH"] = "0"
+launch.set_direct_launch(False)
 calls()  # fills the JIT's cache (a placeholder kernel's first call launches nothing)
 jit = run(False)
 entries_before = len(launch._ENTRIES)
