@@ -85,10 +85,12 @@ def test_channels_last_under_compile():
 def _forward_args(training: bool):
     x = torch.randn(3, 2, 4)
     w, b, rm, rv = torch.rand(2) + 0.5, torch.randn(2), torch.randn(2), torch.rand(2) + 0.5
-    args = (x, w, b, None, None, None, rm, rv, None, None, None, None)
+    nbt = torch.tensor(3)  # training: counted by the kernel (count_batch), read by momentum=None
+    args = (x, w, b, None, None, None, rm, rv, nbt, None, None, None)
     kwargs = {"axes": [1], "groups": 1, "training": training, "eps": 1e-5, "momentum": 0.1,
-              "cumulative": False, "unbiased": True, "update_running": training, "renorm": 2,
-              "renorm_momentum": 0.0, "rmin": 0.5, "rmax": 2.0, "dmax": 1.0, "relu": True}
+              "cumulative": training, "unbiased": True, "update_running": training, "renorm": 2,
+              "renorm_momentum": 0.0, "rmin": 0.5, "rmax": 2.0, "dmax": 1.0, "relu": True,
+              "count_batch": training}
     return args, kwargs
 
 

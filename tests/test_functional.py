@@ -480,6 +480,51 @@ def test_cumulative_momentum_matches_torch_module(path):
     assert int(stats.num_batches_tracked) == 3 == int(bn.num_batches_tracked)
 
 
+@pytest.mark.parametrize("momentum", [None, 0.1])
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("path", ["fused", "split3"])
+def test_kernels_count_the_batch(path, groups, momentum):
+    """RunningStats(count_batch=True), as the modules use it: the launch itself adds 1 to
+    num_batches_tracked (the last program to finish, after every program read the count), and
+    momentum=None averages over the count including this batch: against the float64 reference
+    (ghost batches: the mean over groups, as Keras) and against torch.nn.BatchNorm1d."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class AtenOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    bn = torch.nn.BatchNorm1d(4, momentum=momentum)
+    stats = RunningStats(bn.running_mean.clone(), bn.running_var.clone(), momentum=momentum,
+                         num_batches_tracked=torch.tensor(5, dtype=torch.long), count_batch=True)
+    bn.num_batches_tracked.fill_(5)
+    rm_ref, rv_ref = bn.running_mean.clone().double(), bn.running_var.clone().double()
+    for step in range(3):
+        x = make_x((6, 4, 3), (1,))
+        with tuning.override(**PATHS[path]), AtenOps() as ops_seen:
+            normalize(x, running=stats, training=True, groups=groups)
+        assert "add_" not in ops_seen.names and "add" not in ops_seen.names, ops_seen.names
+        assert int(stats.num_batches_tracked) == 6 + step
+        _, st = reference_batch_norm(x.double(), running_mean=rm_ref, running_var=rv_ref,
+                                     momentum=momentum, num_batches_tracked=6 + step,
+                                     groups=groups)
+        rm_ref, rv_ref = st["running_mean"], st["running_var"]
+        assert_close(stats.mean, rm_ref, **TOL[torch.float32])
+        assert_close(stats.var, rv_ref, **TOL[torch.float32])
+        if groups == 1:
+            bn.train()(x)
+            assert_close(stats.mean, bn.running_mean, **TOL[torch.float32])
+            assert_close(stats.var, bn.running_var, **TOL[torch.float32])
+    with tuning.override(**PATHS[path]):  # inference counts nothing
+        normalize(make_x((6, 4, 3), (1,)), running=stats, training=False)
+    assert int(stats.num_batches_tracked) == 8
+
+
 @pytest.mark.parametrize("path", ["fused", "split3"])
 @pytest.mark.parametrize("unbiased", [True, False])
 def test_keras_momentum(unbiased, path):

@@ -1,11 +1,12 @@
 """The kernels as ``torch.library`` custom operators, so torch.compile traces them as graph nodes.
 
-``triton_bn::bn_forward`` mutates the running-statistic buffers (declared with ``mutates_args``, so
-AOTAutograd functionalizes the update) and returns the output plus the fp32 coefficients backward
-needs; ``triton_bn::bn_backward`` is functional. Both have fake (meta) implementations giving the
-outputs' shapes, dtypes and strides. Autograd stays in ``functional.BatchNormFunction`` (mutating
-custom ops cannot have ``register_autograd``): its forward/backward call these operators while
-compiling and the launch helpers in ``ops`` directly in eager mode (no dispatcher overhead).
+``triton_bn::bn_forward`` mutates the running-statistic buffers and ``num_batches_tracked``
+(declared with ``mutates_args``, so AOTAutograd functionalizes the update) and returns the output
+plus the fp32 coefficients backward needs; ``triton_bn::bn_backward`` is functional. Both have
+fake (meta) implementations giving the outputs' shapes, dtypes and strides. Autograd stays in
+``functional.BatchNormFunction`` (mutating custom ops cannot have ``register_autograd``): its
+forward/backward call these operators while compiling and the launch helpers in ``ops`` directly
+in eager mode (no dispatcher overhead).
 
 Absent optional outputs (``gscale``/``gshift`` without renorm or adjustment, unneeded gradients)
 are returned as empty tensors, since an operator's outputs must be tensors.
@@ -22,7 +23,8 @@ from . import ops
 
 __all__ = ["bn_backward", "bn_forward"]
 
-_MUTATED = ("running_mean", "running_var", "renorm_mean", "renorm_stddev", "moving_stddev")
+_MUTATED = ("running_mean", "running_var", "num_batches_tracked", "renorm_mean", "renorm_stddev",
+            "moving_stddev")
 
 
 def _absent(like: Tensor) -> Tensor:
@@ -38,7 +40,7 @@ def bn_forward(
     moving_stddev: Tensor | None, axes: list[int], groups: int, training: bool, eps: float,
     momentum: float, cumulative: bool, unbiased: bool, update_running: bool, renorm: int,
     renorm_momentum: float, rmin: float | None, rmax: float | None, dmax: float | None,
-    relu: bool,
+    relu: bool, count_batch: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y, mean, rstd, scale, shift, gscale, gshift): ``ops.bn_forward`` as an operator."""
     r = ops.bn_forward(
@@ -46,7 +48,8 @@ def bn_forward(
         renorm_stddev, moving_stddev, adj_scale, adj_bias, residual, axes=tuple(axes),
         groups=groups, training=training, eps=eps, momentum=momentum, cumulative=cumulative,
         unbiased=unbiased, update_running=update_running, renorm=renorm,
-        renorm_momentum=renorm_momentum, rmin=rmin, rmax=rmax, dmax=dmax, relu=relu)
+        renorm_momentum=renorm_momentum, rmin=rmin, rmax=rmax, dmax=dmax, relu=relu,
+        count_batch=count_batch)
     gscale = r.gscale if r.gscale is not None else _absent(r.mean)
     gshift = r.gshift if r.gshift is not None else _absent(r.mean)
     return r.y, r.mean, r.rstd, r.scale, r.shift, gscale, gshift
@@ -56,7 +59,7 @@ def bn_forward(
 def _(x, weight, bias, residual, adj_scale, adj_bias, running_mean, running_var,
       num_batches_tracked, renorm_mean, renorm_stddev, moving_stddev, axes, groups, training, eps,
       momentum, cumulative, unbiased, update_running, renorm, renorm_momentum, rmin, rmax, dmax,
-      relu):
+      relu, count_batch=False):
     K = math.prod(x.shape[a] for a in axes)
     S = K * (groups if training else 1)
     stat = x.new_empty(S, dtype=ops.acc_dtype(x.dtype))

@@ -37,6 +37,8 @@ class RunningStats:
     new = old * momentum + batch * (1 - momentum).
     unbiased: the variance fed to ``var`` is n/(n-1) times the batch (biased) variance.
     moving_stddev: Keras renorm's extra state (then ``var`` := relu(moving_stddev**2 - eps)).
+    count_batch: a training call adds 1 to ``num_batches_tracked`` itself, on the device (torch's
+    modules' count); momentum=None then averages over the count including this batch.
     """
 
     mean: torch.Tensor
@@ -46,6 +48,7 @@ class RunningStats:
     unbiased: bool = True
     num_batches_tracked: Optional[torch.Tensor] = None
     moving_stddev: Optional[torch.Tensor] = None
+    count_batch: bool = False
 
 
 @dataclass
@@ -81,6 +84,7 @@ class NormConfig:
     rmax: Optional[float]
     dmax: Optional[float]
     relu: bool
+    count_batch: bool = False  # the kernels add 1 to num_batches_tracked (training)
 
 
 def _forward(x, weight, bias, residual, adj_scale, adj_bias, running_mean, running_var,
@@ -89,6 +93,8 @@ def _forward(x, weight, bias, residual, adj_scale, adj_bias, running_mean, runni
     """(y, mean, rstd, scale, shift, gscale, gshift, global_count) from the kernels (or the
     custom operators while tracing); the statistics are None for an empty, unsynchronized input."""
     if x.numel() == 0 and sync is None:
+        if cfg.count_batch and num_batches_tracked is not None:
+            num_batches_tracked.add_(1)  # no kernel runs to count the (empty) batch
         return torch.empty_like(x), None, None, None, None, None, None, None
     state = (running_mean, running_var, num_batches_tracked, renorm_mean, renorm_stddev,
              moving_stddev)
@@ -96,7 +102,7 @@ def _forward(x, weight, bias, residual, adj_scale, adj_bias, running_mean, runni
           "momentum": cfg.momentum, "cumulative": cfg.cumulative, "unbiased": cfg.unbiased,
           "update_running": cfg.update_running, "renorm": cfg.renorm,
           "renorm_momentum": cfg.renorm_momentum, "rmin": cfg.rmin, "rmax": cfg.rmax,
-          "dmax": cfg.dmax, "relu": cfg.relu}
+          "dmax": cfg.dmax, "relu": cfg.relu, "count_batch": cfg.count_batch}
     if _traced(x):
         y, mean, rstd, scale, shift, gscale, gshift = torch.ops.triton_bn.bn_forward(
             x, weight, bias, residual, adj_scale, adj_bias, *state, axes=list(cfg.axes), **kw)
@@ -701,7 +707,8 @@ def apply_checked(x, weight, bias, axes: tuple, training: bool, eps: float,
                      momentum=momentum, cumulative=cumulative, unbiased=bool(unbiased),
                      update_running=training and rm is not None, renorm=renorm_mode,
                      renorm_momentum=renorm_momentum, rmin=rmin, rmax=rmax, dmax=dmax,
-                     relu=relu)
+                     relu=relu, count_batch=bool(training and running is not None
+                                                 and running.count_batch and nbt is not None))
     y = BatchNormFunction.run(x, weight, bias, residual, a_scale, a_bias, rm, rv, nbt, r_mean,
                               r_std, mstd, cfg, sync)
     for original, copy in copies:

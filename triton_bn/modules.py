@@ -5,7 +5,8 @@ momentum (None: cumulative average), affine / track_running_stats semantics and 
 torch's modules, which they subclass (``isinstance(m, torch.nn.BatchNorm2d)`` holds), so
 checkpoints load both ways. Differences: the input is fully validated before any state changes
 (torch increments num_batches_tracked before rejecting e.g. one value per channel), the
-cumulative momentum is read on the device (no host sync), and two extras:
+cumulative momentum is read on the device (no host sync), num_batches_tracked is counted by the
+kernels themselves (no extra device op per call), and two extras:
 
 * ``renorm=True``: batch renormalization (Ioffe 2017) in training, with r and d measured against the
   running statistics, r clipped to [1/rmax, rmax] and d to [-dmax, dmax];
@@ -116,17 +117,17 @@ def module_batch_norm(input, residual, weight, bias, running_mean, running_var,
     running = None
     if running_mean is not None and (not training or track_running_stats):
         cumulative = momentum is None and num_batches_tracked is not None
+        count = training and track_running_stats and num_batches_tracked is not None
         running = RunningStats(
             running_mean, running_var, convention="torch", unbiased=True,
             momentum=None if cumulative else (momentum or 0.0),
-            num_batches_tracked=num_batches_tracked if cumulative else None)
+            num_batches_tracked=num_batches_tracked if cumulative or count else None,
+            count_batch=count)  # the kernels add 1 to num_batches_tracked, on the device
     rn = None
     if renorm and use_batch:
         rn = Renorm(style="torch", rmin=None if rmax is None else 1.0 / rmax, rmax=rmax, dmax=dmax)
     check_inputs(input, weight, bias, residual, (1,), 1, running, rn, None, use_batch,
                  "dim 1 (num_features)", torch_dtypes=True)
-    if training and track_running_stats and num_batches_tracked is not None:
-        num_batches_tracked.add_(1)  # on the device; momentum=None reads it there
     if group is not None:
         return sync_normalize(input, weight, bias, process_group=group[0], axis=1,
                               training=True, eps=eps, running=running, renorm=rn,

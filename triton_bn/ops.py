@@ -198,25 +198,63 @@ def _launch_apply(fw: _Forward, relu: bool, running_mean=None, running_var=None,
              BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B), num_warps=plan.num_warps)
 
 
-def _launch_stats(fw: _Forward, plan: tuning.TilePlan
+def _launch_stats(fw: _Forward, plan: tuning.TilePlan, state=None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Partial (sum of x - pivot, M2) per part and statistic channel, and each channel's pivot."""
+    """Partial (sum of x - pivot, M2) per part and statistic channel, and each channel's pivot.
+    With ``state`` (``_state_args``) the kernel's last program per channel tile also finalizes:
+    fw's centre/offset, rstd, scale and shift and the running statistics are written."""
     geo = fw.geo
     xs, st_x = fw.prep.tensors[0], geo.strides[0]
     part_sum = torch.empty((plan.n_parts, geo.S), device=fw.x.device, dtype=fw.mean.dtype)
     part_m2 = torch.empty_like(part_sum)
-    pivot = torch.empty(geo.S, device=fw.x.device, dtype=fw.mean.dtype)
+    if state is None:
+        pivot = torch.empty(geo.S, device=fw.x.device, dtype=fw.mean.dtype)
+        finalize = (None,) * 18
+        flags = dict(RENORM=RENORM_NONE, UPDATE_RUNNING=False, UNBIASED=False, CUMULATIVE=False,
+                     COUNT_BATCH=False)
+    else:
+        tensors, hyper, flags, _, _ = state
+        pivot = fw.mean  # its first S entries: the centres, which the finalize keeps
+        counter = arrival_counters(fw.x.device, plan.n_channel_tiles + 1)
+        finalize = (counter, fw.mean, fw.rstd, fw.scale, fw.shift, *tensors, hyper)
     launch(bn_stats_kernel, plan.grid, (
         xs, part_sum, part_m2, pivot, geo.R1, geo.K, geo.S, plan.A, plan.B, plan.a_chunk, plan.b_chunk,
-        plan.n_channel_tiles, plan.n_b_parts, *st_x),
-        dict(HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=fw.int64,
-             BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B), num_warps=plan.num_warps)
+        plan.n_channel_tiles, plan.n_b_parts, *st_x, *finalize),
+        dict(HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=fw.int64, **flags,
+             BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B, BLOCK_C=_finalize_width(geo),
+             BLOCK_P=_FINALIZE_PARTS), num_warps=plan.num_warps)
     return part_sum, part_m2, pivot
+
+
+def _finalize_width(geo: Geometry) -> int:
+    """Channels the stats kernel's finalize merges at a time: a reduction-fast tile without ghost
+    batches holds one channel (a wider block would only hold masked lanes in registers)."""
+    return _FINALIZE_BLOCK if geo.channels_fast or geo.G > 1 else 1
+
+
+_COUNTERS: dict = {}
+
+
+def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """int32 zeros for ``last_to_arrive`` (kernels/common.py): at least ``n`` of them, one set
+    per device and stream (kernels of one stream run one after another, and each leaves its
+    counters at zero). Made once and reused: no fill per call. Not kept while a CUDA graph is
+    being captured (that memory belongs to the graph; its replay zeroes it first)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    t = _COUNTERS.get(key)
+    if t is None or t.numel() < n:
+        t = torch.zeros(max(n, 1024), device=device, dtype=torch.int32)
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if not capturing:
+            _COUNTERS[key] = t
+    return t
 
 
 def _state_args(fw: _Forward, weight, bias, running_mean, running_var, num_batches_tracked,
                 renorm_mean, renorm_stddev, moving_stddev, adj_scale, adj_bias, *, eps, momentum,
-                cumulative, unbiased, update_running, renorm, renorm_momentum, rmin, rmax, dmax):
+                cumulative, unbiased, update_running, renorm, renorm_momentum, rmin, rmax, dmax,
+                count_batch):
     """(tensor args, hyper-parameter tensor, constexpr flags, gscale, gshift) shared by the
     finalize and the single-pass kernels."""
     K = fw.geo.K
@@ -228,20 +266,21 @@ def _state_args(fw: _Forward, weight, bias, running_mean, running_var, num_batch
     hyper = hyper_tensor(fw.x.device, fw.mean.dtype, eps, momentum, renorm_momentum, rmin, rmax,
                          dmax)
     flags = dict(RENORM=renorm, UPDATE_RUNNING=update_running and running_mean is not None,
-                 UNBIASED=unbiased, CUMULATIVE=cumulative)
+                 UNBIASED=unbiased, CUMULATIVE=cumulative,
+                 COUNT_BATCH=count_batch and num_batches_tracked is not None)
     return tensors, hyper, flags, gscale, gshift
 
 
-def _launch_finalize(fw: _Forward, part_mean, part_m2, part_count, pivot,
-                     plan: Optional[tuning.TilePlan], state) -> None:
+def _launch_sync_finalize(fw: _Forward, part_mean, part_m2, part_count, state) -> None:
+    """The batch statistics from every process's (mean, M2, count): one part per process."""
     tensors, hyper, flags, _, _ = state
+    flags = dict(flags)
+    if flags.pop("COUNT_BATCH"):  # counted before the finalize reads the count
+        tensors[8].add_(1)  # num_batches_tracked
     geo = fw.geo
-    if plan is None:  # one part per process (sync BN): counts given
-        layout = (part_mean.shape[0], 1, 0, 0, 0, 0)
-    else:
-        layout = (plan.n_parts, plan.n_b_parts, plan.A, plan.a_chunk, plan.b_count, plan.b_chunk)
+    layout = (part_mean.shape[0], 1, 0, 0, 0, 0)  # n_parts, n_b_parts, A, a_chunk, B_count, b_chunk
     launch(bn_finalize_kernel, (tuning.cdiv(geo.K, _FINALIZE_BLOCK),), (
-        part_mean, part_m2, part_count, pivot, fw.mean, fw.rstd, fw.scale, fw.shift, *tensors,
+        part_mean, part_m2, part_count, None, fw.mean, fw.rstd, fw.scale, fw.shift, *tensors,
         geo.K, geo.G, *layout, hyper),
         dict(**flags, BLOCK_C=_FINALIZE_BLOCK, BLOCK_P=_FINALIZE_PARTS))
 
@@ -275,11 +314,14 @@ def bn_forward(
     dmax: Optional[float] = None,
     relu: bool = False,
     global_moments: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+    count_batch: bool = False,
 ) -> ForwardResult:
     """Runs the forward kernels. Inputs are assumed validated (``functional.check_inputs``).
 
     momentum / renorm_momentum: weight of the new batch value in the moving averages (PyTorch's
     momentum, or 1 - Keras's). cumulative: momentum = 1 / num_batches_tracked, read on the device.
+    count_batch (training): num_batches_tracked += 1 on the device, by the kernels themselves (the
+    count the cumulative momentum reads includes this batch), as torch's modules count batches.
     Parameter-like tensors are [K] (K = product of the channel dims) and contiguous.
     global_moments: (mean [P, S], M2 [P, S], count [P]) of every process (sync BN); the batch
     statistics are then their merge instead of this input's.
@@ -292,11 +334,12 @@ def bn_forward(
                         renorm_mean, renorm_stddev, moving_stddev, adj_scale, adj_bias, eps=eps,
                         momentum=momentum, cumulative=cumulative, unbiased=unbiased,
                         update_running=update_running, renorm=renorm,
-                        renorm_momentum=renorm_momentum, rmin=rmin, rmax=rmax, dmax=dmax)
+                        renorm_momentum=renorm_momentum, rmin=rmin, rmax=rmax, dmax=dmax,
+                        count_batch=count_batch)
     tensors, hyper, flags, gscale, gshift = state
     geo = fw.geo
     if global_moments is not None:
-        _launch_finalize(fw, *global_moments, None, None, state)
+        _launch_sync_finalize(fw, *global_moments, state)
         if x.numel():
             _launch_apply(fw, relu)
         return fw.result(gscale, gshift)
@@ -306,12 +349,12 @@ def bn_forward(
         launch(bn_fused_forward_kernel, plan.grid, (
             xs, ys, zs, fw.mean, fw.rstd, fw.scale, fw.shift, *tensors,
             geo.R1, geo.K, plan.A, plan.B, hyper,
+            arrival_counters(x.device, 1) if flags["COUNT_BATCH"] else None,
             st_x[0], st_x[1], st_x[3], st_y[0], st_y[1], st_y[3], st_z[0], st_z[1], st_z[3]),
             dict(CHANNELS_FAST=geo.channels_fast, INT64=fw.int64, RELU=relu, **flags,
                  BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B), num_warps=plan.num_warps)
     else:
-        part_sum, part_m2, pivot = _launch_stats(fw, plan)
-        _launch_finalize(fw, part_sum, part_m2, None, pivot, plan, state)
+        _launch_stats(fw, plan, state)  # its last programs finalize
         _launch_apply(fw, relu)
     return fw.result(gscale, gshift)
 
@@ -375,18 +418,33 @@ def _start_backward(dy, x, residual, axes, groups, training, relu, need_dx, need
     return _Backward(prep, residual is not None, _needs_int64(prep.geometry), dx, dres, write_dres)
 
 
-def _launch_grad_reduce(bw: _Backward, plan, mean, scale, shift, relu):
+def _launch_grad_reduce(bw: _Backward, plan, mean, scale, shift, relu, finalize=None):
+    """Partial sums of dy and dy * (x - centre) per part and statistic channel. With
+    ``finalize`` = (rstd, gscale, gshift, dweight, dbias, training) the kernel's last programs
+    also write the dx coefficients and the parameter gradients: returns (coef_b, coef_c) then."""
     geo = bw.geo
     (xs, dys, zs, _, _), (st_x, st_dy, st_z, _, _) = bw.views()
     part_dy = torch.empty((plan.n_parts, geo.S), device=xs.device, dtype=mean.dtype)
     part_dyx = torch.empty_like(part_dy)
+    training = True
+    if finalize is None:
+        tail = (None,) * 9
+        coefs = None
+    else:
+        rstd, gscale, gshift, dweight, dbias, training = finalize
+        if not training:  # the pre-gamma affine (renorm, adjustment) exists in training only
+            gscale = gshift = None
+        coefs = (torch.empty_like(scale), torch.empty_like(scale))
+        tail = (arrival_counters(xs.device, plan.n_channel_tiles), rstd, gscale, gshift, *coefs,
+                dweight, dbias, geo.R)
     launch(bn_backward_reduce_kernel, plan.grid, (
         xs, dys, zs, mean, scale, shift, part_dy, part_dyx,
         geo.R1, geo.K, geo.S, plan.A, plan.B, plan.a_chunk, plan.b_chunk, plan.n_channel_tiles,
-        plan.n_b_parts, *st_x, *st_dy, *st_z),
+        plan.n_b_parts, *st_x, *st_dy, *st_z, *tail),
         dict(HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, RELU=relu,
-             BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B), num_warps=plan.num_warps)
-    return part_dy, part_dyx
+             TRAINING=training, BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B,
+             BLOCK_C=_finalize_width(geo), BLOCK_P=_FINALIZE_PARTS), num_warps=plan.num_warps)
+    return coefs if finalize is not None else (part_dy, part_dyx)
 
 
 def _launch_grad_finalize(bw: _Backward, part_dy, part_dyx, mean, rstd, scale, gscale, gshift,
@@ -461,7 +519,10 @@ def bn_backward(
             dict(CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, RELU=relu, TRAINING=training,
                  BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B), num_warps=plan.num_warps)
     else:
-        if x.numel():
+        if x.numel() and not sync:  # the reduction's last programs finalize
+            coef_b, coef_c = _launch_grad_reduce(bw, plan, mean, scale, shift, relu, (
+                rstd, gscale, gshift, dweight, dbias, training))
+        elif x.numel():
             part_dy, part_dyx = _launch_grad_reduce(bw, plan, mean, scale, shift, relu)
         else:
             part_dy = torch.zeros((1, geo.S), device=x.device, dtype=acc)
@@ -474,7 +535,7 @@ def bn_backward(
             all_reduce(sums)
             coef_b, coef_c = _launch_grad_finalize(bw, sums[0:1], sums[1:2], mean, rstd, scale, gscale,
                                                    gshift, None, None, training, global_count)
-        else:
+        elif not x.numel():
             coef_b, coef_c = _launch_grad_finalize(bw, part_dy, part_dyx, mean, rstd, scale, gscale,
                                                    gshift, dweight, dbias, training, None)
         if (need_dx or bw.write_dres) and x.numel():

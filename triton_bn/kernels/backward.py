@@ -21,6 +21,7 @@ import triton.language as tl
 from .common import (
     channel_block,
     given,
+    last_to_arrive,
     load_channel_values,
     load_coefficients,
     program_ranges,
@@ -79,7 +80,74 @@ def store_param_grads(c, c_mask, sum_dy, sum_dy_xhat, GScale, GShift, DWeight, D
         tl.store(DBias + c, sum_dy, mask=c_mask)
 
 
-@triton.heuristics(given(HAS_RESIDUAL="Residual"))
+@triton.jit
+def finalize_grad_channels(
+    c, c_mask,                     # parameter channels (a vector) and their mask
+    PartSumDy, PartSumDyXmu, Mean, Rstd, Scale, GScale, GShift, CoefB, CoefC, DWeight, DBias,
+    K, G, n_parts, n,
+    ACC: tl.constexpr, TRAINING: tl.constexpr, HAS_GAFFINE: tl.constexpr,
+    WRITE_DW: tl.constexpr, WRITE_DB: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """Adds the parts' sums of parameter channels c BLOCK_P parts at a time as a tree (tl.sum of
+    a [BLOCK_P, BLOCK_C] tile), the blocks in order (deterministic); writes CoefB, CoefC and the
+    parameter gradients. Part loads bypass L1 (other programs of this launch may have written
+    them, see last_to_arrive)."""
+    S = G * K
+    total_dy = tl.zeros([BLOCK_C], ACC)
+    total_dy_xhat = tl.zeros([BLOCK_C], ACC)
+    for g in range(G):
+        s = g * K + c
+        sum_dy = tl.zeros([BLOCK_C], ACC)
+        sum_dy_xmu = tl.zeros([BLOCK_C], ACC)
+        for p0 in range(0, n_parts, BLOCK_P):
+            p = tl.cast(p0, tl.int64) + tl.arange(0, BLOCK_P).to(tl.int64)
+            tile_mask = (p < n_parts)[:, None] & c_mask[None, :]
+            offs = p[:, None] * S + s[None, :]
+            sum_dy += tl.sum(tl.load(PartSumDy + offs, mask=tile_mask, other=0.0,
+                                     cache_modifier=".cg"), 0)
+            sum_dy_xmu += tl.sum(tl.load(PartSumDyXmu + offs, mask=tile_mask, other=0.0,
+                                         cache_modifier=".cg"), 0)
+        offset = tl.load(Mean + S + s, mask=c_mask, other=0.0)
+        rstd = tl.load(Rstd + s, mask=c_mask, other=0.0)
+        scale = tl.load(Scale + s, mask=c_mask, other=0.0)
+        sum_dy_xhat, coef_b, coef_c = channel_grad_terms(sum_dy, sum_dy_xmu, offset, rstd, scale, n,
+                                                         TRAINING)
+        tl.store(CoefB + s, coef_b, mask=c_mask)
+        tl.store(CoefC + s, coef_c, mask=c_mask)
+        total_dy += sum_dy
+        total_dy_xhat += sum_dy_xhat
+    store_param_grads(c, c_mask, total_dy, total_dy_xhat, GScale, GShift, DWeight, DBias,
+                      HAS_GAFFINE, WRITE_DW, WRITE_DB)
+
+
+@triton.heuristics(given(N_FROM_PTR="Count", HAS_GAFFINE="GScale", WRITE_DW="DWeight",
+    WRITE_DB="DBias"))
+@triton.jit
+def bn_backward_finalize_kernel(
+    PartSumDy, PartSumDyXmu,       # [n_parts, S] fp32 partial sums of dy and dy * (x - centre)
+    Mean,                          # [2 * S] forward centres, then offsets
+    Rstd, Scale,                   # [S] fp32 forward coefficients
+    GScale, GShift,                # [K] fp32 pre-gamma affine (HAS_GAFFINE)
+    CoefB, CoefC,                  # [S] fp32 out: dx coefficients
+    DWeight, DBias,                # [K] fp32 out
+    Count,                         # [1] elements per statistic channel, read when N_FROM_PTR
+    K, G, n_parts, n,
+    N_FROM_PTR: tl.constexpr, TRAINING: tl.constexpr, HAS_GAFFINE: tl.constexpr,
+    WRITE_DW: tl.constexpr, WRITE_DB: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """One program per BLOCK_C parameter channels (finalize_grad_channels): the separate finalize
+    of synchronized batch norm (local gradients, then the dx coefficients from global sums)."""
+    if N_FROM_PTR:
+        n = tl.load(Count)
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    finalize_grad_channels(c, c < K, PartSumDy, PartSumDyXmu, Mean, Rstd, Scale, GScale, GShift,
+                           CoefB, CoefC, DWeight, DBias, K, G, n_parts, n,
+                           Scale.dtype.element_ty, TRAINING, HAS_GAFFINE, WRITE_DW, WRITE_DB,
+                           BLOCK_C, BLOCK_P)
+
+
+@triton.heuristics(given(HAS_RESIDUAL="Residual", FINALIZE="Counter", HAS_GAFFINE="GScale",
+    WRITE_DW="DWeight", WRITE_DB="DBias"))
 @triton.jit
 def bn_backward_reduce_kernel(
     X, DY, Residual,               # activation, upstream gradient, residual (RELU mask only)
@@ -89,10 +157,18 @@ def bn_backward_reduce_kernel(
     stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
     stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k,
     stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
+    Counter,                       # [n_channel_tiles] int32 zeros (FINALIZE); left zeros
+    Rstd, GScale, GShift, CoefB, CoefC, DWeight, DBias, n,  # as bn_backward_finalize_kernel
     HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, FINALIZE: tl.constexpr,
+    TRAINING: tl.constexpr, HAS_GAFFINE: tl.constexpr, WRITE_DW: tl.constexpr,
+    WRITE_DB: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
+    """Partial sums of g and g * (x - centre) per (part, statistic channel). With FINALIZE the
+    last program of a channel tile (of the grid, with ghost batches) to store its part then adds
+    the tile's parts and writes CoefB, CoefC, dgamma and dbeta (finalize_grad_channels), as
+    bn_stats_kernel does forward: one launch instead of two."""
     ACC = Scale.dtype.element_ty
     part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
         tl.program_id(0), n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST,
@@ -119,54 +195,21 @@ def bn_backward_reduce_kernel(
     else:
         tl.store(PartSumDy + part * S + s_fixed, tl.sum(acc_dy, 0))
         tl.store(PartSumDyXmu + part * S + s_fixed, tl.sum(acc_dy_xmu, 0))
-
-
-@triton.heuristics(given(N_FROM_PTR="Count", HAS_GAFFINE="GScale", WRITE_DW="DWeight",
-    WRITE_DB="DBias"))
-@triton.jit
-def bn_backward_finalize_kernel(
-    PartSumDy, PartSumDyXmu,       # [n_parts, S] fp32 partial sums of dy and dy * (x - centre)
-    Mean,                          # [2 * S] forward centres, then offsets
-    Rstd, Scale,                   # [S] fp32 forward coefficients
-    GScale, GShift,                # [K] fp32 pre-gamma affine (HAS_GAFFINE)
-    CoefB, CoefC,                  # [S] fp32 out: dx coefficients
-    DWeight, DBias,                # [K] fp32 out
-    Count,                         # [1] elements per statistic channel, read when N_FROM_PTR
-    K, G, n_parts, n,
-    N_FROM_PTR: tl.constexpr, TRAINING: tl.constexpr, HAS_GAFFINE: tl.constexpr,
-    WRITE_DW: tl.constexpr, WRITE_DB: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-):
-    """One program per BLOCK_C parameter channels; the parts' sums are added BLOCK_P parts at a
-    time as a tree (tl.sum of a [BLOCK_P, BLOCK_C] tile), the blocks in order (deterministic)."""
-    ACC = Scale.dtype.element_ty
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < K
-    S = G * K
-    if N_FROM_PTR:
-        n = tl.load(Count)
-    total_dy = tl.zeros([BLOCK_C], ACC)
-    total_dy_xhat = tl.zeros([BLOCK_C], ACC)
-    for g in range(G):
-        s = g * K + c
-        sum_dy = tl.zeros([BLOCK_C], ACC)
-        sum_dy_xmu = tl.zeros([BLOCK_C], ACC)
-        for p0 in range(0, n_parts, BLOCK_P):
-            p = tl.cast(p0, tl.int64) + tl.arange(0, BLOCK_P).to(tl.int64)
-            tile_mask = (p < n_parts)[:, None] & c_mask[None, :]
-            offs = p[:, None] * S + s[None, :]
-            sum_dy += tl.sum(tl.load(PartSumDy + offs, mask=tile_mask, other=0.0), 0)
-            sum_dy_xmu += tl.sum(tl.load(PartSumDyXmu + offs, mask=tile_mask, other=0.0), 0)
-        offset = tl.load(Mean + S + s, mask=c_mask, other=0.0)
-        rstd = tl.load(Rstd + s, mask=c_mask, other=0.0)
-        scale = tl.load(Scale + s, mask=c_mask, other=0.0)
-        sum_dy_xhat, coef_b, coef_c = channel_grad_terms(sum_dy, sum_dy_xmu, offset, rstd, scale, n,
-                                                         TRAINING)
-        tl.store(CoefB + s, coef_b, mask=c_mask)
-        tl.store(CoefC + s, coef_c, mask=c_mask)
-        total_dy += sum_dy
-        total_dy_xhat += sum_dy_xhat
-    store_param_grads(c, c_mask, total_dy, total_dy_xhat, GScale, GShift, DWeight, DBias,
-                      HAS_GAFFINE, WRITE_DW, WRITE_DB)
+    if FINALIZE:
+        n_parts = tl.num_programs(0) // n_channel_tiles
+        if HAS_GROUPS:
+            slot, expected, c_begin, c_end = 0, tl.num_programs(0), 0, K
+        elif CHANNELS_FAST:
+            slot, expected, c_begin, c_end = tl.program_id(0) % n_channel_tiles, n_parts, b_begin, b_end
+        else:
+            slot, expected, c_begin, c_end = s_fixed, n_parts, s_fixed, s_fixed + 1
+        if last_to_arrive(Counter, slot, expected):
+            for c0 in range(c_begin, c_end, BLOCK_C):
+                c = c0 + tl.arange(0, BLOCK_C)
+                finalize_grad_channels(c, c < c_end, PartSumDy, PartSumDyXmu, Mean, Rstd, Scale,
+                                       GScale, GShift, CoefB, CoefC, DWeight, DBias, K, S // K,
+                                       n_parts, n, ACC, TRAINING, HAS_GAFFINE, WRITE_DW, WRITE_DB,
+                                       BLOCK_C, BLOCK_P)
 
 
 @triton.heuristics(given(HAS_RESIDUAL="Residual", WRITE_DX="DX", WRITE_DRESIDUAL="DResidual"))

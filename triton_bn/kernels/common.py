@@ -40,6 +40,23 @@ def chan_merge(sum_a, m2_a, n_a, sum_b, m2_b, n_b):
 
 
 @triton.jit
+def last_to_arrive(Counter, slot, expected):
+    """True in exactly one program: the last of ``expected`` programs to call this on
+    ``Counter[slot]`` (an int32 that is 0 before the launch), which also resets the counter to 0 for
+    the next launch (repeated calls, CUDA-graph replay). The block barrier and the release half of
+    the atomic publish this program's earlier global stores; the acquire half lets the last program
+    read every other program's (with loads that bypass L1, see ``merge_parts``). Only an integer
+    atomic decides who continues: what the last program computes is in a fixed order, so the bits
+    do not depend on which program it is."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(Counter + slot, 1, sem="acq_rel", scope="gpu")
+    last = arrived == expected - 1
+    if last:
+        tl.atomic_xchg(Counter + slot, 0, sem="relaxed", scope="gpu")
+    return last
+
+
+@triton.jit
 def mean_from_sum(centre, total, n):
     """The mean of n values whose deviations from ``centre`` sum to ``total``: (centre * n + total)
     / n, the numerator with one rounding (a fused multiply-add), so a mean of data whose sums are

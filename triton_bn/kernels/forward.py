@@ -1,10 +1,12 @@
 """Forward kernels: partial statistics, finalize (+ running-statistic updates), apply, single pass.
 
-Training, large reductions (three launches, x read twice):
-    bn_stats_kernel     -> fp32 partial (sum, M2) per (part, statistic channel), of x - pivot
-    bn_finalize_kernel  -> merges the parts in a fixed order; centre, offset, rstd, scale, shift;
+Training, large reductions (two launches, x read twice):
+    bn_stats_kernel     -> fp32 partial (sum, M2) per (part, statistic channel), of x - pivot;
+                           the last program of a channel tile to finish merges its parts in a
+                           fixed order (finalize_channels): centre, offset, rstd, scale, shift;
                            running stats
     bn_apply_kernel     -> y = act((x - centre) * scale + shift [+ residual])
+Synchronized batch norm merges every process's moments in bn_finalize_kernel (same helper).
 Training, reductions that fit on chip: bn_fused_forward_kernel reads x once and writes y.
 Inference: bn_apply_kernel with FROM_RUNNING computes its coefficients from the running statistics.
 
@@ -29,6 +31,7 @@ from .common import (
     chan_merge,
     channel_block,
     given,
+    last_to_arrive,
     load_channel_values,
     load_coefficients,
     load_pivot,
@@ -67,18 +70,20 @@ def channel_affine_and_update(
     AdjScale, AdjBias,             # [K] Keras adjustment (when HAS_ADJUST)
     GScale, GShift,                # [K] out: the pre-gamma affine (a*r, a*d + b_adj) for backward
     RunMean, RunVar,               # [K] running / moving mean and variance, updated in place
-    NumBatches,                    # [1] int64 batches seen (CUMULATIVE momentum)
+    NumBatches,                    # [1] int64 batches seen (CUMULATIVE momentum; COUNT_BATCH)
     RenormMean, RenormStd,         # [K] Keras renorm_mean / renorm_stddev, updated in place
     MovingStd,                     # [K] Keras moving_stddev, updated in place
     Hyper,                         # [6] eps, momentum, renorm_momentum, rmin, rmax, dmax (ACC dtype)
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADJUST: tl.constexpr,
     RENORM: tl.constexpr, UPDATE_RUNNING: tl.constexpr, UNBIASED: tl.constexpr,
-    CUMULATIVE: tl.constexpr, SAVE_GAFFINE: tl.constexpr,
+    CUMULATIVE: tl.constexpr, SAVE_GAFFINE: tl.constexpr, COUNT_BATCH: tl.constexpr,
 ):
     """Returns (multiplier, shift) with y = x_hat * multiplier + shift, and updates the state.
 
     momentum / renorm_momentum are the weight of the NEW value: PyTorch's momentum, or 1 - Keras's.
     Every state value is read before any is written (r and d use the pre-update statistics).
+    COUNT_BATCH: NumBatches still holds the count before this batch (the launch increments it once
+    its every program has read it, see ``count_batch``).
     A channel that saw no element (n == 0: every process of sync BN empty) keeps its state.
     """
     eps, momentum, renorm_momentum, rmin, rmax, dmax = load_hyper(Hyper)
@@ -128,7 +133,11 @@ def channel_affine_and_update(
         c_mask = c_mask & (n > 0)
         f = momentum
         if CUMULATIVE:
-            f = 1.0 / tl.load(NumBatches).to(batch_mean.dtype)
+            # the count includes this batch; with COUNT_BATCH this launch adds it at its end
+            seen = tl.load(NumBatches)
+            if COUNT_BATCH:
+                seen += 1
+            f = 1.0 / seen.to(batch_mean.dtype)
         old_mean = tl.load(RunMean + c, mask=c_mask, other=0.0).to(batch_mean.dtype)
         tl.store(RunMean + c, old_mean + (batch_mean - old_mean) * f, mask=c_mask)
         if RENORM == RENORM_KERAS:
@@ -153,15 +162,150 @@ def channel_affine_and_update(
 
 
 @triton.jit
+def merge_parts(PartStat, PartM2, PartCount, s, c_mask, S, n_parts, n_b_parts, A, a_chunk,
+                B_count, b_chunk, ACC: tl.constexpr, HAS_COUNTS: tl.constexpr, BLOCK_C: tl.constexpr,
+                BLOCK_P: tl.constexpr):
+    """(sum, M2, n) of statistic channels s from their parts, in a fixed order (deterministic).
+
+    BLOCK_P parts at a time are loaded as one [BLOCK_P, BLOCK_C] tile and merged as a tree
+    (tl.reduce with chan_merge: log2(BLOCK_P) dependent steps), the blocks one after another: a
+    channel's merge is ceil(n_parts / BLOCK_P) + log2(BLOCK_P) dependent steps deep, not n_parts
+    (BLOCK_P = 32, 520 parts: 22 instead of 520 round trips through L2).
+
+    With HAS_COUNTS (one part per process in sync BN) PartStat holds each part's mean and
+    PartCount[p] its element count; else PartStat holds sums and a part's count is the size of the
+    p-th (a chunk, b chunk) block of the split reduction."""
+    total = tl.zeros([BLOCK_C], ACC)
+    m2 = tl.zeros([BLOCK_C], ACC)
+    n = tl.zeros([BLOCK_C], ACC)
+    for p0 in range(0, n_parts, BLOCK_P):
+        # part offsets, chunk bounds and counts can pass 2**31
+        p = tl.cast(p0, tl.int64) + tl.arange(0, BLOCK_P).to(tl.int64)
+        p_mask = p < n_parts
+        if HAS_COUNTS:
+            count = tl.load(PartCount + p, mask=p_mask, other=0.0, cache_modifier=".cg").to(ACC)
+        else:
+            pa = p // n_b_parts
+            pb = p % n_b_parts
+            count = ((tl.minimum(A, (pa + 1) * a_chunk) - pa * a_chunk)
+                     * (tl.minimum(B_count, (pb + 1) * b_chunk) - pb * b_chunk)).to(ACC)
+            count = tl.where(p_mask, count, 0.0)
+        tile_mask = p_mask[:, None] & c_mask[None, :]
+        offs = p[:, None] * S + s[None, :]
+        p_sum = tl.load(PartStat + offs, mask=tile_mask, other=0.0, cache_modifier=".cg").to(ACC)
+        if HAS_COUNTS:
+            p_sum = p_sum * count[:, None]
+        p_m2 = tl.load(PartM2 + offs, mask=tile_mask, other=0.0, cache_modifier=".cg").to(ACC)
+        block_sum, block_m2, block_n = tl.reduce(
+            (p_sum, p_m2, count[:, None] + tl.zeros_like(p_sum)), 0, chan_merge)
+        total, m2, n = chan_merge(total, m2, n, block_sum, block_m2, block_n)
+    return total, m2, n
+
+
+@triton.jit
+def bn_merge_kernel(
+    PartSum, PartM2,               # [n_parts, S] partial statistics
+    Pivot,                         # [S] the parts' sums are of x - Pivot
+    OutMean, OutM2,                # [S] out: merged mean and M2 (a process's local moments)
+    S, n_parts, n_b_parts, A, a_chunk, B_count, b_chunk, BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    ACC = PartSum.dtype.element_ty
+    s = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    s_mask = s < S
+    total, m2, n = merge_parts(PartSum, PartM2, PartSum, s, s_mask, S, n_parts, n_b_parts, A,
+                              a_chunk, B_count, b_chunk, ACC, False, BLOCK_C, BLOCK_P)
+    mean = mean_from_sum(tl.load(Pivot + s, mask=s_mask, other=0.0), total, n)
+    tl.store(OutMean + s, mean, mask=s_mask)
+    tl.store(OutM2 + s, m2, mask=s_mask)
+
+
+@triton.jit
+def count_batch(NumBatches):
+    """num_batches_tracked += 1, by the one program that runs this (torch's modules count every
+    training batch; here the launch does it instead of a separate device op)."""
+    tl.store(NumBatches, tl.load(NumBatches) + 1)
+
+
+@triton.jit
+def finalize_channels(
+    c, c_mask,                     # parameter channels (a vector) and their mask
+    PartStat, PartM2, PartCount, Pivot, Mean, Rstd, Scale, Shift,
+    Weight, Bias, AdjScale, AdjBias, GScale, GShift,
+    RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd,
+    K, G, n_parts, n_b_parts, A, a_chunk, B_count, b_chunk, Hyper,
+    ACC: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PIVOT: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADJUST: tl.constexpr,
+    RENORM: tl.constexpr, UPDATE_RUNNING: tl.constexpr, UNBIASED: tl.constexpr,
+    CUMULATIVE: tl.constexpr, SAVE_GAFFINE: tl.constexpr, COUNT_BATCH: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """Merges the parts of parameter channels c (merge_parts) and writes their centre, offset,
+    Rstd, Scale and Shift; updates the running statistics. With ghost batches (G > 1) each group is
+    normalized by its own statistics while the running statistics and renorm r/d use the mean over
+    groups of the means and biased variances."""
+    S = G * K
+    eps = tl.load(Hyper)
+    sum_mean = tl.zeros([BLOCK_C], ACC)
+    sum_var = tl.zeros([BLOCK_C], ACC)
+    n = tl.zeros([BLOCK_C], ACC)
+    for g in range(G):
+        s = g * K + c
+        total, m2, n = merge_parts(PartStat, PartM2, PartCount, s, c_mask, S, n_parts, n_b_parts,
+                                   A, a_chunk, B_count, b_chunk, ACC, HAS_COUNTS, BLOCK_C,
+                                   BLOCK_P)
+        var = m2 / tl.maximum(n, 1.0)
+        offset = total / tl.maximum(n, 1.0)
+        centre = tl.zeros_like(offset)
+        if HAS_PIVOT:
+            centre = tl.load(Pivot + s, mask=c_mask, other=0.0, cache_modifier=".cg")
+        tl.store(Mean + s, centre, mask=c_mask)
+        tl.store(Mean + S + s, offset, mask=c_mask)
+        tl.store(Rstd + s, 1.0 / sqrt_rn(var + eps), mask=c_mask)
+        sum_mean += mean_from_sum(centre, total, n)
+        sum_var += var
+    multiplier, shift = channel_affine_and_update(
+        c, c_mask, sum_mean / G, sum_var / G, n, Weight, Bias, AdjScale, AdjBias, GScale, GShift,
+        RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd, Hyper,
+        HAS_WEIGHT, HAS_BIAS, HAS_ADJUST, RENORM, UPDATE_RUNNING, UNBIASED, CUMULATIVE, SAVE_GAFFINE,
+        COUNT_BATCH)
+    # Rstd and the offset were stored above by other threads than may read them back below: a
+    # block barrier makes those global stores visible (the same threads own the same channels
+    # today, but nothing in Triton's layout rules promises it)
+    tl.debug_barrier()
+    for g in range(G):
+        s = g * K + c
+        scale = tl.load(Rstd + s, mask=c_mask, other=0.0) * multiplier
+        tl.store(Scale + s, scale, mask=c_mask)
+        tl.store(Shift + s, shift - tl.load(Mean + S + s, mask=c_mask, other=0.0) * scale,
+                 mask=c_mask)
+
+
+@triton.heuristics(given(FINALIZE="Counter", HAS_WEIGHT="Weight", HAS_BIAS="Bias",
+    HAS_ADJUST="AdjScale", SAVE_GAFFINE="GScale"))
+@triton.jit
 def bn_stats_kernel(
     X,                    # activation, addressed through its strides
     PartSum, PartM2,      # [n_parts, S] out: per-part sum of (x - Pivot) and M2 of each channel
     Pivot,                # [S] out: the sample each channel's sums are taken relative to
     R1, K, S, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts,
     stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
+    Counter,              # [n_channel_tiles + 1] int32 zeros (FINALIZE); left zeros
+    Mean, Rstd, Scale, Shift, Weight, Bias, AdjScale, AdjBias, GScale, GShift,  # as bn_finalize_kernel
+    RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd, Hyper,
     HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+    FINALIZE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_ADJUST: tl.constexpr, RENORM: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
+    UNBIASED: tl.constexpr, CUMULATIVE: tl.constexpr, SAVE_GAFFINE: tl.constexpr,
+    COUNT_BATCH: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
+    """Partial (sum, M2) of x - pivot per (part, statistic channel). With FINALIZE the program
+    that stores a channel tile's last part (``last_to_arrive``) then merges that tile's parts
+    and writes its coefficients and running statistics, as bn_finalize_kernel would: one launch
+    instead of two. Ghost batches (a parameter channel's groups lie in different tiles) wait for
+    the last program of the whole grid instead, which finalizes every channel. COUNT_BATCH: the
+    last tile to finalize adds this batch to NumBatches (after every tile has read it)."""
     ACC = PartSum.dtype.element_ty
     part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
         tl.program_id(0), n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST,
@@ -194,65 +338,32 @@ def bn_stats_kernel(
         tl.store(PartM2 + part * S + s_fixed, m2)
         if part == 0:
             tl.store(Pivot + s_fixed, pivot)
-
-
-@triton.jit
-def merge_parts(PartStat, PartM2, PartCount, s, c_mask, S, n_parts, n_b_parts, A, a_chunk,
-                B_count, b_chunk, ACC: tl.constexpr, HAS_COUNTS: tl.constexpr, BLOCK_C: tl.constexpr,
-                BLOCK_P: tl.constexpr):
-    """(sum, M2, n) of statistic channels s from their parts, in a fixed order (deterministic).
-
-    BLOCK_P parts at a time are loaded as one [BLOCK_P, BLOCK_C] tile and merged as a tree
-    (tl.reduce with chan_merge: log2(BLOCK_P) dependent steps), the blocks one after another: a
-    channel's merge is ceil(n_parts / BLOCK_P) + log2(BLOCK_P) dependent steps deep, not n_parts
-    (BLOCK_P = 32, 520 parts: 22 instead of 520 round trips through L2).
-
-    With HAS_COUNTS (one part per process in sync BN) PartStat holds each part's mean and
-    PartCount[p] its element count; else PartStat holds sums and a part's count is the size of the
-    p-th (a chunk, b chunk) block of the split reduction."""
-    total = tl.zeros([BLOCK_C], ACC)
-    m2 = tl.zeros([BLOCK_C], ACC)
-    n = tl.zeros([BLOCK_C], ACC)
-    for p0 in range(0, n_parts, BLOCK_P):
-        # part offsets, chunk bounds and counts can pass 2**31
-        p = tl.cast(p0, tl.int64) + tl.arange(0, BLOCK_P).to(tl.int64)
-        p_mask = p < n_parts
-        if HAS_COUNTS:
-            count = tl.load(PartCount + p, mask=p_mask, other=0.0).to(ACC)
+    if FINALIZE:
+        n_parts = tl.num_programs(0) // n_channel_tiles
+        if HAS_GROUPS:
+            slot, expected, c_begin, c_end = 0, tl.num_programs(0), 0, K
+        elif CHANNELS_FAST:
+            slot, expected, c_begin, c_end = tl.program_id(0) % n_channel_tiles, n_parts, b_begin, b_end
         else:
-            pa = p // n_b_parts
-            pb = p % n_b_parts
-            count = ((tl.minimum(A, (pa + 1) * a_chunk) - pa * a_chunk)
-                     * (tl.minimum(B_count, (pb + 1) * b_chunk) - pb * b_chunk)).to(ACC)
-            count = tl.where(p_mask, count, 0.0)
-        tile_mask = p_mask[:, None] & c_mask[None, :]
-        offs = p[:, None] * S + s[None, :]
-        p_sum = tl.load(PartStat + offs, mask=tile_mask, other=0.0).to(ACC)
-        if HAS_COUNTS:
-            p_sum = p_sum * count[:, None]
-        p_m2 = tl.load(PartM2 + offs, mask=tile_mask, other=0.0).to(ACC)
-        block_sum, block_m2, block_n = tl.reduce(
-            (p_sum, p_m2, count[:, None] + tl.zeros_like(p_sum)), 0, chan_merge)
-        total, m2, n = chan_merge(total, m2, n, block_sum, block_m2, block_n)
-    return total, m2, n
-
-
-@triton.jit
-def bn_merge_kernel(
-    PartSum, PartM2,               # [n_parts, S] partial statistics
-    Pivot,                         # [S] the parts' sums are of x - Pivot
-    OutMean, OutM2,                # [S] out: merged mean and M2 (a process's local moments)
-    S, n_parts, n_b_parts, A, a_chunk, B_count, b_chunk, BLOCK_C: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-):
-    ACC = PartSum.dtype.element_ty
-    s = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    s_mask = s < S
-    total, m2, n = merge_parts(PartSum, PartM2, PartSum, s, s_mask, S, n_parts, n_b_parts, A,
-                              a_chunk, B_count, b_chunk, ACC, False, BLOCK_C, BLOCK_P)
-    mean = mean_from_sum(tl.load(Pivot + s, mask=s_mask, other=0.0), total, n)
-    tl.store(OutMean + s, mean, mask=s_mask)
-    tl.store(OutM2 + s, m2, mask=s_mask)
+            slot, expected, c_begin, c_end = s_fixed, n_parts, s_fixed, s_fixed + 1
+        b_count = B
+        if CHANNELS_FAST:
+            b_count = 1
+        if last_to_arrive(Counter, slot, expected):
+            for c0 in range(c_begin, c_end, BLOCK_C):
+                c = c0 + tl.arange(0, BLOCK_C)
+                finalize_channels(
+                    c, c < c_end, PartSum, PartM2, PartSum, Pivot, Mean, Rstd, Scale, Shift,
+                    Weight, Bias, AdjScale, AdjBias, GScale, GShift,
+                    RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd,
+                    K, S // K, n_parts, n_b_parts, A, a_chunk, b_count, b_chunk, Hyper,
+                    ACC, False, True, HAS_WEIGHT, HAS_BIAS, HAS_ADJUST, RENORM, UPDATE_RUNNING,
+                    UNBIASED, CUMULATIVE, SAVE_GAFFINE, COUNT_BATCH, BLOCK_C, BLOCK_P)
+            if COUNT_BATCH:
+                if HAS_GROUPS:  # the only finalizing program
+                    count_batch(NumBatches)
+                elif last_to_arrive(Counter, n_channel_tiles, n_channel_tiles):
+                    count_batch(NumBatches)
 
 
 @triton.heuristics(given(HAS_COUNTS="PartCount", HAS_PIVOT="Pivot", HAS_WEIGHT="Weight",
@@ -274,46 +385,16 @@ def bn_finalize_kernel(
     CUMULATIVE: tl.constexpr, SAVE_GAFFINE: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    """One program per BLOCK_C parameter channels; merges the parts as merge_parts does.
-    With ghost batches (G > 1) each group is normalized by its own statistics while the running
-    statistics and renorm r/d use the mean over groups of the means and biased variances."""
-    ACC = PartStat.dtype.element_ty
+    """One program per BLOCK_C parameter channels (finalize_channels): the separate finalize of
+    synchronized batch norm, whose parts are every process's moments."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < K
-    S = G * K
-    eps = tl.load(Hyper)
-    sum_mean = tl.zeros([BLOCK_C], ACC)
-    sum_var = tl.zeros([BLOCK_C], ACC)
-    n = tl.zeros([BLOCK_C], ACC)
-    for g in range(G):
-        s = g * K + c
-        total, m2, n = merge_parts(PartStat, PartM2, PartCount, s, c_mask, S, n_parts, n_b_parts,
-                                   A, a_chunk, B_count, b_chunk, ACC, HAS_COUNTS, BLOCK_C,
-                                   BLOCK_P)
-        var = m2 / tl.maximum(n, 1.0)
-        offset = total / tl.maximum(n, 1.0)
-        centre = tl.zeros_like(offset)
-        if HAS_PIVOT:
-            centre = tl.load(Pivot + s, mask=c_mask, other=0.0)
-        tl.store(Mean + s, centre, mask=c_mask)
-        tl.store(Mean + S + s, offset, mask=c_mask)
-        tl.store(Rstd + s, 1.0 / sqrt_rn(var + eps), mask=c_mask)
-        sum_mean += mean_from_sum(centre, total, n)
-        sum_var += var
-    multiplier, shift = channel_affine_and_update(
-        c, c_mask, sum_mean / G, sum_var / G, n, Weight, Bias, AdjScale, AdjBias, GScale, GShift,
-        RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd, Hyper,
-        HAS_WEIGHT, HAS_BIAS, HAS_ADJUST, RENORM, UPDATE_RUNNING, UNBIASED, CUMULATIVE, SAVE_GAFFINE)
-    # Rstd and the offset were stored above by other threads than may read them back below: a
-    # block barrier makes those global stores visible (the same threads own the same channels
-    # today, but nothing in Triton's layout rules promises it)
-    tl.debug_barrier()
-    for g in range(G):
-        s = g * K + c
-        scale = tl.load(Rstd + s, mask=c_mask, other=0.0) * multiplier
-        tl.store(Scale + s, scale, mask=c_mask)
-        tl.store(Shift + s, shift - tl.load(Mean + S + s, mask=c_mask, other=0.0) * scale,
-                 mask=c_mask)
+    finalize_channels(
+        c, c < K, PartStat, PartM2, PartCount, Pivot, Mean, Rstd, Scale, Shift,
+        Weight, Bias, AdjScale, AdjBias, GScale, GShift,
+        RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd,
+        K, G, n_parts, n_b_parts, A, a_chunk, B_count, b_chunk, Hyper,
+        PartStat.dtype.element_ty, HAS_COUNTS, HAS_PIVOT, HAS_WEIGHT, HAS_BIAS, HAS_ADJUST,
+        RENORM, UPDATE_RUNNING, UNBIASED, CUMULATIVE, SAVE_GAFFINE, False, BLOCK_C, BLOCK_P)
 
 
 @triton.heuristics(given(HAS_RESIDUAL="Residual", FROM_RUNNING="RunMean", HAS_WEIGHT="Weight",
@@ -393,6 +474,7 @@ def bn_fused_forward_kernel(
     RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd,
     R1, K, A, B,
     Hyper,                         # [6] see HYPER_FIELDS
+    Counter,                       # [1] int32 zero (COUNT_BATCH); left zero
     stride_x_r0, stride_x_r1, stride_x_k,
     stride_y_r0, stride_y_r1, stride_y_k,
     stride_z_r0, stride_z_r1, stride_z_k,
@@ -400,7 +482,7 @@ def bn_fused_forward_kernel(
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADJUST: tl.constexpr,
     RENORM: tl.constexpr, UPDATE_RUNNING: tl.constexpr, UNBIASED: tl.constexpr,
-    CUMULATIVE: tl.constexpr, SAVE_GAFFINE: tl.constexpr,
+    CUMULATIVE: tl.constexpr, SAVE_GAFFINE: tl.constexpr, COUNT_BATCH: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """Single pass: the whole reduced slice of this program's channels is one tile in registers
@@ -430,7 +512,11 @@ def bn_fused_forward_kernel(
     multiplier, shift = channel_affine_and_update(
         c, c_mask, mean_from_sum(centre, total, n), var, n, Weight, Bias, AdjScale, AdjBias, GScale, GShift,
         RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd, Hyper,
-        HAS_WEIGHT, HAS_BIAS, HAS_ADJUST, RENORM, UPDATE_RUNNING, UNBIASED, CUMULATIVE, SAVE_GAFFINE)
+        HAS_WEIGHT, HAS_BIAS, HAS_ADJUST, RENORM, UPDATE_RUNNING, UNBIASED, CUMULATIVE, SAVE_GAFFINE,
+        COUNT_BATCH)
+    if COUNT_BATCH:  # after this program's read of NumBatches (CUMULATIVE) above
+        if last_to_arrive(Counter, 0, tl.num_programs(0)):
+            count_batch(NumBatches)
     scale = rstd * multiplier
     shift = shift - offset * scale  # y = (x - centre) * scale + shift
     tl.store(Mean + c, centre, mask=c_mask)
