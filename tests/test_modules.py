@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TOL
 from torch import nn
+from torch.testing import assert_close
 
 from triton_bn.convert import convert_model
 from triton_bn.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm
@@ -295,3 +296,41 @@ def test_convert_model_keeps_dtype_mode_and_sync():
     assert out[0].training and not out[1].training
     single = convert_model(nn.BatchNorm1d(3), synchronized=True)
     assert type(single) is SyncBatchNorm and single.num_features == 3
+
+
+def test_eval_calls_take_the_planned_launch_and_match_torch():
+    """Eval mode with nothing to differentiate: the first call of a signature is validated by the
+    full path, later ones take its planned launch (modules._INFERENCE_PLANS). Every call, planned
+    or not, matches torch.nn.BatchNorm2d on the same state, including state changed in place
+    between calls, a new signature (layout, dtype, residual + ReLU) and an input needing grad."""
+    from triton_bn import modules
+
+    modules._INFERENCE_PLANS.clear()
+    ours, ref = BatchNorm2d(5), nn.BatchNorm2d(5)
+    with torch.no_grad():
+        for m in (ours, ref):
+            m.running_mean.copy_(torch.linspace(-1, 1, 5))
+            m.running_var.copy_(torch.linspace(0.5, 2, 5))
+            m.weight.copy_(torch.linspace(0.5, 1.5, 5))
+            m.bias.copy_(torch.linspace(-0.2, 0.2, 5))
+    ours.eval(), ref.eval()
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        for step in range(3):
+            x = torch.randn(3, 5, 4, 6).contiguous(memory_format=fmt)
+            with torch.no_grad():
+                assert_close(ours(x), ref(x), **TOL[torch.float32])
+                for m in (ours, ref):  # state changes in place: read on every call
+                    m.running_mean.add_(0.25)
+                    m.weight.mul_(1.1)
+    assert len(modules._INFERENCE_PLANS) == 2  # one per layout
+    x = torch.randn(3, 5, 4, 6, requires_grad=True)  # a graph to record: the full path
+    y = ours(x)
+    assert y.requires_grad
+    assert_close(y, ref(x), **TOL[torch.float32])
+    relu = BatchNorm2d(5, activation="relu").eval()
+    relu.load_state_dict(ours.state_dict())
+    z = torch.randn(3, 5, 4, 6)
+    for _ in range(2):
+        with torch.no_grad():
+            assert_close(relu(x.detach(), z), torch.relu(ref(x.detach()) + z), **TOL[torch.float32])
+    assert len(modules._INFERENCE_PLANS) == 3

@@ -8,6 +8,7 @@ over the kernels. ``batch_norm`` is ``torch.nn.functional.batch_norm``'s contrac
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from dataclasses import dataclass
@@ -89,7 +90,7 @@ class NormConfig:
 
 def _forward(x, weight, bias, residual, adj_scale, adj_bias, running_mean, running_var,
              num_batches_tracked, renorm_mean, renorm_stddev, moving_stddev, cfg: NormConfig,
-             sync):
+             sync, keep_stats: bool = True):
     """(y, mean, rstd, scale, shift, gscale, gshift, global_count) from the kernels (or the
     custom operators while tracing); the statistics are None for an empty, unsynchronized input."""
     if x.numel() == 0 and sync is None:
@@ -114,7 +115,7 @@ def _forward(x, weight, bias, residual, adj_scale, adj_bias, running_mean, runni
         global_moments = sync.exchange(x, cfg.axes, cfg.groups)
         global_count = global_moments[2].sum().reshape(1)
     r = ops.bn_forward(x, weight, bias, *state, adj_scale, adj_bias, residual, axes=cfg.axes,
-                       global_moments=global_moments, **kw)
+                       global_moments=global_moments, keep_stats=keep_stats, **kw)
     return r.y, r.mean, r.rstd, r.scale, r.shift, r.gscale, r.gshift, global_count
 
 
@@ -356,7 +357,7 @@ class BatchNormFunction(torch.autograd.Function):
                 # nothing to differentiate (inference, no_grad): no autograd node to build
                 return _forward(x, weight, bias, residual, adj_scale, adj_bias, running_mean,
                                 running_var, num_batches_tracked, renorm_mean, renorm_stddev,
-                                moving_stddev, cfg, sync)[0]
+                                moving_stddev, cfg, sync, keep_stats=False)[0]
         return BatchNormFunction.apply(x, weight, bias, residual, adj_scale, adj_bias,
                                        running_mean, running_var, num_batches_tracked,
                                        renorm_mean, renorm_stddev, moving_stddev, cfg, sync)
@@ -703,7 +704,7 @@ def apply_checked(x, weight, bias, axes: tuple, training: bool, eps: float,
         a_scale, a_bias = a_scale.detach().contiguous(), a_bias.detach().contiguous()
     weight = weight.contiguous() if weight is not None else None
     bias = bias.contiguous() if bias is not None else None
-    cfg = NormConfig(axes=axes, groups=groups, training=bool(training), eps=float(eps),
+    cfg = _norm_config(axes=axes, groups=groups, training=bool(training), eps=float(eps),
                      momentum=momentum, cumulative=cumulative, unbiased=bool(unbiased),
                      update_running=training and rm is not None, renorm=renorm_mode,
                      renorm_momentum=renorm_momentum, rmin=rmin, rmax=rmax, dmax=dmax,
@@ -714,6 +715,11 @@ def apply_checked(x, weight, bias, axes: tuple, training: bool, eps: float,
     for original, copy in copies:
         original.copy_(copy)
     return y
+
+
+# one NormConfig per distinct set of values, reused (building the frozen dataclass costs more than
+# looking it up, on every call)
+_norm_config = functools.lru_cache(maxsize=1024)(NormConfig)
 
 
 def _contiguous_state(t: Optional[torch.Tensor], copies: list) -> Optional[torch.Tensor]:

@@ -59,15 +59,17 @@ def set_direct_launch(enabled: Optional[bool]) -> None:
 
 def clear_cache() -> None:
     _ENTRIES.clear()
+    _SITES.clear()
 
 
 class _Entry:
     """A compiled kernel and the constant tail of its bound argument list."""
 
-    __slots__ = ("run", "function", "packed_metadata", "compiled", "tail")
+    __slots__ = ("run", "function", "packed_metadata", "compiled", "tail", "signature")
 
-    def __init__(self, compiled, tail: tuple) -> None:
+    def __init__(self, compiled, tail: tuple, signature: tuple) -> None:
         self.compiled = compiled
+        self.signature = signature
         self.run = compiled.run
         self.function = compiled.function
         self.packed_metadata = compiled.packed_metadata
@@ -106,36 +108,67 @@ def _bound_tail(kernel, args: tuple, constexprs: dict) -> Optional[tuple]:
     return tuple(tail)
 
 
-def launch(kernel, grid: tuple, args: tuple, constexprs: dict, **options: Any) -> None:
+def _signature(kernel, grid, args, constexprs, options, device) -> tuple:
+    """Everything Triton's JIT specializes a launch on (see the module docstring)."""
+    sig = tuple([(a.dtype, not (a.data_ptr() & 15)) if isinstance(a, _Tensor) else a
+                 for a in args])
+    return (kernel, grid, sig, tuple(constexprs.items()), tuple(options.items()), device,
+            _knobs.runtime.debug)
+
+
+class _Site:
+    """A launch site under a caller's key: which arguments are tensors, and the compiled
+    kernel for each combination of their 16-byte alignments."""
+
+    __slots__ = ("tensor_positions", "by_alignment")
+
+    def __init__(self, args: tuple) -> None:
+        self.tensor_positions = tuple(i for i, a in enumerate(args) if isinstance(a, _Tensor))
+        self.by_alignment: dict = {}
+
+
+_SITES: dict = {}
+VERIFY_KEYS = os.environ.get("TRITON_BN_VERIFY_LAUNCH_KEYS", "0") == "1"
+
+
+def launch(kernel, grid: tuple, args: tuple, constexprs: dict, key=None, **options: Any) -> None:
     """``kernel[grid](*args, **constexprs, **options)``, through the direct path when possible.
 
     ``args`` are the kernel's leading positional parameters (tensors, None, ints, floats);
     ``constexprs`` its constexpr parameters by name; ``options`` launch options (num_warps, ...).
+    ``key`` (optional, hashable): the caller's promise that it determines every argument except
+    the tensors' addresses -- the integers, which arguments are None, the tensors' dtypes, the
+    constexprs and options -- for this kernel and grid. A repeated key then costs a dict lookup
+    and one ``data_ptr`` per tensor (their alignment) instead of a look at every argument.
+    (``TRITON_BN_VERIFY_LAUNCH_KEYS=1`` checks the promise on every launch: the tests set it.)
     """
     if not direct_launch_enabled():
         kernel[grid](*args, **constexprs, **options)
         return
     device = _driver.active.get_current_device()
-    sig = []
-    for a in args:
-        if isinstance(a, _Tensor):
-            sig.append((a.dtype, (a.data_ptr() & 15) == 0))
-        else:
-            sig.append(a)
-    key = (kernel, grid, tuple(sig), tuple(constexprs.items()), tuple(options.items()), device,
-           _knobs.runtime.debug)
-    entry = _ENTRIES.get(key)
-    stream = _driver.active.get_current_stream(device)
+    entry = site = None
+    if key is not None:
+        site = _SITES.get((kernel, grid, key, device))
+        if site is not None:
+            aligned = tuple([not (args[i].data_ptr() & 15) for i in site.tensor_positions])
+            entry = site.by_alignment.get(aligned)
+            if VERIFY_KEYS and entry is not None:
+                sig = _signature(kernel, grid, args, constexprs, options, device)
+                if sig != entry.signature:
+                    raise AssertionError(f"triton_bn.launch: key {key!r} of {kernel} does not "
+                                         f"determine the launch: {sig} != {entry.signature}")
     if entry is None:
-        compiled = kernel[grid](*args, **constexprs, **options)  # binds, compiles, launches
-        if hasattr(compiled, "result"):  # an async compile's future
-            compiled = compiled.result()
-        tail = _bound_tail(kernel, args, constexprs) if compiled is not None else None
-        if tail is not None and hasattr(compiled, "packed_metadata"):
-            if len(_ENTRIES) >= _MAX_ENTRIES:
-                _ENTRIES.clear()
-            _ENTRIES[key] = _Entry(compiled, tail)
-        return
+        sig = _signature(kernel, grid, args, constexprs, options, device)
+        entry = _ENTRIES.get(sig)
+        if entry is None:
+            _first_launch(kernel, grid, args, constexprs, options, sig)
+            return
+        if key is not None:
+            if site is None:
+                site = _SITES[(kernel, grid, key, device)] = _Site(args)
+            aligned = tuple([not (args[i].data_ptr() & 15) for i in site.tensor_positions])
+            site.by_alignment[aligned] = entry
+    stream = _driver.active.get_current_stream(device)
     g1 = grid[1] if len(grid) > 1 else 1
     g2 = grid[2] if len(grid) > 2 else 1
     enter, leave = _active_hook(_knobs.runtime.launch_enter_hook), \
@@ -143,6 +176,19 @@ def launch(kernel, grid: tuple, args: tuple, constexprs: dict, **options: Any) -
     meta = None if enter is None else entry.compiled.launch_metadata(grid, stream, *args, *entry.tail)
     entry.run(grid[0], g1, g2, stream, entry.function, entry.packed_metadata, meta, enter, leave,
               *args, *entry.tail)
+
+
+def _first_launch(kernel, grid, args, constexprs, options, sig) -> None:
+    """Through the JIT (binds, compiles if needed, launches); keeps the compiled kernel."""
+    compiled = kernel[grid](*args, **constexprs, **options)
+    if hasattr(compiled, "result"):  # an async compile's future
+        compiled = compiled.result()
+    tail = _bound_tail(kernel, args, constexprs) if compiled is not None else None
+    if tail is not None and hasattr(compiled, "packed_metadata"):
+        if len(_ENTRIES) >= _MAX_ENTRIES:
+            _ENTRIES.clear()
+            _SITES.clear()
+        _ENTRIES[sig] = _Entry(compiled, tail, sig)
 
 
 def _active_hook(hook):

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.fx
 from torch import nn
+from torch.autograd import forward_ad
 
 from .distributed import sync_normalize, world_size
 from .functional import (
@@ -30,6 +31,7 @@ from .functional import (
     check_torch_eps,
     check_values_per_channel,
 )
+from .ops import InferencePlan
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "convert_model"]
 
@@ -79,12 +81,31 @@ class _TritonBatchNorm:
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None
                 ) -> torch.Tensor:
         """Batch norm over dim 1 (torch semantics), then ``+ residual`` and the activation."""
+        fast = None
+        if not self.training and self.running_mean is not None:
+            fast = _inference_key(input, residual, self.weight, self.bias, self.running_mean,
+                                  self.running_var, self.eps, self.activation)
+            plan = _INFERENCE_PLANS.get(fast) if fast is not None else None
+            if plan is not None:  # this signature was validated and planned before
+                return plan.run(input, residual, self.weight, self.bias, self.running_mean,
+                                self.running_var)
         if not isinstance(input, torch.fx.Proxy):  # torch's rank check (FX traces without it)
             self._check_input_dim(input)
-        return module_batch_norm(
+        y = module_batch_norm(
             input, residual, self.weight, self.bias, self.running_mean, self.running_var,
             self.num_batches_tracked, self.training, self.track_running_stats, self.momentum,
             self.eps, self.renorm, self.rmax, self.dmax, self.activation, self._synchronized())
+        if fast is not None:  # validated: plan the signature for the next calls
+            try:
+                plan = InferencePlan(input, residual, self.running_mean, self.eps,
+                                     self.activation == "relu")
+            except ValueError:
+                plan = None
+            if plan is not None:
+                if len(_INFERENCE_PLANS) > 1024:
+                    _INFERENCE_PLANS.clear()
+                _INFERENCE_PLANS[fast] = plan
+        return y
 
     def _synchronized(self) -> Any:
         return False
@@ -94,6 +115,32 @@ class _TritonBatchNorm:
             f"torch.jit.script cannot compile triton_bn.{type(self).__name__}: its kernels are "
             "Triton (Python) code, which TorchScript cannot express. Use torch.compile (it traces "
             "these layers without graph breaks), or script a model holding torch.nn batch norms.")
+
+
+# eval-mode call signatures already validated by the full path -> their planned launch
+_INFERENCE_PLANS: dict = {}
+
+
+def _inference_key(x, residual, weight, bias, running_mean, running_var, eps, activation):
+    """The signature of an eval-mode call, which picks its ``InferencePlan``; None when the call
+    must take the full path: a tensor subclass (FakeTensor, a functorch wrapper), tracing, a
+    torch.func transform or forward AD, or an autograd graph to record."""
+    if type(x) is not torch.Tensor or (residual is not None and type(residual) is not torch.Tensor):
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or _requires_grad(weight)
+                                    or _requires_grad(bias) or _requires_grad(residual)):
+        return None
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None \
+            or forward_ad._current_level >= 0:
+        return None
+    state = tuple([None if t is None else (t.dtype, t.device, t.shape, t.stride())
+                   for t in (weight, bias, running_mean, running_var)])
+    res = None if residual is None else (residual.shape, residual.stride(), residual.dtype)
+    return (x.shape, x.stride(), x.dtype, x.device, res, state, eps, activation)
+
+
+def _requires_grad(t) -> bool:
+    return t is not None and t.requires_grad
 
 
 @torch.fx.wrap

@@ -36,7 +36,7 @@ from .layout import Geometry, plan_geometry
 RENORM_NONE, RENORM_KERAS, RENORM_TORCH = (int(c.value) for c in (
     _forward_kernels.RENORM_NONE, _forward_kernels.RENORM_KERAS, _forward_kernels.RENORM_TORCH))
 
-__all__ = ["bn_forward", "bn_backward", "local_moments", "RENORM_NONE", "RENORM_KERAS", "RENORM_TORCH",
+__all__ = ["bn_forward", "bn_backward", "local_moments", "InferencePlan", "RENORM_NONE", "RENORM_KERAS", "RENORM_TORCH",
            "FLOAT_DTYPES", "ForwardResult"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -163,21 +163,29 @@ class _Forward(_Call):
 
 
 def _start_forward(x: torch.Tensor, residual: Optional[torch.Tensor], axes, groups: int,
-                   training: bool, output: bool = True) -> _Forward:
+                   training: bool, output: bool = True, keep_stats: bool = True) -> _Forward:
     """Prepares a forward; ``output=False`` (statistics only) allocates neither y nor the
-    per-channel coefficients, and ``mean`` is then the [S] merged mean."""
+    per-channel coefficients, and ``mean`` is then the [S] merged mean. ``keep_stats=False``
+    (inference with nothing to differentiate) allocates no coefficients either."""
     acc = acc_dtype(x.dtype)
     y = torch.empty_like(x, memory_format=torch.preserve_format) if output else None
     active = [x] + ([y] if output else []) + ([residual] if residual is not None else [])
     prep = prepare(x.shape, active, axes, groups if training else 1)
     S = prep.geometry.S
-    if output:
+    if not keep_stats:
+        mean, coeffs = None, [None] * 3
+    elif output:
         mean = torch.empty(2 * S, device=x.device, dtype=acc)  # [centre (S), offset (S)]
         coeffs = [torch.empty(S, device=x.device, dtype=acc) for _ in range(3)]
     else:
         mean = torch.empty(S, device=x.device, dtype=acc)
         coeffs = [mean] * 3
     return _Forward(prep, residual is not None, _needs_int64(prep.geometry), x, y, mean, *coeffs)
+
+
+def _dtypes(tensors) -> tuple:
+    """Part of a launch key (see launch.launch): each optional tensor's dtype, or None."""
+    return tuple([None if t is None else t.dtype for t in tensors])
 
 
 def _launch_apply(fw: _Forward, relu: bool, running_mean=None, running_var=None, weight=None,
@@ -188,14 +196,15 @@ def _launch_apply(fw: _Forward, relu: bool, running_mean=None, running_var=None,
     xs, ys, zs, st_x, st_y, st_z = fw.views()
     plan = tuning.plan_tiles(geo, "apply", fw.x.device, fw.x.dtype)
     from_running = running_mean is not None
-    hyper = hyper_tensor(fw.x.device, fw.mean.dtype, eps) if from_running else None
+    hyper = hyper_tensor(fw.x.device, acc_dtype(fw.x.dtype), eps) if from_running else None
+    tensors = (xs, ys, zs, fw.mean, fw.scale, fw.shift, fw.rstd, running_mean, running_var, weight,
+               bias)
     launch(bn_apply_kernel, plan.grid, (
-        xs, ys, zs, fw.mean, fw.scale, fw.shift, fw.rstd,
-        running_mean, running_var, weight, bias,
-        geo.R1, geo.K, geo.S, plan.A, plan.B, plan.a_chunk, plan.b_chunk, plan.n_channel_tiles,
-        plan.n_b_parts, hyper, *st_x, *st_y, *st_z),
+        *tensors, geo.R1, geo.K, geo.S, plan.A, plan.B, plan.a_chunk, plan.b_chunk,
+        plan.n_channel_tiles, plan.n_b_parts, hyper, *st_x, *st_y, *st_z),
         dict(HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=fw.int64, RELU=relu,
-             BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B), num_warps=plan.num_warps)
+             BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B), num_warps=plan.num_warps,
+        key=(geo, plan, fw.int64, relu, hyper is None, _dtypes(tensors)))
 
 
 def _launch_stats(fw: _Forward, plan: tuning.TilePlan, state=None
@@ -315,6 +324,7 @@ def bn_forward(
     relu: bool = False,
     global_moments: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
     count_batch: bool = False,
+    keep_stats: bool = True,
 ) -> ForwardResult:
     """Runs the forward kernels. Inputs are assumed validated (``functional.check_inputs``).
 
@@ -322,11 +332,12 @@ def bn_forward(
     momentum, or 1 - Keras's). cumulative: momentum = 1 / num_batches_tracked, read on the device.
     count_batch (training): num_batches_tracked += 1 on the device, by the kernels themselves (the
     count the cumulative momentum reads includes this batch), as torch's modules count batches.
+    keep_stats=False (inference only): the result has y only (nothing to differentiate).
     Parameter-like tensors are [K] (K = product of the channel dims) and contiguous.
     global_moments: (mean [P, S], M2 [P, S], count [P]) of every process (sync BN); the batch
     statistics are then their merge instead of this input's.
     """
-    fw = _start_forward(x, residual, axes, groups, training)
+    fw = _start_forward(x, residual, axes, groups, training, keep_stats=keep_stats or training)
     if not training:
         _launch_apply(fw, relu, running_mean, running_var, weight, bias, eps)
         return fw.result()
@@ -357,6 +368,41 @@ def bn_forward(
         _launch_stats(fw, plan, state)  # its last programs finalize
         _launch_apply(fw, relu)
     return fw.result(gscale, gshift)
+
+
+class InferencePlan:
+    """One eval-mode call signature planned once: y = act((x - running_mean) * rsqrt(running_var +
+    eps) * weight + bias [+ residual]) in one launch, nothing kept for backward. Built from a call
+    that the slow path has validated; ``run`` then only allocates y and launches (the layers use
+    it when nothing needs a gradient, see modules.py)."""
+
+    __slots__ = ("geo", "plan", "hyper", "relu", "constexprs", "num_warps", "ints", "strides")
+
+    def __init__(self, x, residual, running_mean, eps: float, relu: bool) -> None:
+        y = torch.empty_like(x, memory_format=torch.preserve_format)
+        active = [x, y] + ([residual] if residual is not None else [])
+        self.geo = geo = plan_geometry(x.shape, [t.stride() for t in active], (1,), 1)
+        if geo is None or x.numel() == 0:
+            raise ValueError("a layout that needs a copy, or an empty input: not planned")
+        self.plan = plan = tuning.plan_tiles(geo, "apply", x.device, x.dtype)
+        self.hyper = hyper_tensor(x.device, acc_dtype(x.dtype), eps)
+        self.relu = relu
+        self.constexprs = dict(HAS_GROUPS=False, CHANNELS_FAST=geo.channels_fast,
+                               INT64=_needs_int64(geo), RELU=relu, BLOCK_A=plan.BLOCK_A,
+                               BLOCK_B=plan.BLOCK_B)
+        self.num_warps = plan.num_warps
+        self.ints = (geo.R1, geo.K, geo.S, plan.A, plan.B, plan.a_chunk, plan.b_chunk,
+                     plan.n_channel_tiles, plan.n_b_parts)
+        st = geo.strides
+        self.strides = st[0] + st[1] + (st[2] if residual is not None else st[0])
+
+    def run(self, x, residual, weight, bias, running_mean, running_var) -> torch.Tensor:
+        y = torch.empty_like(x, memory_format=torch.preserve_format)
+        launch(bn_apply_kernel, self.plan.grid, (
+            x, y, residual, None, None, None, None, running_mean, running_var, weight, bias,
+            *self.ints, self.hyper, *self.strides), self.constexprs, key=self,
+            num_warps=self.num_warps)
+        return y
 
 
 def local_moments(x: torch.Tensor, axes: tuple[int, ...], groups: int = 1

@@ -398,13 +398,13 @@ def bn_finalize_kernel(
 
 
 @triton.heuristics(given(HAS_RESIDUAL="Residual", FROM_RUNNING="RunMean", HAS_WEIGHT="Weight",
-    HAS_BIAS="Bias"))
+    HAS_BIAS="Bias", KEEP_COEFFS="Rstd"))
 @triton.jit
 def bn_apply_kernel(
     X, Y, Residual,                # activation in, output, optional residual added before the act.
-    Mean,                          # [2 * S] centres, offsets (out when FROM_RUNNING)
+    Mean,                          # [2 * S] centres, offsets (out when FROM_RUNNING, if kept)
     Scale, Shift,                  # [S] fp32 coefficients (likewise)
-    Rstd,                          # [S] fp32 (out when FROM_RUNNING)
+    Rstd,                          # [S] fp32 (out when FROM_RUNNING; None: nothing kept)
     RunMean, RunVar, Weight, Bias,  # [K] for FROM_RUNNING (inference)
     R1, K, S, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts,
     Hyper,                         # [6] see HYPER_FIELDS (eps, for FROM_RUNNING)
@@ -413,10 +413,13 @@ def bn_apply_kernel(
     stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
     HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, FROM_RUNNING: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, KEEP_COEFFS: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
-    ACC = Scale.dtype.element_ty
+    if FROM_RUNNING:
+        ACC = Hyper.dtype.element_ty
+    else:
+        ACC = Scale.dtype.element_ty
     part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
         tl.program_id(0), n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST,
         INT64)
@@ -433,7 +436,7 @@ def bn_apply_kernel(
             if HAS_BIAS:
                 shift += load_channel_values(Bias, bc, bc_mask, bc, ACC, CHANNELS_FAST)
             # the coefficients backward needs; the centre is the running mean, the offset 0
-            if part == 0:
+            if KEEP_COEFFS and part == 0:
                 if CHANNELS_FAST:
                     tl.store(Mean + bc[None, :], mean, mask=bc_mask[None, :])
                     tl.store(Mean + S + bc[None, :], tl.zeros_like(mean), mask=bc_mask[None, :])
