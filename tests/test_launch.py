@@ -1,10 +1,11 @@
 """The direct launch path (triton_bn/launch.py) hands the compiled kernel exactly the arguments
 Triton's JIT would: every launch of a set of layer calls (training forward + backward on the split
 and single-pass paths, inference; NCHW and channels_last; bf16 and fp32; with and without the fused
-residual + ReLU) is recorded at the C launcher under the stand-in sm_90 driver of perf/, once
-through the JIT (``set_direct_launch(False)``) and once through the direct path, and the two lists
-must be equal. Runs in a fresh process: this one imported Triton in interpreter mode, where
-launches always go through the JIT."""
+residual + ReLU; cumulative momentum, renorm, no affine; Keras ghost batches with renorm) is
+recorded at the C launcher under the stand-in sm_90 driver of perf/, once through the JIT
+(``set_direct_launch(False)``) and once through the direct path, and the two lists must be
+equal; every keyed launch is also checked against its full signature. Runs in a fresh process:
+this one imported Triton in interpreter mode, where launches always go through the JIT."""
 
 import json
 import os
@@ -16,7 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_direct_launch_passes_what_the_jit_passes():
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONWARNINGS="ignore")
+    # the probe also checks every keyed launch's key against its full signature
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONWARNINGS="ignore",
+               TRITON_BN_VERIFY_LAUNCH_KEYS="1")
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "probes" / "direct_launch.py")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -704,7 +704,8 @@ def apply_checked(x, weight, bias, axes: tuple, training: bool, eps: float,
         a_scale, a_bias = a_scale.detach().contiguous(), a_bias.detach().contiguous()
     weight = weight.contiguous() if weight is not None else None
     bias = bias.contiguous() if bias is not None else None
-    cfg = _norm_config(axes=axes, groups=groups, training=bool(training), eps=float(eps),
+    make_config = NormConfig if torch.compiler.is_compiling() else _norm_config  # (Dynamo: no lru)
+    cfg = make_config(axes=axes, groups=groups, training=bool(training), eps=float(eps),
                      momentum=momentum, cumulative=cumulative, unbiased=bool(unbiased),
                      update_running=training and rm is not None, renorm=renorm_mode,
                      renorm_momentum=renorm_momentum, rmin=rmin, rmax=rmax, dmax=dmax,

@@ -231,7 +231,8 @@ def _launch_stats(fw: _Forward, plan: tuning.TilePlan, state=None
         plan.n_channel_tiles, plan.n_b_parts, *st_x, *finalize),
         dict(HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=fw.int64, **flags,
              BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B, BLOCK_C=_finalize_width(geo),
-             BLOCK_P=_FINALIZE_PARTS), num_warps=plan.num_warps)
+             BLOCK_P=_FINALIZE_PARTS), num_warps=plan.num_warps,
+        key=(geo, plan, fw.int64, tuple(flags.values()), xs.dtype, _dtypes(finalize)))
     return part_sum, part_m2, pivot
 
 
@@ -363,7 +364,8 @@ def bn_forward(
             arrival_counters(x.device, 1) if flags["COUNT_BATCH"] else None,
             st_x[0], st_x[1], st_x[3], st_y[0], st_y[1], st_y[3], st_z[0], st_z[1], st_z[3]),
             dict(CHANNELS_FAST=geo.channels_fast, INT64=fw.int64, RELU=relu, **flags,
-                 BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B), num_warps=plan.num_warps)
+                 BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B), num_warps=plan.num_warps,
+            key=(geo, plan, fw.int64, relu, tuple(flags.values()), _dtypes((xs, ys, zs, *tensors))))
     else:
         _launch_stats(fw, plan, state)  # its last programs finalize
         _launch_apply(fw, relu)
@@ -489,7 +491,8 @@ def _launch_grad_reduce(bw: _Backward, plan, mean, scale, shift, relu, finalize=
         plan.n_b_parts, *st_x, *st_dy, *st_z, *tail),
         dict(HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, RELU=relu,
              TRAINING=training, BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B,
-             BLOCK_C=_finalize_width(geo), BLOCK_P=_FINALIZE_PARTS), num_warps=plan.num_warps)
+             BLOCK_C=_finalize_width(geo), BLOCK_P=_FINALIZE_PARTS), num_warps=plan.num_warps,
+        key=(geo, plan, bw.int64, relu, training, _dtypes((xs, dys, zs, mean, *tail[:-1]))))
     return coefs if finalize is not None else (part_dy, part_dyx)
 
 
@@ -516,7 +519,8 @@ def _launch_grad_apply(bw: _Backward, mean, scale, shift, coef_b, coef_c, traini
         geo.R1, geo.K, geo.S, ap.A, ap.B, ap.a_chunk, ap.b_chunk, ap.n_channel_tiles, ap.n_b_parts,
         *st_x, *st_dy, *st_z, *st_dx, *st_dz),
         dict(HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, RELU=relu,
-             TRAINING=training, BLOCK_A=ap.BLOCK_A, BLOCK_B=ap.BLOCK_B), num_warps=ap.num_warps)
+             TRAINING=training, BLOCK_A=ap.BLOCK_A, BLOCK_B=ap.BLOCK_B), num_warps=ap.num_warps,
+        key=(geo, ap, bw.int64, relu, training, _dtypes((xs, dys, zs, dxs, dzs, mean))))
 
 
 def bn_backward(
@@ -563,7 +567,9 @@ def bn_backward(
             geo.R1, geo.K, plan.A, plan.B, geo.R,
             *(s for st in strides for s in (st[0], st[1], st[3]))),
             dict(CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, RELU=relu, TRAINING=training,
-                 BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B), num_warps=plan.num_warps)
+                 BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B), num_warps=plan.num_warps,
+            key=(geo, plan, bw.int64, relu, training,
+                 _dtypes((xs, dys, zs, dxs, dzs, mean, g_scale, dweight, dbias))))
     else:
         if x.numel() and not sync:  # the reduction's last programs finalize
             coef_b, coef_c = _launch_grad_reduce(bw, plan, mean, scale, shift, relu, (

@@ -40,16 +40,30 @@ def calls():
     for fmt in (torch.channels_last, torch.contiguous_format):
         for dtype in (torch.bfloat16, torch.float32):
             for fused in (False, True):
-                for relu in (False, True):
+                for relu, res in ((False, False), (True, False), (True, True)):
                     m = triton_bn.BatchNorm2d(16, activation="relu" if relu else None)
                     x = torch.empty((2, 16, 8, 8), dtype=dtype, memory_format=fmt).requires_grad_()
-                    z = torch.empty_like(x) if relu else None
+                    z = torch.empty_like(x) if res else None
                     with tuning.override(**knobs, force_fused=fused):
                         y = m(x, z)
                         torch.autograd.grad(y, (x, m.weight), torch.empty_like(y))
                         m.eval()
                         with torch.no_grad():
                             m(x, z)
+
+
+    for extra in ({"momentum": None, "renorm": True}, {"affine": False}):
+        m = triton_bn.BatchNorm2d(16, **extra)
+        x = torch.empty((2, 16, 8, 8), dtype=torch.float16).requires_grad_()
+        with tuning.override(**knobs, force_fused=False):
+            y = m(x)
+            torch.autograd.grad(y, (x,), torch.empty_like(y))
+    from triton_bn.keras import BatchNormalization
+    k = BatchNormalization(axis=1, virtual_batch_size=2, renorm=True, adjustment=None)
+    x = torch.empty((4, 16, 3, 3)).requires_grad_()
+    with tuning.override(**knobs, force_fused=False):
+        y = k(x, training=True)
+        torch.autograd.grad(y, (x,), torch.empty_like(y))
 
 
 def run(direct: bool) -> list:
