@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import tuning
+from . import persistent, tuning
 from .kernels import forward as _forward_kernels
 from .kernels.backward import (
     bn_backward_apply_kernel,
@@ -305,6 +305,9 @@ def bn_forward(
             _launch_apply(fw, relu)
         return fw.result(gscale, gshift)
     plan = tuning.plan_tiles(geo, "forward", x.device, x.dtype)
+    # opt-in persistent single pass (TRITON_BN_PERSISTENT=1; persistent.py): False -> split path
+    if not plan.fused and persistent.forward(fw, state, relu):
+        return fw.result(gscale, gshift)
     if plan.fused:
         xs, ys, zs, st_x, st_y, st_z = fw.views()
         bn_fused_forward_kernel[plan.grid](

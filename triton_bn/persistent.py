@@ -1,0 +1,217 @@
+"""The persistent training forward (kernels/persistent.py): plan, capacity check and launch.
+
+OPT-IN, DEFAULT OFF: it runs only with the environment variable TRITON_BN_PERSISTENT=1, and it
+has NOT been run on a GPU yet (only its two-launch form has run, in Triton's CPU interpreter).
+
+When it is taken (``forward`` returns True; ops.bn_forward falls back to the split path when it
+returns False, and the plan's ``reason`` says why):
+  * training, no sync BN, no ghost batches, no renorm, a non-empty input that the single-pass
+    kernel (one program per channel slice) does not already cover;
+  * on a GPU: Triton offers ``launch_cooperative_grid`` (>= 3.2), which makes the driver run
+    every program at once or refuse the launch, never a partial grid that would spin forever;
+    and the grid fits the co-resident capacity computed from the compiled kernel's registers,
+    shared memory and warps, less a margin (``MARGIN``) for SMs that other streams keep busy.
+    A launch the driver still refuses falls back to the split path and is not tried again;
+  * in the interpreter (tests): the kernel runs as two launches split at the barrier (PHASE 1,
+    PHASE 2); ``limits(max_programs=...)`` stands in for the GPU's capacity.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+
+from . import tuning
+from .kernels.persistent import bn_persistent_forward_kernel
+
+ENV = "TRITON_BN_PERSISTENT"
+MARGIN = 0.875  # fraction of the computed co-resident capacity a grid may use
+BLOCK_P = 32  # parts merged as one tree (as ops._FINALIZE_PARTS)
+
+# per-program tile (values held in registers) and, in the interpreter, the stand-in capacity
+_LIMITS = {"tile": 16384, "max_block_channels": 64, "max_programs": 2 * 132}
+
+
+def requested() -> bool:
+    """Whether the user asked for the persistent path (TRITON_BN_PERSISTENT=1)."""
+    return os.environ.get(ENV, "0") not in ("", "0")
+
+
+@contextlib.contextmanager
+def limits(**kwargs) -> Iterator[None]:
+    """Temporarily sets ``tile`` (values per program, a power of two), ``max_block_channels``
+    and ``max_programs`` (the interpreter's stand-in for the GPU's co-resident capacity)."""
+    for k, v in kwargs.items():
+        if k not in _LIMITS:
+            raise TypeError(f"limits: unknown limit {k!r}; expected one of {', '.join(_LIMITS)}")
+        if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            raise ValueError(f"limits({k}=...): expected a positive integer, got {v!r}")
+    old = dict(_LIMITS)
+    _LIMITS.update(kwargs)
+    _plan.cache_clear()
+    try:
+        yield
+    finally:
+        _LIMITS.clear()
+        _LIMITS.update(old)
+        _plan.cache_clear()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A persistent launch: ``tiles`` (a_chunk == BLOCK_A, and b_chunk == BLOCK_B reduction fast:
+    one tile per program), or None with ``reason`` saying why the split path runs instead."""
+
+    tiles: Optional[tuning.TilePlan]
+    reason: str
+
+    @property
+    def programs(self) -> int:
+        return self.tiles.grid[0] if self.tiles else 0
+
+
+def cooperative_supported() -> bool:
+    """Whether this Triton compiles the ``launch_cooperative_grid`` kernel option (CUDA)."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return "launch_cooperative_grid" in getattr(CUDAOptions, "__dataclass_fields__", {})
+
+
+def plan(geo, dtype: torch.dtype, renorm: int) -> Plan:
+    """The tiles of a persistent forward of this geometry, before the capacity check."""
+    return _plan(geo, dtype, renorm, tuple(sorted(_LIMITS.items())))
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(geo, dtype, renorm, _limits) -> Plan:
+    if geo.G != 1:
+        return Plan(None, "ghost batches: the split path merges each group's statistics")
+    if renorm:
+        return Plan(None, "renorm: every program would read the statistics part 0 updates")
+    if geo.R == 0 or geo.S == 0:
+        return Plan(None, "empty input")
+    tile = _LIMITS["tile"] // (2 if dtype == torch.float64 else 1)  # fp64 takes twice the registers
+    nxt = tuning.next_pow2
+    if geo.channels_fast:  # a program: BLOCK_B channels x BLOCK_A rows
+        A, B = geo.R, geo.S
+        block_b = min(nxt(B), _LIMITS["max_block_channels"], tile)
+        block_a = max(1, min(nxt(A), tile // block_b))
+        n_ct, n_b, b_chunk = tuning.cdiv(B, block_b), 1, 1
+    else:  # a program: one channel, BLOCK_A x BLOCK_B of (batch, spatial)
+        A, B = geo.R0, geo.R1
+        block_b = min(nxt(B), tile)
+        block_a = max(1, min(nxt(A), tile // block_b))
+        n_ct, n_b, b_chunk = geo.S, tuning.cdiv(B, block_b), block_b
+    n_a = tuning.cdiv(A, block_a)
+    warps = 8 if block_a * block_b >= 8192 else 4
+    tiles = tuning.TilePlan(False, block_a, block_b, A, B, block_a, b_chunk, n_ct, n_a, n_b, warps)
+    return Plan(tiles, f"persistent: {tiles.grid[0]} programs of {block_a}x{block_b}")
+
+
+_WORKSPACE: dict = {}
+
+
+def barrier_counter(device: torch.device) -> torch.Tensor:
+    """The int32 barrier counter of the current stream on ``device`` (zeroed once; the kernel
+    leaves its low bits as it found them). One per stream, so kernels running at once on two
+    streams never share one. Made during a CUDA-graph capture, it belongs to that graph (its
+    zeroing is replayed with it) and is not cached."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    t = _WORKSPACE.get(key)
+    if t is None:
+        t = torch.zeros(1, device=device, dtype=torch.int32)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _WORKSPACE[key] = t
+    return t
+
+
+# Co-residency of compiled kernels: {(kernel cache key...): capacity in programs}; and the plans
+# whose cooperative launch the driver refused (never tried again in this process).
+_CAPACITY: dict = {}
+_REFUSED: set = set()
+
+
+def occupancy(n_regs: int, shared: int, num_warps: int, props) -> int:
+    """Programs of a kernel one SM holds at once: limited by registers (allocated per warp in
+    units of 256), threads, shared memory (1 KiB reserved per block) and 32 blocks."""
+    regs_sm = getattr(props, "regs_per_multiprocessor", 65536)
+    threads_sm = getattr(props, "max_threads_per_multi_processor", 2048)
+    smem_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+    per_warp = -(-max(1, n_regs) * 32 // 256) * 256
+    blocks = min(32, regs_sm // (per_warp * num_warps), threads_sm // (32 * num_warps))
+    if shared:
+        blocks = min(blocks, smem_sm // (shared + 1024))
+    return blocks
+
+
+def capacity(compiled, device: torch.device) -> int:
+    """Programs a cooperative launch of ``compiled`` may use on ``device`` (with the margin)."""
+    compiled._init_handles()  # fills n_regs / n_spills
+    props = torch.cuda.get_device_properties(device)
+    per_sm = occupancy(compiled.n_regs, compiled.metadata.shared, compiled.metadata.num_warps, props)
+    return int(per_sm * props.multi_processor_count * MARGIN)
+
+
+def forward(fw, state, relu: bool) -> bool:
+    """Runs the persistent forward of ``fw`` (ops._Forward) when requested and possible; False
+    leaves the work to the split path. ``state`` is ops._state_args(...)."""
+    if not requested() or fw.x.numel() == 0:
+        return False
+    tensors, hyper, flags, _, _ = state
+    geo = fw.geo
+    p = plan(geo, fw.x.dtype, flags["RENORM"])
+    if p.tiles is None:
+        return False
+    on_gpu = fw.x.device.type == "cuda" and not tuning.interpreting()
+    if on_gpu and not cooperative_supported():
+        return False
+    t = p.tiles
+    part_sum = torch.empty((t.n_parts, geo.S), device=fw.x.device, dtype=fw.mean.dtype)
+    part_m2 = torch.empty_like(part_sum)
+    xs, ys, zs, st_x, st_y, st_z = fw.views()
+    args = (xs, ys, zs, part_sum, part_m2, barrier_counter(fw.x.device), fw.mean, fw.rstd,
+            fw.scale, fw.shift, *tensors, geo.R1, geo.K, t.A, t.B, t.a_chunk, t.b_chunk,
+            t.b_count, t.n_channel_tiles, t.n_b_parts, hyper,
+            st_x[0], st_x[1], st_x[3], st_y[0], st_y[1], st_y[3], st_z[0], st_z[1], st_z[3])
+    kw = dict(CHANNELS_FAST=geo.channels_fast, INT64=fw.int64, RELU=relu, BLOCK_A=t.BLOCK_A,
+              BLOCK_B=t.BLOCK_B, BLOCK_P=BLOCK_P, num_warps=t.num_warps, **flags)
+    if not on_gpu:
+        if t.grid[0] > _LIMITS["max_programs"]:
+            return False
+        _launch(t.grid, args, kw, (1, 2))
+        return True
+    key = (geo, fw.x.dtype, fw.x.device, fw.int64, relu, fw.has_residual,
+           tuple((k, v) for k, v in flags.items()), tuple(a is None for a in tensors), p)
+    if key in _REFUSED:
+        return False
+    cap = _CAPACITY.get(key)
+    if cap is None:
+        compiled = bn_persistent_forward_kernel.warmup(*args, grid=t.grid, PHASE=0,
+                                                       launch_cooperative_grid=True, **kw)
+        cap = _CAPACITY[key] = capacity(compiled, fw.x.device)
+    if t.grid[0] > cap:
+        return False
+    try:
+        _launch(t.grid, args, kw, (0,))
+    except RuntimeError as e:  # e.g. the driver refuses a cooperative grid larger than it holds
+        _REFUSED.add(key)
+        warnings.warn(f"triton_bn: persistent forward not launched ({e}); using the split path",
+                      RuntimeWarning, stacklevel=3)
+        return False
+    return True
+
+
+def _launch(grid, args, kw, phases) -> None:
+    """One cooperative launch (PHASE 0), or the interpreter's two launches (PHASE 1, 2)."""
+    for phase in phases:
+        extra = {"launch_cooperative_grid": True} if phase == 0 else {}
+        bn_persistent_forward_kernel[grid](*args, PHASE=phase, **extra, **kw)
