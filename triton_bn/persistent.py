@@ -34,8 +34,13 @@ ENV = "TRITON_BN_PERSISTENT"
 MARGIN = 0.875  # fraction of the computed co-resident capacity a grid may use
 BLOCK_P = 32  # parts merged as one tree (as ops._FINALIZE_PARTS)
 
-# per-program tile (values held in registers) and, in the interpreter, the stand-in capacity
-_LIMITS = {"tile": 16384, "max_block_channels": 64, "max_programs": 2 * 132}
+# Values one program holds in registers (fp32; fp64 half) and, in the interpreter, the stand-in
+# for the GPU's capacity. Chosen from the sm_90 compile (perf/compile_check, 8 warps): channels
+# fast 16384 values take 177-255 registers, no spill (1 program per SM: 16k values); reduction
+# fast 8192 take ~80 (3 per SM: 24k values, against 1 x 16k at 149 registers). Channel tiles
+# narrower than 16 spill at 16384 ([4096, 4] fp16: 100 B), so they get half.
+_LIMITS = {"tile_channels_fast": 16384, "tile_reduction_fast": 8192, "max_block_channels": 64,
+           "max_programs": 2 * 132}
 
 
 def requested() -> bool:
@@ -45,8 +50,9 @@ def requested() -> bool:
 
 @contextlib.contextmanager
 def limits(**kwargs) -> Iterator[None]:
-    """Temporarily sets ``tile`` (values per program, a power of two), ``max_block_channels``
-    and ``max_programs`` (the interpreter's stand-in for the GPU's co-resident capacity)."""
+    """Temporarily sets ``tile_channels_fast`` / ``tile_reduction_fast`` (values per program, a
+    power of two), ``max_block_channels`` and ``max_programs`` (the interpreter's stand-in for the
+    GPU's co-resident capacity)."""
     for k, v in kwargs.items():
         if k not in _LIMITS:
             raise TypeError(f"limits: unknown limit {k!r}; expected one of {', '.join(_LIMITS)}")
@@ -98,15 +104,19 @@ def _plan(geo, dtype, renorm, _limits) -> Plan:
         return Plan(None, "renorm: every program would read the statistics part 0 updates")
     if geo.R == 0 or geo.S == 0:
         return Plan(None, "empty input")
-    tile = _LIMITS["tile"] // (2 if dtype == torch.float64 else 1)  # fp64 takes twice the registers
+    half = 2 if dtype == torch.float64 else 1  # fp64 takes twice the registers
     nxt = tuning.next_pow2
     if geo.channels_fast:  # a program: BLOCK_B channels x BLOCK_A rows
         A, B = geo.R, geo.S
+        tile = _LIMITS["tile_channels_fast"] // half
         block_b = min(nxt(B), _LIMITS["max_block_channels"], tile)
+        if block_b < 16:
+            tile = max(block_b, tile // 2)
         block_a = max(1, min(nxt(A), tile // block_b))
         n_ct, n_b, b_chunk = tuning.cdiv(B, block_b), 1, 1
     else:  # a program: one channel, BLOCK_A x BLOCK_B of (batch, spatial)
         A, B = geo.R0, geo.R1
+        tile = _LIMITS["tile_reduction_fast"] // half
         block_b = min(nxt(B), tile)
         block_a = max(1, min(nxt(A), tile // block_b))
         n_ct, n_b, b_chunk = geo.S, tuning.cdiv(B, block_b), block_b
@@ -171,7 +181,7 @@ def forward(fw, state, relu: bool) -> bool:
     p = plan(geo, fw.x.dtype, flags["RENORM"])
     if p.tiles is None:
         return False
-    on_gpu = fw.x.device.type == "cuda" and not tuning.interpreting()
+    on_gpu = not tuning.interpreting()  # (CPU tensors too: perf/compile_check records GPU code)
     if on_gpu and not cooperative_supported():
         return False
     t = p.tiles

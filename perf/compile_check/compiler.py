@@ -59,9 +59,9 @@ def _jit_functions() -> dict:
     """name -> JITFunction of every @triton.jit function in triton_bn.kernels (kernels and helpers)."""
     from triton.runtime.jit import JITFunction
 
-    from triton_bn.kernels import backward, common, forward
+    from triton_bn.kernels import backward, common, forward, persistent
     out = {}
-    for mod in (common, forward, backward):
+    for mod in (common, forward, backward, persistent):
         for name, obj in vars(mod).items():
             obj = unwrap(obj)
             if isinstance(obj, JITFunction):
@@ -196,6 +196,17 @@ def unsynced_reloads(ttir: str) -> list[str]:
     return hazards
 
 
+# kernels with a grid-wide barrier (kernels/persistent.py grid_barrier), compiled as PHASE 0
+GRID_BARRIER_KERNELS = ("bn_persistent_forward_kernel",)
+
+
+def has_grid_barrier(ptx: str) -> bool:
+    """Whether the PTX arrives with a release atomic add and polls with an acquire load at GPU
+    scope (what grid_barrier compiles to)."""
+    return (re.search(r"atom\.global\.gpu\.release\.add", ptx) is not None
+            and re.search(r"ld\.global\.gpu\.acquire", ptx) is not None)
+
+
 def _compile_one(i: int) -> Result:
     from triton import knobs
 
@@ -227,6 +238,11 @@ def _compile_one(i: int) -> Result:
         res.error_full = res.error
     md = kernel.metadata
     ptx = kernel.asm.get("ptx")
+    if ptx and spec.kernel in GRID_BARRIER_KERNELS and not has_grid_barrier(ptx):
+        res.ok = False
+        res.error = ("grid barrier missing: no release atomic add and acquire load on the counter "
+                     "in the PTX")
+        res.error_full = res.error
     if ptx:
         res.ptx_mem = ptx_memory_ops(ptx)
         res.ptx_vector_fraction = vector_fraction(res.ptx_mem)

@@ -60,7 +60,8 @@ def grid_barrier(Bar, pid, n_programs, SPIN: tl.constexpr):
     (a test of the counter arithmetic in the interpreter, where programs run one at a time).
     """
     tl.debug_barrier()  # all threads' stores of this program are done
-    inc = tl.where(pid == 0, INT32_SIGN - (n_programs - 1), 1).to(tl.int32)  # 2**31 wraps: n = 1
+    # in 64 bits, truncated: 2**31 itself (one program) becomes -2**31, the same bits
+    inc = tl.where(pid == 0, INT32_SIGN - (n_programs.to(tl.int64) - 1), 1).to(tl.int32)
     old = tl.atomic_add(Bar, inc, sem="release", scope="gpu")
     if SPIN:
         now = tl.atomic_add(Bar, 0, sem="acquire", scope="gpu")
