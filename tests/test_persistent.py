@@ -50,8 +50,8 @@ def assert_close(actual, expected, **tol):
     torch.testing.assert_close(actual.double(), expected.double(), **tol)
 
 
-# programs under SMALL: 3 channels x 4 x 2 parts; 2 channel tiles (4 + 1) x 8 parts; 4 parts;
-# 2 channels x 3 parts (a 1-D spatial extent)
+# programs under SMALL: 3 channels x (4 x 2) parts; 2 channel tiles (4 + 1) x 15 parts; 7 parts;
+# 2 channels x (3 x 2) parts (a 1-D spatial extent)
 LAYOUTS = [("nchw", (4, 3, 5, 7)), ("nhwc", (4, 5, 6, 5)), ("nc", (50, 3)), ("nchw", (3, 2, 40))]
 
 
