@@ -256,9 +256,9 @@ def persistent_checks(args, device, gen, emit) -> int:
     taken = []
     real_launch = persistent._launch
 
-    def spy(grid, a, kw, phases):
+    def spy(kernel, grid, a, kw, phases):
         taken.append(grid[0])
-        return real_launch(grid, a, kw, phases)
+        return real_launch(kernel, grid, a, kw, phases)
 
     persistent._launch = spy
     limits = contextlib.ExitStack()
@@ -351,7 +351,7 @@ def persistent_checks(args, device, gen, emit) -> int:
                     ok, worst, detail, _ = check_case(big, torch.float32, "channels_last", device,
                                                       gen)
                     torch.cuda.synchronize()
-                refused = any("persistent forward not launched" in str(c.message) for c in caught)
+                refused = any("persistent kernel not launched" in str(c.message) for c in caught)
                 report("driver refuses an oversized cooperative grid", ok and refused,
                        f"warned: {refused}, err/torch {worst:.2f}")
             except Exception as exc:  # noqa: BLE001

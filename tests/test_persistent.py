@@ -1,9 +1,11 @@
-"""The opt-in persistent training forward (triton_bn/persistent.py, kernels/persistent.py).
+"""The opt-in persistent training forward and backward (triton_bn/persistent.py,
+kernels/persistent.py).
 
-In the interpreter the kernel runs as two launches split at its grid barrier (PHASE 1, PHASE 2),
+In the interpreter each kernel runs as two launches split at its grid barrier (PHASE 1, PHASE 2),
 so everything but the spinning itself runs here: the partial statistics in their fixed slots,
-the fixed-order merge in every program, the one writer per channel of the running statistics,
-the normalization of the tile loaded before the barrier. Small ``persistent.limits`` tiles give
+the fixed-order merge in every program, the one writer per channel of the running statistics
+(forward) and of dgamma / dbeta (backward), the outputs from the tiles loaded before the
+barrier. Small ``persistent.limits`` tiles give
 many parts per channel. The barrier's counter arithmetic is tested with arrivals only (SPIN=False)
 and a one-program grid; the spin itself needs a GPU (perf/gpu_check.py)."""
 
@@ -29,9 +31,9 @@ def launches(monkeypatch):
     seen = []
     real = persistent._launch
 
-    def spy(grid, args, kw, phases):
-        seen.append((grid[0], tuple(phases)))
-        return real(grid, args, kw, phases)
+    def spy(kernel, grid, args, kw, phases):
+        seen.append((grid[0], tuple(phases), kernel.fn.__name__))
+        return real(kernel, grid, args, kw, phases)
 
     monkeypatch.setattr(persistent, "_launch", spy)
     with tuning.override(force_fused=False), persistent.limits(**SMALL):
@@ -107,7 +109,7 @@ def test_residual_relu_adjustment_and_gradients(launches, layout, shape):
     rm0, rv0 = torch.randn(C), torch.rand(C) + 0.5
     stats = RunningStats(rm0.clone(), rv0.clone(), momentum=0.9, convention="keras", unbiased=False)
     y = normalize(x, w, b, running=stats, adjustment=adj, residual=z, activation="relu")
-    assert launches
+    assert [k for _, _, k in launches] == ["bn_persistent_forward_kernel"]
     dy = torch.randn_like(y)
     gx, gz, gw, gb = torch.autograd.grad(y, [x, z, w, b], dy)
     xr, zr, wr, br = (t.detach().double().requires_grad_() for t in (x, z, w, b))
@@ -115,6 +117,7 @@ def test_residual_relu_adjustment_and_gradients(launches, layout, shape):
                                       convention="keras", unbiased=False, adjustment=adj,
                                       residual=zr, activation="relu")
     rgx, rgz, rgw, rgb = torch.autograd.grad(ref, [xr, zr, wr, br], dy.double())
+    assert [k for _, _, k in launches][1:] == ["bn_persistent_backward_kernel"]
     n = x.numel() // C
     assert_close(y, ref, **TOL[dtype])
     assert_close(stats.mean, state["running_mean"], **TOL[dtype])
@@ -123,6 +126,50 @@ def test_residual_relu_adjustment_and_gradients(launches, layout, shape):
     assert_close(gz, rgz, **TOL[dtype])
     assert_close(gw, rgw, **grad_tol(dtype, n))
     assert_close(gb, rgb, **grad_tol(dtype, n))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("layout,shape", LAYOUTS)
+def test_backward_matches_reference(launches, dtype, layout, shape):
+    """dx, dgamma, dbeta of the persistent backward (x and dy read once) against float64
+    autograd of the reference, on data far from zero."""
+    C = shape[1]
+    x = make_x(shape, dtype, layout, offset=5.0).requires_grad_()
+    w = torch.randn(C, dtype=dtype, requires_grad=True)
+    b = torch.randn(C, dtype=dtype, requires_grad=True)
+    y = batch_norm(x, None, None, w, b, training=True)
+    dy = make_x(shape, dtype, layout)
+    gx, gw, gb = torch.autograd.grad(y, [x, w, b], dy)
+    kinds = [k for _, _, k in launches]
+    assert kinds == ["bn_persistent_forward_kernel", "bn_persistent_backward_kernel"]
+    assert launches[1][0] > (C if layout != "nhwc" else 2), "several parts per channel"
+    xr, wr, br = (t.detach().double().requires_grad_() for t in (x, w, b))
+    ref, _ = reference_batch_norm(xr, wr, br)
+    rgx, rgw, rgb = torch.autograd.grad(ref, [xr, wr, br], dy.double())
+    n = x.numel() // C
+    assert gx.dtype == dtype and gx.stride() == x.stride()
+    assert_close(gx, rgx, **TOL[dtype])
+    assert_close(gw, rgw, **grad_tol(dtype, n))
+    assert_close(gb, rgb, **grad_tol(dtype, n))
+
+
+def test_backward_after_a_renorm_forward(launches):
+    """Renorm's forward takes the split path; its backward (dgamma through r and d, saved as the
+    pre-gamma affine) may take the persistent one. Only dweight asked for (no dx)."""
+    C = 5
+    x = make_x((4, 5, 6, 5), torch.float32, "nhwc", offset=2.0)
+    w = torch.randn(C, requires_grad=True)
+    rm0, rv0 = torch.randn(C), torch.rand(C) + 0.5
+    stats = RunningStats(rm0.clone(), rv0.clone(), momentum=0.1)
+    y = normalize(x, w, None, running=stats, renorm=Renorm("torch", rmax=1.2, dmax=0.3))
+    dy = torch.randn_like(y)
+    (gw,) = torch.autograd.grad(y, [w], dy)
+    assert [k for _, _, k in launches] == ["bn_persistent_backward_kernel"]
+    wr = w.detach().double().requires_grad_()
+    ref, _ = reference_batch_norm(x, wr, running_mean=rm0, running_var=rv0,
+                                  renorm=dict(style="torch", rmax=1.2, dmax=0.3))
+    (rgw,) = torch.autograd.grad(ref, [wr], dy.double())
+    assert_close(gw, rgw, **grad_tol(torch.float32, x.numel() // C))
 
 
 def test_cumulative_momentum_and_no_affine(launches):

@@ -467,6 +467,9 @@ def bn_backward(
             *(s for st in strides for s in (st[0], st[1], st[3])),
             CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, RELU=relu, TRAINING=training,
             BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B, num_warps=plan.num_warps)
+    elif not sync and persistent.backward(bw, mean, rstd, scale, shift, gscale, gshift, dweight,
+                                          dbias, training, relu):
+        pass  # opt-in persistent single pass (TRITON_BN_PERSISTENT=1; persistent.py) ran
     else:
         if x.numel():
             part_dy, part_dyx = _launch_grad_reduce(bw, plan, mean, scale, shift, relu)

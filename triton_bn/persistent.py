@@ -1,12 +1,14 @@
-"""The persistent training forward (kernels/persistent.py): plan, capacity check and launch.
+"""The persistent training forward and backward (kernels/persistent.py): plan, capacity check
+and launch.
 
 OPT-IN, DEFAULT OFF: it runs only with the environment variable TRITON_BN_PERSISTENT=1, and it
 has NOT been run on a GPU yet (only its two-launch form has run, in Triton's CPU interpreter).
 
-When it is taken (``forward`` returns True; ops.bn_forward falls back to the split path when it
-returns False, and the plan's ``reason`` says why):
-  * training, no sync BN, no ghost batches, no renorm, a non-empty input that the single-pass
-    kernel (one program per channel slice) does not already cover;
+When it is taken (``forward`` / ``backward`` return True; ops falls back to the split path when
+they return False, and the plan's ``reason`` says why):
+  * training, no sync BN, no ghost batches, no renorm (forward; the backward takes renorm), a
+    non-empty input that the single-pass kernels (one program per channel slice) do not already
+    cover;
   * on a GPU: Triton offers ``launch_cooperative_grid`` (>= 3.2), which makes the driver run
     every program at once or refuse the launch, never a partial grid that would spin forever;
     and the grid fits the co-resident capacity computed from the compiled kernel's registers,
@@ -28,7 +30,7 @@ from typing import Iterator, Optional
 import torch
 
 from . import tuning
-from .kernels.persistent import bn_persistent_forward_kernel
+from .kernels.persistent import bn_persistent_backward_kernel, bn_persistent_forward_kernel
 
 ENV = "TRITON_BN_PERSISTENT"
 MARGIN = 0.875  # fraction of the computed co-resident capacity a grid may use
@@ -91,20 +93,22 @@ def cooperative_supported() -> bool:
     return "launch_cooperative_grid" in getattr(CUDAOptions, "__dataclass_fields__", {})
 
 
-def plan(geo, dtype: torch.dtype, renorm: int) -> Plan:
-    """The tiles of a persistent forward of this geometry, before the capacity check."""
-    return _plan(geo, dtype, renorm, tuple(sorted(_LIMITS.items())))
+def plan(geo, dtype: torch.dtype, renorm: int, kind: str = "forward") -> Plan:
+    """The tiles of a persistent ``kind`` ("forward" or "backward": it holds x and dy, so half
+    the values per program) of this geometry, before the capacity check."""
+    return _plan(geo, dtype, renorm, kind, tuple(sorted(_LIMITS.items())))
 
 
 @functools.lru_cache(maxsize=1024)
-def _plan(geo, dtype, renorm, _limits) -> Plan:
+def _plan(geo, dtype, renorm, kind, _limits) -> Plan:
     if geo.G != 1:
         return Plan(None, "ghost batches: the split path merges each group's statistics")
-    if renorm:
+    if renorm and kind == "forward":
         return Plan(None, "renorm: every program would read the statistics part 0 updates")
     if geo.R == 0 or geo.S == 0:
         return Plan(None, "empty input")
-    half = 2 if dtype == torch.float64 else 1  # fp64 takes twice the registers
+    # fp64 takes twice the registers; backward holds two tiles (x and dy)
+    half = (2 if dtype == torch.float64 else 1) * (2 if kind == "backward" else 1)
     nxt = tuning.next_pow2
     if geo.channels_fast:  # a program: BLOCK_B channels x BLOCK_A rows
         A, B = geo.R, geo.S
@@ -121,9 +125,9 @@ def _plan(geo, dtype, renorm, _limits) -> Plan:
         block_a = max(1, min(nxt(A), tile // block_b))
         n_ct, n_b, b_chunk = geo.S, tuning.cdiv(B, block_b), block_b
     n_a = tuning.cdiv(A, block_a)
-    warps = 8 if block_a * block_b >= 8192 else 4
+    warps = 8 if block_a * block_b >= 8192 // (2 if kind == "backward" else 1) else 4
     tiles = tuning.TilePlan(False, block_a, block_b, A, B, block_a, b_chunk, n_ct, n_a, n_b, warps)
-    return Plan(tiles, f"persistent: {tiles.grid[0]} programs of {block_a}x{block_b}")
+    return Plan(tiles, f"persistent {kind}: {tiles.grid[0]} programs of {block_a}x{block_b}")
 
 
 _WORKSPACE: dict = {}
@@ -181,9 +185,6 @@ def forward(fw, state, relu: bool) -> bool:
     p = plan(geo, fw.x.dtype, flags["RENORM"])
     if p.tiles is None:
         return False
-    on_gpu = not tuning.interpreting()  # (CPU tensors too: perf/compile_check records GPU code)
-    if on_gpu and not cooperative_supported():
-        return False
     t = p.tiles
     part_sum = torch.empty((t.n_parts, geo.S), device=fw.x.device, dtype=fw.mean.dtype)
     part_m2 = torch.empty_like(part_sum)
@@ -194,34 +195,66 @@ def forward(fw, state, relu: bool) -> bool:
             st_x[0], st_x[1], st_x[3], st_y[0], st_y[1], st_y[3], st_z[0], st_z[1], st_z[3])
     kw = dict(CHANNELS_FAST=geo.channels_fast, INT64=fw.int64, RELU=relu, BLOCK_A=t.BLOCK_A,
               BLOCK_B=t.BLOCK_B, BLOCK_P=BLOCK_P, num_warps=t.num_warps, **flags)
-    if not on_gpu:
-        if t.grid[0] > _LIMITS["max_programs"]:
+    key = ("forward", geo, fw.x.dtype, fw.x.device, fw.int64, relu, fw.has_residual,
+           tuple(flags.items()), tuple(a is None for a in tensors), p)
+    return _run(bn_persistent_forward_kernel, key, t.grid, args, kw)
+
+
+def backward(bw, mean, rstd, scale, shift, gscale, gshift, dweight, dbias, training: bool,
+             relu: bool) -> bool:
+    """Runs the persistent training backward of ``bw`` (ops._Backward) when requested and
+    possible (not for sync BN: the caller asks only without it); False leaves it to the split
+    path."""
+    x = bw.prep.tensors[0]
+    if not requested() or not training or x.numel() == 0:
+        return False
+    geo = bw.geo
+    p = plan(geo, x.dtype, 0, "backward")
+    if p.tiles is None:
+        return False
+    t = p.tiles
+    part_dy = torch.empty((t.n_parts, geo.S), device=x.device, dtype=mean.dtype)
+    part_dyx = torch.empty_like(part_dy)
+    (xs, dys, zs, dxs, dzs), strides = bw.views()
+    args = (xs, dys, zs, dxs, dzs, part_dy, part_dyx, barrier_counter(x.device), mean, rstd,
+            scale, shift, gscale, gshift, dweight, dbias, geo.R1, geo.K, t.A, t.B, t.a_chunk,
+            t.b_chunk, t.n_channel_tiles, t.n_b_parts, geo.R,
+            *(s for st in strides for s in (st[0], st[1], st[3])))
+    kw = dict(CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, RELU=relu, BLOCK_A=t.BLOCK_A,
+              BLOCK_B=t.BLOCK_B, BLOCK_P=BLOCK_P, num_warps=t.num_warps)
+    key = ("backward", geo, x.dtype, x.device, bw.int64, relu, bw.has_residual,
+           tuple(a is None for a in args[:5] + args[12:16]), p)
+    return _run(bn_persistent_backward_kernel, key, t.grid, args, kw)
+
+
+def _run(kernel, key, grid, args, kw) -> bool:
+    """Launches ``kernel`` if its grid fits (see the module docstring); False: it did not run."""
+    if tuning.interpreting():
+        if grid[0] > _LIMITS["max_programs"]:
             return False
-        _launch(t.grid, args, kw, (1, 2))
+        _launch(kernel, grid, args, kw, (1, 2))
         return True
-    key = (geo, fw.x.dtype, fw.x.device, fw.int64, relu, fw.has_residual,
-           tuple((k, v) for k, v in flags.items()), tuple(a is None for a in tensors), p)
-    if key in _REFUSED:
+    # on a GPU (or CPU tensors outside the interpreter: perf/compile_check records GPU code)
+    if not cooperative_supported() or key in _REFUSED:
         return False
     cap = _CAPACITY.get(key)
     if cap is None:
-        compiled = bn_persistent_forward_kernel.warmup(*args, grid=t.grid, PHASE=0,
-                                                       launch_cooperative_grid=True, **kw)
-        cap = _CAPACITY[key] = capacity(compiled, fw.x.device)
-    if t.grid[0] > cap:
+        compiled = kernel.warmup(*args, grid=grid, PHASE=0, launch_cooperative_grid=True, **kw)
+        cap = _CAPACITY[key] = capacity(compiled, args[0].device)
+    if grid[0] > cap:
         return False
     try:
-        _launch(t.grid, args, kw, (0,))
+        _launch(kernel, grid, args, kw, (0,))
     except RuntimeError as e:  # e.g. the driver refuses a cooperative grid larger than it holds
         _REFUSED.add(key)
-        warnings.warn(f"triton_bn: persistent forward not launched ({e}); using the split path",
+        warnings.warn(f"triton_bn: persistent kernel not launched ({e}); using the split path",
                       RuntimeWarning, stacklevel=3)
         return False
     return True
 
 
-def _launch(grid, args, kw, phases) -> None:
+def _launch(kernel, grid, args, kw, phases) -> None:
     """One cooperative launch (PHASE 0), or the interpreter's two launches (PHASE 1, 2)."""
     for phase in phases:
         extra = {"launch_cooperative_grid": True} if phase == 0 else {}
-        bn_persistent_forward_kernel[grid](*args, PHASE=phase, **extra, **kw)
+        kernel[grid](*args, PHASE=phase, **extra, **kw)

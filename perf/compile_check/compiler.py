@@ -197,7 +197,7 @@ def unsynced_reloads(ttir: str) -> list[str]:
 
 
 # kernels with a grid-wide barrier (kernels/persistent.py grid_barrier), compiled as PHASE 0
-GRID_BARRIER_KERNELS = ("bn_persistent_forward_kernel",)
+GRID_BARRIER_KERNELS = ("bn_persistent_forward_kernel", "bn_persistent_backward_kernel")
 
 
 def has_grid_barrier(ptx: str) -> bool:

@@ -1,5 +1,5 @@
-"""Persistent training forward: x read once at sizes one program cannot hold (opt-in, see
-triton_bn/persistent.py). OPT-IN and NOT YET RUN ON A GPU: TRITON_BN_PERSISTENT=1 enables it.
+"""Persistent training forward and backward: x (and dy) read once at sizes one program cannot
+hold (see triton_bn/persistent.py). OPT-IN and NOT YET RUN ON A GPU: TRITON_BN_PERSISTENT=1.
 
 bn_persistent_forward_kernel, one launch of co-resident programs (a cooperative launch):
     1. each program loads its share of x, ONE [BLOCK_A, BLOCK_B] tile, into registers and
@@ -12,6 +12,8 @@ bn_persistent_forward_kernel, one launch of co-resident programs (a cooperative 
        y is written once. Only the part-0 program of a channel writes Mean/Rstd/Scale/Shift
        and updates the running statistics (exactly one writer per channel).
 Bytes moved: x read once, y written once (2 per element, against 3 on the split path).
+bn_persistent_backward_kernel does the same with x and dy (sums of dy and dy * (x - centre)
+through the barrier; 3 bytes per element moved against 5).
 
 Every program reads the state channel_affine_and_update reads; the part-0 program also writes
 it. Renorm reads the running / renorm statistics that part 0 updates, so renorm (and ghost
@@ -27,10 +29,12 @@ PHASE 1 up to the barrier (partials written), PHASE 2 after it (x loaded again, 
 import triton
 import triton.language as tl
 
+from .backward import channel_grad_terms, load_x_and_gated_dy, store_param_grads
 from .common import (
     apply_activation,
     chan_merge,
     given,
+    load_channel_values,
     load_pivot,
     mean_from_sum,
     program_ranges,
@@ -173,3 +177,114 @@ def bn_persistent_forward_kernel(
                               False, CHANNELS_FAST)
         y = apply_activation(centred * scale + shift, Residual, z_offs, mask, HAS_RESIDUAL, RELU)
         tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def sum_parts(PartA, PartB, c, c_mask, S, n_parts, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+              BLOCK_P: tl.constexpr):
+    """Sums of two [n_parts, S] partial arrays over the parts for channels c, in a fixed order:
+    BLOCK_P parts at a time as a tree (tl.sum), the blocks one after another (as
+    bn_backward_finalize_kernel does), so every program gets the same bits."""
+    total_a = tl.zeros([BLOCK_C], ACC)
+    total_b = tl.zeros([BLOCK_C], ACC)
+    for p0 in range(0, n_parts, BLOCK_P):
+        p = tl.cast(p0, tl.int64) + tl.arange(0, BLOCK_P).to(tl.int64)
+        tile_mask = (p < n_parts)[:, None] & c_mask[None, :]
+        offs = p[:, None] * S + c[None, :]
+        total_a += tl.sum(tl.load(PartA + offs, mask=tile_mask, other=0.0), 0)
+        total_b += tl.sum(tl.load(PartB + offs, mask=tile_mask, other=0.0), 0)
+    return total_a, total_b
+
+
+@triton.heuristics(given(HAS_RESIDUAL="Residual", HAS_GAFFINE="GScale", WRITE_DW="DWeight",
+    WRITE_DB="DBias", WRITE_DX="DX", WRITE_DRESIDUAL="DResidual"))
+@triton.jit
+def bn_persistent_backward_kernel(
+    X, DY, Residual, DX, DResidual,
+    PartSumDy, PartSumDyXc,        # [n_parts, K] fixed slots: each part's sums of g and g * (x - c)
+    Bar,                           # [1] int32 barrier counter (see grid_barrier)
+    Mean,                          # [2 * K] forward centres, then offsets
+    Rstd, Scale, Shift,            # [K] fp32 forward coefficients
+    GScale, GShift, DWeight, DBias,
+    R1, K, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts, n,
+    stride_x_r0, stride_x_r1, stride_x_k,
+    stride_dy_r0, stride_dy_r1, stride_dy_k,
+    stride_z_r0, stride_z_r1, stride_z_k,
+    stride_dx_r0, stride_dx_r1, stride_dx_k,
+    stride_dz_r0, stride_dz_r1, stride_dz_k,
+    CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    HAS_GAFFINE: tl.constexpr, WRITE_DW: tl.constexpr, WRITE_DB: tl.constexpr,
+    WRITE_DX: tl.constexpr, WRITE_DRESIDUAL: tl.constexpr,
+    PHASE: tl.constexpr,           # as in bn_persistent_forward_kernel
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """Training backward (G == 1), x and dy read once: each program holds its tile of x and g
+    (dy gated by the fused ReLU), writes its channel sums of g and g * (x - centre) to its fixed
+    slots, waits at the grid barrier, adds every part's sums in a fixed order and writes dx (and
+    the residual's gradient) from the tiles in registers; the part-0 program of a channel writes
+    dgamma and dbeta. The maths is bn_fused_backward_kernel's (see backward.py)."""
+    ACC = Scale.dtype.element_ty
+    pid = tl.program_id(0)
+    part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
+        pid, n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST, INT64)
+    n_parts = tl.num_programs(0) // n_channel_tiles
+    a, b, b_mask, mask = tile_indices(a_begin, b_begin, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
+    if CHANNELS_FAST:
+        c = b_begin + tl.arange(0, BLOCK_B)
+        c_mask = c < b_end
+        cs = c
+    else:
+        c = s_fixed + tl.arange(0, 1)  # the channel as a vector (sum_parts), and as a scalar
+        c_mask = c < K
+        cs = s_fixed
+    mean = load_channel_values(Mean, cs, c_mask, cs, ACC, CHANNELS_FAST)  # the centre
+    scale = load_channel_values(Scale, cs, c_mask, cs, ACC, CHANNELS_FAST)
+    shift = load_channel_values(Shift, cs, c_mask, cs, ACC, CHANNELS_FAST)
+    x, g = load_x_and_gated_dy(
+        X, DY, Residual, a, b, s_fixed, mask, mean, scale, shift, R1, K,
+        stride_x_r0, stride_x_r1, 0, stride_x_k, stride_dy_r0, stride_dy_r1, 0, stride_dy_k,
+        stride_z_r0, stride_z_r1, 0, stride_z_k, ACC, False, CHANNELS_FAST, HAS_RESIDUAL, RELU)
+    xc = tl.where(mask, x - mean, 0.0)
+
+    if PHASE != 2:  # 1. this part's sums to its fixed slots
+        part_dy = tl.sum(g, 0)
+        part_dy_xc = tl.sum(g * xc, 0)
+        if CHANNELS_FAST:
+            tl.store(PartSumDy + part * K + c, part_dy, mask=c_mask)
+            tl.store(PartSumDyXc + part * K + c, part_dy_xc, mask=c_mask)
+        else:
+            tl.store(PartSumDy + part * K + s_fixed, tl.sum(part_dy, 0))
+            tl.store(PartSumDyXc + part * K + s_fixed, tl.sum(part_dy_xc, 0))
+    if PHASE == 0:  # 2. wait for every part
+        grid_barrier(Bar, pid, tl.num_programs(0), True)
+    if PHASE != 1:  # 3. add the parts in a fixed order; dx from the tiles in registers
+        if CHANNELS_FAST:
+            sum_dy, sum_dy_xc = sum_parts(PartSumDy, PartSumDyXc, c, c_mask, K, n_parts, ACC,
+                                          BLOCK_B, BLOCK_P)
+        else:
+            sum_dy, sum_dy_xc = sum_parts(PartSumDy, PartSumDyXc, c, c_mask, K, n_parts, ACC, 1,
+                                          BLOCK_P)
+        offset = tl.load(Mean + K + c, mask=c_mask, other=0.0).to(ACC)
+        rstd = tl.load(Rstd + c, mask=c_mask, other=0.0).to(ACC)
+        scale_c = tl.load(Scale + c, mask=c_mask, other=0.0).to(ACC)
+        sum_dy_xhat, coef_b, coef_c = channel_grad_terms(sum_dy, sum_dy_xc, offset, rstd, scale_c,
+                                                         n, True)
+        if part == 0:  # one writer per channel
+            store_param_grads(c, c_mask, sum_dy, sum_dy_xhat, GScale, GShift, DWeight, DBias,
+                              HAS_GAFFINE, WRITE_DW, WRITE_DB)
+        if CHANNELS_FAST:
+            coef_b = coef_b[None, :]
+            coef_c = coef_c[None, :]
+        else:
+            coef_b = tl.sum(coef_b, 0)
+            coef_c = tl.sum(coef_c, 0)
+        if WRITE_DRESIDUAL:
+            dz_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dz_r0, stride_dz_r1, 0,
+                                   stride_dz_k, False, CHANNELS_FAST)
+            tl.store(DResidual + dz_offs, g.to(DResidual.dtype.element_ty), mask=mask)
+        if WRITE_DX:
+            dx = scale * g + coef_b * xc + coef_c
+            dx_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dx_r0, stride_dx_r1, 0,
+                                   stride_dx_k, False, CHANNELS_FAST)
+            tl.store(DX + dx_offs, dx.to(DX.dtype.element_ty), mask=mask)
