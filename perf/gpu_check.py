@@ -13,10 +13,11 @@
    with GB/s from minimal byte counts (forward: read x, write y; backward: read x and dy, write dx).
 3. CUDA graphs: a captured training step (forward + backward, torch.cuda.graph) replayed on new
    data must match the same steps run eagerly, running statistics included.
-4. The opt-in persistent forward (TRITON_BN_PERSISTENT=1, never yet run on a GPU), in a child
-   process killed after --persistent-timeout seconds, so that a grid barrier that never releases
-   fails the check instead of hanging it: ResNet-50 shapes at --persistent-batch (which path each
-   took, the checks of 1., forward time persistent vs split vs torch), repeated calls bitwise
+4. The opt-in persistent forward and backward (TRITON_BN_PERSISTENT=1, never yet run on a GPU),
+   in a child process killed after --persistent-timeout seconds, so that a grid barrier that
+   never releases fails the check instead of hanging it: ResNet-50 shapes at --persistent-batch
+   (which path each took, the checks of 1., forward and forward + backward times persistent vs
+   split vs torch), repeated calls bitwise
    equal (the barrier counter resets itself), CUDA-graph replay, a grid too large for the GPU
    falling back to the split path, and a grid the capacity check is told to allow but the
    driver must refuse (a cooperative launch too large) falling back with a warning.
@@ -257,7 +258,7 @@ def persistent_checks(args, device, gen, emit) -> int:
     real_launch = persistent._launch
 
     def spy(kernel, grid, a, kw, phases):
-        taken.append(grid[0])
+        taken.append(("fwd" if "forward" in kernel.fn.__name__ else "bwd", grid[0]))
         return real_launch(kernel, grid, a, kw, phases)
 
     persistent._launch = spy
@@ -290,21 +291,31 @@ def persistent_checks(args, device, gen, emit) -> int:
             except Exception as exc:  # noqa: BLE001
                 report(f"{sname} {DNAME[dtype]} {layout}", False, f"{type(exc).__name__}: {exc}")
                 continue
-            path = (f"persistent ({taken[-1]} programs)" if len(taken) > before
-                    else "not persistent (single pass or split)")
+            ran = dict(taken[before:])
+            path = ", ".join(f"{k} persistent ({ran[k]} programs)" for k in ("fwd", "bwd")
+                             if k in ran) or "not persistent (single pass or split)"
             msg = f"{path}, err/torch {worst:.2f}" + (f"; {detail}" if detail else "")
-            if cuda and not args.no_timing and len(taken) > before:
-                x, _, w, b, rm, rv = tensors
-                fwd = {}
-                for name, env in (("persistent", "1"), ("split", "0")):
+            if cuda and not args.no_timing and ran:
+                x, dy, w, b, rm, rv = tensors
+                xg = x.detach().clone().requires_grad_(True)
+
+                def step(fn, grad):
+                    y = fn(xg if grad else x, rm, rv, w, b, True, 0.1, 1e-5)
+                    if grad:
+                        y.backward(dy)
+
+                t = {}
+                for name, fn, env in (("persistent", triton_bn.batch_norm, "1"),
+                                      ("split", triton_bn.batch_norm, "0"),
+                                      ("torch", F.batch_norm, "1")):
                     os.environ[persistent.ENV] = env
-                    fwd[name] = bench(lambda: triton_bn.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5),
-                                      True, args.rep_ms, args.warmup_ms, None)[0]
+                    for grad in (False, True):
+                        t[name, grad] = bench(lambda fn=fn, grad=grad: step(fn, grad), True,
+                                              args.rep_ms, args.warmup_ms, [xg])[0]
                 os.environ[persistent.ENV] = "1"
-                fwd["torch"] = bench(lambda: F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5), True,
-                                     args.rep_ms, args.warmup_ms, None)[0]
-                msg += (f"; fwd ms persistent {fwd['persistent']:.4f}, split {fwd['split']:.4f}, "
-                        f"torch {fwd['torch']:.4f}")
+                for grad, label in ((False, "fwd"), (True, "fwd+bwd")):
+                    msg += (f"; {label} ms persistent {t['persistent', grad]:.4f}, split "
+                            f"{t['split', grad]:.4f}, torch {t['torch', grad]:.4f}")
             report(f"{sname} {DNAME[dtype]} {layout}", ok, msg)
             del tensors
         fits = [s for s in shapes if s[0][0] * s[0][1] * s[0][2] * s[0][3] <= 2_000_000][-1:] or shapes

@@ -282,4 +282,4 @@ def test_gpu_check_without_cuda(tmp_path):
     text = out.read_text()
     assert "ALL CHECKS PASSED" in text
     # section 4 ran in its child process and took the persistent path (two launches, interpreter)
-    assert "persistent 4x3x5x7 fp32 nchw: ok (persistent (" in text
+    assert "persistent 4x3x5x7 fp32 nchw: ok (fwd persistent (" in text
