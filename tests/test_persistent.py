@@ -300,3 +300,18 @@ def test_occupancy(regs, shared, warps, expected):
     """The CUDA occupancy rules (registers per warp rounded to 256, threads, shared memory with
     1 KiB reserved per block, 32 blocks), worked out by hand for sm_90's limits."""
     assert persistent.occupancy(regs, shared, warps, _Props()) == expected
+
+
+@pytest.mark.slow
+def test_bench_reports_the_persistent_path(launches, tmp_path, capsys):
+    """``triton-bn bench`` names the path a triton_bn case took when it was the persistent one."""
+    from triton_bn.cli import main
+
+    rc = main(["bench", "--shape", "4x3x5x7", "--dtypes", "fp32", "--layouts", "nchw", "--modes",
+          "forward_backward", "--providers", "triton_bn", "--cpu-reps", "1", "--copy-mb", "1",
+          "--no-progress", "--no-plot", "--csv", str(tmp_path / "b.csv")])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "triton_bn path: persistent forward+backward" in out
+    assert {k for _, _, k in launches} == {"bn_persistent_forward_kernel",
+                                           "bn_persistent_backward_kernel"}

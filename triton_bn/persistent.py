@@ -253,8 +253,18 @@ def _run(kernel, key, grid, args, kw) -> bool:
     return True
 
 
+_COUNTS = {"forward": 0, "backward": 0}
+
+
+def launch_counts() -> dict:
+    """How many persistent forwards and backwards this process has launched (``triton-bn bench``
+    reports the path a case took from the difference)."""
+    return dict(_COUNTS)
+
+
 def _launch(kernel, grid, args, kw, phases) -> None:
     """One cooperative launch (PHASE 0), or the interpreter's two launches (PHASE 1, 2)."""
+    _COUNTS["forward" if kernel is bn_persistent_forward_kernel else "backward"] += 1
     for phase in phases:
         extra = {"launch_cooperative_grid": True} if phase == 0 else {}
         kernel[grid](*args, PHASE=phase, **extra, **kw)
