@@ -128,3 +128,21 @@ def test_compile_report_requires_the_grid_barrier(parts, ok):
 
     assert "bn_persistent_forward_kernel" in GRID_BARRIER_KERNELS
     assert has_grid_barrier("\n".join(_BARRIER_PTX[p] for p in parts)) is ok
+
+
+_PERSISTENT_TTIR = """  tt.func public @k(%X: !tt.ptr<f32> loc("X"), %Bar: !tt.ptr<i32> loc("Bar")) {
+    %0 = tt.splat %X : !tt.ptr<f32> -> tensor<64x!tt.ptr<f32>>
+    %1 = tt.addptr %0, %c : tensor<64x!tt.ptr<f32>>, tensor<64xi32>
+    %2 = tt.load %1, %m : tensor<64x!tt.ptr<f32>>
+    %3 = tt.atomic_rmw add, release, gpu, %Bar, %inc, %true : (!tt.ptr<i32>, i32, i1) -> i32
+{reload}  }"""
+
+
+@pytest.mark.parametrize("reload", ["", "    %4 = tt.load %1, %m : tensor<64x!tt.ptr<f32>>\n"])
+def test_compile_report_flags_x_read_after_the_grid_barrier(reload):
+    """A persistent kernel must not load X again after the barrier (x read once)."""
+    sys.path.insert(0, str(ROOT))
+    from perf.compile_check.compiler import loaded_after_grid_barrier
+
+    ttir = _PERSISTENT_TTIR.replace("{reload}", reload)
+    assert loaded_after_grid_barrier(ttir) == ({"X"} if reload else set())

@@ -243,6 +243,23 @@ def test_single_pass_plans_do_not_use_it(monkeypatch):
     assert_close(y, reference_batch_norm(x)[0], **TOL[torch.float32])
 
 
+def test_explain(launches, monkeypatch):
+    """The plan says which path a tensor takes and why."""
+    x = make_x((4, 3, 5, 7), torch.float32, "nchw")
+    assert persistent.explain(x).startswith("persistent forward: 24 programs of 1x32 (<= 264")
+    assert persistent.explain(x, "backward").startswith("persistent backward: 36 programs")
+    assert "ghost" in persistent.explain(x, groups=2)
+    assert "renorm" in persistent.explain(x, renorm=2)
+    with persistent.limits(max_programs=4):
+        assert persistent.explain(x) == "split: 24 programs > 4 (the interpreter's max_programs)"
+    with tuning.override(force_fused=True):
+        assert persistent.explain(x).startswith("single pass")
+    with pytest.raises(ValueError, match="kind"):
+        persistent.explain(x, "sideways")
+    monkeypatch.delenv(persistent.ENV)
+    assert "off" in persistent.explain(x)
+
+
 def test_limits_validate():
     with pytest.raises(TypeError, match="tile"):
         with persistent.limits(tiles=4):

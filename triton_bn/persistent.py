@@ -16,6 +16,7 @@ they return False, and the plan's ``reason`` says why):
     A launch the driver still refuses falls back to the split path and is not tried again;
   * in the interpreter (tests): the kernel runs as two launches split at the barrier (PHASE 1,
     PHASE 2); ``limits(max_programs=...)`` stands in for the GPU's capacity.
+``explain(x)`` says in one line which path a tensor takes and why.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ class Plan:
         return self.tiles.grid[0] if self.tiles else 0
 
 
+@functools.lru_cache(maxsize=None)
 def cooperative_supported() -> bool:
     """Whether this Triton compiles the ``launch_cooperative_grid`` kernel option (CUDA)."""
     try:
@@ -128,6 +130,38 @@ def _plan(geo, dtype, renorm, kind, _limits) -> Plan:
     warps = 8 if block_a * block_b >= 8192 // (2 if kind == "backward" else 1) else 4
     tiles = tuning.TilePlan(False, block_a, block_b, A, B, block_a, b_chunk, n_ct, n_a, n_b, warps)
     return Plan(tiles, f"persistent {kind}: {tiles.grid[0]} programs of {block_a}x{block_b}")
+
+
+def explain(x: torch.Tensor, kind: str = "forward", axes: tuple = (1,), groups: int = 1,
+            renorm: int = 0) -> str:
+    """Which path a training ``kind`` ("forward" or "backward") of ``x`` takes and why, in one
+    line (the capacity part is known on a GPU only after a first call has compiled the kernel)."""
+    from .layout import plan_geometry
+
+    if kind not in ("forward", "backward"):
+        raise ValueError(f"explain: kind must be 'forward' or 'backward', got {kind!r}")
+    if not requested():
+        return f"split or single pass: the persistent path is off (set {ENV}=1)"
+    geo = plan_geometry(x.shape, [x.stride()], tuple(axes), groups)
+    if geo is None:
+        return "split: this layout is copied first (not planned here)"
+    if tuning.plan_tiles(geo, kind, x.device, x.dtype).fused:
+        return "single pass: one program holds each channel slice"
+    p = plan(geo, x.dtype, renorm, kind)
+    if p.tiles is None:
+        return f"split: {p.reason}"
+    if tuning.interpreting():
+        cap, where = _LIMITS["max_programs"], "the interpreter's max_programs"
+    else:
+        known = [c for k, c in _CAPACITY.items() if k[0] == kind and k[1] == geo and k[-1] == p]
+        if not cooperative_supported():
+            return "split: this Triton has no launch_cooperative_grid"
+        if not known:
+            return f"{p.reason}, if they fit (capacity computed at the first call)"
+        cap, where = min(known), "the co-resident capacity"
+    if p.programs > cap:
+        return f"split: {p.programs} programs > {cap} ({where})"
+    return f"{p.reason} (<= {cap}, {where})"
 
 
 _WORKSPACE: dict = {}
@@ -186,13 +220,16 @@ def forward(fw, state, relu: bool) -> bool:
     if p.tiles is None:
         return False
     t = p.tiles
-    part_sum = torch.empty((t.n_parts, geo.S), device=fw.x.device, dtype=fw.mean.dtype)
-    part_m2 = torch.empty_like(part_sum)
-    xs, ys, zs, st_x, st_y, st_z = fw.views()
-    args = (xs, ys, zs, part_sum, part_m2, barrier_counter(fw.x.device), fw.mean, fw.rstd,
-            fw.scale, fw.shift, *tensors, geo.R1, geo.K, t.A, t.B, t.a_chunk, t.b_chunk,
-            t.b_count, t.n_channel_tiles, t.n_b_parts, hyper,
-            st_x[0], st_x[1], st_x[3], st_y[0], st_y[1], st_y[3], st_z[0], st_z[1], st_z[3])
+
+    def args():
+        part_sum = torch.empty((t.n_parts, geo.S), device=fw.x.device, dtype=fw.mean.dtype)
+        part_m2 = torch.empty_like(part_sum)
+        xs, ys, zs, st_x, st_y, st_z = fw.views()
+        return (xs, ys, zs, part_sum, part_m2, barrier_counter(fw.x.device), fw.mean, fw.rstd,
+                fw.scale, fw.shift, *tensors, geo.R1, geo.K, t.A, t.B, t.a_chunk, t.b_chunk,
+                t.b_count, t.n_channel_tiles, t.n_b_parts, hyper,
+                st_x[0], st_x[1], st_x[3], st_y[0], st_y[1], st_y[3], st_z[0], st_z[1], st_z[3])
+
     kw = dict(CHANNELS_FAST=geo.channels_fast, INT64=fw.int64, RELU=relu, BLOCK_A=t.BLOCK_A,
               BLOCK_B=t.BLOCK_B, BLOCK_P=BLOCK_P, num_warps=t.num_warps, **flags)
     key = ("forward", geo, fw.x.dtype, fw.x.device, fw.int64, relu, fw.has_residual,
@@ -213,31 +250,38 @@ def backward(bw, mean, rstd, scale, shift, gscale, gshift, dweight, dbias, train
     if p.tiles is None:
         return False
     t = p.tiles
-    part_dy = torch.empty((t.n_parts, geo.S), device=x.device, dtype=mean.dtype)
-    part_dyx = torch.empty_like(part_dy)
     (xs, dys, zs, dxs, dzs), strides = bw.views()
-    args = (xs, dys, zs, dxs, dzs, part_dy, part_dyx, barrier_counter(x.device), mean, rstd,
-            scale, shift, gscale, gshift, dweight, dbias, geo.R1, geo.K, t.A, t.B, t.a_chunk,
-            t.b_chunk, t.n_channel_tiles, t.n_b_parts, geo.R,
-            *(s for st in strides for s in (st[0], st[1], st[3])))
+
+    def args():
+        part_dy = torch.empty((t.n_parts, geo.S), device=x.device, dtype=mean.dtype)
+        part_dyx = torch.empty_like(part_dy)
+        return (xs, dys, zs, dxs, dzs, part_dy, part_dyx, barrier_counter(x.device), mean, rstd,
+                scale, shift, gscale, gshift, dweight, dbias, geo.R1, geo.K, t.A, t.B, t.a_chunk,
+                t.b_chunk, t.n_channel_tiles, t.n_b_parts, geo.R,
+                *(s for st in strides for s in (st[0], st[1], st[3])))
+
     kw = dict(CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, RELU=relu, BLOCK_A=t.BLOCK_A,
               BLOCK_B=t.BLOCK_B, BLOCK_P=BLOCK_P, num_warps=t.num_warps)
     key = ("backward", geo, x.dtype, x.device, bw.int64, relu, bw.has_residual,
-           tuple(a is None for a in args[:5] + args[12:16]), p)
+           tuple(a is None for a in (zs, dxs, dzs, gscale, gshift, dweight, dbias)), p)
     return _run(bn_persistent_backward_kernel, key, t.grid, args, kw)
 
 
-def _run(kernel, key, grid, args, kw) -> bool:
-    """Launches ``kernel`` if its grid fits (see the module docstring); False: it did not run."""
+def _run(kernel, key, grid, make_args, kw) -> bool:
+    """Launches ``kernel`` with ``make_args()`` (which allocates the partial slots) if its grid
+    fits (see the module docstring); False: it did not run."""
     if tuning.interpreting():
         if grid[0] > _LIMITS["max_programs"]:
             return False
-        _launch(kernel, grid, args, kw, (1, 2))
+        _launch(kernel, grid, make_args(), kw, (1, 2))
         return True
     # on a GPU (or CPU tensors outside the interpreter: perf/compile_check records GPU code)
     if not cooperative_supported() or key in _REFUSED:
         return False
     cap = _CAPACITY.get(key)
+    if cap is not None and grid[0] > cap:
+        return False  # known not to fit: nothing allocated
+    args = make_args()
     if cap is None:
         compiled = kernel.warmup(*args, grid=grid, PHASE=0, launch_cooperative_grid=True, **kw)
         cap = _CAPACITY[key] = capacity(compiled, args[0].device)
