@@ -55,10 +55,13 @@ def assert_close(actual, expected, **tol):
 # programs under SMALL: 3 channels x (4 x 2) parts; 2 channel tiles (4 + 1) x 15 parts; 7 parts;
 # 2 channels x (3 x 2) parts (a 1-D spatial extent)
 LAYOUTS = [("nchw", (4, 3, 5, 7)), ("nhwc", (4, 5, 6, 5)), ("nc", (50, 3)), ("nchw", (3, 2, 40))]
+# every layout in fp32; the two 4-D layouts in bf16 and fp64 (the interpreter is slow)
+CASES = ([(torch.float32, lay, sh) for lay, sh in LAYOUTS]
+         + [(dt, lay, sh) for dt in (torch.bfloat16, torch.float64) for lay, sh in LAYOUTS[:2]])
+CASE_IDS = [f"{str(dt).split('.')[-1]}-{lay}-{'x'.join(map(str, sh))}" for dt, lay, sh in CASES]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("layout,shape", LAYOUTS)
+@pytest.mark.parametrize("dtype,layout,shape", CASES, ids=CASE_IDS)
 def test_matches_reference_and_torch(launches, dtype, layout, shape):
     x = make_x(shape, dtype, layout)
     C = shape[1]
@@ -128,8 +131,7 @@ def test_residual_relu_adjustment_and_gradients(launches, layout, shape):
     assert_close(gb, rgb, **grad_tol(dtype, n))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("layout,shape", LAYOUTS)
+@pytest.mark.parametrize("dtype,layout,shape", CASES, ids=CASE_IDS)
 def test_backward_matches_reference(launches, dtype, layout, shape):
     """dx, dgamma, dbeta of the persistent backward (x and dy read once) against float64
     autograd of the reference, on data far from zero."""
