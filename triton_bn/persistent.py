@@ -153,7 +153,8 @@ def explain(x: torch.Tensor, kind: str = "forward", axes: tuple = (1,), groups: 
     if tuning.interpreting():
         cap, where = _LIMITS["max_programs"], "the interpreter's max_programs"
     else:
-        known = [c for k, c in _CAPACITY.items() if k[0] == kind and k[1] == geo and k[-1] == p]
+        # capacities of kernels already compiled for these tiles (any flags, strides)
+        known = [c for k, c in _CAPACITY.items() if k[0] == kind and k[-1] == p]
         if not cooperative_supported():
             return "split: this Triton has no launch_cooperative_grid"
         if not known:
