@@ -13,6 +13,14 @@
    with GB/s from minimal byte counts (forward: read x, write y; backward: read x and dy, write dx).
 3. CUDA graphs: a captured training step (forward + backward, torch.cuda.graph) replayed on new
    data must match the same steps run eagerly, running statistics included.
+4. The opt-in persistent forward and backward (TRITON_BN_PERSISTENT=1, never yet run on a GPU),
+   in a child process killed after --persistent-timeout seconds, so that a grid barrier that
+   never releases fails the check instead of hanging it: ResNet-50 shapes at --persistent-batch
+   (which path each took, the checks of 1., forward and forward + backward times persistent vs
+   split vs torch), repeated calls bitwise
+   equal (the barrier counter resets itself), CUDA-graph replay, a grid too large for the GPU
+   falling back to the split path, and a grid the capacity check is told to allow but the
+   driver must refuse (a cooperative launch too large) falling back with a warning.
 
 Needs only torch and triton (works with torch 2.11 / triton 3.6); prints a table and writes it to
 --out. Exit status 1 when a check fails. Without CUDA it says so and exits 0.
@@ -21,10 +29,13 @@ Needs only torch and triton (works with torch 2.11 / triton 3.6); prints a table
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -232,6 +243,166 @@ def cuda_graph_check(shape, dtype, layout, device, gen, steps: int = 3):
     return ok, worst, "bitwise equal" if worst == 0 else f"max |diff| {worst:.3g}"
 
 
+PERSISTENT_SHAPES = ((64, 56), (256, 56), (128, 28), (512, 28), (256, 14), (1024, 14), (512, 7),
+                     (2048, 7))
+
+
+def persistent_checks(args, device, gen, emit) -> int:
+    """Section 4 (run in the child process): returns the number of failed checks."""
+    import triton_bn
+    from triton_bn import persistent, tuning
+
+    cuda = device.type == "cuda"
+    os.environ[persistent.ENV] = "1"
+    taken = []
+    real_launch = persistent._launch
+
+    def spy(kernel, grid, a, kw, phases):
+        taken.append(("fwd" if "forward" in kernel.fn.__name__ else "bwd", grid[0]))
+        return real_launch(kernel, grid, a, kw, phases)
+
+    persistent._launch = spy
+    limits = contextlib.ExitStack()
+    if not cuda:  # tiny shapes: force several parts per channel (and no single pass)
+        limits.enter_context(persistent.limits(tile_channels_fast=64, tile_reduction_fast=32,
+                                               max_block_channels=4, max_programs=64))
+        limits.enter_context(tuning.override(force_fused=False))
+    n_fail = 0
+
+    def report(name, ok, msg):
+        nonlocal n_fail
+        n_fail += 0 if ok else 1
+        emit(f"persistent {name}: {'ok' if ok else 'FAIL'} ({msg})")
+
+    batch = args.persistent_batch
+    shapes = ([((batch, c, hw, hw), dt, lay) for dt, lay in
+               ((torch.float32, "nchw"), (torch.bfloat16, "channels_last"))
+               for c, hw in PERSISTENT_SHAPES] if cuda else
+              [((4, 3, 5, 7), torch.float32, "nchw"), ((4, 5, 6, 5), torch.bfloat16, "channels_last")])
+    with limits:
+        # 1. correctness and the path each shape takes; forward time persistent / split / torch
+        for shape, dtype, layout in shapes:
+            sname = "x".join(map(str, shape))
+            before = len(taken)
+            try:
+                ok, worst, detail, tensors = check_case(shape, dtype, layout, device, gen)
+                if cuda:
+                    torch.cuda.synchronize()
+            except Exception as exc:  # noqa: BLE001
+                report(f"{sname} {DNAME[dtype]} {layout}", False, f"{type(exc).__name__}: {exc}")
+                continue
+            ran = dict(taken[before:])
+            path = ", ".join(f"{k} persistent ({ran[k]} programs)" for k in ("fwd", "bwd")
+                             if k in ran) or "not persistent (single pass or split)"
+            msg = f"{path}, err/torch {worst:.2f}" + (f"; {detail}" if detail else "")
+            if cuda and not args.no_timing and ran:
+                x, dy, w, b, rm, rv = tensors
+                xg = x.detach().clone().requires_grad_(True)
+
+                def step(fn, grad):
+                    y = fn(xg if grad else x, rm, rv, w, b, True, 0.1, 1e-5)
+                    if grad:
+                        y.backward(dy)
+
+                t = {}
+                for name, fn, env in (("persistent", triton_bn.batch_norm, "1"),
+                                      ("split", triton_bn.batch_norm, "0"),
+                                      ("torch", F.batch_norm, "1")):
+                    os.environ[persistent.ENV] = env
+                    for grad in (False, True):
+                        t[name, grad] = bench(lambda fn=fn, grad=grad: step(fn, grad), True,
+                                              args.rep_ms, args.warmup_ms, [xg])[0]
+                os.environ[persistent.ENV] = "1"
+                for grad, label in ((False, "fwd"), (True, "fwd+bwd")):
+                    msg += (f"; {label} ms persistent {t['persistent', grad]:.4f}, split "
+                            f"{t['split', grad]:.4f}, torch {t['torch', grad]:.4f}")
+            report(f"{sname} {DNAME[dtype]} {layout}", ok, msg)
+            del tensors
+        fits = [s for s in shapes if s[0][0] * s[0][1] * s[0][2] * s[0][3] <= 2_000_000][-1:] or shapes
+        shape, dtype, layout = fits[0]
+        sname = f"{'x'.join(map(str, shape))} {DNAME[dtype]} {layout}"
+        # 2. repeated calls: the same input gives the same bits every time
+        x = make(shape, dtype, layout, device, gen)
+        before = len(taken)
+        repeats = 50 if cuda else 3
+        ys = [triton_bn.batch_norm(x, None, None, None, None, True, 0.1, 1e-5)
+              for _ in range(repeats)]
+        if cuda:
+            torch.cuda.synchronize()
+        same = all(torch.equal(ys[0], y) for y in ys)
+        report(f"{repeats} repeated calls {sname}", same and len(taken) - before == repeats,
+               f"{len(taken) - before} persistent launches, bitwise equal: {same}")
+        del ys
+        # 3. CUDA-graph replay (training step captured with the persistent forward)
+        if cuda:
+            before = len(taken)
+            try:
+                ok, worst, msg = cuda_graph_check(shape, dtype, layout, device, gen)
+            except Exception as exc:  # noqa: BLE001
+                ok, msg = False, f"{type(exc).__name__}: {exc}"
+            report(f"CUDA graph replay {sname}", ok and len(taken) > before,
+                   f"{msg}; {len(taken) - before} persistent launches (eager + capture)")
+        # 4. a grid that does not fit: the split path, still correct
+        big = (max(64, 2 * batch), 256, 56, 56) if cuda else (16, 5, 6, 5)
+        before = len(taken)
+        try:
+            ok, worst, detail, _ = check_case(big, torch.float32, "channels_last", device, gen)
+            report(f"grid too large {'x'.join(map(str, big))}", ok and len(taken) == before,
+                   f"persistent launches {len(taken) - before} (want 0), err/torch {worst:.2f}")
+        except Exception as exc:  # noqa: BLE001
+            report("grid too large", False, f"{type(exc).__name__}: {exc}")
+        # 5. the driver refuses a cooperative grid larger than the GPU holds (capacity check
+        #    told to allow it): a warning and the split path, never a hang
+        if cuda:
+            real_cap = persistent.capacity
+            persistent.capacity = lambda compiled, dev: 1 << 30
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    ok, worst, detail, _ = check_case(big, torch.float32, "channels_last", device,
+                                                      gen)
+                    torch.cuda.synchronize()
+                refused = any("persistent kernel not launched" in str(c.message) for c in caught)
+                report("driver refuses an oversized cooperative grid", ok and refused,
+                       f"warned: {refused}, err/torch {worst:.2f}")
+            except Exception as exc:  # noqa: BLE001
+                report("driver refuses an oversized cooperative grid", False,
+                       f"{type(exc).__name__}: {exc}")
+            finally:
+                persistent.capacity = real_cap
+    return n_fail
+
+
+def run_persistent_child(args, emit) -> int:
+    """Runs section 4 in a child process with a timeout; returns the number of failures."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--persistent-only",
+           "--persistent-batch", str(args.persistent_batch), "--rep-ms", str(args.rep_ms),
+           "--warmup-ms", str(args.warmup_ms)]
+    if args.cpu_smoke:
+        cmd.append("--cpu-smoke")
+    if args.no_timing:
+        cmd.append("--no-timing")
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.persistent_timeout,
+                              check=False)
+        out, rc = proc.stdout, proc.returncode
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        rc = None
+    for line in out.splitlines():
+        if line.startswith("persistent "):
+            emit(line)
+    if rc is None:
+        emit(f"persistent: FAIL (killed after {args.persistent_timeout:g} s: a grid barrier that "
+             "never released? the last line above is the last check that finished)")
+        return 1
+    fails = sum(1 for line in out.splitlines() if line.startswith("persistent ") and ": FAIL" in line)
+    if rc != 0 and not fails:
+        emit(f"persistent: FAIL (child exited {rc}): {(proc.stderr or '').strip()[-800:]}")
+        return 1
+    return fails
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=None, help="also write the table to this file")
@@ -243,6 +414,14 @@ def main(argv=None) -> int:
     ap.add_argument("--max-seconds", type=float, default=240.0,
                     help="stop timing (keep checking) after this many seconds (default 240)")
     ap.add_argument("--no-timing", action="store_true")
+    ap.add_argument("--no-persistent", action="store_true",
+                    help="skip section 4 (the opt-in persistent forward)")
+    ap.add_argument("--persistent-only", action="store_true",
+                    help="run only section 4, in this process (what the child process runs)")
+    ap.add_argument("--persistent-batch", type=int, default=32,
+                    help="ResNet-50 batch of section 4 (default 32)")
+    ap.add_argument("--persistent-timeout", type=float, default=300.0,
+                    help="seconds before section 4's child process is killed (default 300)")
     args = ap.parse_args(argv)
 
     cuda = torch.cuda.is_available()
@@ -267,6 +446,9 @@ def main(argv=None) -> int:
     def emit(text=""):
         print(text, flush=True)
         lines.append(text)
+
+    if args.persistent_only:
+        return 1 if persistent_checks(args, device, gen, emit) else 0
 
     gpu = torch.cuda.get_device_name() if cuda else "CPU (Triton interpreter: NOT GPU figures)"
     emit(f"gpu_check: {gpu}; torch {torch.__version__}, triton {triton.__version__}, "
@@ -344,6 +526,8 @@ def main(argv=None) -> int:
                  f"{layout}: {'ok' if ok else 'FAIL'} ({msg})")
     else:
         emit("CUDA graph check: skipped (no CUDA)")
+    if not args.no_persistent:
+        n_fail += run_persistent_child(args, emit)
     emit(f"{'ALL CHECKS PASSED' if n_fail == 0 else f'{n_fail} CHECKS FAILED'} in "
          f"{time.perf_counter() - t_start:.0f} s")
     if args.out is not None:

@@ -38,9 +38,10 @@ def _compile_check(*args, timeout=600):
 
 
 def _kernel_names() -> set:
-    """Every ``*_kernel`` defined in triton_bn/kernels/{forward,backward}.py (read, not imported)."""
+    """Every ``*_kernel`` defined in triton_bn/kernels/{forward,backward,persistent}.py (read, not
+    imported)."""
     names = set()
-    for mod in ("forward", "backward"):
+    for mod in ("forward", "backward", "persistent"):
         tree = ast.parse((ROOT / "triton_bn" / "kernels" / f"{mod}.py").read_text())
         names |= {n.name for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.endswith("_kernel")}
     return names
@@ -107,3 +108,41 @@ def test_compile_report_flags_a_reload_without_barrier(barrier):
 
     hazards = unsynced_reloads(_TTIR.replace("{barrier}", barrier))
     assert hazards == ([] if barrier else ["Rstd: stored on line 4, loaded on line 5"])
+
+
+_BARRIER_PTX = {
+    "arrive": "@%p1 atom.global.gpu.release.add.u32 %r90, [ %rd31 + 0 ], %r91;",
+    "poll": "@%p1 ld.global.gpu.acquire.b32 %r93, [ %rd31 + 0 ];",
+    "relaxed arrive": "@%p1 atom.global.gpu.relaxed.add.u32 %r90, [ %rd31 + 0 ], %r91;",
+    "plain poll": "@%p1 ld.global.b32 %r93, [ %rd31 + 0 ];",
+}
+
+
+@pytest.mark.parametrize("parts,ok", [(("arrive", "poll"), True), (("arrive",), False),
+                                      (("poll",), False), (("relaxed arrive", "poll"), False),
+                                      (("arrive", "plain poll"), False)])
+def test_compile_report_requires_the_grid_barrier(parts, ok):
+    """The persistent kernel's PTX must arrive with a release add and poll with acquire loads."""
+    sys.path.insert(0, str(ROOT))
+    from perf.compile_check.compiler import GRID_BARRIER_KERNELS, has_grid_barrier
+
+    assert "bn_persistent_forward_kernel" in GRID_BARRIER_KERNELS
+    assert has_grid_barrier("\n".join(_BARRIER_PTX[p] for p in parts)) is ok
+
+
+_PERSISTENT_TTIR = """  tt.func public @k(%X: !tt.ptr<f32> loc("X"), %Bar: !tt.ptr<i32> loc("Bar")) {
+    %0 = tt.splat %X : !tt.ptr<f32> -> tensor<64x!tt.ptr<f32>>
+    %1 = tt.addptr %0, %c : tensor<64x!tt.ptr<f32>>, tensor<64xi32>
+    %2 = tt.load %1, %m : tensor<64x!tt.ptr<f32>>
+    %3 = tt.atomic_rmw add, release, gpu, %Bar, %inc, %true : (!tt.ptr<i32>, i32, i1) -> i32
+{reload}  }"""
+
+
+@pytest.mark.parametrize("reload", ["", "    %4 = tt.load %1, %m : tensor<64x!tt.ptr<f32>>\n"])
+def test_compile_report_flags_x_read_after_the_grid_barrier(reload):
+    """A persistent kernel must not load X again after the barrier (x read once)."""
+    sys.path.insert(0, str(ROOT))
+    from perf.compile_check.compiler import loaded_after_grid_barrier
+
+    ttir = _PERSISTENT_TTIR.replace("{reload}", reload)
+    assert loaded_after_grid_barrier(ttir) == ({"X"} if reload else set())

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import tuning
+from . import persistent, tuning
 from .kernels import forward as _forward_kernels
 from .kernels.backward import (
     bn_backward_apply_kernel,
@@ -356,6 +356,9 @@ def bn_forward(
             _launch_apply(fw, relu)
         return fw.result(gscale, gshift)
     plan = tuning.plan_tiles(geo, "forward", x.device, x.dtype)
+    # opt-in persistent single pass (TRITON_BN_PERSISTENT=1; persistent.py): False -> split path
+    if not plan.fused and persistent.forward(fw, state, relu):
+        return fw.result(gscale, gshift)
     if plan.fused:
         xs, ys, zs, st_x, st_y, st_z = fw.views()
         launch(bn_fused_forward_kernel, plan.grid, (
@@ -570,6 +573,9 @@ def bn_backward(
                  BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B), num_warps=plan.num_warps,
             key=(geo, plan, bw.int64, relu, training,
                  _dtypes((xs, dys, zs, dxs, dzs, mean, g_scale, dweight, dbias))))
+    elif not sync and persistent.backward(bw, mean, rstd, scale, shift, gscale, gshift, dweight,
+                                          dbias, training, relu):
+        pass  # opt-in persistent single pass (TRITON_BN_PERSISTENT=1; persistent.py) ran
     else:
         if x.numel() and not sync:  # the reduction's last programs finalize
             coef_b, coef_c = _launch_grad_reduce(bw, plan, mean, scale, shift, relu, (

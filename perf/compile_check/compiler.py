@@ -59,9 +59,9 @@ def _jit_functions() -> dict:
     """name -> JITFunction of every @triton.jit function in triton_bn.kernels (kernels and helpers)."""
     from triton.runtime.jit import JITFunction
 
-    from triton_bn.kernels import backward, common, forward
+    from triton_bn.kernels import backward, common, forward, persistent
     out = {}
-    for mod in (common, forward, backward):
+    for mod in (common, forward, backward, persistent):
         for name, obj in vars(mod).items():
             obj = unwrap(obj)
             if isinstance(obj, JITFunction):
@@ -196,6 +196,38 @@ def unsynced_reloads(ttir: str) -> list[str]:
     return hazards
 
 
+# kernels with a grid-wide barrier (kernels/persistent.py grid_barrier), compiled as PHASE 0
+GRID_BARRIER_KERNELS = ("bn_persistent_forward_kernel", "bn_persistent_backward_kernel")
+
+
+def has_grid_barrier(ptx: str) -> bool:
+    """Whether the PTX arrives with a release atomic add and polls with an acquire load at GPU
+    scope (what grid_barrier compiles to)."""
+    return (re.search(r"atom\.global\.gpu\.release\.add", ptx) is not None
+            and re.search(r"ld\.global\.gpu\.acquire", ptx) is not None)
+
+
+def loaded_after_grid_barrier(ttir: str) -> set:
+    """The kernel arguments loaded after the grid barrier's atomic arrival, from the Triton IR
+    (pointers traced to their argument as in unsynced_reloads). A persistent kernel reads its
+    activations (X, DY) before the barrier only: once."""
+    root: dict[str, str] = {}
+    after = False
+    out = set()
+    for line in ttir.splitlines():
+        for arg in _PTR_ARG.findall(line):
+            root[arg] = arg[1:]
+        m = _PTR_DEF.search(line)
+        if m and m.group(2) in root:
+            root[m.group(1)] = root[m.group(2)]
+        if "tt.atomic_rmw" in line:
+            after = True
+        m = _MEM_OP.search(line)
+        if after and m and m.group(1) == "load" and m.group(2) in root:
+            out.add(root[m.group(2)])
+    return out
+
+
 def _compile_one(i: int) -> Result:
     from triton import knobs
 
@@ -227,6 +259,17 @@ def _compile_one(i: int) -> Result:
         res.error_full = res.error
     md = kernel.metadata
     ptx = kernel.asm.get("ptx")
+    if ptx and spec.kernel in GRID_BARRIER_KERNELS and not has_grid_barrier(ptx):
+        res.ok = False
+        res.error = ("grid barrier missing: no release atomic add and acquire load on the counter "
+                     "in the PTX")
+        res.error_full = res.error
+    if spec.kernel in GRID_BARRIER_KERNELS:
+        reread = loaded_after_grid_barrier(kernel.asm.get("ttir", "")) & {"X", "DY"}
+        if reread:
+            res.ok = False
+            res.error = f"read again after the grid barrier: {', '.join(sorted(reread))}"
+            res.error_full = res.error
     if ptx:
         res.ptx_mem = ptx_memory_ops(ptx)
         res.ptx_vector_fraction = vector_fraction(res.ptx_mem)

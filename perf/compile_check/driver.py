@@ -76,9 +76,9 @@ def unwrap(obj):
 def _kernels():
     from triton.runtime.jit import JITFunction
 
-    from triton_bn.kernels import backward, forward
+    from triton_bn.kernels import backward, forward, persistent
     out = {}
-    for mod in (forward, backward):
+    for mod in (forward, backward, persistent):
         for name in dir(mod):
             obj = unwrap(getattr(mod, name))
             if isinstance(obj, JITFunction) and name.endswith("_kernel") and obj.__module__ == mod.__name__:

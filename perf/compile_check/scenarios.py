@@ -223,7 +223,54 @@ def scenarios(quick: bool):
             add(f"{tag}:eval", GPU_KNOBS, lambda s=shape, d=dt, m=layout: step(s, d, m, training=False))
             add(f"{tag}:res+relu", GPU_KNOBS,
                 lambda s=shape, d=dt, m=layout: step(s, d, m, residual=True, relu=True, need_dres=True))
+
+    # 7. the opt-in persistent forward and backward (TRITON_BN_PERSISTENT=1): their PHASE 0
+    #    kernels (the grid barrier included), the capacity check stubbed (it needs a GPU)
+    @contextlib.contextmanager
+    def persistent_on():
+        import os
+
+        from triton_bn import persistent
+        old_env, old_cap = os.environ.get(persistent.ENV), persistent.capacity
+        os.environ[persistent.ENV] = "1"
+        persistent.capacity = lambda compiled, device: 1 << 30
+        try:
+            yield
+        finally:
+            persistent.capacity = old_cap
+            if old_env is None:
+                os.environ.pop(persistent.ENV, None)
+            else:
+                os.environ[persistent.ENV] = old_env
+
+    pers_cases = [(torch.float32, "nchw", (32, 64, 56, 56), {}),
+                  (torch.bfloat16, "nhwc", (32, 64, 56, 56), {}),
+                  (torch.float32, "nhwc", (32, 256, 14, 14),
+                   {"residual": True, "relu": True, "adjust": True, "unbiased": False,
+                    "need_dres": True}),
+                  (torch.float64, "nchw", (16, 8, 32, 32), {"cumulative": True}),
+                  (torch.float16, "nchw", (65536, 3), {"weight": False, "bias": False,
+                                                       "running": False, "relu": True}),
+                  (torch.float32, "nchw", (32, 128, 28, 28),
+                   {"renorm": ops.RENORM_TORCH, "residual": True, "need_dres": True,
+                    "need_dx": False})]
+    if quick:
+        pers_cases = pers_cases[:2]
+    for dt, layout, shape, feat in pers_cases:
+        tag = f"persistent:{dname[dt]}:{layout if len(shape) > 2 else 'nc'}{'x'.join(map(str, shape))}"
+        add(f"{tag}:{'+'.join(feat) or 'plain'}", {**GPU_KNOBS, "force_fused": False},
+            lambda s=shape, d=dt, m=layout, f=feat: step(s, d, m, **f), persistent_on)
+        if not quick and not feat:
+            add(f"{tag}:int64", {**GPU_KNOBS, "force_fused": False},
+                lambda s=shape, d=dt, m=layout: step(s, d, m),
+                lambda: _both(persistent_on(), force_int64()))
     return out, step
+
+
+@contextlib.contextmanager
+def _both(a, b):
+    with a, b:
+        yield
 
 
 def tile_sweep(step):

@@ -12,6 +12,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .. import persistent
 from .progress import progress_bar
 from .providers import BASELINE, PROVIDERS, make_init, make_module, parameters_of, reference
 from .results import CsvWriter, RunInfo
@@ -114,6 +115,8 @@ def run_bench(opts: BenchOptions, info: RunInfo, device: torch.device) -> tuple[
         for p in opts.providers:
             parts.append(f"{p}={_fmt_ms(timings.get((p, mode)))}")
         line.append(f"{mode} ms: " + " ".join(parts))
+        if ("triton_bn", "path") in timings:
+            line.append(f"triton_bn path: {timings[('triton_bn', 'path')]}")
         _say(bar, " | ".join(line))
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -170,8 +173,12 @@ def _run_case(case: Case, idx: int, opts: BenchOptions, device: torch.device, ou
         if train_modes:
             try:
                 module.train()
+                before = persistent.launch_counts()
                 y = module(xin)
                 y.backward(dy)
+                ran = [k for k, v in persistent.launch_counts().items() if v > before[k]]
+                if ran and provider == "triton_bn":  # the opt-in path (TRITON_BN_PERSISTENT=1)
+                    timings[(provider, "path")] = "persistent " + "+".join(ran)
                 w, b = parameters_of(module)
                 r = ref("train")
                 err_y = rel_err(y, r["y"])

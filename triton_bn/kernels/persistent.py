@@ -1,0 +1,292 @@
+"""Persistent training forward and backward: x (and dy) read once at sizes one program cannot
+hold (see triton_bn/persistent.py). OPT-IN and NOT YET RUN ON A GPU: TRITON_BN_PERSISTENT=1.
+
+bn_persistent_forward_kernel, one launch of co-resident programs (a cooperative launch):
+    1. each program loads its share of x, ONE [BLOCK_A, BLOCK_B] tile, into registers and
+       writes the tile's (sum, M2) of x - pivot per statistic channel to its fixed slot
+       PartSum/PartM2[part, s] (the split path's bn_stats_kernel does the same per part);
+    2. grid_barrier: every program waits until every program has written its slots;
+    3. every program merges all parts of its channels in the same fixed order (merge_parts:
+       deterministic, no float atomics, the same result in every program), derives the
+       coefficients with channel_affine_and_update and normalizes the tile still in registers;
+       y is written once. Only the part-0 program of a channel writes Mean/Rstd/Scale/Shift
+       and updates the running statistics (exactly one writer per channel).
+Bytes moved: x read once, y written once (2 per element, against 3 on the split path).
+bn_persistent_backward_kernel does the same with x and dy (sums of dy and dy * (x - centre)
+through the barrier; 3 bytes per element moved against 5).
+
+Every program reads the state channel_affine_and_update reads; the part-0 program also writes
+it. Renorm reads the running / renorm statistics that part 0 updates, so renorm (and ghost
+batches, whose group statistics this kernel does not merge) take the split path: the planner
+never sends them here.
+
+PHASE: 0 the whole kernel (GPU only: the barrier spins until every program has arrived, which
+needs all programs resident at once). Triton's CPU interpreter runs programs one after another,
+so a spinning barrier would never return there; the same code then runs as two launches:
+PHASE 1 up to the barrier (partials written), PHASE 2 after it (x loaded again, merge, y).
+"""
+
+import triton
+import triton.language as tl
+
+from .backward import channel_grad_terms, load_x_and_gated_dy, store_param_grads
+from .common import (
+    apply_activation,
+    chan_merge,
+    given,
+    load_channel_values,
+    load_pivot,
+    mean_from_sum,
+    program_ranges,
+    sqrt_rn,
+    tile_indices,
+    tile_moments,
+    tile_offsets,
+)
+from .forward import channel_affine_and_update, merge_parts
+
+INT32_SIGN = tl.constexpr(2147483648)  # 2**31: the counter's top bit
+
+
+@triton.jit
+def grid_barrier(Bar, pid, n_programs, SPIN: tl.constexpr):
+    """Waits until all n_programs programs of the grid have called it (all must be resident).
+
+    The counter-flip scheme of CUDA's cooperative groups (grid.sync): program 0 adds
+    2**31 - (n_programs - 1), every other program adds 1. Together they add exactly 2**31
+    (mod 2**32), so the counter's top bit flips once per barrier and its low 31 bits come back
+    to what they were: the counter resets itself, repeated calls and CUDA-graph replays find it
+    ready, and int32 wrap-around is harmless. A program is released when the top bit differs
+    from the value it saw on arrival (old ^ now < 0). The arrival is a release (the program's
+    partial statistics, stored by all its threads before the block barrier, become visible
+    with it); the polls are acquires, followed by a block barrier, so every thread of the
+    program sees the other programs' partials afterwards. SPIN=False arrives without waiting
+    (a test of the counter arithmetic in the interpreter, where programs run one at a time).
+    """
+    tl.debug_barrier()  # all threads' stores of this program are done
+    # in 64 bits, truncated: 2**31 itself (one program) becomes -2**31, the same bits
+    inc = tl.where(pid == 0, INT32_SIGN - (n_programs.to(tl.int64) - 1), 1).to(tl.int32)
+    old = tl.atomic_add(Bar, inc, sem="release", scope="gpu")
+    if SPIN:
+        now = tl.atomic_add(Bar, 0, sem="acquire", scope="gpu")
+        while (old ^ now) >= 0:
+            now = tl.atomic_add(Bar, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()  # no thread reads partials before the poll succeeded
+
+
+@triton.heuristics(given(HAS_RESIDUAL="Residual", HAS_WEIGHT="Weight", HAS_BIAS="Bias",
+    HAS_ADJUST="AdjScale", SAVE_GAFFINE="GScale"))
+@triton.jit
+def bn_persistent_forward_kernel(
+    X, Y, Residual,                # activation in, output, optional residual added before the act.
+    PartSum, PartM2,               # [n_parts, K] fixed slots: each part's sum of x - pivot and M2
+    Bar,                           # [1] int32 barrier counter (self-resetting, see grid_barrier)
+    Mean,                          # [2 * K] out: centres (the pivots), offsets = batch mean - centre
+    Rstd, Scale, Shift,            # [K] out; y = (x - centre) * Scale + Shift
+    Weight, Bias, AdjScale, AdjBias, GScale, GShift,
+    RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd,
+    R1, K, A, B, a_chunk, b_chunk, B_count, n_channel_tiles, n_b_parts,
+    Hyper,                         # [6] see forward.HYPER_FIELDS
+    stride_x_r0, stride_x_r1, stride_x_k,
+    stride_y_r0, stride_y_r1, stride_y_k,
+    stride_z_r0, stride_z_r1, stride_z_k,
+    CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADJUST: tl.constexpr,
+    RENORM: tl.constexpr, UPDATE_RUNNING: tl.constexpr, UNBIASED: tl.constexpr,
+    CUMULATIVE: tl.constexpr, SAVE_GAFFINE: tl.constexpr,
+    COUNT_BATCH: tl.constexpr,     # NumBatches is counted after the launch (persistent.forward)
+    PHASE: tl.constexpr,           # 0: whole kernel with the barrier; 1 / 2: before / after it
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """No ghost batches (G == 1, S == K) and no renorm (RENORM == 0); a_chunk == BLOCK_A and,
+    reduction fast, b_chunk == BLOCK_B: a program's share is exactly one tile."""
+    ACC = Mean.dtype.element_ty
+    pid = tl.program_id(0)
+    part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
+        pid, n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST, INT64)
+    n_parts = tl.num_programs(0) // n_channel_tiles
+    a, b, b_mask, mask = tile_indices(a_begin, b_begin, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
+    # the pivot is each channel's first element, the same in every part (see load_pivot)
+    b_first = b_begin + tl.arange(0, BLOCK_B)
+    pivot = load_pivot(X, b_first, b_first < b_end, s_fixed, K, 0, stride_x_k, ACC, False,
+                       CHANNELS_FAST)
+    x_offs = tile_offsets(a, b, s_fixed, R1, K, stride_x_r0, stride_x_r1, 0, stride_x_k,
+                          False, CHANNELS_FAST)
+    centred = tl.load(X + x_offs, mask=mask, other=0.0).to(ACC) - pivot  # x - centre, kept
+    if CHANNELS_FAST:
+        c = b_first
+        c_mask = b_first < b_end
+    else:
+        c = s_fixed + tl.arange(0, 1)  # merge_parts works on channel vectors
+        c_mask = c < K
+
+    if PHASE != 2:  # 1. this part's statistics to its fixed slots
+        total, m2, n_tile = tile_moments(centred, mask)
+        if CHANNELS_FAST:
+            tl.store(PartSum + part * K + c, total, mask=c_mask)
+            tl.store(PartM2 + part * K + c, m2, mask=c_mask)
+        else:  # the part's b range is part of the part index (program_ranges)
+            total, m2, n_tile = tl.reduce((total, m2, n_tile), 0, chan_merge)
+            tl.store(PartSum + part * K + s_fixed, total)
+            tl.store(PartM2 + part * K + s_fixed, m2)
+    if PHASE == 0:  # 2. wait for every part
+        grid_barrier(Bar, pid, tl.num_programs(0), True)
+    if PHASE != 1:  # 3. merge in a fixed order, normalize the tile still in registers
+        if CHANNELS_FAST:
+            total, m2, n = merge_parts(PartSum, PartM2, PartSum, c, c_mask, K, n_parts, n_b_parts,
+                                       A, a_chunk, B_count, b_chunk, ACC, False, BLOCK_B, BLOCK_P)
+        else:
+            total, m2, n = merge_parts(PartSum, PartM2, PartSum, c, c_mask, K, n_parts, n_b_parts,
+                                       A, a_chunk, B_count, b_chunk, ACC, False, 1, BLOCK_P)
+        offset = total / tl.maximum(n, 1.0)
+        var = m2 / tl.maximum(n, 1.0)
+        rstd = 1.0 / sqrt_rn(var + tl.load(Hyper))
+        if CHANNELS_FAST:
+            centre = tl.reshape(pivot, [BLOCK_B])
+        else:
+            centre = pivot + tl.zeros([1], ACC)
+        mean = mean_from_sum(centre, total, n)
+        if part == 0:  # the one program per channel that writes the per-channel outputs
+            multiplier, shift = channel_affine_and_update(
+                c, c_mask, mean, var, n, Weight, Bias, AdjScale, AdjBias, GScale, GShift,
+                RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd, Hyper,
+                HAS_WEIGHT, HAS_BIAS, HAS_ADJUST, RENORM, UPDATE_RUNNING, UNBIASED, CUMULATIVE,
+                SAVE_GAFFINE, COUNT_BATCH)
+        else:
+            multiplier, shift = channel_affine_and_update(
+                c, c_mask, mean, var, n, Weight, Bias, AdjScale, AdjBias, GScale, GShift,
+                RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd, Hyper,
+                HAS_WEIGHT, HAS_BIAS, HAS_ADJUST, RENORM, False, UNBIASED, CUMULATIVE, False,
+                COUNT_BATCH)
+        scale = rstd * multiplier
+        shift = shift - offset * scale  # y = (x - centre) * scale + shift
+        if part == 0:
+            tl.store(Mean + c, centre, mask=c_mask)
+            tl.store(Mean + K + c, offset, mask=c_mask)
+            tl.store(Rstd + c, rstd, mask=c_mask)
+            tl.store(Scale + c, scale, mask=c_mask)
+            tl.store(Shift + c, shift, mask=c_mask)
+        if CHANNELS_FAST:
+            scale = scale[None, :]
+            shift = shift[None, :]
+        else:
+            scale = tl.sum(scale, 0)  # the one channel's values as scalars
+            shift = tl.sum(shift, 0)
+        y_offs = tile_offsets(a, b, s_fixed, R1, K, stride_y_r0, stride_y_r1, 0, stride_y_k,
+                              False, CHANNELS_FAST)
+        z_offs = tile_offsets(a, b, s_fixed, R1, K, stride_z_r0, stride_z_r1, 0, stride_z_k,
+                              False, CHANNELS_FAST)
+        y = apply_activation(centred * scale + shift, Residual, z_offs, mask, HAS_RESIDUAL, RELU)
+        tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def sum_parts(PartA, PartB, c, c_mask, S, n_parts, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+              BLOCK_P: tl.constexpr):
+    """Sums of two [n_parts, S] partial arrays over the parts for channels c, in a fixed order:
+    BLOCK_P parts at a time as a tree (tl.sum), the blocks one after another (as
+    bn_backward_finalize_kernel does), so every program gets the same bits."""
+    total_a = tl.zeros([BLOCK_C], ACC)
+    total_b = tl.zeros([BLOCK_C], ACC)
+    for p0 in range(0, n_parts, BLOCK_P):
+        p = tl.cast(p0, tl.int64) + tl.arange(0, BLOCK_P).to(tl.int64)
+        tile_mask = (p < n_parts)[:, None] & c_mask[None, :]
+        offs = p[:, None] * S + c[None, :]
+        total_a += tl.sum(tl.load(PartA + offs, mask=tile_mask, other=0.0), 0)
+        total_b += tl.sum(tl.load(PartB + offs, mask=tile_mask, other=0.0), 0)
+    return total_a, total_b
+
+
+@triton.heuristics(given(HAS_RESIDUAL="Residual", HAS_GAFFINE="GScale", WRITE_DW="DWeight",
+    WRITE_DB="DBias", WRITE_DX="DX", WRITE_DRESIDUAL="DResidual"))
+@triton.jit
+def bn_persistent_backward_kernel(
+    X, DY, Residual, DX, DResidual,
+    PartSumDy, PartSumDyXc,        # [n_parts, K] fixed slots: each part's sums of g and g * (x - c)
+    Bar,                           # [1] int32 barrier counter (see grid_barrier)
+    Mean,                          # [2 * K] forward centres, then offsets
+    Rstd, Scale, Shift,            # [K] fp32 forward coefficients
+    GScale, GShift, DWeight, DBias,
+    R1, K, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts, n,
+    stride_x_r0, stride_x_r1, stride_x_k,
+    stride_dy_r0, stride_dy_r1, stride_dy_k,
+    stride_z_r0, stride_z_r1, stride_z_k,
+    stride_dx_r0, stride_dx_r1, stride_dx_k,
+    stride_dz_r0, stride_dz_r1, stride_dz_k,
+    CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    HAS_GAFFINE: tl.constexpr, WRITE_DW: tl.constexpr, WRITE_DB: tl.constexpr,
+    WRITE_DX: tl.constexpr, WRITE_DRESIDUAL: tl.constexpr,
+    PHASE: tl.constexpr,           # as in bn_persistent_forward_kernel
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """Training backward (G == 1), x and dy read once: each program holds its tile of x and g
+    (dy gated by the fused ReLU), writes its channel sums of g and g * (x - centre) to its fixed
+    slots, waits at the grid barrier, adds every part's sums in a fixed order and writes dx (and
+    the residual's gradient) from the tiles in registers; the part-0 program of a channel writes
+    dgamma and dbeta. The maths is bn_fused_backward_kernel's (see backward.py)."""
+    ACC = Scale.dtype.element_ty
+    pid = tl.program_id(0)
+    part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
+        pid, n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST, INT64)
+    n_parts = tl.num_programs(0) // n_channel_tiles
+    a, b, b_mask, mask = tile_indices(a_begin, b_begin, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
+    if CHANNELS_FAST:
+        c = b_begin + tl.arange(0, BLOCK_B)
+        c_mask = c < b_end
+        cs = c
+    else:
+        c = s_fixed + tl.arange(0, 1)  # the channel as a vector (sum_parts), and as a scalar
+        c_mask = c < K
+        cs = s_fixed
+    mean = load_channel_values(Mean, cs, c_mask, cs, ACC, CHANNELS_FAST)  # the centre
+    scale = load_channel_values(Scale, cs, c_mask, cs, ACC, CHANNELS_FAST)
+    shift = load_channel_values(Shift, cs, c_mask, cs, ACC, CHANNELS_FAST)
+    x, g = load_x_and_gated_dy(
+        X, DY, Residual, a, b, s_fixed, mask, mean, scale, shift, R1, K,
+        stride_x_r0, stride_x_r1, 0, stride_x_k, stride_dy_r0, stride_dy_r1, 0, stride_dy_k,
+        stride_z_r0, stride_z_r1, 0, stride_z_k, ACC, False, CHANNELS_FAST, HAS_RESIDUAL, RELU)
+    xc = tl.where(mask, x - mean, 0.0)
+
+    if PHASE != 2:  # 1. this part's sums to its fixed slots
+        part_dy = tl.sum(g, 0)
+        part_dy_xc = tl.sum(g * xc, 0)
+        if CHANNELS_FAST:
+            tl.store(PartSumDy + part * K + c, part_dy, mask=c_mask)
+            tl.store(PartSumDyXc + part * K + c, part_dy_xc, mask=c_mask)
+        else:
+            tl.store(PartSumDy + part * K + s_fixed, tl.sum(part_dy, 0))
+            tl.store(PartSumDyXc + part * K + s_fixed, tl.sum(part_dy_xc, 0))
+    if PHASE == 0:  # 2. wait for every part
+        grid_barrier(Bar, pid, tl.num_programs(0), True)
+    if PHASE != 1:  # 3. add the parts in a fixed order; dx from the tiles in registers
+        if CHANNELS_FAST:
+            sum_dy, sum_dy_xc = sum_parts(PartSumDy, PartSumDyXc, c, c_mask, K, n_parts, ACC,
+                                          BLOCK_B, BLOCK_P)
+        else:
+            sum_dy, sum_dy_xc = sum_parts(PartSumDy, PartSumDyXc, c, c_mask, K, n_parts, ACC, 1,
+                                          BLOCK_P)
+        offset = tl.load(Mean + K + c, mask=c_mask, other=0.0).to(ACC)
+        rstd = tl.load(Rstd + c, mask=c_mask, other=0.0).to(ACC)
+        scale_c = tl.load(Scale + c, mask=c_mask, other=0.0).to(ACC)
+        sum_dy_xhat, coef_b, coef_c = channel_grad_terms(sum_dy, sum_dy_xc, offset, rstd, scale_c,
+                                                         n, True)
+        if part == 0:  # one writer per channel
+            store_param_grads(c, c_mask, sum_dy, sum_dy_xhat, GScale, GShift, DWeight, DBias,
+                              HAS_GAFFINE, WRITE_DW, WRITE_DB)
+        if CHANNELS_FAST:
+            coef_b = coef_b[None, :]
+            coef_c = coef_c[None, :]
+        else:
+            coef_b = tl.sum(coef_b, 0)
+            coef_c = tl.sum(coef_c, 0)
+        if WRITE_DRESIDUAL:
+            dz_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dz_r0, stride_dz_r1, 0,
+                                   stride_dz_k, False, CHANNELS_FAST)
+            tl.store(DResidual + dz_offs, g.to(DResidual.dtype.element_ty), mask=mask)
+        if WRITE_DX:
+            dx = scale * g + coef_b * xc + coef_c
+            dx_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dx_r0, stride_dx_r1, 0,
+                                   stride_dx_k, False, CHANNELS_FAST)
+            tl.store(DX + dx_offs, dx.to(DX.dtype.element_ty), mask=mask)
