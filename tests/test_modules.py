@@ -300,12 +300,12 @@ def test_convert_model_keeps_dtype_mode_and_sync():
 
 def test_eval_calls_take_the_planned_launch_and_match_torch():
     """Eval mode with nothing to differentiate: the first call of a signature is validated by the
-    full path, later ones take its planned launch (modules._INFERENCE_PLANS). Every call, planned
+    full path, later ones take its planned launch (modules._PLANS). Every call, planned
     or not, matches torch.nn.BatchNorm2d on the same state, including state changed in place
     between calls, a new signature (layout, dtype, residual + ReLU) and an input needing grad."""
     from triton_bn import modules
 
-    modules._INFERENCE_PLANS.clear()
+    modules._PLANS.clear()
     ours, ref = BatchNorm2d(5), nn.BatchNorm2d(5)
     with torch.no_grad():
         for m in (ours, ref):
@@ -322,7 +322,7 @@ def test_eval_calls_take_the_planned_launch_and_match_torch():
                 for m in (ours, ref):  # state changes in place: read on every call
                     m.running_mean.add_(0.25)
                     m.weight.mul_(1.1)
-    assert len(modules._INFERENCE_PLANS) == 2  # one per layout
+    assert len(modules._PLANS) == 2  # one per layout
     x = torch.randn(3, 5, 4, 6, requires_grad=True)  # a graph to record: the full path
     y = ours(x)
     assert y.requires_grad
@@ -333,4 +333,4 @@ def test_eval_calls_take_the_planned_launch_and_match_torch():
     for _ in range(2):
         with torch.no_grad():
             assert_close(relu(x.detach(), z), torch.relu(ref(x.detach()) + z), **TOL[torch.float32])
-    assert len(modules._INFERENCE_PLANS) == 3
+    assert len(modules._PLANS) == 3

@@ -674,9 +674,12 @@ def normalize(
 
 def apply_checked(x, weight, bias, axes: tuple, training: bool, eps: float,
                   running: Optional[RunningStats], groups: int, renorm: Optional[Renorm],
-                  adjustment, residual, relu: bool, sync=None) -> torch.Tensor:
+                  adjustment, residual, relu: bool, sync=None, planned: Optional[list] = None
+                  ) -> torch.Tensor:
     """``normalize`` after its checks (the layers check with their own API's rules, then call
-    this). Non-contiguous state tensors are updated through a contiguous copy, copied back."""
+    this). Non-contiguous state tensors are updated through a contiguous copy, copied back.
+    ``planned`` (a list): receives (cfg, running_mean, num_batches_tracked) as passed to
+    ``BatchNormFunction.run`` when nothing was copied, so a layer can repeat the call directly."""
     if not training:
         groups, renorm, adjustment = 1, None, None
     copies = []
@@ -713,6 +716,8 @@ def apply_checked(x, weight, bias, axes: tuple, training: bool, eps: float,
                                                  and running.count_batch and nbt is not None))
     y = BatchNormFunction.run(x, weight, bias, residual, a_scale, a_bias, rm, rv, nbt, r_mean,
                               r_std, mstd, cfg, sync)
+    if planned is not None and not copies:
+        planned.append((cfg, rm, nbt))
     for original, copy in copies:
         original.copy_(copy)
     return y

@@ -24,6 +24,7 @@ from torch.autograd import forward_ad
 
 from .distributed import sync_normalize, world_size
 from .functional import (
+    BatchNormFunction,
     Renorm,
     RunningStats,
     apply_checked,
@@ -81,30 +82,40 @@ class _TritonBatchNorm:
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None
                 ) -> torch.Tensor:
         """Batch norm over dim 1 (torch semantics), then ``+ residual`` and the activation."""
-        fast = None
-        if not self.training and self.running_mean is not None:
-            fast = _inference_key(input, residual, self.weight, self.bias, self.running_mean,
-                                  self.running_var, self.eps, self.activation)
-            plan = _INFERENCE_PLANS.get(fast) if fast is not None else None
-            if plan is not None:  # this signature was validated and planned before
-                return plan.run(input, residual, self.weight, self.bias, self.running_mean,
-                                self.running_var)
+        key = None if self._synchronized() else _call_key(self, input, residual)
+        plan = _PLANS.get(key) if key is not None else None
+        if plan is not None:  # this signature was validated and planned by an earlier call
+            if self.training:
+                cfg, running, count = plan
+                return BatchNormFunction.run(
+                    input, self.weight, self.bias, residual, None, None,
+                    self.running_mean if running else None, self.running_var if running else None,
+                    self.num_batches_tracked if count else None, None, None, None, cfg)
+            return plan.run(input, residual, self.weight, self.bias, self.running_mean,
+                            self.running_var)
         if not isinstance(input, torch.fx.Proxy):  # torch's rank check (FX traces without it)
             self._check_input_dim(input)
+        planned = [] if key is not None else None
         y = module_batch_norm(
             input, residual, self.weight, self.bias, self.running_mean, self.running_var,
             self.num_batches_tracked, self.training, self.track_running_stats, self.momentum,
-            self.eps, self.renorm, self.rmax, self.dmax, self.activation, self._synchronized())
-        if fast is not None:  # validated: plan the signature for the next calls
-            try:
-                plan = InferencePlan(input, residual, self.running_mean, self.eps,
-                                     self.activation == "relu")
-            except ValueError:
-                plan = None
+            self.eps, self.renorm, self.rmax, self.dmax, self.activation, self._synchronized(),
+            planned)
+        if key is not None:  # validated: plan the signature for the next calls
+            plan = None
+            if self.training and planned:
+                cfg, running, count = planned[0]
+                plan = (cfg, running is not None, count is not None)
+            elif not self.training:
+                try:
+                    plan = InferencePlan(input, residual, self.running_mean, self.eps,
+                                         self.activation == "relu")
+                except ValueError:
+                    pass
             if plan is not None:
-                if len(_INFERENCE_PLANS) > 1024:
-                    _INFERENCE_PLANS.clear()
-                _INFERENCE_PLANS[fast] = plan
+                if len(_PLANS) > 1024:
+                    _PLANS.clear()
+                _PLANS[key] = plan
         return y
 
     def _synchronized(self) -> Any:
@@ -117,26 +128,35 @@ class _TritonBatchNorm:
             "these layers without graph breaks), or script a model holding torch.nn batch norms.")
 
 
-# eval-mode call signatures already validated by the full path -> their planned launch
-_INFERENCE_PLANS: dict = {}
+# call signatures already validated by the full path -> their plan: (NormConfig, whether the
+# running statistics and num_batches_tracked are passed) in training, an InferencePlan in eval
+_PLANS: dict = {}
 
 
-def _inference_key(x, residual, weight, bias, running_mean, running_var, eps, activation):
-    """The signature of an eval-mode call, which picks its ``InferencePlan``; None when the call
-    must take the full path: a tensor subclass (FakeTensor, a functorch wrapper), tracing, a
-    torch.func transform or forward AD, or an autograd graph to record."""
+def _call_key(m, x, residual):
+    """The signature of a layer call, which picks its plan; None when the call must take the full
+    path: a tensor subclass (FakeTensor, a functorch wrapper), tracing, a torch.func transform or
+    forward AD, eval mode without running statistics or with an autograd graph to record."""
     if type(x) is not torch.Tensor or (residual is not None and type(residual) is not torch.Tensor):
-        return None
-    if torch.is_grad_enabled() and (x.requires_grad or _requires_grad(weight)
-                                    or _requires_grad(bias) or _requires_grad(residual)):
         return None
     if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None \
             or forward_ad._current_level >= 0:
         return None
+    weight, bias, running_mean = m.weight, m.bias, m.running_mean
+    if not m.training:
+        if running_mean is None:
+            return None
+        if torch.is_grad_enabled() and (x.requires_grad or _requires_grad(weight)
+                                        or _requires_grad(bias) or _requires_grad(residual)):
+            return None
     state = tuple([None if t is None else (t.dtype, t.device, t.shape, t.stride())
-                   for t in (weight, bias, running_mean, running_var)])
+                   for t in (weight, bias, running_mean, m.running_var)])
     res = None if residual is None else (residual.shape, residual.stride(), residual.dtype)
-    return (x.shape, x.stride(), x.dtype, x.device, res, state, eps, activation)
+    key = (x.shape, x.stride(), x.dtype, x.device, res, state, m.eps, m.activation, m.training)
+    if m.training:
+        key += (m.momentum, m.track_running_stats, m.num_batches_tracked is not None, m.renorm,
+                m.rmax, m.dmax)
+    return key
 
 
 def _requires_grad(t) -> bool:
@@ -147,7 +167,7 @@ def _requires_grad(t) -> bool:
 def module_batch_norm(input, residual, weight, bias, running_mean, running_var,
                       num_batches_tracked, training: bool, track_running_stats: bool,
                       momentum, eps, renorm: bool, rmax, dmax, activation,
-                      synchronized) -> torch.Tensor:
+                      synchronized, planned=None) -> torch.Tensor:
     """One call of a triton_bn module, from tensors and plain values only, so that ``torch.fx``
     records it as one node: torch's _BatchNorm.forward decisions and checks (torch's order and
     exception types), all made before num_batches_tracked is incremented. ``synchronized``:
@@ -180,7 +200,7 @@ def module_batch_norm(input, residual, weight, bias, running_mean, running_var,
                               training=True, eps=eps, running=running, renorm=rn,
                               residual=residual, activation=activation)
     return apply_checked(input, weight, bias, (1,), use_batch, eps, running, 1, rn, None, residual,
-                         activation == "relu")
+                         activation == "relu", planned=planned)
 
 
 def _norm_kwargs(bias: bool) -> dict:
