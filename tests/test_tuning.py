@@ -150,3 +150,37 @@ def test_swept_tile_and_warps_reach_the_memoized_plan(kind):
     with tuning.override(force_fused=False, tile=2048, num_warps=8):
         policy = tuning.current_policy()
     assert tuning.plan_tiles(GEO, kind, CPU, torch.float32, policy=policy) == seen[(2048, 8)]
+
+
+@pytest.mark.parametrize("path", ["fused", "split"])
+def test_forced_channels_fast_plans_nchw_by_channel_tiles_with_the_same_results(path):
+    """The CPU smoke's ``channels_fast`` knob (never on by default) addresses NCHW data in the
+    channels-fast orientation: far fewer programs, and the same outputs and gradients as torch."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 40, 5, 7, dtype=torch.float64) * 2 + 3
+    assert not prepare(x.shape, [x], (1,), 1).geometry.channels_fast  # the layout's choice
+    bn = torch.nn.BatchNorm2d(40).double()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+    z = torch.randn_like(x)
+    xr = x.clone().requires_grad_()
+    y_ref = torch.relu(bn(xr) + z)
+    dy = torch.randn_like(y_ref)
+    y_ref.backward(dy)
+    from triton_bn import normalize
+
+    forced = {"force_fused": path == "fused", "channels_fast": True}
+    with tuning.override(**forced):
+        geo = prepare(x.shape, [x], (1,), 1).geometry
+        assert geo.channels_fast
+        plan = tuning.plan_tiles(geo, "forward", CPU, x.dtype)
+        assert plan.fused == (path == "fused") and plan.grid[0] < 40
+        xt = x.clone().requires_grad_()
+        w = bn.weight.detach().clone().requires_grad_()
+        y = normalize(xt, w, bn.bias.detach(), residual=z, activation="relu")
+        y.backward(dy)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(xt.grad, xr.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(w.grad, bn.weight.grad, rtol=1e-10, atol=1e-12)
+    assert not prepare(x.shape, [x], (1,), 1).geometry.channels_fast  # only while forced

@@ -62,9 +62,10 @@ def prepare(shape: Sequence[int], tensors: Sequence[torch.Tensor], axes: tuple[i
             groups: int) -> Prepared:
     """Finds a zero-copy view; copies (permuted to [reduction..., channels...]) only for layouts that
     need more than two reduction groups or more than one channel group (rare: e.g. axis=[1, 3])."""
+    device = tensors[0].device
     geo = plan_geometry(shape, [t.stride() for t in tensors], axes, groups)
     if geo is not None:
-        return Prepared(geo, list(tensors), None)
+        return Prepared(tuning.orient(geo, device), list(tensors), None)
     nd = len(shape)
     perm = [d for d in range(nd) if d not in axes] + list(axes)
     if groups > 1:  # keep the batch first so ghost groups stay addressable
@@ -75,7 +76,7 @@ def prepare(shape: Sequence[int], tensors: Sequence[torch.Tensor], axes: tuple[i
     geo = plan_geometry(pshape, [t.stride() for t in permuted], new_axes, groups)
     assert geo is not None, "a [reduction..., channels...] contiguous tensor is always addressable"
     inverse = [perm.index(d) for d in range(nd)]
-    return Prepared(geo, permuted, inverse)
+    return Prepared(tuning.orient(geo, device), permuted, inverse)
 
 
 def _needs_int64(geo: Geometry) -> bool:

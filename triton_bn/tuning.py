@@ -20,7 +20,7 @@ import torch
 
 from .layout import Geometry
 
-__all__ = ["TilePlan", "Policy", "plan_tiles", "override", "use_entries", "use_policy",
+__all__ = ["TilePlan", "Policy", "plan_tiles", "orient", "override", "use_entries", "use_policy",
            "current_policy", "interpreting", "cache_path", "load_cache", "cache_key", "cached_entry",
            "device_name", "validate_entry", "CACHE_FIELDS", "NUM_WARPS"]
 
@@ -84,6 +84,9 @@ class Knobs:
     force_fused: bool | None = None  # None: heuristic
     parts: int | None = None  # force this many reduction parts (tests)
     num_warps: int | None = None  # warps of the split kernels (None: 4)
+    # every layout in the channels-fast orientation: one program per tile of channels instead of
+    # one per channel for NCHW (the CPU-interpreter model smoke, whose time is per program)
+    channels_fast: bool = False
 
 
 KNOB_NAMES = tuple(f.name for f in fields(Knobs))
@@ -105,7 +108,7 @@ def _check_value(name: str, value, where: str, *, knob: bool = False):
     if knob and name in _OPTIONAL_KNOBS and value is None:
         return value
     is_int = isinstance(value, int) and not isinstance(value, bool)
-    if name in ("fused", "force_fused"):
+    if name in ("fused", "force_fused", "channels_fast"):
         ok, want = isinstance(value, bool), "true or false"
     elif name == "num_warps":
         ok, want = is_int and value in NUM_WARPS, "one of 1, 2, 4, 8, 16, 32"
@@ -308,6 +311,15 @@ def cached_entry(kind: str, geo: Geometry, dtype: torch.dtype, device: torch.dev
     if entry is not None or policy.overrides:
         return entry
     return load_cache(str(cache_path())).get(key)
+
+
+def orient(geo: Geometry, device: torch.device) -> Geometry:
+    """``geo``, in the channels-fast orientation when the ``channels_fast`` knob is forced (see
+    Knobs; never by default, so GPU plans and the orientations the tests cover are the layout's)."""
+    if not _policy.overrides or geo.channels_fast or geo.K == 1 \
+            or not knobs(device).channels_fast:
+        return geo
+    return replace(geo, channels_fast=True)
 
 
 def _split(extent_tiles: int, wanted: int) -> int:
