@@ -387,7 +387,10 @@ class InferencePlan:
     def __init__(self, x, residual, running_mean, eps: float, relu: bool) -> None:
         y = torch.empty_like(x, memory_format=torch.preserve_format)
         active = [x, y] + ([residual] if residual is not None else [])
-        self.geo = geo = plan_geometry(x.shape, [t.stride() for t in active], (1,), 1)
+        geo = plan_geometry(x.shape, [t.stride() for t in active], (1,), 1)
+        if geo is not None:
+            geo = tuning.orient(geo, x.device)
+        self.geo = geo
         if geo is None or x.numel() == 0:
             raise ValueError("a layout that needs a copy, or an empty input: not planned")
         self.plan = plan = tuning.plan_tiles(geo, "apply", x.device, x.dtype)
