@@ -1,6 +1,7 @@
 """triton_bn.fuse: the fused model against the unfused torch model (outputs, gradients, training
-steps, state), on hand-written blocks covering every matched spelling and on a real third-party
-ResNet (Hugging Face transformers, random weights from a small config)."""
+steps, state), on hand-written blocks covering every matched spelling, a DenseNet look-alike, and
+real third-party models (Hugging Face transformers ResNet, MobileNetV2, EfficientNet; random
+weights from small configs)."""
 
 import copy
 
@@ -10,7 +11,8 @@ import torch.nn.functional as F
 from conftest import TOL
 from torch import fx, nn
 
-from triton_bn import BatchNorm2d, FuseReport, fuse
+from triton_bn import BatchNorm2d, FuseReport, fuse, tuning
+from triton_bn.bench.model_runner import CPU_SMOKE_KNOBS
 from triton_bn.fuse import FusedSite
 from triton_bn.modules import _TritonBatchNorm
 
@@ -258,12 +260,13 @@ def test_hf_resnet_trains_like_torch():
     for tag, m in (("torch", ref), ("fused", model)):
         opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
         losses[tag] = []
-        for _ in range(3):
-            loss = F.cross_entropy(m(pixel_values=x).logits, y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses[tag].append(loss.item())
+        with tuning.override(**CPU_SMOKE_KNOBS):  # channel tiles: fewer interpreter programs
+            for _ in range(3):
+                loss = F.cross_entropy(m(pixel_values=x).logits, y)
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                losses[tag].append(loss.item())
     torch.testing.assert_close(torch.tensor(losses["fused"]), torch.tensor(losses["torch"]),
                                atol=1e-4, rtol=1e-4)
     assert losses["torch"][0] != losses["torch"][2]  # the steps did change the model
@@ -278,24 +281,6 @@ def test_hf_resnet_trains_like_torch():
     with torch.no_grad():
         torch.testing.assert_close(model(pixel_values=x).logits, ref(pixel_values=x).logits,
                                    atol=1e-4, rtol=1e-4)
-
-
-def test_hf_mobilenet_nothing_to_fuse_is_equivalent():
-    """MobileNetV2 uses ReLU6: nothing fused, every BN converted, the class kept; the stem (3 BNs)
-    gives the same outputs in float64 (the whole model takes a minute in the interpreter)."""
-    torch.manual_seed(0)
-    cfg = transformers.MobileNetV2Config(depth_multiplier=0.25, image_size=16, num_labels=4,
-                                         classifier_dropout_prob=0.0)
-    ref = _randomize(transformers.MobileNetV2ForImageClassification(cfg)).double().eval()
-    model, report = fuse(copy.deepcopy(ref), return_report=True)
-    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in ref.modules())
-    assert report.fused == [] and len(report.unfused) == n_bn > 30
-    assert isinstance(report, FuseReport) and type(model) is type(ref) and not model.training
-    assert sum(isinstance(m, BatchNorm2d) for m in model.modules()) == n_bn
-    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
-    with torch.no_grad():
-        torch.testing.assert_close(model.mobilenet_v2.conv_stem(x), ref.mobilenet_v2.conv_stem(x),
-                                   **TOL[torch.float64])
 
 
 def test_fused_block_under_torch_compile():
@@ -327,3 +312,152 @@ class ShortcutIsBNInput(nn.Module):
 def test_shortcut_saved_by_the_bn_itself_is_fused():
     _, report = _compare(_randomize(ShortcutIsBNInput(3)).train(), torch.randn(2, 3, 4, 4))
     assert report.fused == [FusedSite("bn", "add+relu")]
+
+
+# --- more third-party models: Hugging Face MobileNetV2 and EfficientNet, a DenseNet look-alike ---
+
+
+F64_MODEL = {"rtol": 1e-9, "atol": 1e-9}  # float64 through a dozen layers, gradients up to ~100
+
+
+def _compare_parts(ref, model, parts, x, tol):
+    """Runs ``parts`` (names of submodules applied in sequence, as the model does) of the torch
+    and the fused model in training mode; compares outputs, input and parameter gradients and
+    running statistics. The fused model runs with the CPU smoke's plans (channel tiles: seconds
+    instead of minutes in the interpreter)."""
+    dy = None
+    results = []
+    for m in (ref, model):
+        xa = x.clone().requires_grad_()
+        with tuning.override(**(CPU_SMOKE_KNOBS if m is model else {})):
+            h = xa
+            for name in parts:
+                h = m.get_submodule(name)(h)
+            if hasattr(h, "logits"):
+                h = h.logits
+            dy = torch.randn_like(h) if dy is None else dy
+            h.backward(dy)
+        grads = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+        results.append((h.detach(), xa.grad, grads))
+    (y_ref, dx_ref, g_ref), (y, dx, g) = results
+    torch.testing.assert_close(y, y_ref, **tol)
+    torch.testing.assert_close(dx, dx_ref, **tol)
+    assert g.keys() == g_ref.keys() and g_ref
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], **tol, msg=name)
+    torch.testing.assert_close(model.state_dict(), ref.state_dict(), **tol)
+
+
+@pytest.mark.parametrize("act", ["relu6", "relu"])
+def test_hf_mobilenet_v2_fused_matches_torch(act):
+    """HF MobileNetV2 as configured (ReLU6, TensorFlow padding): nothing to fuse, every BN
+    converted; with ReLU and ordinary padding (apply_tf_padding does Python arithmetic on shapes,
+    which torch.fx cannot trace) each expansion and depthwise BN is fused with its ReLU. In float64,
+    stem and first blocks (the whole model's depthwise float64 convolutions take a minute)."""
+    torch.manual_seed(0)
+    cfg = transformers.MobileNetV2Config(depth_multiplier=0.25, image_size=16, num_labels=4,
+                                         classifier_dropout_prob=0.0, hidden_act=act,
+                                         tf_padding=act == "relu6")
+    ref = _randomize(transformers.MobileNetV2ForImageClassification(cfg)).double().train()
+    model, report = fuse(copy.deepcopy(ref), return_report=True)
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in ref.modules())
+    assert type(model) is type(ref) and model.training and n_bn == 52
+    assert not any(type(m) is nn.BatchNorm2d for m in model.modules())
+    assert list(model.state_dict()) == list(ref.state_dict())
+    assert isinstance(report, FuseReport)
+    if act == "relu6":
+        assert report.fused == [] and len(report.unfused) == n_bn
+    else:  # stem: 2; blocks: expansion (not in the first) and depthwise; the last 1x1 conv
+        assert report.count("relu") == 2 + 2 * 16 + 1 and report.count("add+relu") == 0
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    _compare_parts(ref, model, ["mobilenet_v2.conv_stem"] + [f"mobilenet_v2.layer.{i}"
+                                                             for i in range(3)], x, F64_MODEL)
+
+
+@pytest.mark.parametrize("act", ["swish", "relu"])
+def test_hf_efficientnet_fused_matches_torch(act):
+    """HF EfficientNet (a small config) as designed (swish: nothing to fuse, every BN converted)
+    and with ReLU (stem, expansion, depthwise and top BNs fused); the whole classifier in float64."""
+    torch.manual_seed(0)
+    cfg = transformers.EfficientNetConfig(image_size=32, width_coefficient=0.25,
+                                          depth_coefficient=0.1, hidden_dim=320, hidden_act=act,
+                                          dropout_rate=0.0, drop_connect_rate=0.0, num_labels=4)
+    ref = _randomize(transformers.EfficientNetForImageClassification(cfg)).double().train()
+    model, report = fuse(copy.deepcopy(ref), return_report=True)
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in ref.modules())
+    assert type(model) is type(ref) and not any(type(m) is nn.BatchNorm2d for m in model.modules())
+    assert list(model.state_dict()) == list(ref.state_dict())
+    if act == "swish":
+        assert report.fused == [] and len(report.unfused) == n_bn
+    else:
+        assert report.count("relu") == 14 and report.count("add+relu") == 0 and n_bn == 22
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    _compare_parts(ref, model, [""], x, F64_MODEL)
+
+
+class _DenseLayer(nn.Module):
+    """torchvision's DenseNet layer: BN -> ReLU (in place) -> 1x1 conv -> BN -> ReLU -> 3x3 conv on
+    the concatenation of every earlier feature map, passed as a list."""
+
+    def __init__(self, cin: int, growth: int) -> None:
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(cin)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(cin, 2 * growth, 1, bias=False)
+        self.norm2 = nn.BatchNorm2d(2 * growth)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(2 * growth, growth, 3, padding=1, bias=False)
+
+    def forward(self, features):
+        prev = [features] if isinstance(features, torch.Tensor) else features
+        out = self.conv1(self.relu1(self.norm1(torch.cat(prev, 1))))
+        return self.conv2(self.relu2(self.norm2(out)))
+
+
+class _DenseBlock(nn.ModuleDict):
+    def __init__(self, n: int, cin: int, growth: int) -> None:
+        super().__init__({f"denselayer{i + 1}": _DenseLayer(cin + i * growth, growth)
+                          for i in range(n)})
+
+    def forward(self, x):
+        features = [x]
+        for layer in self.values():
+            features.append(layer(features))
+        return torch.cat(features, 1)
+
+
+class TinyDenseNet(nn.Module):
+    """torchvision's DenseNet layout: ``features`` (stem, dense blocks, a transition BN -> ReLU ->
+    conv -> pool, the final ``norm5``), then ``F.relu`` in the parent's forward, pooling, linear."""
+
+    def __init__(self, growth: int = 4) -> None:
+        super().__init__()
+        self.features = nn.Sequential()
+        self.features.add_module("conv0", nn.Conv2d(3, 8, 3, padding=1, bias=False))
+        self.features.add_module("norm0", nn.BatchNorm2d(8))
+        self.features.add_module("relu0", nn.ReLU(inplace=True))
+        self.features.add_module("denseblock1", _DenseBlock(2, 8, growth))
+        c = 8 + 2 * growth
+        self.features.add_module("transition1", nn.Sequential(
+            nn.BatchNorm2d(c), nn.ReLU(inplace=True), nn.Conv2d(c, c // 2, 1, bias=False),
+            nn.AvgPool2d(2)))
+        self.features.add_module("denseblock2", _DenseBlock(2, c // 2, growth))
+        self.features.add_module("norm5", nn.BatchNorm2d(c // 2 + 2 * growth))
+        self.classifier = nn.Linear(c // 2 + 2 * growth, 5)
+
+    def forward(self, x):
+        out = F.relu(self.features(x), inplace=True)
+        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+
+
+def test_densenet_layout_every_bn_fused_and_matches_torch():
+    """DenseNet's BN -> ReLU before each convolution (on concatenations, across module boundaries
+    and with the last ReLU in the parent's forward): all 11 batch norms fused, no add; the same
+    outputs, gradients and running statistics as torch."""
+    torch.manual_seed(0)
+    ref = _randomize(TinyDenseNet()).train()
+    with tuning.override(**CPU_SMOKE_KNOBS):  # channel tiles: fewer interpreter programs
+        model, report = _compare(ref, torch.randn(3, 3, 8, 8))
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in ref.modules())
+    assert n_bn == 11 and report.count("relu") == n_bn and report.unfused == []
+    assert report.untraced == [] and "features.norm5" in {s.name for s in report.fused}
