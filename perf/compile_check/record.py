@@ -133,8 +133,9 @@ def cover(specs: list[Spec]) -> list[Spec]:
 
 
 
-def collect(arch: int, quick: bool, sweep: bool, only: str = "") -> Recorder:
-    """Runs the scenarios (and the tile sweep) whose label contains ``only`` for sm_``arch``."""
+def collect(arch: int, quick: bool, sweep: bool, only: str = "", resnet50: bool = False) -> Recorder:
+    """Runs the scenarios (and the tile sweep) whose label contains ``only`` for sm_``arch``;
+    with ``resnet50`` the r50: scenarios instead (scenarios.add_resnet50)."""
     from triton import knobs
 
     from triton_bn import tuning
@@ -143,7 +144,7 @@ def collect(arch: int, quick: bool, sweep: bool, only: str = "") -> Recorder:
     rec = Recorder(arch)
     knobs.runtime.jit_cache_hook = rec.hook
     try:
-        items, step = scenarios(quick)
+        items, step = scenarios(quick, resnet50)
         for label, kn, fn, ctx in items:
             if only not in label:
                 continue
