@@ -201,7 +201,8 @@ def sass_instructions(sass: str) -> list[tuple[int, str]]:
 
 def sass_main_loop(sass: str) -> dict:
     """The main loop of a kernel's SASS: the innermost loop (a backward branch whose range holds no
-    other) with the most global loads (LDG), then the most instructions. Returns {"loop": True,
+    other) with the most global loads (LDG), of equals the first in the code (bn_stats_kernel's
+    second pass, taken only for a pivot far from the mean, comes after its main loop). Returns {"loop": True,
     "instructions", "barriers" (BAR.*), "load_bytes" (distinct LDG widths)}: static counts over
     the loop's address range, each instruction once. A kernel without a loop that loads (a single
     pass over one tile) gets the same counts over the whole kernel and "loop": False."""
@@ -222,10 +223,10 @@ def sass_main_loop(sass: str) -> dict:
         return {"instructions": len(body), "barriers": sum(t.startswith("BAR.") for t in body),
                 "load_bytes": widths, "n_loads": len(loads)}
 
-    loops = [dict(stats(lo, hi), loop=True) for lo, hi in inner]
+    loops = [dict(stats(lo, hi), loop=True) for lo, hi in sorted(inner)]
     loops = [st for st in loops if st["n_loads"]]
-    if loops:
-        return max(loops, key=lambda st: (st["n_loads"], st["instructions"]))
+    if loops:  # the most loads; of equals, the first in the code (a later one: a rare path)
+        return max(loops, key=lambda st: st["n_loads"])
     whole = stats(0, ins[-1][0] if ins else 0)
     return dict(whole, loop=False)
 

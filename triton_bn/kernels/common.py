@@ -105,11 +105,29 @@ def program_ranges(pid, n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk,
     return part, a_begin, a_end, b_begin, b_end, s_fixed
 
 
+def rows_flat(*tensors: str):
+    """A ``@triton.heuristics`` value: whether, in every tensor named (by its strides'
+    suffix, e.g. "x" for stride_x_r0 / stride_x_r1), the channels-fast rows are one flat run:
+    a single r0 (A <= R1: the layout folds a channels_last batch into r1) or stride_r0 ==
+    R1 * stride_r1. Then row a is at a * stride_r1, with no division by R1 in the loop
+    (tile_offsets' ROWS_FLAT)."""
+    def flat(args) -> bool:
+        if not args["CHANNELS_FAST"]:
+            return False  # unused: reduction-fast offsets need no division
+        return args["A"] <= args["R1"] or all(
+            args[f"stride_{t}_r0"] == args["R1"] * args[f"stride_{t}_r1"] for t in tensors)
+    return flat
+
+
 @triton.jit
 def tile_offsets(a, b, s_fixed, R1, K, stride_r0, stride_r1, stride_g, stride_k,
-                 HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr):
-    """Element offsets of the tile a[:, None] x b[None, :] in one tensor (see module docstring)."""
-    if CHANNELS_FAST:
+                 HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr,
+                 ROWS_FLAT: tl.constexpr = False):
+    """Element offsets of the tile a[:, None] x b[None, :] in one tensor (see module docstring).
+    ROWS_FLAT (rows_flat): stride_r0 == R1 * stride_r1, so the row a is at a * stride_r1."""
+    if CHANNELS_FAST and ROWS_FLAT:
+        return a[:, None] * stride_r1 + channel_offset(b, K, stride_g, stride_k, HAS_GROUPS)[None, :]
+    elif CHANNELS_FAST:
         row = (a // R1) * stride_r0 + (a % R1) * stride_r1
         col = channel_offset(b, K, stride_g, stride_k, HAS_GROUPS)
         return row[:, None] + col[None, :]

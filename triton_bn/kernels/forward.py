@@ -34,6 +34,7 @@ from .common import (
     load_pivot,
     mean_from_sum,
     program_ranges,
+    rows_flat,
     sqrt_rn,
     tile_indices,
     tile_moments,
@@ -153,6 +154,54 @@ def channel_affine_and_update(
 
 
 @triton.jit
+def shifted_tile(X, shift, a0, b0, a_end, b_end, s_fixed, R1, K,
+                 stride_x_r0, stride_x_r1, stride_x_g, stride_x_k, ACC: tl.constexpr,
+                 HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
+                 ROWS_FLAT: tl.constexpr, SHIFT_IS_X: tl.constexpr, BLOCK_A: tl.constexpr,
+                 BLOCK_B: tl.constexpr):
+    """x - shift of the tile at (a0, b0), 0 where masked off. SHIFT_IS_X: the shift is a value of
+    X (the pivot), so masked-off lanes load it and give 0 with no select."""
+    a, b, b_mask, mask = tile_indices(a0, b0, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
+    offs = tile_offsets(a, b, s_fixed, R1, K, stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
+                        HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT)
+    if SHIFT_IS_X:
+        return tl.load(X + offs, mask=mask, other=shift.to(X.dtype.element_ty)).to(ACC) - shift
+    else:
+        return tl.where(mask, tl.load(X + offs, mask=mask, other=0.0).to(ACC) - shift, 0.0)
+
+
+@triton.jit
+def lane_sums(X, shift, a_begin, a_end, b_begin, b_end, s_fixed, R1, K,
+              stride_x_r0, stride_x_r1, stride_x_g, stride_x_k, ACC: tl.constexpr,
+              HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
+              ROWS_FLAT: tl.constexpr, SHIFT_IS_X: tl.constexpr, BLOCK_A: tl.constexpr,
+              BLOCK_B: tl.constexpr):
+    """Per lane (each element of a [BLOCK_A, BLOCK_B] tile, always the same statistic channel),
+    the sums of d and d * d, d = x - shift, over every tile of this program's ranges: three
+    arithmetic instructions per element, no reduction across lanes inside the loop. Channels
+    fast, the program's channels are one tile wide: one loop, over rows."""
+    s1 = tl.zeros([BLOCK_A, BLOCK_B], ACC)
+    s2 = tl.zeros([BLOCK_A, BLOCK_B], ACC)
+    if CHANNELS_FAST:
+        for a0 in range(a_begin, a_end, BLOCK_A):
+            d = shifted_tile(X, shift, a0, b_begin, a_end, b_end, s_fixed, R1, K, stride_x_r0,
+                             stride_x_r1, stride_x_g, stride_x_k, ACC, HAS_GROUPS, CHANNELS_FAST,
+                             INT64, ROWS_FLAT, SHIFT_IS_X, BLOCK_A, BLOCK_B)
+            s1 += d
+            s2 += d * d
+    else:
+        for a0 in range(a_begin, a_end, BLOCK_A):
+            for b0 in range(b_begin, b_end, BLOCK_B):
+                d = shifted_tile(X, shift, a0, b0, a_end, b_end, s_fixed, R1, K, stride_x_r0,
+                                 stride_x_r1, stride_x_g, stride_x_k, ACC, HAS_GROUPS,
+                                 CHANNELS_FAST, INT64, ROWS_FLAT, SHIFT_IS_X, BLOCK_A, BLOCK_B)
+                s1 += d
+                s2 += d * d
+    return s1, s2
+
+
+@triton.heuristics({"ROWS_FLAT": rows_flat("x")})
+@triton.jit
 def bn_stats_kernel(
     X,                    # activation, addressed through its strides
     PartSum, PartM2,      # [n_parts, S] out: per-part sum of (x - Pivot) and M2 of each channel
@@ -160,28 +209,57 @@ def bn_stats_kernel(
     R1, K, S, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts,
     stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
     HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+    ROWS_FLAT: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
+    """A part's (sum of x - pivot, M2) per statistic channel, by shifted sums.
+
+    Every part of a channel shifts by the same sample, the pivot (its first), so the parts' sums
+    stay small and merge without rounding at the data's offset. Each lane sums d = x - pivot and
+    d * d over all of the program's tiles (lane_sums); the lanes are added once, at the end, and
+    M2 = sum(d * d) - sum(d)**2 / n. That subtraction loses about log2(sum(d * d) / M2) bits:
+    nothing for data within a few standard deviations of the pivot (ill-conditioned data such as
+    1000 + 0.01 * noise included: the pivot is one of them), but a pivot far out in the tail would
+    cost digits. So when sum(d * d) > 64 * M2 in a channel (a pivot more than ~8 standard
+    deviations from the part's mean) the program reads its tiles once more, shifted by the part's
+    mean, and takes M2 from those sums (the two-pass algorithm; rare, and read from L2)."""
     ACC = PartSum.dtype.element_ty
     part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
         tl.program_id(0), n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST,
         INT64)
-    # every part of a channel shifts by the same sample (its first), so the parts' sums stay small
-    # and are merged without rounding at the data's offset
     b_first = b_begin + tl.arange(0, BLOCK_B)
     pivot = load_pivot(X, b_first, b_first < b_end, s_fixed, K, stride_x_g, stride_x_k, ACC,
                        HAS_GROUPS, CHANNELS_FAST)
-    total = tl.zeros([BLOCK_B], ACC)
-    m2 = tl.zeros([BLOCK_B], ACC)
-    n = tl.zeros([BLOCK_B], ACC)
-    for a0 in range(a_begin, a_end, BLOCK_A):
-        for b0 in range(b_begin, b_end, BLOCK_B):
-            a, b, b_mask, mask = tile_indices(a0, b0, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
-            offs = tile_offsets(a, b, s_fixed, R1, K, stride_x_r0, stride_x_r1, stride_x_g,
-                                stride_x_k, HAS_GROUPS, CHANNELS_FAST)
-            x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
-            t_sum, t_m2, t_n = tile_moments(x - pivot, mask)
-            total, m2, n = chan_merge(total, m2, n, t_sum, t_m2, t_n)
+    s1, s2 = lane_sums(X, pivot, a_begin, a_end, b_begin, b_end, s_fixed, R1, K, stride_x_r0,
+                       stride_x_r1, stride_x_g, stride_x_k, ACC, HAS_GROUPS, CHANNELS_FAST, INT64,
+                       ROWS_FLAT, True, BLOCK_A, BLOCK_B)
+    # elements per statistic channel in this part (the same for every channel of the program)
+    n = ((a_end - a_begin) * (b_end - b_begin)).to(ACC)
+    if CHANNELS_FAST:
+        n = (a_end - a_begin).to(ACC)
+    n = tl.maximum(n, 1.0)
+    total = tl.sum(s1, 0)
+    sum_sq = tl.sum(s2, 0)
+    if not CHANNELS_FAST:
+        total = tl.sum(total, 0)
+        sum_sq = tl.sum(sum_sq, 0)
+    m2 = sum_sq - total * (total / n)
+    far = sum_sq > 64.0 * m2  # a pivot far from the mean: two passes
+    if CHANNELS_FAST:
+        far = tl.max(far.to(tl.int32), 0) > 0
+    if far:
+        mean_d = total / n
+        if CHANNELS_FAST:
+            mean_d = mean_d[None, :]
+        t1, t2 = lane_sums(X, pivot + mean_d, a_begin, a_end, b_begin, b_end, s_fixed, R1, K,
+                           stride_x_r0, stride_x_r1, stride_x_g, stride_x_k, ACC, HAS_GROUPS,
+                           CHANNELS_FAST, INT64, ROWS_FLAT, False, BLOCK_A, BLOCK_B)
+        t1 = tl.sum(t1, 0)
+        t2 = tl.sum(t2, 0)
+        if not CHANNELS_FAST:
+            t1 = tl.sum(t1, 0)
+            t2 = tl.sum(t2, 0)
+        m2 = t2 - t1 * (t1 / n)
+    m2 = tl.where(m2 < 0.0, 0.0, m2)  # rounding; a NaN stays a NaN
     if CHANNELS_FAST:
         b = b_begin + tl.arange(0, BLOCK_B)
         tl.store(PartSum + part * S + b, total, mask=b < b_end)
@@ -189,7 +267,6 @@ def bn_stats_kernel(
         if part == 0:
             tl.store(Pivot + b, tl.reshape(pivot, [BLOCK_B]), mask=b < b_end)
     else:
-        total, m2, n = tl.reduce((total, m2, n), 0, chan_merge)
         tl.store(PartSum + part * S + s_fixed, total)
         tl.store(PartM2 + part * S + s_fixed, m2)
         if part == 0:
