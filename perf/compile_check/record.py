@@ -87,7 +87,10 @@ def describe(jf, data: dict) -> str:
     parts = []
     blocks = [f"{consts.pop(n)}" for n in ("BLOCK_A", "BLOCK_B", "BLOCK_C") if n in consts]
     for n, v in consts.items():
-        if n == "RENORM":
+        if n == "ALIGN":
+            if v > 1:
+                parts.append(f"ALIGN={v}")
+        elif n == "RENORM":
             if v:
                 parts.append({1: "RENORM=keras", 2: "RENORM=torch"}.get(v, f"RENORM={v}"))
         elif isinstance(v, bool) or v in (0, 1):

@@ -106,11 +106,12 @@ ELEMENT_KERNELS = ("bn_stats_kernel", "bn_backward_reduce_kernel", "bn_apply_ker
                    "bn_backward_apply_kernel", "bn_fused_forward_kernel", "bn_fused_backward_kernel")
 
 
-def finalize_depths(plans: dict, block_p: int) -> list[dict]:
+def finalize_depths(plans: dict, block_p) -> list[dict]:
     """One row per r50: training scenario: the parts of its split reductions (forward statistics,
     backward sums) and the dependent merge steps of their finalize, ceil(parts / BLOCK_P) +
     log2(BLOCK_P) (kernels/forward.py merge_parts), beside the target 2 * log2(parts) + 4.
-    plans: label -> [(kind, TilePlan)] (scenarios.PLANS)."""
+    plans: label -> [(kind, TilePlan)] (scenarios.PLANS); block_p(n_parts): the BLOCK_P the
+    launch code gives a finalize over n_parts parts."""
     rows = []
     for label, logged in plans.items():
         if ":train" not in label:
@@ -122,8 +123,9 @@ def finalize_depths(plans: dict, block_p: int) -> list[dict]:
                 row[kind] = None  # single pass: no finalize
                 continue
             n = split[0].n_parts
-            steps = -(-n // block_p) + (block_p.bit_length() - 1)
-            row[kind] = {"parts": n, "steps": steps,
+            bp = block_p(n)
+            steps = -(-n // bp) + (bp.bit_length() - 1)
+            row[kind] = {"parts": n, "block_p": bp, "steps": steps,
                          "target": round(2 * math.log2(max(n, 1)) + 4, 1)}
         rows.append(row)
     return rows

@@ -21,10 +21,13 @@ import triton.language as tl
 from .common import (
     channel_block,
     given,
+    last_tile,
     load_channel_values,
     load_coefficients,
     program_ranges,
     relu_gate,
+    rows_aligned,
+    rows_flat,
     tile_indices,
     tile_offsets,
 )
@@ -36,18 +39,22 @@ def load_x_and_gated_dy(X, DY, Residual, a, b, s_fixed, mask, mean, scale, shift
                         stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k,
                         stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
                         ACC: tl.constexpr, HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr,
-                        HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr):
+                        HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+                        ROWS_FLAT: tl.constexpr = False, EVICT: tl.constexpr = "",
+                        ALIGN: tl.constexpr = 1):
     """x and g (the gradient reaching the normalization: dy, zero where the fused ReLU was off,
-    recomputed from x and the residual) of the tile a x b, in the accumulation dtype."""
+    recomputed from x and the residual) of the tile a x b, in the accumulation dtype; g is 0
+    where masked off."""
     x_offs = tile_offsets(a, b, s_fixed, R1, K, stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
-                          HAS_GROUPS, CHANNELS_FAST)
+                          HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN)
     dy_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dy_r0, stride_dy_r1, stride_dy_g,
-                           stride_dy_k, HAS_GROUPS, CHANNELS_FAST)
+                           stride_dy_k, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN)
     z_offs = tile_offsets(a, b, s_fixed, R1, K, stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
-                          HAS_GROUPS, CHANNELS_FAST)
-    x = tl.load(X + x_offs, mask=mask, other=0.0).to(ACC)
-    dy = tl.load(DY + dy_offs, mask=mask, other=0.0).to(ACC)
-    return x, relu_gate(dy, x, mean, scale, shift, Residual, z_offs, mask, HAS_RESIDUAL, RELU)
+                          HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN)
+    x = tl.load(X + x_offs, mask=mask, other=0.0, eviction_policy=EVICT).to(ACC)
+    dy = tl.load(DY + dy_offs, mask=mask, other=0.0, eviction_policy=EVICT).to(ACC)
+    return x, relu_gate(dy, x, mean, scale, shift, Residual, z_offs, mask, HAS_RESIDUAL, RELU,
+                        EVICT)
 
 
 @triton.jit
@@ -79,7 +86,8 @@ def store_param_grads(c, c_mask, sum_dy, sum_dy_xhat, GScale, GShift, DWeight, D
         tl.store(DBias + c, sum_dy, mask=c_mask)
 
 
-@triton.heuristics(given(HAS_RESIDUAL="Residual"))
+@triton.heuristics({**given(HAS_RESIDUAL="Residual"), "ROWS_FLAT": rows_flat("x", "dy", "z"),
+                    "ALIGN": rows_aligned("x", "dy", "z")})
 @triton.jit
 def bn_backward_reduce_kernel(
     X, DY, Residual,               # activation, upstream gradient, residual (RELU mask only)
@@ -90,15 +98,19 @@ def bn_backward_reduce_kernel(
     stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k,
     stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
     HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, ROWS_FLAT: tl.constexpr,
+    ALIGN: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
+    """A part's sums of dy and dy * (x - centre) per statistic channel. Each lane accumulates
+    over all of the program's tiles (a column of the tile is always one statistic channel); the
+    lanes are added once, at the end, so the loop has no reduction across lanes and no barrier.
+    Masked-off lanes load dy = 0 and add nothing."""
     ACC = Scale.dtype.element_ty
     part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
         tl.program_id(0), n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST,
-        INT64)
-    acc_dy = tl.zeros([BLOCK_B], ACC)
-    acc_dy_xmu = tl.zeros([BLOCK_B], ACC)
+        INT64, ALIGN)
+    acc_dy = tl.zeros([BLOCK_A, BLOCK_B], ACC)
+    acc_dy_xmu = tl.zeros([BLOCK_A, BLOCK_B], ACC)
     for b0 in range(b_begin, b_end, BLOCK_B):
         bc, bc_mask = channel_block(b0, b_end, s_fixed, S, BLOCK_B, CHANNELS_FAST)
         mean, scale, shift = load_coefficients(Mean, Scale, Shift, bc, bc_mask, ACC, CHANNELS_FAST)
@@ -109,16 +121,18 @@ def bn_backward_reduce_kernel(
                 stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
                 stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k,
                 stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
-                ACC, HAS_GROUPS, CHANNELS_FAST, HAS_RESIDUAL, RELU)
-            acc_dy += tl.sum(dy, 0)
-            acc_dy_xmu += tl.sum(tl.where(mask, dy * (x - mean), 0.0), 0)
+                ACC, HAS_GROUPS, CHANNELS_FAST, HAS_RESIDUAL, RELU, ROWS_FLAT, "evict_last", ALIGN)
+            acc_dy += dy
+            acc_dy_xmu += dy * (x - mean)
+    sum_dy = tl.sum(acc_dy, 0)
+    sum_dy_xmu = tl.sum(acc_dy_xmu, 0)
     if CHANNELS_FAST:
         b = b_begin + tl.arange(0, BLOCK_B)
-        tl.store(PartSumDy + part * S + b, acc_dy, mask=b < b_end)
-        tl.store(PartSumDyXmu + part * S + b, acc_dy_xmu, mask=b < b_end)
+        tl.store(PartSumDy + part * S + b, sum_dy, mask=b < b_end)
+        tl.store(PartSumDyXmu + part * S + b, sum_dy_xmu, mask=b < b_end)
     else:
-        tl.store(PartSumDy + part * S + s_fixed, tl.sum(acc_dy, 0))
-        tl.store(PartSumDyXmu + part * S + s_fixed, tl.sum(acc_dy_xmu, 0))
+        tl.store(PartSumDy + part * S + s_fixed, tl.sum(sum_dy, 0))
+        tl.store(PartSumDyXmu + part * S + s_fixed, tl.sum(sum_dy_xmu, 0))
 
 
 @triton.heuristics(given(N_FROM_PTR="Count", HAS_GAFFINE="GScale", WRITE_DW="DWeight",
@@ -169,7 +183,9 @@ def bn_backward_finalize_kernel(
                       HAS_GAFFINE, WRITE_DW, WRITE_DB)
 
 
-@triton.heuristics(given(HAS_RESIDUAL="Residual", WRITE_DX="DX", WRITE_DRESIDUAL="DResidual"))
+@triton.heuristics({**given(HAS_RESIDUAL="Residual", WRITE_DX="DX", WRITE_DRESIDUAL="DResidual"),
+                    "ROWS_FLAT": rows_flat("x", "dy", "z", "dx", "dz"),
+                    "ALIGN": rows_aligned("x", "dy", "z", "dx", "dz")})
 @triton.jit
 def bn_backward_apply_kernel(
     X, DY, Residual, DX, DResidual,
@@ -182,37 +198,46 @@ def bn_backward_apply_kernel(
     stride_dz_r0, stride_dz_r1, stride_dz_g, stride_dz_k,
     HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, TRAINING: tl.constexpr,
-    WRITE_DX: tl.constexpr, WRITE_DRESIDUAL: tl.constexpr,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+    WRITE_DX: tl.constexpr, WRITE_DRESIDUAL: tl.constexpr, ROWS_FLAT: tl.constexpr,
+    ALIGN: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     ACC = Scale.dtype.element_ty
     part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
         tl.program_id(0), n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST,
-        INT64)
-    for b0 in range(b_begin, b_end, BLOCK_B):
+        INT64, ALIGN)
+    # backwards, in reverse order of bn_backward_reduce_kernel's walk of the same partition: the
+    # tiles it read last are still in L2
+    b_last, n_b = last_tile(b_begin, b_end, BLOCK_B)
+    a_last, n_a = last_tile(a_begin, a_end, BLOCK_A)
+    for j in range(0, n_b):
+        b0 = b_last - j * BLOCK_B
         bc, bc_mask = channel_block(b0, b_end, s_fixed, S, BLOCK_B, CHANNELS_FAST)
         mean, scale, shift = load_coefficients(Mean, Scale, Shift, bc, bc_mask, ACC, CHANNELS_FAST)
         coef_b = load_channel_values(CoefB, bc, bc_mask, bc, ACC, CHANNELS_FAST)
         coef_c = load_channel_values(CoefC, bc, bc_mask, bc, ACC, CHANNELS_FAST)
-        for a0 in range(a_begin, a_end, BLOCK_A):
-            a, b, b_mask, mask = tile_indices(a0, b0, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
+        for i in range(0, n_a):
+            a, b, b_mask, mask = tile_indices(a_last - i * BLOCK_A, b0, a_end, b_end, BLOCK_A,
+                                              BLOCK_B, INT64)
             x, dy = load_x_and_gated_dy(
                 X, DY, Residual, a, b, s_fixed, mask, mean, scale, shift, R1, K,
                 stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
                 stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k,
                 stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
-                ACC, HAS_GROUPS, CHANNELS_FAST, HAS_RESIDUAL, RELU)
+                ACC, HAS_GROUPS, CHANNELS_FAST, HAS_RESIDUAL, RELU, ROWS_FLAT, "evict_first", ALIGN)
             if WRITE_DRESIDUAL:
                 dz_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dz_r0, stride_dz_r1,
-                                       stride_dz_g, stride_dz_k, HAS_GROUPS, CHANNELS_FAST)
-                tl.store(DResidual + dz_offs, dy.to(DResidual.dtype.element_ty), mask=mask)
+                                       stride_dz_g, stride_dz_k, HAS_GROUPS, CHANNELS_FAST,
+                                       ROWS_FLAT, ALIGN)
+                tl.store(DResidual + dz_offs, dy.to(DResidual.dtype.element_ty), mask=mask,
+                         cache_modifier=".cs")
             if WRITE_DX:
                 dx = scale * dy
                 if TRAINING:
                     dx += coef_b * (x - mean) + coef_c
                 dx_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dx_r0, stride_dx_r1,
-                                       stride_dx_g, stride_dx_k, HAS_GROUPS, CHANNELS_FAST)
-                tl.store(DX + dx_offs, dx.to(DX.dtype.element_ty), mask=mask)
+                                       stride_dx_g, stride_dx_k, HAS_GROUPS, CHANNELS_FAST,
+                                       ROWS_FLAT, ALIGN)
+                tl.store(DX + dx_offs, dx.to(DX.dtype.element_ty), mask=mask, cache_modifier=".cs")
 
 
 @triton.heuristics(given(HAS_RESIDUAL="Residual", HAS_GAFFINE="GScale", WRITE_DW="DWeight",

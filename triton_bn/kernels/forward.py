@@ -29,11 +29,13 @@ from .common import (
     chan_merge,
     channel_block,
     given,
+    last_tile,
     load_channel_values,
     load_coefficients,
     load_pivot,
     mean_from_sum,
     program_ranges,
+    rows_aligned,
     rows_flat,
     sqrt_rn,
     tile_indices,
@@ -157,25 +159,28 @@ def channel_affine_and_update(
 def shifted_tile(X, shift, a0, b0, a_end, b_end, s_fixed, R1, K,
                  stride_x_r0, stride_x_r1, stride_x_g, stride_x_k, ACC: tl.constexpr,
                  HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
-                 ROWS_FLAT: tl.constexpr, SHIFT_IS_X: tl.constexpr, BLOCK_A: tl.constexpr,
-                 BLOCK_B: tl.constexpr):
+                 ROWS_FLAT: tl.constexpr, ALIGN: tl.constexpr, SHIFT_IS_X: tl.constexpr,
+                 BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
     """x - shift of the tile at (a0, b0), 0 where masked off. SHIFT_IS_X: the shift is a value of
     X (the pivot), so masked-off lanes load it and give 0 with no select."""
     a, b, b_mask, mask = tile_indices(a0, b0, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
     offs = tile_offsets(a, b, s_fixed, R1, K, stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
-                        HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT)
+                        HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN)
     if SHIFT_IS_X:
-        return tl.load(X + offs, mask=mask, other=shift.to(X.dtype.element_ty)).to(ACC) - shift
+        x = tl.load(X + offs, mask=mask, other=shift.to(X.dtype.element_ty),
+                    eviction_policy="evict_last")  # bn_apply_kernel reads it again
+        return x.to(ACC) - shift
     else:
-        return tl.where(mask, tl.load(X + offs, mask=mask, other=0.0).to(ACC) - shift, 0.0)
+        x = tl.load(X + offs, mask=mask, other=0.0, eviction_policy="evict_last")
+        return tl.where(mask, x.to(ACC) - shift, 0.0)
 
 
 @triton.jit
 def lane_sums(X, shift, a_begin, a_end, b_begin, b_end, s_fixed, R1, K,
               stride_x_r0, stride_x_r1, stride_x_g, stride_x_k, ACC: tl.constexpr,
               HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
-              ROWS_FLAT: tl.constexpr, SHIFT_IS_X: tl.constexpr, BLOCK_A: tl.constexpr,
-              BLOCK_B: tl.constexpr):
+              ROWS_FLAT: tl.constexpr, ALIGN: tl.constexpr, SHIFT_IS_X: tl.constexpr,
+              BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
     """Per lane (each element of a [BLOCK_A, BLOCK_B] tile, always the same statistic channel),
     the sums of d and d * d, d = x - shift, over every tile of this program's ranges: three
     arithmetic instructions per element, no reduction across lanes inside the loop. Channels
@@ -186,21 +191,22 @@ def lane_sums(X, shift, a_begin, a_end, b_begin, b_end, s_fixed, R1, K,
         for a0 in range(a_begin, a_end, BLOCK_A):
             d = shifted_tile(X, shift, a0, b_begin, a_end, b_end, s_fixed, R1, K, stride_x_r0,
                              stride_x_r1, stride_x_g, stride_x_k, ACC, HAS_GROUPS, CHANNELS_FAST,
-                             INT64, ROWS_FLAT, SHIFT_IS_X, BLOCK_A, BLOCK_B)
+                             INT64, ROWS_FLAT, ALIGN, SHIFT_IS_X, BLOCK_A, BLOCK_B)
             s1 += d
             s2 += d * d
     else:
-        for a0 in range(a_begin, a_end, BLOCK_A):
-            for b0 in range(b_begin, b_end, BLOCK_B):
+        for b0 in range(b_begin, b_end, BLOCK_B):
+            for a0 in range(a_begin, a_end, BLOCK_A):
                 d = shifted_tile(X, shift, a0, b0, a_end, b_end, s_fixed, R1, K, stride_x_r0,
                                  stride_x_r1, stride_x_g, stride_x_k, ACC, HAS_GROUPS,
-                                 CHANNELS_FAST, INT64, ROWS_FLAT, SHIFT_IS_X, BLOCK_A, BLOCK_B)
+                                 CHANNELS_FAST, INT64, ROWS_FLAT, ALIGN, SHIFT_IS_X, BLOCK_A,
+                                 BLOCK_B)
                 s1 += d
                 s2 += d * d
     return s1, s2
 
 
-@triton.heuristics({"ROWS_FLAT": rows_flat("x")})
+@triton.heuristics({"ROWS_FLAT": rows_flat("x"), "ALIGN": rows_aligned("x")})
 @triton.jit
 def bn_stats_kernel(
     X,                    # activation, addressed through its strides
@@ -209,7 +215,7 @@ def bn_stats_kernel(
     R1, K, S, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts,
     stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
     HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
-    ROWS_FLAT: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+    ROWS_FLAT: tl.constexpr, ALIGN: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """A part's (sum of x - pivot, M2) per statistic channel, by shifted sums.
 
@@ -225,13 +231,13 @@ def bn_stats_kernel(
     ACC = PartSum.dtype.element_ty
     part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
         tl.program_id(0), n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST,
-        INT64)
+        INT64, ALIGN)
     b_first = b_begin + tl.arange(0, BLOCK_B)
     pivot = load_pivot(X, b_first, b_first < b_end, s_fixed, K, stride_x_g, stride_x_k, ACC,
                        HAS_GROUPS, CHANNELS_FAST)
     s1, s2 = lane_sums(X, pivot, a_begin, a_end, b_begin, b_end, s_fixed, R1, K, stride_x_r0,
                        stride_x_r1, stride_x_g, stride_x_k, ACC, HAS_GROUPS, CHANNELS_FAST, INT64,
-                       ROWS_FLAT, True, BLOCK_A, BLOCK_B)
+                       ROWS_FLAT, ALIGN, True, BLOCK_A, BLOCK_B)
     # elements per statistic channel in this part (the same for every channel of the program)
     n = ((a_end - a_begin) * (b_end - b_begin)).to(ACC)
     if CHANNELS_FAST:
@@ -252,7 +258,7 @@ def bn_stats_kernel(
             mean_d = mean_d[None, :]
         t1, t2 = lane_sums(X, pivot + mean_d, a_begin, a_end, b_begin, b_end, s_fixed, R1, K,
                            stride_x_r0, stride_x_r1, stride_x_g, stride_x_k, ACC, HAS_GROUPS,
-                           CHANNELS_FAST, INT64, ROWS_FLAT, False, BLOCK_A, BLOCK_B)
+                           CHANNELS_FAST, INT64, ROWS_FLAT, ALIGN, False, BLOCK_A, BLOCK_B)
         t1 = tl.sum(t1, 0)
         t2 = tl.sum(t2, 0)
         if not CHANNELS_FAST:
@@ -393,8 +399,31 @@ def bn_finalize_kernel(
                  mask=c_mask)
 
 
-@triton.heuristics(given(HAS_RESIDUAL="Residual", FROM_RUNNING="RunMean", HAS_WEIGHT="Weight",
-    HAS_BIAS="Bias"))
+@triton.jit
+def apply_tile(X, Y, Residual, a0, b0, a_end, b_end, s_fixed, mean, scale, shift, R1, K,
+               stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
+               stride_y_r0, stride_y_r1, stride_y_g, stride_y_k,
+               stride_z_r0, stride_z_r1, stride_z_g, stride_z_k, ACC: tl.constexpr,
+               HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
+               HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, ROWS_FLAT: tl.constexpr,
+               ALIGN: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+    """y = act((x - centre) * scale + shift [+ residual]) of the tile at (a0, b0). x and the
+    residual are read for the last time (evict first); y is streamed out (.cs)."""
+    a, b, b_mask, mask = tile_indices(a0, b0, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
+    x_offs = tile_offsets(a, b, s_fixed, R1, K, stride_x_r0, stride_x_r1, stride_x_g,
+                          stride_x_k, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN)
+    y_offs = tile_offsets(a, b, s_fixed, R1, K, stride_y_r0, stride_y_r1, stride_y_g,
+                          stride_y_k, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN)
+    z_offs = tile_offsets(a, b, s_fixed, R1, K, stride_z_r0, stride_z_r1, stride_z_g,
+                          stride_z_k, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN)
+    x = tl.load(X + x_offs, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
+    y = apply_activation((x - mean) * scale + shift, Residual, z_offs, mask,
+                         HAS_RESIDUAL, RELU, "evict_first")
+    tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=mask, cache_modifier=".cs")
+
+
+@triton.heuristics({**given(HAS_RESIDUAL="Residual", FROM_RUNNING="RunMean", HAS_WEIGHT="Weight",
+    HAS_BIAS="Bias"), "ROWS_FLAT": rows_flat("x", "y", "z"), "ALIGN": rows_aligned("x", "y", "z")})
 @triton.jit
 def bn_apply_kernel(
     X, Y, Residual,                # activation in, output, optional residual added before the act.
@@ -409,54 +438,54 @@ def bn_apply_kernel(
     stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
     HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, FROM_RUNNING: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS_FLAT: tl.constexpr,
+    ALIGN: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     ACC = Scale.dtype.element_ty
     part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
         tl.program_id(0), n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST,
-        INT64)
-    for b0 in range(b_begin, b_end, BLOCK_B):
-        bc, bc_mask = channel_block(b0, b_end, s_fixed, S, BLOCK_B, CHANNELS_FAST)
-        if FROM_RUNNING:
-            eps = tl.load(Hyper)
-            mean = load_channel_values(RunMean, bc, bc_mask, bc, ACC, CHANNELS_FAST)
-            rstd = 1.0 / sqrt_rn(load_channel_values(RunVar, bc, bc_mask, bc, ACC, CHANNELS_FAST) + eps)
-            scale = rstd
-            if HAS_WEIGHT:
-                scale = rstd * load_channel_values(Weight, bc, bc_mask, bc, ACC, CHANNELS_FAST)
-            shift = tl.zeros_like(scale)
-            if HAS_BIAS:
-                shift += load_channel_values(Bias, bc, bc_mask, bc, ACC, CHANNELS_FAST)
-            # the coefficients backward needs; the centre is the running mean, the offset 0
-            if part == 0:
-                if CHANNELS_FAST:
-                    tl.store(Mean + bc[None, :], mean, mask=bc_mask[None, :])
-                    tl.store(Mean + S + bc[None, :], tl.zeros_like(mean), mask=bc_mask[None, :])
-                    tl.store(Rstd + bc[None, :], rstd, mask=bc_mask[None, :])
-                    tl.store(Scale + bc[None, :], scale, mask=bc_mask[None, :])
-                    tl.store(Shift + bc[None, :], shift, mask=bc_mask[None, :])
-                else:
-                    tl.store(Mean + bc, mean)
-                    tl.store(Mean + S + bc, tl.zeros_like(mean))
-                    tl.store(Rstd + bc, rstd)
-                    tl.store(Scale + bc, scale)
-                    tl.store(Shift + bc, shift)
-        else:
-            mean, scale, shift = load_coefficients(Mean, Scale, Shift, bc, bc_mask, ACC,
-                                                   CHANNELS_FAST)
-        for a0 in range(a_begin, a_end, BLOCK_A):
-            a, b, b_mask, mask = tile_indices(a0, b0, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
-            x_offs = tile_offsets(a, b, s_fixed, R1, K, stride_x_r0, stride_x_r1, stride_x_g,
-                                  stride_x_k, HAS_GROUPS, CHANNELS_FAST)
-            y_offs = tile_offsets(a, b, s_fixed, R1, K, stride_y_r0, stride_y_r1, stride_y_g,
-                                  stride_y_k, HAS_GROUPS, CHANNELS_FAST)
-            z_offs = tile_offsets(a, b, s_fixed, R1, K, stride_z_r0, stride_z_r1, stride_z_g,
-                                  stride_z_k, HAS_GROUPS, CHANNELS_FAST)
-            x = tl.load(X + x_offs, mask=mask, other=0.0).to(ACC)
-            y = apply_activation((x - mean) * scale + shift, Residual, z_offs, mask,
-                                 HAS_RESIDUAL, RELU)
-            tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=mask)
+        INT64, ALIGN)
+    bc, bc_mask = channel_block(b_begin, b_end, s_fixed, S, BLOCK_B, CHANNELS_FAST)
+    if FROM_RUNNING:
+        eps = tl.load(Hyper)
+        mean = load_channel_values(RunMean, bc, bc_mask, bc, ACC, CHANNELS_FAST)
+        rstd = 1.0 / sqrt_rn(load_channel_values(RunVar, bc, bc_mask, bc, ACC, CHANNELS_FAST) + eps)
+        scale = rstd
+        if HAS_WEIGHT:
+            scale = rstd * load_channel_values(Weight, bc, bc_mask, bc, ACC, CHANNELS_FAST)
+        shift = tl.zeros_like(scale)
+        if HAS_BIAS:
+            shift += load_channel_values(Bias, bc, bc_mask, bc, ACC, CHANNELS_FAST)
+        # the coefficients backward needs; the centre is the running mean, the offset 0
+        if part == 0:
+            if CHANNELS_FAST:
+                tl.store(Mean + bc[None, :], mean, mask=bc_mask[None, :])
+                tl.store(Mean + S + bc[None, :], tl.zeros_like(mean), mask=bc_mask[None, :])
+                tl.store(Rstd + bc[None, :], rstd, mask=bc_mask[None, :])
+                tl.store(Scale + bc[None, :], scale, mask=bc_mask[None, :])
+                tl.store(Shift + bc[None, :], shift, mask=bc_mask[None, :])
+            else:
+                tl.store(Mean + bc, mean)
+                tl.store(Mean + S + bc, tl.zeros_like(mean))
+                tl.store(Rstd + bc, rstd)
+                tl.store(Scale + bc, scale)
+                tl.store(Shift + bc, shift)
+    else:
+        mean, scale, shift = load_coefficients(Mean, Scale, Shift, bc, bc_mask, ACC,
+                                               CHANNELS_FAST)
+    # backwards, in reverse order of bn_stats_kernel's walk of the same partition (training):
+    # the tiles it read last are still in L2
+    a_last, n_a = last_tile(a_begin, a_end, BLOCK_A)
+    b_last, n_b = last_tile(b_begin, b_end, BLOCK_B)
+    for j in range(0, n_b):
+        for i in range(0, n_a):
+            apply_tile(X, Y, Residual, a_last - i * BLOCK_A, b_last - j * BLOCK_B, a_end, b_end,
+                       s_fixed, mean, scale, shift, R1, K,
+                       stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
+                       stride_y_r0, stride_y_r1, stride_y_g, stride_y_k,
+                       stride_z_r0, stride_z_r1, stride_z_g, stride_z_k, ACC, HAS_GROUPS,
+                       CHANNELS_FAST, INT64, HAS_RESIDUAL, RELU, ROWS_FLAT, ALIGN, BLOCK_A,
+                       BLOCK_B)
 
 
 @triton.heuristics(given(HAS_RESIDUAL="Residual", HAS_WEIGHT="Weight", HAS_BIAS="Bias",
