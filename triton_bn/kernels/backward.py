@@ -114,7 +114,25 @@ def bn_backward_reduce_kernel(
     for b0 in range(b_begin, b_end, BLOCK_B):
         bc, bc_mask = channel_block(b0, b_end, s_fixed, S, BLOCK_B, CHANNELS_FAST)
         mean, scale, shift = load_coefficients(Mean, Scale, Shift, bc, bc_mask, ACC, CHANNELS_FAST)
-        for a0 in range(a_begin, a_end, BLOCK_A):
+        a_full = a_begin
+        if CHANNELS_FAST:
+            # a whole channel tile: its full row tiles need no mask (a constant-true mask, which
+            # the compiler drops), only the last one does
+            if b_end - b0 == BLOCK_B:
+                a_full = a_begin + (a_end - a_begin) // BLOCK_A * BLOCK_A
+            for a0 in range(a_begin, a_full, BLOCK_A):
+                a, b, b_mask, _ = tile_indices(a0, b0, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
+                x, dy = load_x_and_gated_dy(
+                    X, DY, Residual, a, b, s_fixed, tl.full([BLOCK_A, BLOCK_B], 1, tl.int1),
+                    mean, scale, shift, R1, K,
+                    stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
+                    stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k,
+                    stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
+                    ACC, HAS_GROUPS, CHANNELS_FAST, HAS_RESIDUAL, RELU, ROWS_FLAT, "evict_last",
+                    ALIGN)
+                acc_dy += dy
+                acc_dy_xmu += dy * (x - mean)
+        for a0 in range(a_full, a_end, BLOCK_A):
             a, b, b_mask, mask = tile_indices(a0, b0, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
             x, dy = load_x_and_gated_dy(
                 X, DY, Residual, a, b, s_fixed, mask, mean, scale, shift, R1, K,
