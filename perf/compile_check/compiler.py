@@ -90,7 +90,10 @@ def _where(err) -> str:
     path = Path(jf.fn.__code__.co_filename)
     with contextlib.suppress(ValueError):
         path = path.relative_to(ROOT)
-    return f"{path}:{jf.def_file_line_number + node_line - 1} ({m.group(1)})"
+    first = getattr(jf, "def_file_line_number", None)  # triton 3.9; 3.6: starting_line_number
+    if first is None:
+        first = getattr(jf, "starting_line_number", 1)
+    return f"{path}:{first + node_line - 1} ({m.group(1)})"
 
 
 def _chain(e: BaseException) -> list:

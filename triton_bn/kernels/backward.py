@@ -40,8 +40,7 @@ def load_x_and_gated_dy(X, DY, Residual, a, b, s_fixed, mask, mean, scale, shift
                         stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
                         ACC: tl.constexpr, HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr,
                         HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
-                        ROWS_FLAT: tl.constexpr = False, EVICT: tl.constexpr = "",
-                        ALIGN: tl.constexpr = 1):
+                        ROWS_FLAT: tl.constexpr, EVICT: tl.constexpr, ALIGN: tl.constexpr):
     """x and g (the gradient reaching the normalization: dy, zero where the fused ReLU was off,
     recomputed from x and the residual) of the tile a x b, in the accumulation dtype; g is 0
     where masked off."""
@@ -282,7 +281,7 @@ def bn_fused_backward_kernel(
     ACC = Scale.dtype.element_ty
     _, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
         tl.program_id(0), tl.num_programs(0), 1, A, B, A, B, BLOCK_B, CHANNELS_FAST,
-        INT64 and not CHANNELS_FAST)  # channels fast: one part, channel tiles << 2**31
+        INT64 and not CHANNELS_FAST, 1)  # channels fast: one part, channel tiles << 2**31
     a, b, b_mask, mask = tile_indices(a_begin, b_begin, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
     if CHANNELS_FAST:
         c = b
@@ -298,7 +297,8 @@ def bn_fused_backward_kernel(
     x, dy = load_x_and_gated_dy(
         X, DY, Residual, a, b, s_fixed, mask, mean, scale, shift, R1, K,
         stride_x_r0, stride_x_r1, 0, stride_x_k, stride_dy_r0, stride_dy_r1, 0, stride_dy_k,
-        stride_z_r0, stride_z_r1, 0, stride_z_k, ACC, False, CHANNELS_FAST, HAS_RESIDUAL, RELU)
+        stride_z_r0, stride_z_r1, 0, stride_z_k, ACC, False, CHANNELS_FAST, HAS_RESIDUAL, RELU,
+        False, "", 1)
     xmu = tl.where(mask, x - mean, 0.0)
     sum_dy = tl.sum(dy, 0)
     sum_dy_xmu = tl.sum(dy * xmu, 0)
@@ -318,10 +318,10 @@ def bn_fused_backward_kernel(
         coef_c = coef_c[None, :]
     if WRITE_DRESIDUAL:
         dz_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dz_r0, stride_dz_r1, 0, stride_dz_k,
-                               False, CHANNELS_FAST)
+                               False, CHANNELS_FAST, False, 1)
         tl.store(DResidual + dz_offs, dy.to(DResidual.dtype.element_ty), mask=mask)
     if WRITE_DX:
         dx = scale * dy + coef_b * xmu + coef_c
         dx_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dx_r0, stride_dx_r1, 0, stride_dx_k,
-                               False, CHANNELS_FAST)
+                               False, CHANNELS_FAST, False, 1)
         tl.store(DX + dx_offs, dx.to(DX.dtype.element_ty), mask=mask)

@@ -78,7 +78,7 @@ def channel_offset(s, K, stride_g, stride_k, HAS_GROUPS: tl.constexpr):
 @triton.jit
 def program_ranges(pid, n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk,
                    BLOCK_B: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
-                   ALIGN: tl.constexpr = 1):
+                   ALIGN: tl.constexpr):
     """Splits a flat program id into (part index, a range, b range, fixed channel).
 
     Programs are numbered channel-tile fastest. In the channels-fast orientation B is the number of
@@ -149,7 +149,7 @@ def rows_aligned(*tensors: str):
 @triton.jit
 def tile_offsets(a, b, s_fixed, R1, K, stride_r0, stride_r1, stride_g, stride_k,
                  HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr,
-                 ROWS_FLAT: tl.constexpr = False, ALIGN: tl.constexpr = 1):
+                 ROWS_FLAT: tl.constexpr, ALIGN: tl.constexpr):
     """Element offsets of the tile a[:, None] x b[None, :] in one tensor (see module docstring).
     ROWS_FLAT (rows_flat): stride_r0 == R1 * stride_r1, so the row a is at a * stride_r1.
     ALIGN (rows_aligned, reduction fast): the channel and row strides are multiples of ALIGN."""
@@ -237,7 +237,7 @@ def last_tile(begin, end, BLOCK: tl.constexpr):
 
 @triton.jit
 def apply_activation(pre, Residual, res_offsets, mask, HAS_RESIDUAL: tl.constexpr,
-                     RELU: tl.constexpr, EVICT: tl.constexpr = ""):
+                     RELU: tl.constexpr, EVICT: tl.constexpr):
     """Adds the residual (if any) and applies the activation to a normalized fp32 tile."""
     if HAS_RESIDUAL:
         pre += tl.load(Residual + res_offsets, mask=mask, other=0.0,
@@ -249,7 +249,7 @@ def apply_activation(pre, Residual, res_offsets, mask, HAS_RESIDUAL: tl.constexp
 
 @triton.jit
 def relu_gate(dy, x, mean, scale, shift, Residual, res_offsets, mask,
-              HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, EVICT: tl.constexpr = ""):
+              HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, EVICT: tl.constexpr):
     """The gradient reaching the normalization: dy, or dy where the recomputed pre-activation > 0."""
     if RELU:
         pre = apply_activation((x - mean) * scale + shift, Residual, res_offsets, mask,

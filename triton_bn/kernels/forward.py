@@ -514,10 +514,10 @@ def bn_fused_forward_kernel(
     ACC = Mean.dtype.element_ty
     _, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
         tl.program_id(0), tl.num_programs(0), 1, A, B, A, B, BLOCK_B, CHANNELS_FAST,
-        INT64 and not CHANNELS_FAST)  # channels fast: one part, channel tiles << 2**31
+        INT64 and not CHANNELS_FAST, 1)  # channels fast: one part, channel tiles << 2**31
     a, b, b_mask, mask = tile_indices(a_begin, b_begin, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
     x_offs = tile_offsets(a, b, s_fixed, R1, K, stride_x_r0, stride_x_r1, 0, stride_x_k,
-                          False, CHANNELS_FAST)
+                          False, CHANNELS_FAST, False, 1)
     pivot = load_pivot(X, b, b_mask, s_fixed, K, 0, stride_x_k, ACC, False, CHANNELS_FAST)
     centred = tl.load(X + x_offs, mask=mask, other=0.0).to(ACC) - pivot  # x - centre
     total, m2, n = tile_moments(centred, mask)
@@ -548,8 +548,8 @@ def bn_fused_forward_kernel(
         scale = scale[None, :]
         shift = shift[None, :]
     y_offs = tile_offsets(a, b, s_fixed, R1, K, stride_y_r0, stride_y_r1, 0, stride_y_k,
-                          False, CHANNELS_FAST)
+                          False, CHANNELS_FAST, False, 1)
     z_offs = tile_offsets(a, b, s_fixed, R1, K, stride_z_r0, stride_z_r1, 0, stride_z_k,
-                          False, CHANNELS_FAST)
-    y = apply_activation(centred * scale + shift, Residual, z_offs, mask, HAS_RESIDUAL, RELU)
+                          False, CHANNELS_FAST, False, 1)
+    y = apply_activation(centred * scale + shift, Residual, z_offs, mask, HAS_RESIDUAL, RELU, "")
     tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=mask)
