@@ -413,6 +413,32 @@ def test_ill_conditioned_keeps_its_digits(fmt, path):
         assert rel < 1e-5, f"{name}: relative error {rel:.1e}"
 
 
+@pytest.mark.parametrize("path", ["split1", "split3"])
+@pytest.mark.parametrize("fmt", [None, torch.channels_last], ids=["nchw", "nhwc"])
+def test_pivot_far_from_the_mean_keeps_its_digits(fmt, path):
+    """The statistics kernel sums x - pivot and its square per lane (shifted sums), the pivot being
+    each channel's first sample. Here that sample lies 500 standard deviations from the rest
+    (1000 + 0.01 * noise, first sample 995), where sum(d * d) - sum(d)**2 / n would lose ~18 bits
+    of M2; the kernel sees it and takes M2 from a second, mean-shifted pass: the variance, y and
+    the running variance keep ~6 digits against float64."""
+    shape = (16, 3, 8, 8)
+    w, b = params(3)
+    torch.manual_seed(11)
+    x = (1000 + 0.01 * torch.randn(shape)).float()
+    x[0, :, 0, 0] = 995.0
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    rm, rv = running(3)
+    rm_ref, rv_ref = rm.double(), rv.double()
+    with tuning.override(**PATHS[path]):
+        y = batch_norm(x, rm, rv, w, b, training=True, momentum=0.5)
+    yr, st = reference_batch_norm(x.double(), w.double(), b.double(), running_mean=rm_ref,
+                                  running_var=rv_ref, training=True, momentum=0.5)
+    for name, a, r in (("y", y, yr), ("running_var", rv, st["running_var"])):
+        rel = _max_err(a, r) / r.abs().max().item()
+        assert rel < 1e-5, f"{name}: relative error {rel:.1e}"
+
+
 @pytest.mark.parametrize("path", ALL_PATHS)
 @pytest.mark.parametrize("fmt", [None, torch.channels_last], ids=["nchw", "nhwc"])
 def test_integer_data_mean_is_exact(fmt, path):

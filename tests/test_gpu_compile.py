@@ -146,3 +146,65 @@ def test_compile_report_flags_x_read_after_the_grid_barrier(reload):
 
     ttir = _PERSISTENT_TTIR.replace("{reload}", reload)
     assert loaded_after_grid_barrier(ttir) == ({"X"} if reload else set())
+
+
+@pytest.mark.slow
+def test_resnet50_report_columns_and_no_spills(tmp_path):
+    """``compile_check --resnet50 --quick`` (batch 32, the first stage's 64 x 56 x 56 in bf16
+    channels_last and fp32 NCHW, training and inference): every kernel of a training step and of
+    inference is reported with its registers, main-loop SASS instructions per element, barriers
+    and load width, none spills, and the finalize's dependent steps follow from the parts."""
+    pytest.importorskip("triton.backends.nvidia.compiler", reason="triton without its NVIDIA backend")
+    out_json = tmp_path / "r50.json"
+    rc, output = _compile_check("--arch", "90", "--resnet50", "--quick", "--json", str(out_json))
+    assert rc == 0, output[-6000:]
+    report = json.loads(out_json.read_text())
+    rows, finalize = report["kernels"], report["finalize"]
+    assert all(r["scenario"].startswith("r50:") for r in rows)
+    launched = {r["kernel"] for r in rows}
+    assert {"bn_stats_kernel", "bn_finalize_kernel", "bn_apply_kernel", "bn_backward_reduce_kernel",
+            "bn_backward_finalize_kernel", "bn_backward_apply_kernel"} <= launched
+    for r in rows:
+        where = f"{r['kernel']} [{r['flags']}]"
+        assert r["ok"], f"{where}: {r['error']}"
+        assert r["spill_stores"] == 0 and r["n_spills"] == 0, f"{where} spills: {r}"
+        assert r["n_regs"] and r["sass_instructions"] and r["sass_load_bytes"], where
+        assert r["elements_per_thread"] > 0 and r["sass_barriers"] is not None, where
+        assert r["instructions_per_element"] == pytest.approx(
+            r["sass_instructions"] / r["elements_per_thread"], abs=0.01), where
+        if r["kernel"] in ("bn_stats_kernel", "bn_apply_kernel", "bn_backward_reduce_kernel",
+                           "bn_backward_apply_kernel"):  # the split path: a loop over tiles
+            assert r["sass_loop"], where
+    assert "instr/el" in output and "Finalize" in output
+    assert finalize, output[-3000:]
+    for row in finalize:
+        for kind in ("forward", "backward"):
+            f = row[kind]
+            assert f is not None, row  # 64 x 56 x 56 at batch 32 takes the split path
+            block_p = 8 if f["parts"] <= 8 else 32
+            assert f["block_p"] == block_p, row
+            assert f["steps"] == -(-f["parts"] // block_p) + block_p.bit_length() - 1, row
+            assert f["steps"] <= f["target"], row
+
+
+def test_sass_main_loop_is_the_innermost_loop_with_loads():
+    """sass_main_loop on a hand-written SASS listing: an outer loop holding an inner loop that
+    loads; the inner one is the main loop, counted instruction by instruction."""
+    sys.path.insert(0, str(ROOT))
+    from perf.compile_check.compiler import sass_main_loop
+
+    sass = "\n".join(f"        /*{a:04x}*/   {t} ;" for a, t in [
+        (0x00, "S2R R0, SR_TID.X"), (0x10, "MOV R1, R0"),             # outer loop: 0x10 .. 0x90
+        (0x20, "LDG.E.128 R4, desc[UR4][R2.64]"),                      # inner loop: 0x20 .. 0x70
+        (0x30, "FADD R8, R4, R8"), (0x40, "BAR.SYNC.DEFER_BLOCKING 0x0"),
+        (0x50, "@!P0 LDG.E.U16 R5, desc[UR4][R2.64]"), (0x60, "NOP"),
+        (0x70, "@P1 BRA 0x20"), (0x80, "LDG.E R6, desc[UR4][R2.64]"), (0x90, "@P2 BRA 0x10"),
+        (0xa0, "EXIT"), (0xb0, "BRA 0xb0")])
+    loop = sass_main_loop(sass)
+    assert loop["loop"] is True
+    assert loop["instructions"] == 5  # 0x20..0x70 without the NOP
+    assert loop["barriers"] == 1
+    assert loop["load_bytes"] == [2, 16]
+    whole = sass_main_loop(sass.replace("@P1 BRA 0x20", "FADD R9, R9, R9").replace(
+        "@P2 BRA 0x10", "FADD R9, R9, R9"))
+    assert whole["loop"] is False and whole["instructions"] == 10  # no NOP, no final self-branch

@@ -44,6 +44,12 @@ _FINALIZE_BLOCK = 32  # channels per finalize program
 _FINALIZE_PARTS = 32  # parts a finalize program merges as one tree (see kernels merge_parts)
 
 
+def finalize_parts(n_parts: int) -> int:
+    """BLOCK_P of a finalize over n_parts parts: 32, or 8 for at most 8 parts, so that a merge is
+    ceil(n_parts / BLOCK_P) + log2(BLOCK_P) <= 2 log2(n_parts) + 4 dependent steps deep."""
+    return 8 if n_parts <= 8 else _FINALIZE_PARTS
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Statistics are fp32, or fp64 for float64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -190,12 +196,13 @@ def _dtypes(tensors) -> tuple:
 
 
 def _launch_apply(fw: _Forward, relu: bool, running_mean=None, running_var=None, weight=None,
-                  bias=None, eps: float = 0.0) -> None:
+                  bias=None, eps: float = 0.0, plan: Optional[tuning.TilePlan] = None) -> None:
     """y from the coefficients in ``fw``; with ``running_mean`` (inference) the kernel computes
-    those coefficients from the running statistics first."""
+    those coefficients from the running statistics first. ``plan``: the statistics pass's (the
+    kernel walks the same partition backwards, so its first reads hit L2), else the apply plan."""
     geo = fw.geo
     xs, ys, zs, st_x, st_y, st_z = fw.views()
-    plan = tuning.plan_tiles(geo, "apply", fw.x.device, fw.x.dtype)
+    plan = plan or tuning.plan_tiles(geo, "apply", fw.x.device, fw.x.dtype)
     from_running = running_mean is not None
     hyper = hyper_tensor(fw.x.device, acc_dtype(fw.x.dtype), eps) if from_running else None
     tensors = (xs, ys, zs, fw.mean, fw.scale, fw.shift, fw.rstd, running_mean, running_var, weight,
@@ -232,7 +239,7 @@ def _launch_stats(fw: _Forward, plan: tuning.TilePlan, state=None
         plan.n_channel_tiles, plan.n_b_parts, *st_x, *finalize),
         dict(HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=fw.int64, **flags,
              BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B, BLOCK_C=_finalize_width(geo),
-             BLOCK_P=_FINALIZE_PARTS), num_warps=plan.num_warps,
+             BLOCK_P=finalize_parts(plan.n_parts)), num_warps=plan.num_warps,
         key=(geo, plan, fw.int64, tuple(flags.values()), xs.dtype, _dtypes(finalize)))
     return part_sum, part_m2, pivot
 
@@ -293,7 +300,7 @@ def _launch_sync_finalize(fw: _Forward, part_mean, part_m2, part_count, state) -
     launch(bn_finalize_kernel, (tuning.cdiv(geo.K, _FINALIZE_BLOCK),), (
         part_mean, part_m2, part_count, None, fw.mean, fw.rstd, fw.scale, fw.shift, *tensors,
         geo.K, geo.G, *layout, hyper),
-        dict(**flags, BLOCK_C=_FINALIZE_BLOCK, BLOCK_P=_FINALIZE_PARTS))
+        dict(**flags, BLOCK_C=_FINALIZE_BLOCK, BLOCK_P=finalize_parts(layout[0])))
 
 
 def bn_forward(
@@ -372,7 +379,7 @@ def bn_forward(
             key=(geo, plan, fw.int64, relu, tuple(flags.values()), _dtypes((xs, ys, zs, *tensors))))
     else:
         _launch_stats(fw, plan, state)  # its last programs finalize
-        _launch_apply(fw, relu)
+        _launch_apply(fw, relu, plan=plan)
     return fw.result(gscale, gshift)
 
 
@@ -429,7 +436,7 @@ def local_moments(x: torch.Tensor, axes: tuple[int, ...], groups: int = 1
     launch(bn_merge_kernel, (tuning.cdiv(geo.S, _FINALIZE_BLOCK),), (
         part_sum, part_m2, pivot, fw.mean, m2, geo.S, plan.n_parts, plan.n_b_parts, plan.A,
         plan.a_chunk, plan.b_count, plan.b_chunk),
-        dict(BLOCK_C=_FINALIZE_BLOCK, BLOCK_P=_FINALIZE_PARTS))
+        dict(BLOCK_C=_FINALIZE_BLOCK, BLOCK_P=finalize_parts(plan.n_parts)))
     return fw.mean, m2, geo.R
 
 
@@ -498,7 +505,8 @@ def _launch_grad_reduce(bw: _Backward, plan, mean, scale, shift, relu, finalize=
         plan.n_b_parts, *st_x, *st_dy, *st_z, *tail),
         dict(HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, RELU=relu,
              TRAINING=training, BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B,
-             BLOCK_C=_finalize_width(geo), BLOCK_P=_FINALIZE_PARTS), num_warps=plan.num_warps,
+             BLOCK_C=_finalize_width(geo), BLOCK_P=finalize_parts(plan.n_parts)),
+        num_warps=plan.num_warps,
         key=(geo, plan, bw.int64, relu, training, _dtypes((xs, dys, zs, mean, *tail[:-1]))))
     return coefs if finalize is not None else (part_dy, part_dyx)
 
@@ -513,14 +521,17 @@ def _launch_grad_finalize(bw: _Backward, part_dy, part_dyx, mean, rstd, scale, g
     launch(bn_backward_finalize_kernel, (tuning.cdiv(geo.K, _FINALIZE_BLOCK),), (
         part_dy, part_dyx, mean, rstd, scale, gscale, gshift, coef_b, coef_c, dweight, dbias,
         count, geo.K, geo.G, part_dy.shape[0], geo.R),
-        dict(TRAINING=training, BLOCK_C=_FINALIZE_BLOCK, BLOCK_P=_FINALIZE_PARTS))
+        dict(TRAINING=training, BLOCK_C=_FINALIZE_BLOCK, BLOCK_P=finalize_parts(part_dy.shape[0])))
     return coef_b, coef_c
 
 
-def _launch_grad_apply(bw: _Backward, mean, scale, shift, coef_b, coef_c, training, relu):
+def _launch_grad_apply(bw: _Backward, mean, scale, shift, coef_b, coef_c, training, relu,
+                       plan: Optional[tuning.TilePlan] = None):
+    """dx (and the residual's gradient); ``plan``: the reduction pass's, walked backwards (its
+    last reads are still in L2), else the apply plan."""
     geo = bw.geo
     (xs, dys, zs, dxs, dzs), (st_x, st_dy, st_z, st_dx, st_dz) = bw.views()
-    ap = tuning.plan_tiles(geo, "apply", xs.device, xs.dtype)
+    ap = plan or tuning.plan_tiles(geo, "apply", xs.device, xs.dtype)
     launch(bn_backward_apply_kernel, ap.grid, (
         xs, dys, zs, dxs, dzs, mean, scale, shift, coef_b, coef_c,
         geo.R1, geo.K, geo.S, ap.A, ap.B, ap.a_chunk, ap.b_chunk, ap.n_channel_tiles, ap.n_b_parts,
@@ -601,7 +612,7 @@ def bn_backward(
             coef_b, coef_c = _launch_grad_finalize(bw, part_dy, part_dyx, mean, rstd, scale, gscale,
                                                    gshift, dweight, dbias, training, None)
         if (need_dx or bw.write_dres) and x.numel():
-            _launch_grad_apply(bw, mean, scale, shift, coef_b, coef_c, training, relu)
+            _launch_grad_apply(bw, mean, scale, shift, coef_b, coef_c, training, relu, plan)
     dx = _restore(bw.prep.tensors[-2], bw.dx, bw.prep) if bw.dx is not None else None
     dres = bw.dres
     if bw.write_dres:

@@ -404,6 +404,9 @@ def _plan_tiles(geo: Geometry, kind: str, device: torch.device, dtype: torch.dty
     else:
         b_chunk = cdiv(b_tiles, n_b) * block_b
         n_b = cdiv(B, b_chunk)
-    warps = kn.num_warps or 4
+    # The backward reduction holds x, dy (and the residual) of a tile beside two per-lane
+    # accumulators: at 32 elements per thread (4096 elements, 4 warps) that spills on sm_90, so
+    # its tiles of 4096 and more get 8 warps (16 elements per thread).
+    warps = kn.num_warps or (8 if kind == "backward" and block_a * block_b >= 4096 else 4)
     return TilePlan(False, block_a, block_b, A, B, a_chunk, b_chunk, n_channel_tiles, n_a, n_b,
                     warps)

@@ -15,7 +15,8 @@ from pathlib import Path
 from .compiler import Result, compile_all
 from .driver import setup_environment, toolchain_problem
 from .record import collect, cover
-from .report import print_ptx_stats, print_summary, print_table
+from .report import finalize_depths, print_ptx_stats, print_resnet50, print_summary, print_table
+from .scenarios import PLANS
 
 
 def main(argv=None) -> int:
@@ -36,6 +37,12 @@ def main(argv=None) -> int:
     p.add_argument("--scenario", default="",
                    help="only specializations that a scenario whose label contains this launches "
                         "(e.g. 'vec:' for the layouts whose vectorization matters)")
+    p.add_argument("--resnet50", action="store_true",
+                   help="the ResNet-50 report: compile the kernels as launched for every BN shape of "
+                        "ResNet-50 (batch 32/64/128, bf16 channels_last and fp32 NCHW, training "
+                        "and inference) and print per kernel registers, spills, load width, SASS "
+                        "instructions per element and barriers of the main loop, and the "
+                        "finalize's dependent steps (with --quick: batch 32, one shape)")
     p.add_argument("--ptx-stats", action="store_true",
                    help="also print each specialization's global loads / stores in the PTX by "
                         "vector width (ld.v4.b32 = 16-byte access) and registers")
@@ -57,8 +64,9 @@ def main(argv=None) -> int:
         scenario_errors = []
         listed: list[dict] = []
         for arch in [int(a) for a in args.arch.split(",") if a.strip()]:
-            rec = collect(arch, args.quick, sweep=not (args.no_sweep or args.quick),
-                          only=args.scenario)
+            rec = collect(arch, args.quick,
+                          sweep=not (args.no_sweep or args.quick or args.resnet50),
+                          only=args.scenario, resnet50=args.resnet50)
             specs = [s for s in rec.specs.values() if args.kernel in s.kernel
                      and any(args.scenario in lbl for lbl in s.scenarios)]
             for s in specs:  # name the first scenario that matched
@@ -85,11 +93,19 @@ def main(argv=None) -> int:
         print_table(results)
         if args.ptx_stats:
             print_ptx_stats(results)
+        finalize = []
+        if args.resnet50:
+            from triton_bn import ops  # imported after setup_environment (no interpreter)
+            finalize = finalize_depths(PLANS, ops.finalize_parts)
+            print_resnet50(results, finalize)
         print_summary(results, scenario_errors, time.perf_counter() - t0)
         if args.json:
-            Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=1))
+            rows = [asdict(r) for r in results]
+            out = {"kernels": rows, "finalize": finalize} if args.resnet50 else rows
+            Path(args.json).write_text(json.dumps(out, indent=1))
         return 1 if any(not r.ok for r in results) or scenario_errors else 0
     finally:
+        PLANS.clear()
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
 

@@ -48,6 +48,15 @@ class Result:
     # global memory instructions in the PTX, by form: {"ld.v4.b32": 8, "st.b32": 3, ...}
     ptx_mem: dict | None = None
     ptx_vector_fraction: float | None = None  # of the global bytes the PTX instructions move
+    # the SASS (sass_main_loop): instructions, block barriers and global load widths (bytes) of
+    # the main loop (the innermost loop with global loads), or of the whole kernel when it has none
+    sass_loop: bool | None = None
+    sass_instructions: int | None = None
+    sass_barriers: int | None = None
+    sass_load_bytes: list | None = None
+    elements_per_thread: float | None = None  # of one loop iteration (one tile), or of the kernel
+    instructions_per_element: float | None = None  # sass_instructions / elements_per_thread
+    scenarios: list | None = None  # every scenario that launched it
 
 
 
@@ -81,7 +90,10 @@ def _where(err) -> str:
     path = Path(jf.fn.__code__.co_filename)
     with contextlib.suppress(ValueError):
         path = path.relative_to(ROOT)
-    return f"{path}:{jf.def_file_line_number + node_line - 1} ({m.group(1)})"
+    first = getattr(jf, "def_file_line_number", None)  # triton 3.9; 3.6: starting_line_number
+    if first is None:
+        first = getattr(jf, "starting_line_number", 1)
+    return f"{path}:{first + node_line - 1} ({m.group(1)})"
 
 
 def _chain(e: BaseException) -> list:
@@ -110,6 +122,19 @@ def _short_error(e: BaseException) -> str:
     interesting = [ln for ln in lines if "error" in ln.lower()]
     msg = (interesting or lines or [""])[0]
     return f"{type(e).__name__}: {msg}"[:300]
+
+
+def _sass(cubin: bytes) -> str:
+    if not _CUOBJDUMP:
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        path = f.name
+    try:
+        return subprocess.run([_CUOBJDUMP, "-sass", path], capture_output=True, text=True,
+                              timeout=120, check=False).stdout
+    finally:
+        os.unlink(path)
 
 
 def _resource_usage(cubin: bytes, name: str) -> dict:
@@ -160,6 +185,53 @@ def vector_fraction(mem: dict) -> float | None:
         total += nbytes
         vec += nbytes if width > 1 else 0
     return vec / total if total else None
+
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_LDG_WIDTH = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
+
+
+def sass_instructions(sass: str) -> list[tuple[int, str]]:
+    """(address, instruction without its predicate) of each SASS instruction of ``cuobjdump
+    -sass``, NOPs left out."""
+    out = []
+    for addr, text in _SASS_LINE.findall(sass):
+        text = re.sub(r"^@!?U?P\w+\s+", "", text)
+        if not text.startswith("NOP"):
+            out.append((int(addr, 16), text))
+    return out
+
+
+def sass_main_loop(sass: str) -> dict:
+    """The main loop of a kernel's SASS: the innermost loop (a backward branch whose range holds no
+    other) with the most global loads (LDG), of equals the first in the code (bn_stats_kernel's
+    second pass, taken only for a pivot far from the mean, comes after its main loop). Returns {"loop": True,
+    "instructions", "barriers" (BAR.*), "load_bytes" (distinct LDG widths)}: static counts over
+    the loop's address range, each instruction once. A kernel without a loop that loads (a single
+    pass over one tile) gets the same counts over the whole kernel and "loop": False."""
+    ins = sass_instructions(sass)
+    edges = []
+    for addr, text in ins:
+        m = re.match(r"BRA(?:\.\w+)*\s+(?:\S+,\s*)?(0x[0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < addr:
+            edges.append((int(m.group(1), 16), addr))
+    inner = [(lo, hi) for lo, hi in edges
+             if not any((lo, hi) != e and lo <= e[0] and e[1] <= hi for e in edges)]
+
+    def stats(lo, hi):
+        body = [t for a, t in ins if lo <= a <= hi and t != f"BRA {a:#x}"]  # not the end's self-loop
+        loads = [t for t in body if t.startswith("LDG")]
+        widths = sorted({next((_LDG_WIDTH[p] for p in t.split()[0].split(".") if p in _LDG_WIDTH), 4)
+                         for t in loads})
+        return {"instructions": len(body), "barriers": sum(t.startswith("BAR.") for t in body),
+                "load_bytes": widths, "n_loads": len(loads)}
+
+    loops = [dict(stats(lo, hi), loop=True) for lo, hi in sorted(inner)]
+    loops = [st for st in loops if st["n_loads"]]
+    if loops:  # the most loads; of equals, the first in the code (a later one: a rare path)
+        return max(loops, key=lambda st: st["n_loads"])
+    whole = stats(0, ins[-1][0] if ins else 0)
+    return dict(whole, loop=False)
 
 
 _SSA = r"%[\w.#]+"
@@ -233,7 +305,8 @@ def _compile_one(i: int) -> Result:
 
     spec = _SPECS[i]
     res = Result(spec.kernel, spec.flags, spec.scenario, spec.arch, ok=False,
-                 tile_sweep=spec.tile_sweep, blocks=list(spec.blocks))
+                 tile_sweep=spec.tile_sweep, blocks=list(spec.blocks),
+                 scenarios=list(spec.scenarios))
     jf = jit_function(spec.fn_key)
     knobs.runtime.jit_cache_hook = None
     knobs.nvidia.dump_ptxas_log = True
@@ -287,6 +360,16 @@ def _compile_one(i: int) -> Result:
     m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", text)
     if m:
         res.stack, res.spill_stores, res.spill_loads = map(int, m.groups())
+    sass = _sass(kernel.asm["cubin"])
+    if sass:
+        loop = sass_main_loop(sass)
+        res.sass_loop, res.sass_instructions = loop["loop"], loop["instructions"]
+        res.sass_barriers, res.sass_load_bytes = loop["barriers"], loop["load_bytes"]
+        tile = 1
+        for b in spec.blocks:
+            tile *= b
+        res.elements_per_thread = tile / (32 * res.num_warps)
+        res.instructions_per_element = round(res.sass_instructions / res.elements_per_thread, 2)
     usage = _resource_usage(kernel.asm["cubin"], kernel.name)
     if res.n_regs is None:
         res.n_regs = usage.get("n_regs")

@@ -16,7 +16,7 @@ SHORT = {"CHANNELS_FAST": "CF", "HAS_GROUPS": "GROUPS", "HAS_RESIDUAL": "RES", "
          "CUMULATIVE": "CUM", "SAVE_GAFFINE": "GAFF", "FROM_RUNNING": "RUNNING",
          "HAS_COUNTS": "COUNTS", "HAS_PIVOT": "PIVOT",
          "TRAINING": "TRAIN", "HAS_GAFFINE": "GAFF", "WRITE_DW": "DW", "WRITE_DB": "DB",
-         "WRITE_DX": "DX", "WRITE_DRESIDUAL": "DRES", "N_FROM_PTR": "NPTR"}
+         "WRITE_DX": "DX", "ROWS_FLAT": "FLAT", "WRITE_DRESIDUAL": "DRES", "N_FROM_PTR": "NPTR"}
 DT = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "fp64": "f64", "i64": "i64", "i32": "i32"}
 
 
@@ -87,7 +87,10 @@ def describe(jf, data: dict) -> str:
     parts = []
     blocks = [f"{consts.pop(n)}" for n in ("BLOCK_A", "BLOCK_B", "BLOCK_C") if n in consts]
     for n, v in consts.items():
-        if n == "RENORM":
+        if n == "ALIGN":
+            if v > 1:
+                parts.append(f"ALIGN={v}")
+        elif n == "RENORM":
             if v:
                 parts.append({1: "RENORM=keras", 2: "RENORM=torch"}.get(v, f"RENORM={v}"))
         elif isinstance(v, bool) or v in (0, 1):
@@ -133,8 +136,9 @@ def cover(specs: list[Spec]) -> list[Spec]:
 
 
 
-def collect(arch: int, quick: bool, sweep: bool, only: str = "") -> Recorder:
-    """Runs the scenarios (and the tile sweep) whose label contains ``only`` for sm_``arch``."""
+def collect(arch: int, quick: bool, sweep: bool, only: str = "", resnet50: bool = False) -> Recorder:
+    """Runs the scenarios (and the tile sweep) whose label contains ``only`` for sm_``arch``;
+    with ``resnet50`` the r50: scenarios instead (scenarios.add_resnet50)."""
     from triton import knobs
 
     from triton_bn import tuning
@@ -143,7 +147,7 @@ def collect(arch: int, quick: bool, sweep: bool, only: str = "") -> Recorder:
     rec = Recorder(arch)
     knobs.runtime.jit_cache_hook = rec.hook
     try:
-        items, step = scenarios(quick)
+        items, step = scenarios(quick, resnet50)
         for label, kn, fn, ctx in items:
             if only not in label:
                 continue

@@ -3,6 +3,7 @@ summary, the spilling specializations and the full compile errors."""
 
 from __future__ import annotations
 
+import math
 import sys
 
 from .compiler import Result
@@ -97,3 +98,98 @@ def print_summary(results: list[Result], scenario_errors, elapsed: float, file=s
     print(f"\nwall time {elapsed:.1f} s", file=file)
 
 
+
+
+# the targets of the ResNet-50 report (issue: GPU-side efficiency at real sizes)
+INSTR_PER_ELEMENT_MAX = {"bf16": 8.0}
+ELEMENT_KERNELS = ("bn_stats_kernel", "bn_backward_reduce_kernel", "bn_apply_kernel",
+                   "bn_backward_apply_kernel", "bn_fused_forward_kernel", "bn_fused_backward_kernel")
+
+
+def finalize_depths(plans: dict, block_p) -> list[dict]:
+    """One row per r50: training scenario: the parts of its split reductions (forward statistics,
+    backward sums) and the dependent merge steps of their finalize, ceil(parts / BLOCK_P) +
+    log2(BLOCK_P) (kernels/forward.py merge_parts), beside the target 2 * log2(parts) + 4.
+    plans: label -> [(kind, TilePlan)] (scenarios.PLANS); block_p(n_parts): the BLOCK_P the
+    launch code gives a finalize over n_parts parts."""
+    rows = []
+    for label, logged in plans.items():
+        if ":train" not in label:
+            continue
+        row = {"scenario": label}
+        for kind in ("forward", "backward"):
+            split = [p for k, p in logged if k == kind and not p.fused]
+            if not split:
+                row[kind] = None  # single pass: no finalize
+                continue
+            n = split[0].n_parts
+            bp = block_p(n)
+            steps = -(-n // bp) + (bp.bit_length() - 1)
+            row[kind] = {"parts": n, "block_p": bp, "steps": steps,
+                         "target": round(2 * math.log2(max(n, 1)) + 4, 1)}
+        rows.append(row)
+    return rows
+
+
+def print_resnet50(results: list[Result], finalize: list[dict], file=sys.stdout) -> None:
+    """The ResNet-50 report: per specialization registers, spills, main-loop load width, SASS
+    instructions per element and block barriers per tile; then the finalize's dependent steps."""
+    rows = sorted((r for r in results if r.ok), key=lambda r: (r.arch, r.kernel, r.flags))
+    if not rows:
+        return
+    kw = max(len(r.kernel) for r in rows)
+    fw = max(len(r.flags) for r in rows)
+    print("\nResNet-50 shapes (bf16 channels_last, fp32 NCHW; batch "
+          "32/64/128; train = forward + backward): main loop of each kernel as launched\n"
+          "(loop = the innermost SASS loop with global loads, one tile per iteration; '*' = no "
+          "loop, whole kernel; instr/elem = its static instructions / elements per thread per "
+          "iteration; bars = BAR.* in it; ldg = load widths in it, bytes; spill = ptxas spill "
+          "stores/loads bytes):", file=file)
+    head = (f"{'sm':>3} {'kernel':<{kw}} {'flags':<{fw}} {'regs':>4} {'spill':>7} {'ldg':>6} "
+            f"{'instr':>6} {'el/thr':>6} {'instr/el':>8} {'bars':>4} {'uses':>4}")
+    print(head, file=file)
+    print("-" * len(head), file=file)
+    for r in rows:
+        spill = "-" if r.spill_stores is None else f"{r.spill_stores}/{r.spill_loads}"
+        ldg = ",".join(map(str, r.sass_load_bytes or [])) or "-"
+        star = "" if r.sass_loop else "*"
+        ipe = "-" if r.instructions_per_element is None else f"{r.instructions_per_element:.1f}{star}"
+        ept = "-" if r.elements_per_thread is None else f"{r.elements_per_thread:g}"
+        print(f"{r.arch:>3} {r.kernel:<{kw}} {r.flags:<{fw}} {_fmt(r.n_regs):>4} {spill:>7} "
+              f"{ldg:>6} {_fmt(r.sass_instructions):>6} {ept:>6} {ipe:>8} "
+              f"{_fmt(r.sass_barriers):>4} {len(r.scenarios or []):>4}", file=file)
+    print("\nFinalize: dependent merge steps per channel = ceil(parts / BLOCK_P) + log2(BLOCK_P) "
+          "(target <= 2 log2(parts) + 4; '-' = single pass, no finalize):", file=file)
+    for row in finalize:
+        cells = []
+        for kind in ("forward", "backward"):
+            f = row[kind]
+            cells.append(f"{kind} -" if f is None else
+                         f"{kind} {f['parts']:>4} parts {f['steps']:>3} steps (<= {f['target']:>4})")
+        print(f"  {row['scenario']:<40} " + "   ".join(cells), file=file)
+    print("\nTargets:", file=file)
+    for line in resnet50_misses(results, finalize) or ["all met"]:
+        print(f"  {line}", file=file)
+
+
+def resnet50_misses(results: list[Result], finalize: list[dict]) -> list[str]:
+    """The ResNet-50 targets missed: a spill in any kernel; more than 8 main-loop SASS instructions
+    per element in a bf16 element kernel; a finalize deeper than 2 log2(parts) + 4 steps."""
+    out = []
+    for r in results:
+        if not r.ok:
+            out.append(f"{r.kernel} [{r.flags}]: does not compile")
+            continue
+        if r.spill_stores or r.n_spills:
+            out.append(f"{r.kernel} [{r.flags}]: spills {r.spill_stores}/{r.spill_loads} B")
+        limit = INSTR_PER_ELEMENT_MAX.get(r.flags.split("/")[0])
+        if (limit and r.kernel in ELEMENT_KERNELS and r.instructions_per_element is not None
+                and r.instructions_per_element > limit):
+            out.append(f"{r.kernel} [{r.flags}]: {r.instructions_per_element:.1f} SASS instructions "
+                       f"per element > {limit:g}")
+    for row in finalize:
+        for kind in ("forward", "backward"):
+            f = row[kind]
+            if f and f["steps"] > f["target"]:
+                out.append(f"{row['scenario']} {kind} finalize: {f['steps']} steps > {f['target']}")
+    return out

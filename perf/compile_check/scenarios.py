@@ -13,8 +13,9 @@ GPU_KNOBS = {"tile": 4096, "fused_forward_max": 16384, "fused_backward_max": 819
 CPU_KNOBS: dict = {}  # the interpreter's defaults (tuning.knobs on a CPU device)
 
 
-def scenarios(quick: bool):
-    """(label, knobs, callable) triples; each callable runs launch code of triton_bn.ops."""
+def scenarios(quick: bool, resnet50: bool = False):
+    """(label, knobs, callable, context) items; each callable runs launch code of triton_bn.ops.
+    With ``resnet50`` only the r50: scenarios (``add_resnet50``), else every other one."""
     import torch
 
     from triton_bn import ops
@@ -93,12 +94,17 @@ def scenarios(quick: bool):
     NC_SMALLC = (100000, 3)          # split 1024x4
 
     out = []
-    dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-    dname = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-             torch.float64: "fp64"}
 
     def add(label, knobs, fn, ctx=None):
         out.append((label, knobs, fn, ctx))
+
+    if resnet50:
+        add_resnet50(add, step, quick)
+        return out, step
+
+    dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+    dname = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+             torch.float64: "fp64"}
 
     def lay(layout):
         return "nchw" if layout == "nc" else layout
@@ -271,6 +277,67 @@ def scenarios(quick: bool):
 def _both(a, b):
     with a, b:
         yield
+
+
+# ResNet-50's batch sizes in the r50: scenarios (the compile report of ``--resnet50``)
+RESNET50_BATCHES = (32, 64, 128)
+# plans (kind, TilePlan) that the launch code of each r50: scenario asked for, by label (filled
+# while the scenarios run; the report reads the split reductions' part counts from them)
+PLANS: dict = {}
+
+
+@contextlib.contextmanager
+def log_plans(label: str):
+    """Records every ``tuning.plan_tiles`` result of the launch code under ``label`` in PLANS."""
+    from triton_bn import tuning
+
+    real = tuning.plan_tiles
+    log = PLANS.setdefault(label, [])
+
+    def logged(geo, kind, *args, **kwargs):
+        plan = real(geo, kind, *args, **kwargs)
+        log.append((kind, plan))
+        return plan
+
+    tuning.plan_tiles = logged
+    try:
+        yield
+    finally:
+        tuning.plan_tiles = real
+
+
+def add_resnet50(add, step, quick: bool) -> None:
+    """The r50: scenarios: every BatchNorm shape of torchvision's ResNet-50 at batch 32, 64 and 128,
+    bf16 channels_last and fp32 NCHW, as a training step (forward + backward, plain, and with the
+    fused ReLU / residual + ReLU that ``triton_bn.fuse`` gives its layers) and as inference, under
+    the GPU knobs. Labels: r50:<dtype>:<layout>:b<batch>:<C>x<HW>:<mode>. ``quick`` keeps batch 32
+    and the first stage's 64 x 56 x 56 (split path in both combinations)."""
+    import torch
+
+    from triton_bn.bench.shapes import RESNET50_LAYERS
+
+    combos = ((torch.bfloat16, "bf16", "nhwc"), (torch.float32, "fp32", "nchw"))
+    layers = [(label, c, hw) for label, c, hw, _ in RESNET50_LAYERS]
+    batches = RESNET50_BATCHES
+    if quick:
+        layers = [layers[1]]
+        batches = batches[:1]
+    for dt, dn, layout in combos:
+        for batch in batches:
+            for label, c, hw in layers:
+                shape = (batch, c, hw, hw)
+                tag = f"r50:{dn}:{layout}:b{batch}:{c}x{hw}"
+                # the layer's fused epilogue in a fuse()d model: bn1/bn2 -> ReLU, bn3 -> add -> ReLU
+                fused = ({"relu": True} if "bn1" in label else
+                         {"residual": True, "relu": True} if "bn3" in label else {})
+                modes = [("train", {}), ("eval", {"training": False})]
+                if fused:
+                    name = "train+res+relu" if fused.get("residual") else "train+relu"
+                    modes.insert(1, (name, fused))
+                for mode, kw in modes:
+                    lbl = f"{tag}:{mode}"
+                    add(lbl, GPU_KNOBS, lambda s=shape, d=dt, m=layout, k=kw: step(s, d, m, **k),
+                        lambda lbl=lbl: log_plans(lbl))
 
 
 def tile_sweep(step):

@@ -21,11 +21,14 @@ import triton.language as tl
 from .common import (
     channel_block,
     given,
+    last_tile,
     last_to_arrive,
     load_channel_values,
     load_coefficients,
     program_ranges,
     relu_gate,
+    rows_aligned,
+    rows_flat,
     tile_indices,
     tile_offsets,
 )
@@ -37,18 +40,21 @@ def load_x_and_gated_dy(X, DY, Residual, a, b, s_fixed, mask, mean, scale, shift
                         stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k,
                         stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
                         ACC: tl.constexpr, HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr,
-                        HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr):
+                        HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+                        ROWS_FLAT: tl.constexpr, EVICT: tl.constexpr, ALIGN: tl.constexpr):
     """x and g (the gradient reaching the normalization: dy, zero where the fused ReLU was off,
-    recomputed from x and the residual) of the tile a x b, in the accumulation dtype."""
+    recomputed from x and the residual) of the tile a x b, in the accumulation dtype; g is 0
+    where masked off."""
     x_offs = tile_offsets(a, b, s_fixed, R1, K, stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
-                          HAS_GROUPS, CHANNELS_FAST)
+                          HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN)
     dy_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dy_r0, stride_dy_r1, stride_dy_g,
-                           stride_dy_k, HAS_GROUPS, CHANNELS_FAST)
+                           stride_dy_k, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN)
     z_offs = tile_offsets(a, b, s_fixed, R1, K, stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
-                          HAS_GROUPS, CHANNELS_FAST)
-    x = tl.load(X + x_offs, mask=mask, other=0.0).to(ACC)
-    dy = tl.load(DY + dy_offs, mask=mask, other=0.0).to(ACC)
-    return x, relu_gate(dy, x, mean, scale, shift, Residual, z_offs, mask, HAS_RESIDUAL, RELU)
+                          HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN)
+    x = tl.load(X + x_offs, mask=mask, other=0.0, eviction_policy=EVICT).to(ACC)
+    dy = tl.load(DY + dy_offs, mask=mask, other=0.0, eviction_policy=EVICT).to(ACC)
+    return x, relu_gate(dy, x, mean, scale, shift, Residual, z_offs, mask, HAS_RESIDUAL, RELU,
+                        EVICT)
 
 
 @triton.jit
@@ -78,6 +84,97 @@ def store_param_grads(c, c_mask, sum_dy, sum_dy_xhat, GScale, GShift, DWeight, D
         tl.store(DWeight + c, dw, mask=c_mask)
     if WRITE_DB:
         tl.store(DBias + c, sum_dy, mask=c_mask)
+
+
+@triton.heuristics({**given(HAS_RESIDUAL="Residual", FINALIZE="Counter", HAS_GAFFINE="GScale",
+                            WRITE_DW="DWeight", WRITE_DB="DBias"),
+                    "ROWS_FLAT": rows_flat("x", "dy", "z"),
+                    "ALIGN": rows_aligned("x", "dy", "z")})
+@triton.jit
+def bn_backward_reduce_kernel(
+    X, DY, Residual,               # activation, upstream gradient, residual (RELU mask only)
+    Mean, Scale, Shift,            # [S] fp32 forward coefficients (Mean: its first S, the centres)
+    PartSumDy, PartSumDyXmu,       # [n_parts, S] fp32 out
+    R1, K, S, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts,
+    stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
+    stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k,
+    stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
+    Counter,                       # [n_channel_tiles] int32 zeros (FINALIZE); left zeros
+    Rstd, GScale, GShift, CoefB, CoefC, DWeight, DBias, n,  # as bn_backward_finalize_kernel
+    HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, ROWS_FLAT: tl.constexpr,
+    ALIGN: tl.constexpr, FINALIZE: tl.constexpr, TRAINING: tl.constexpr,
+    HAS_GAFFINE: tl.constexpr, WRITE_DW: tl.constexpr, WRITE_DB: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """A part's sums of dy and dy * (x - centre) per statistic channel. Each lane accumulates
+    over all of the program's tiles (a column of the tile is always one statistic channel); the
+    lanes are added once, at the end, so the loop has no reduction across lanes and no barrier.
+    Masked-off lanes load dy = 0 and add nothing. With FINALIZE the last program of a channel
+    tile (of the grid, with ghost batches) to store its part then adds the tile's parts and writes
+    CoefB, CoefC, dgamma and dbeta (finalize_grad_channels), as bn_stats_kernel does forward: one
+    launch instead of two."""
+    ACC = Scale.dtype.element_ty
+    part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
+        tl.program_id(0), n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST,
+        INT64, ALIGN)
+    acc_dy = tl.zeros([BLOCK_A, BLOCK_B], ACC)
+    acc_dy_xmu = tl.zeros([BLOCK_A, BLOCK_B], ACC)
+    for b0 in range(b_begin, b_end, BLOCK_B):
+        bc, bc_mask = channel_block(b0, b_end, s_fixed, S, BLOCK_B, CHANNELS_FAST)
+        mean, scale, shift = load_coefficients(Mean, Scale, Shift, bc, bc_mask, ACC, CHANNELS_FAST)
+        a_full = a_begin
+        if CHANNELS_FAST:
+            # a whole channel tile: its full row tiles need no mask (a constant-true mask, which
+            # the compiler drops), only the last one does
+            if b_end - b0 == BLOCK_B:
+                a_full = a_begin + (a_end - a_begin) // BLOCK_A * BLOCK_A
+            for a0 in range(a_begin, a_full, BLOCK_A):
+                a, b, b_mask, _ = tile_indices(a0, b0, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
+                x, dy = load_x_and_gated_dy(
+                    X, DY, Residual, a, b, s_fixed, tl.full([BLOCK_A, BLOCK_B], 1, tl.int1),
+                    mean, scale, shift, R1, K,
+                    stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
+                    stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k,
+                    stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
+                    ACC, HAS_GROUPS, CHANNELS_FAST, HAS_RESIDUAL, RELU, ROWS_FLAT, "evict_last",
+                    ALIGN)
+                acc_dy += dy
+                acc_dy_xmu += dy * (x - mean)
+        for a0 in range(a_full, a_end, BLOCK_A):
+            a, b, b_mask, mask = tile_indices(a0, b0, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
+            x, dy = load_x_and_gated_dy(
+                X, DY, Residual, a, b, s_fixed, mask, mean, scale, shift, R1, K,
+                stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
+                stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k,
+                stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
+                ACC, HAS_GROUPS, CHANNELS_FAST, HAS_RESIDUAL, RELU, ROWS_FLAT, "evict_last", ALIGN)
+            acc_dy += dy
+            acc_dy_xmu += dy * (x - mean)
+    sum_dy = tl.sum(acc_dy, 0)
+    sum_dy_xmu = tl.sum(acc_dy_xmu, 0)
+    if CHANNELS_FAST:
+        b = b_begin + tl.arange(0, BLOCK_B)
+        tl.store(PartSumDy + part * S + b, sum_dy, mask=b < b_end)
+        tl.store(PartSumDyXmu + part * S + b, sum_dy_xmu, mask=b < b_end)
+    else:
+        tl.store(PartSumDy + part * S + s_fixed, tl.sum(sum_dy, 0))
+        tl.store(PartSumDyXmu + part * S + s_fixed, tl.sum(sum_dy_xmu, 0))
+    if FINALIZE:
+        n_parts = tl.num_programs(0) // n_channel_tiles
+        if HAS_GROUPS:
+            slot, expected, c_begin, c_end = 0, tl.num_programs(0), 0, K
+        elif CHANNELS_FAST:
+            slot, expected, c_begin, c_end = tl.program_id(0) % n_channel_tiles, n_parts, b_begin, b_end
+        else:
+            slot, expected, c_begin, c_end = s_fixed, n_parts, s_fixed, s_fixed + 1
+        if last_to_arrive(Counter, slot, expected):
+            for c0 in range(c_begin, c_end, BLOCK_C):
+                c = c0 + tl.arange(0, BLOCK_C)
+                finalize_grad_channels(c, c < c_end, PartSumDy, PartSumDyXmu, Mean, Rstd, Scale,
+                                       GScale, GShift, CoefB, CoefC, DWeight, DBias, K, S // K,
+                                       n_parts, n, ACC, TRAINING, HAS_GAFFINE, WRITE_DW, WRITE_DB,
+                                       BLOCK_C, BLOCK_P)
 
 
 @triton.jit
@@ -146,73 +243,9 @@ def bn_backward_finalize_kernel(
                            BLOCK_C, BLOCK_P)
 
 
-@triton.heuristics(given(HAS_RESIDUAL="Residual", FINALIZE="Counter", HAS_GAFFINE="GScale",
-    WRITE_DW="DWeight", WRITE_DB="DBias"))
-@triton.jit
-def bn_backward_reduce_kernel(
-    X, DY, Residual,               # activation, upstream gradient, residual (RELU mask only)
-    Mean, Scale, Shift,            # [S] fp32 forward coefficients (Mean: its first S, the centres)
-    PartSumDy, PartSumDyXmu,       # [n_parts, S] fp32 out
-    R1, K, S, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts,
-    stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
-    stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k,
-    stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
-    Counter,                       # [n_channel_tiles] int32 zeros (FINALIZE); left zeros
-    Rstd, GScale, GShift, CoefB, CoefC, DWeight, DBias, n,  # as bn_backward_finalize_kernel
-    HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, FINALIZE: tl.constexpr,
-    TRAINING: tl.constexpr, HAS_GAFFINE: tl.constexpr, WRITE_DW: tl.constexpr,
-    WRITE_DB: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-):
-    """Partial sums of g and g * (x - centre) per (part, statistic channel). With FINALIZE the
-    last program of a channel tile (of the grid, with ghost batches) to store its part then adds
-    the tile's parts and writes CoefB, CoefC, dgamma and dbeta (finalize_grad_channels), as
-    bn_stats_kernel does forward: one launch instead of two."""
-    ACC = Scale.dtype.element_ty
-    part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
-        tl.program_id(0), n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST,
-        INT64)
-    acc_dy = tl.zeros([BLOCK_B], ACC)
-    acc_dy_xmu = tl.zeros([BLOCK_B], ACC)
-    for b0 in range(b_begin, b_end, BLOCK_B):
-        bc, bc_mask = channel_block(b0, b_end, s_fixed, S, BLOCK_B, CHANNELS_FAST)
-        mean, scale, shift = load_coefficients(Mean, Scale, Shift, bc, bc_mask, ACC, CHANNELS_FAST)
-        for a0 in range(a_begin, a_end, BLOCK_A):
-            a, b, b_mask, mask = tile_indices(a0, b0, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
-            x, dy = load_x_and_gated_dy(
-                X, DY, Residual, a, b, s_fixed, mask, mean, scale, shift, R1, K,
-                stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
-                stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k,
-                stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
-                ACC, HAS_GROUPS, CHANNELS_FAST, HAS_RESIDUAL, RELU)
-            acc_dy += tl.sum(dy, 0)
-            acc_dy_xmu += tl.sum(tl.where(mask, dy * (x - mean), 0.0), 0)
-    if CHANNELS_FAST:
-        b = b_begin + tl.arange(0, BLOCK_B)
-        tl.store(PartSumDy + part * S + b, acc_dy, mask=b < b_end)
-        tl.store(PartSumDyXmu + part * S + b, acc_dy_xmu, mask=b < b_end)
-    else:
-        tl.store(PartSumDy + part * S + s_fixed, tl.sum(acc_dy, 0))
-        tl.store(PartSumDyXmu + part * S + s_fixed, tl.sum(acc_dy_xmu, 0))
-    if FINALIZE:
-        n_parts = tl.num_programs(0) // n_channel_tiles
-        if HAS_GROUPS:
-            slot, expected, c_begin, c_end = 0, tl.num_programs(0), 0, K
-        elif CHANNELS_FAST:
-            slot, expected, c_begin, c_end = tl.program_id(0) % n_channel_tiles, n_parts, b_begin, b_end
-        else:
-            slot, expected, c_begin, c_end = s_fixed, n_parts, s_fixed, s_fixed + 1
-        if last_to_arrive(Counter, slot, expected):
-            for c0 in range(c_begin, c_end, BLOCK_C):
-                c = c0 + tl.arange(0, BLOCK_C)
-                finalize_grad_channels(c, c < c_end, PartSumDy, PartSumDyXmu, Mean, Rstd, Scale,
-                                       GScale, GShift, CoefB, CoefC, DWeight, DBias, K, S // K,
-                                       n_parts, n, ACC, TRAINING, HAS_GAFFINE, WRITE_DW, WRITE_DB,
-                                       BLOCK_C, BLOCK_P)
-
-
-@triton.heuristics(given(HAS_RESIDUAL="Residual", WRITE_DX="DX", WRITE_DRESIDUAL="DResidual"))
+@triton.heuristics({**given(HAS_RESIDUAL="Residual", WRITE_DX="DX", WRITE_DRESIDUAL="DResidual"),
+                    "ROWS_FLAT": rows_flat("x", "dy", "z", "dx", "dz"),
+                    "ALIGN": rows_aligned("x", "dy", "z", "dx", "dz")})
 @triton.jit
 def bn_backward_apply_kernel(
     X, DY, Residual, DX, DResidual,
@@ -225,37 +258,46 @@ def bn_backward_apply_kernel(
     stride_dz_r0, stride_dz_r1, stride_dz_g, stride_dz_k,
     HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, TRAINING: tl.constexpr,
-    WRITE_DX: tl.constexpr, WRITE_DRESIDUAL: tl.constexpr,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+    WRITE_DX: tl.constexpr, WRITE_DRESIDUAL: tl.constexpr, ROWS_FLAT: tl.constexpr,
+    ALIGN: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     ACC = Scale.dtype.element_ty
     part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
         tl.program_id(0), n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST,
-        INT64)
-    for b0 in range(b_begin, b_end, BLOCK_B):
+        INT64, ALIGN)
+    # backwards, in reverse order of bn_backward_reduce_kernel's walk of the same partition: the
+    # tiles it read last are still in L2
+    b_last, n_b = last_tile(b_begin, b_end, BLOCK_B)
+    a_last, n_a = last_tile(a_begin, a_end, BLOCK_A)
+    for j in range(0, n_b):
+        b0 = b_last - j * BLOCK_B
         bc, bc_mask = channel_block(b0, b_end, s_fixed, S, BLOCK_B, CHANNELS_FAST)
         mean, scale, shift = load_coefficients(Mean, Scale, Shift, bc, bc_mask, ACC, CHANNELS_FAST)
         coef_b = load_channel_values(CoefB, bc, bc_mask, bc, ACC, CHANNELS_FAST)
         coef_c = load_channel_values(CoefC, bc, bc_mask, bc, ACC, CHANNELS_FAST)
-        for a0 in range(a_begin, a_end, BLOCK_A):
-            a, b, b_mask, mask = tile_indices(a0, b0, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
+        for i in range(0, n_a):
+            a, b, b_mask, mask = tile_indices(a_last - i * BLOCK_A, b0, a_end, b_end, BLOCK_A,
+                                              BLOCK_B, INT64)
             x, dy = load_x_and_gated_dy(
                 X, DY, Residual, a, b, s_fixed, mask, mean, scale, shift, R1, K,
                 stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
                 stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k,
                 stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
-                ACC, HAS_GROUPS, CHANNELS_FAST, HAS_RESIDUAL, RELU)
+                ACC, HAS_GROUPS, CHANNELS_FAST, HAS_RESIDUAL, RELU, ROWS_FLAT, "evict_first", ALIGN)
             if WRITE_DRESIDUAL:
                 dz_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dz_r0, stride_dz_r1,
-                                       stride_dz_g, stride_dz_k, HAS_GROUPS, CHANNELS_FAST)
-                tl.store(DResidual + dz_offs, dy.to(DResidual.dtype.element_ty), mask=mask)
+                                       stride_dz_g, stride_dz_k, HAS_GROUPS, CHANNELS_FAST,
+                                       ROWS_FLAT, ALIGN)
+                tl.store(DResidual + dz_offs, dy.to(DResidual.dtype.element_ty), mask=mask,
+                         cache_modifier=".cs")
             if WRITE_DX:
                 dx = scale * dy
                 if TRAINING:
                     dx += coef_b * (x - mean) + coef_c
                 dx_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dx_r0, stride_dx_r1,
-                                       stride_dx_g, stride_dx_k, HAS_GROUPS, CHANNELS_FAST)
-                tl.store(DX + dx_offs, dx.to(DX.dtype.element_ty), mask=mask)
+                                       stride_dx_g, stride_dx_k, HAS_GROUPS, CHANNELS_FAST,
+                                       ROWS_FLAT, ALIGN)
+                tl.store(DX + dx_offs, dx.to(DX.dtype.element_ty), mask=mask, cache_modifier=".cs")
 
 
 @triton.heuristics(given(HAS_RESIDUAL="Residual", HAS_GAFFINE="GScale", WRITE_DW="DWeight",
@@ -282,7 +324,7 @@ def bn_fused_backward_kernel(
     ACC = Scale.dtype.element_ty
     _, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
         tl.program_id(0), tl.num_programs(0), 1, A, B, A, B, BLOCK_B, CHANNELS_FAST,
-        INT64 and not CHANNELS_FAST)  # channels fast: one part, channel tiles << 2**31
+        INT64 and not CHANNELS_FAST, 1)  # channels fast: one part, channel tiles << 2**31
     a, b, b_mask, mask = tile_indices(a_begin, b_begin, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
     if CHANNELS_FAST:
         c = b
@@ -298,7 +340,8 @@ def bn_fused_backward_kernel(
     x, dy = load_x_and_gated_dy(
         X, DY, Residual, a, b, s_fixed, mask, mean, scale, shift, R1, K,
         stride_x_r0, stride_x_r1, 0, stride_x_k, stride_dy_r0, stride_dy_r1, 0, stride_dy_k,
-        stride_z_r0, stride_z_r1, 0, stride_z_k, ACC, False, CHANNELS_FAST, HAS_RESIDUAL, RELU)
+        stride_z_r0, stride_z_r1, 0, stride_z_k, ACC, False, CHANNELS_FAST, HAS_RESIDUAL, RELU,
+        False, "", 1)
     xmu = tl.where(mask, x - mean, 0.0)
     sum_dy = tl.sum(dy, 0)
     sum_dy_xmu = tl.sum(dy * xmu, 0)
@@ -318,10 +361,10 @@ def bn_fused_backward_kernel(
         coef_c = coef_c[None, :]
     if WRITE_DRESIDUAL:
         dz_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dz_r0, stride_dz_r1, 0, stride_dz_k,
-                               False, CHANNELS_FAST)
+                               False, CHANNELS_FAST, False, 1)
         tl.store(DResidual + dz_offs, dy.to(DResidual.dtype.element_ty), mask=mask)
     if WRITE_DX:
         dx = scale * dy + coef_b * xmu + coef_c
         dx_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dx_r0, stride_dx_r1, 0, stride_dx_k,
-                               False, CHANNELS_FAST)
+                               False, CHANNELS_FAST, False, 1)
         tl.store(DX + dx_offs, dx.to(DX.dtype.element_ty), mask=mask)

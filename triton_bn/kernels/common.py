@@ -94,7 +94,8 @@ def channel_offset(s, K, stride_g, stride_k, HAS_GROUPS: tl.constexpr):
 
 @triton.jit
 def program_ranges(pid, n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk,
-                   BLOCK_B: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr):
+                   BLOCK_B: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
+                   ALIGN: tl.constexpr):
     """Splits a flat program id into (part index, a range, b range, fixed channel).
 
     Programs are numbered channel-tile fastest. In the channels-fast orientation B is the number of
@@ -118,19 +119,68 @@ def program_ranges(pid, n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk,
     else:
         b_begin = b_part * b_chunk
         b_end = tl.minimum(B, b_begin + b_chunk)
+        if ALIGN > 1:  # B and b_chunk are multiples of ALIGN (rows_aligned): say so to the compiler
+            b_begin = (b_begin // ALIGN) * ALIGN
+            b_end = (b_end // ALIGN) * ALIGN
         s_fixed = channel_tile
     return part, a_begin, a_end, b_begin, b_end, s_fixed
 
 
+def rows_flat(*tensors: str):
+    """A ``@triton.heuristics`` value: whether, in every tensor named (by its strides'
+    suffix, e.g. "x" for stride_x_r0 / stride_x_r1), the channels-fast rows are one flat run:
+    a single r0 (A <= R1: the layout folds a channels_last batch into r1) or stride_r0 ==
+    R1 * stride_r1. Then row a is at a * stride_r1, with no division by R1 in the loop
+    (tile_offsets' ROWS_FLAT)."""
+    def flat(args) -> bool:
+        if not args["CHANNELS_FAST"]:
+            return False  # unused: reduction-fast offsets need no division
+        return args["A"] <= args["R1"] or all(
+            args[f"stride_{t}_r0"] == args["R1"] * args[f"stride_{t}_r1"] for t in tensors)
+    return flat
+
+
+def rows_aligned(*tensors: str):
+    """A ``@triton.heuristics`` value for the reduction-fast orientation (NCHW): the largest
+    ALIGN in 8, 4, 2 of at most 16 bytes of X's dtype that divides R1, b_chunk, the batch, group
+    and channel strides of every tensor named (see rows_flat), with unit stride along r1; else 1.
+    With it, rows of 196 (14 x 14) fp32 elements, 16-byte aligned but not multiples of 16
+    elements, are read 16 bytes at a time: the compiler learns that the row starts and the row
+    end are multiples of ALIGN (program_ranges, tile_offsets). Rows of 49 (7 x 7) stay scalar
+    (odd channel strides), as do bf16 rows of 196 (8-byte aligned only: ALIGN = 4, 8-byte loads)."""
+    def align(args) -> int:
+        if args["CHANNELS_FAST"]:
+            return 1
+        values = [args["R1"], args["b_chunk"]]
+        for t in tensors:
+            if args[f"stride_{t}_r1"] != 1:
+                return 1
+            values += [args[f"stride_{t}_{d}"] for d in ("r0", "g", "k")]
+        for p in (8, 4, 2):  # 16 bytes of the narrowest dtype (bf16 / fp16): 8 elements
+            if p * args["X"].element_size() <= 16 and all(v % p == 0 for v in values):
+                return p
+        return 1
+    return align
+
+
 @triton.jit
 def tile_offsets(a, b, s_fixed, R1, K, stride_r0, stride_r1, stride_g, stride_k,
-                 HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr):
-    """Element offsets of the tile a[:, None] x b[None, :] in one tensor (see module docstring)."""
-    if CHANNELS_FAST:
+                 HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr,
+                 ROWS_FLAT: tl.constexpr, ALIGN: tl.constexpr):
+    """Element offsets of the tile a[:, None] x b[None, :] in one tensor (see module docstring).
+    ROWS_FLAT (rows_flat): stride_r0 == R1 * stride_r1, so the row a is at a * stride_r1.
+    ALIGN (rows_aligned, reduction fast): the channel and row strides are multiples of ALIGN."""
+    if CHANNELS_FAST and ROWS_FLAT:
+        return a[:, None] * stride_r1 + channel_offset(b, K, stride_g, stride_k, HAS_GROUPS)[None, :]
+    elif CHANNELS_FAST:
         row = (a // R1) * stride_r0 + (a % R1) * stride_r1
         col = channel_offset(b, K, stride_g, stride_k, HAS_GROUPS)
         return row[:, None] + col[None, :]
     else:
+        if ALIGN > 1:  # multiples of ALIGN (rows_aligned): say so to the compiler
+            stride_g = (stride_g // ALIGN) * ALIGN
+            stride_k = (stride_k // ALIGN) * ALIGN
+            stride_r0 = (stride_r0 // ALIGN) * ALIGN
         base = channel_offset(s_fixed, K, stride_g, stride_k, HAS_GROUPS)
         return base + a[:, None] * stride_r0 + b[None, :] * stride_r1
 
@@ -194,11 +244,21 @@ def tile_indices(a0, b0, a_end, b_end, BLOCK_A: tl.constexpr, BLOCK_B: tl.conste
 
 
 @triton.jit
+def last_tile(begin, end, BLOCK: tl.constexpr):
+    """(start of the last BLOCK-wide tile of [begin, end), number of tiles): a second pass walks
+    its range backwards, tile start - i * BLOCK for i in range(n), so that it first reads what
+    the first pass (forwards, same partition) read last, while it is still in L2."""
+    n = tl.cdiv(end - begin, BLOCK)
+    return begin + (n - 1) * BLOCK, n
+
+
+@triton.jit
 def apply_activation(pre, Residual, res_offsets, mask, HAS_RESIDUAL: tl.constexpr,
-                     RELU: tl.constexpr):
+                     RELU: tl.constexpr, EVICT: tl.constexpr):
     """Adds the residual (if any) and applies the activation to a normalized fp32 tile."""
     if HAS_RESIDUAL:
-        pre += tl.load(Residual + res_offsets, mask=mask, other=0.0).to(pre.dtype)
+        pre += tl.load(Residual + res_offsets, mask=mask, other=0.0,
+                       eviction_policy=EVICT).to(pre.dtype)
     if RELU:
         pre = tl.maximum(pre, 0.0)
     return pre
@@ -206,10 +266,10 @@ def apply_activation(pre, Residual, res_offsets, mask, HAS_RESIDUAL: tl.constexp
 
 @triton.jit
 def relu_gate(dy, x, mean, scale, shift, Residual, res_offsets, mask,
-              HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr):
+              HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, EVICT: tl.constexpr):
     """The gradient reaching the normalization: dy, or dy where the recomputed pre-activation > 0."""
     if RELU:
         pre = apply_activation((x - mean) * scale + shift, Residual, res_offsets, mask,
-                               HAS_RESIDUAL, False)
+                               HAS_RESIDUAL, False, EVICT)
         dy = tl.where(pre > 0.0, dy, 0.0)
     return dy

@@ -31,12 +31,15 @@ from .common import (
     chan_merge,
     channel_block,
     given,
+    last_tile,
     last_to_arrive,
     load_channel_values,
     load_coefficients,
     load_pivot,
     mean_from_sum,
     program_ranges,
+    rows_aligned,
+    rows_flat,
     sqrt_rn,
     tile_indices,
     tile_moments,
@@ -162,6 +165,173 @@ def channel_affine_and_update(
 
 
 @triton.jit
+def shifted_tile(X, shift, a0, b0, a_end, b_end, s_fixed, R1, K,
+                 stride_x_r0, stride_x_r1, stride_x_g, stride_x_k, ACC: tl.constexpr,
+                 HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
+                 ROWS_FLAT: tl.constexpr, ALIGN: tl.constexpr, SHIFT_IS_X: tl.constexpr,
+                 BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+    """x - shift of the tile at (a0, b0), 0 where masked off. SHIFT_IS_X: the shift is a value of
+    X (the pivot), so masked-off lanes load it and give 0 with no select."""
+    a, b, b_mask, mask = tile_indices(a0, b0, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
+    offs = tile_offsets(a, b, s_fixed, R1, K, stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
+                        HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN)
+    if SHIFT_IS_X:
+        x = tl.load(X + offs, mask=mask, other=shift.to(X.dtype.element_ty),
+                    eviction_policy="evict_last")  # bn_apply_kernel reads it again
+        return x.to(ACC) - shift
+    else:
+        x = tl.load(X + offs, mask=mask, other=0.0, eviction_policy="evict_last")
+        return tl.where(mask, x.to(ACC) - shift, 0.0)
+
+
+@triton.jit
+def lane_sums(X, shift, a_begin, a_end, b_begin, b_end, s_fixed, R1, K,
+              stride_x_r0, stride_x_r1, stride_x_g, stride_x_k, ACC: tl.constexpr,
+              HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
+              ROWS_FLAT: tl.constexpr, ALIGN: tl.constexpr, SHIFT_IS_X: tl.constexpr,
+              BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Per lane (each element of a [BLOCK_A, BLOCK_B] tile, always the same statistic channel),
+    the sums of d and d * d, d = x - shift, over every tile of this program's ranges: three
+    arithmetic instructions per element, no reduction across lanes inside the loop. Channels
+    fast, the program's channels are one tile wide: one loop, over rows."""
+    s1 = tl.zeros([BLOCK_A, BLOCK_B], ACC)
+    s2 = tl.zeros([BLOCK_A, BLOCK_B], ACC)
+    if CHANNELS_FAST:
+        for a0 in range(a_begin, a_end, BLOCK_A):
+            d = shifted_tile(X, shift, a0, b_begin, a_end, b_end, s_fixed, R1, K, stride_x_r0,
+                             stride_x_r1, stride_x_g, stride_x_k, ACC, HAS_GROUPS, CHANNELS_FAST,
+                             INT64, ROWS_FLAT, ALIGN, SHIFT_IS_X, BLOCK_A, BLOCK_B)
+            s1 += d
+            s2 += d * d
+    else:
+        for b0 in range(b_begin, b_end, BLOCK_B):
+            for a0 in range(a_begin, a_end, BLOCK_A):
+                d = shifted_tile(X, shift, a0, b0, a_end, b_end, s_fixed, R1, K, stride_x_r0,
+                                 stride_x_r1, stride_x_g, stride_x_k, ACC, HAS_GROUPS,
+                                 CHANNELS_FAST, INT64, ROWS_FLAT, ALIGN, SHIFT_IS_X, BLOCK_A,
+                                 BLOCK_B)
+                s1 += d
+                s2 += d * d
+    return s1, s2
+
+
+@triton.heuristics({"ROWS_FLAT": rows_flat("x"), "ALIGN": rows_aligned("x"),
+                    **given(FINALIZE="Counter", HAS_WEIGHT="Weight", HAS_BIAS="Bias",
+                            HAS_ADJUST="AdjScale", SAVE_GAFFINE="GScale")})
+@triton.jit
+def bn_stats_kernel(
+    X,                    # activation, addressed through its strides
+    PartSum, PartM2,      # [n_parts, S] out: per-part sum of (x - Pivot) and M2 of each channel
+    Pivot,                # [S] out: the sample each channel's sums are taken relative to
+    R1, K, S, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts,
+    stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
+    Counter,              # [n_channel_tiles + 1] int32 zeros (FINALIZE); left zeros
+    Mean, Rstd, Scale, Shift, Weight, Bias, AdjScale, AdjBias, GScale, GShift,  # as bn_finalize_kernel
+    RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd, Hyper,
+    HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
+    ROWS_FLAT: tl.constexpr, ALIGN: tl.constexpr,
+    FINALIZE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_ADJUST: tl.constexpr, RENORM: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
+    UNBIASED: tl.constexpr, CUMULATIVE: tl.constexpr, SAVE_GAFFINE: tl.constexpr,
+    COUNT_BATCH: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """A part's (sum of x - pivot, M2) per statistic channel, by shifted sums.
+
+    Every part of a channel shifts by the same sample, the pivot (its first), so the parts' sums
+    stay small and merge without rounding at the data's offset. Each lane sums d = x - pivot and
+    d * d over all of the program's tiles (lane_sums); the lanes are added once, at the end, and
+    M2 = sum(d * d) - sum(d)**2 / n. That subtraction loses about log2(sum(d * d) / M2) bits:
+    nothing for data within a few standard deviations of the pivot (ill-conditioned data such as
+    1000 + 0.01 * noise included: the pivot is one of them), but a pivot far out in the tail would
+    cost digits. So when sum(d * d) > 64 * M2 in a channel (a pivot more than ~8 standard
+    deviations from the part's mean) the program reads its tiles once more, shifted by the part's
+    mean, and takes M2 from those sums (the two-pass algorithm; rare, and read from L2).
+
+    With FINALIZE the program that stores a channel tile's last part (``last_to_arrive``) then
+    merges that tile's parts and writes its coefficients and running statistics, as
+    bn_finalize_kernel would: one launch instead of two. Ghost batches (a parameter channel's groups
+    lie in different tiles) wait for the last program of the whole grid instead, which finalizes
+    every channel. COUNT_BATCH: the last tile to finalize adds this batch to NumBatches (after
+    every tile has read it)."""
+    ACC = PartSum.dtype.element_ty
+    part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
+        tl.program_id(0), n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST,
+        INT64, ALIGN)
+    b_first = b_begin + tl.arange(0, BLOCK_B)
+    pivot = load_pivot(X, b_first, b_first < b_end, s_fixed, K, stride_x_g, stride_x_k, ACC,
+                       HAS_GROUPS, CHANNELS_FAST)
+    s1, s2 = lane_sums(X, pivot, a_begin, a_end, b_begin, b_end, s_fixed, R1, K, stride_x_r0,
+                       stride_x_r1, stride_x_g, stride_x_k, ACC, HAS_GROUPS, CHANNELS_FAST, INT64,
+                       ROWS_FLAT, ALIGN, True, BLOCK_A, BLOCK_B)
+    # elements per statistic channel in this part (the same for every channel of the program)
+    n = ((a_end - a_begin) * (b_end - b_begin)).to(ACC)
+    if CHANNELS_FAST:
+        n = (a_end - a_begin).to(ACC)
+    n = tl.maximum(n, 1.0)
+    total = tl.sum(s1, 0)
+    sum_sq = tl.sum(s2, 0)
+    if not CHANNELS_FAST:
+        total = tl.sum(total, 0)
+        sum_sq = tl.sum(sum_sq, 0)
+    m2 = sum_sq - total * (total / n)
+    far = sum_sq > 64.0 * m2  # a pivot far from the mean: two passes
+    if CHANNELS_FAST:
+        far = tl.max(far.to(tl.int32), 0) > 0
+    if far:
+        mean_d = total / n
+        if CHANNELS_FAST:
+            mean_d = mean_d[None, :]
+        t1, t2 = lane_sums(X, pivot + mean_d, a_begin, a_end, b_begin, b_end, s_fixed, R1, K,
+                           stride_x_r0, stride_x_r1, stride_x_g, stride_x_k, ACC, HAS_GROUPS,
+                           CHANNELS_FAST, INT64, ROWS_FLAT, ALIGN, False, BLOCK_A, BLOCK_B)
+        t1 = tl.sum(t1, 0)
+        t2 = tl.sum(t2, 0)
+        if not CHANNELS_FAST:
+            t1 = tl.sum(t1, 0)
+            t2 = tl.sum(t2, 0)
+        m2 = t2 - t1 * (t1 / n)
+    m2 = tl.where(m2 < 0.0, 0.0, m2)  # rounding; a NaN stays a NaN
+    if CHANNELS_FAST:
+        b = b_begin + tl.arange(0, BLOCK_B)
+        tl.store(PartSum + part * S + b, total, mask=b < b_end)
+        tl.store(PartM2 + part * S + b, m2, mask=b < b_end)
+        if part == 0:
+            tl.store(Pivot + b, tl.reshape(pivot, [BLOCK_B]), mask=b < b_end)
+    else:
+        tl.store(PartSum + part * S + s_fixed, total)
+        tl.store(PartM2 + part * S + s_fixed, m2)
+        if part == 0:
+            tl.store(Pivot + s_fixed, pivot)
+    if FINALIZE:
+        n_parts = tl.num_programs(0) // n_channel_tiles
+        if HAS_GROUPS:
+            slot, expected, c_begin, c_end = 0, tl.num_programs(0), 0, K
+        elif CHANNELS_FAST:
+            slot, expected, c_begin, c_end = tl.program_id(0) % n_channel_tiles, n_parts, b_begin, b_end
+        else:
+            slot, expected, c_begin, c_end = s_fixed, n_parts, s_fixed, s_fixed + 1
+        b_count = B
+        if CHANNELS_FAST:
+            b_count = 1
+        if last_to_arrive(Counter, slot, expected):
+            for c0 in range(c_begin, c_end, BLOCK_C):
+                c = c0 + tl.arange(0, BLOCK_C)
+                finalize_channels(
+                    c, c < c_end, PartSum, PartM2, PartSum, Pivot, Mean, Rstd, Scale, Shift,
+                    Weight, Bias, AdjScale, AdjBias, GScale, GShift,
+                    RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd,
+                    K, S // K, n_parts, n_b_parts, A, a_chunk, b_count, b_chunk, Hyper,
+                    ACC, False, True, HAS_WEIGHT, HAS_BIAS, HAS_ADJUST, RENORM, UPDATE_RUNNING,
+                    UNBIASED, CUMULATIVE, SAVE_GAFFINE, COUNT_BATCH, BLOCK_C, BLOCK_P)
+            if COUNT_BATCH:
+                if HAS_GROUPS:  # the only finalizing program
+                    count_batch(NumBatches)
+                elif last_to_arrive(Counter, n_channel_tiles, n_channel_tiles):
+                    count_batch(NumBatches)
+
+
+@triton.jit
 def merge_parts(PartStat, PartM2, PartCount, s, c_mask, S, n_parts, n_b_parts, A, a_chunk,
                 B_count, b_chunk, ACC: tl.constexpr, HAS_COUNTS: tl.constexpr, BLOCK_C: tl.constexpr,
                 BLOCK_P: tl.constexpr):
@@ -281,91 +451,6 @@ def finalize_channels(
                  mask=c_mask)
 
 
-@triton.heuristics(given(FINALIZE="Counter", HAS_WEIGHT="Weight", HAS_BIAS="Bias",
-    HAS_ADJUST="AdjScale", SAVE_GAFFINE="GScale"))
-@triton.jit
-def bn_stats_kernel(
-    X,                    # activation, addressed through its strides
-    PartSum, PartM2,      # [n_parts, S] out: per-part sum of (x - Pivot) and M2 of each channel
-    Pivot,                # [S] out: the sample each channel's sums are taken relative to
-    R1, K, S, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts,
-    stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
-    Counter,              # [n_channel_tiles + 1] int32 zeros (FINALIZE); left zeros
-    Mean, Rstd, Scale, Shift, Weight, Bias, AdjScale, AdjBias, GScale, GShift,  # as bn_finalize_kernel
-    RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd, Hyper,
-    HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
-    FINALIZE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_ADJUST: tl.constexpr, RENORM: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
-    UNBIASED: tl.constexpr, CUMULATIVE: tl.constexpr, SAVE_GAFFINE: tl.constexpr,
-    COUNT_BATCH: tl.constexpr,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-):
-    """Partial (sum, M2) of x - pivot per (part, statistic channel). With FINALIZE the program
-    that stores a channel tile's last part (``last_to_arrive``) then merges that tile's parts
-    and writes its coefficients and running statistics, as bn_finalize_kernel would: one launch
-    instead of two. Ghost batches (a parameter channel's groups lie in different tiles) wait for
-    the last program of the whole grid instead, which finalizes every channel. COUNT_BATCH: the
-    last tile to finalize adds this batch to NumBatches (after every tile has read it)."""
-    ACC = PartSum.dtype.element_ty
-    part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
-        tl.program_id(0), n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST,
-        INT64)
-    # every part of a channel shifts by the same sample (its first), so the parts' sums stay small
-    # and are merged without rounding at the data's offset
-    b_first = b_begin + tl.arange(0, BLOCK_B)
-    pivot = load_pivot(X, b_first, b_first < b_end, s_fixed, K, stride_x_g, stride_x_k, ACC,
-                       HAS_GROUPS, CHANNELS_FAST)
-    total = tl.zeros([BLOCK_B], ACC)
-    m2 = tl.zeros([BLOCK_B], ACC)
-    n = tl.zeros([BLOCK_B], ACC)
-    for a0 in range(a_begin, a_end, BLOCK_A):
-        for b0 in range(b_begin, b_end, BLOCK_B):
-            a, b, b_mask, mask = tile_indices(a0, b0, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
-            offs = tile_offsets(a, b, s_fixed, R1, K, stride_x_r0, stride_x_r1, stride_x_g,
-                                stride_x_k, HAS_GROUPS, CHANNELS_FAST)
-            x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
-            t_sum, t_m2, t_n = tile_moments(x - pivot, mask)
-            total, m2, n = chan_merge(total, m2, n, t_sum, t_m2, t_n)
-    if CHANNELS_FAST:
-        b = b_begin + tl.arange(0, BLOCK_B)
-        tl.store(PartSum + part * S + b, total, mask=b < b_end)
-        tl.store(PartM2 + part * S + b, m2, mask=b < b_end)
-        if part == 0:
-            tl.store(Pivot + b, tl.reshape(pivot, [BLOCK_B]), mask=b < b_end)
-    else:
-        total, m2, n = tl.reduce((total, m2, n), 0, chan_merge)
-        tl.store(PartSum + part * S + s_fixed, total)
-        tl.store(PartM2 + part * S + s_fixed, m2)
-        if part == 0:
-            tl.store(Pivot + s_fixed, pivot)
-    if FINALIZE:
-        n_parts = tl.num_programs(0) // n_channel_tiles
-        if HAS_GROUPS:
-            slot, expected, c_begin, c_end = 0, tl.num_programs(0), 0, K
-        elif CHANNELS_FAST:
-            slot, expected, c_begin, c_end = tl.program_id(0) % n_channel_tiles, n_parts, b_begin, b_end
-        else:
-            slot, expected, c_begin, c_end = s_fixed, n_parts, s_fixed, s_fixed + 1
-        b_count = B
-        if CHANNELS_FAST:
-            b_count = 1
-        if last_to_arrive(Counter, slot, expected):
-            for c0 in range(c_begin, c_end, BLOCK_C):
-                c = c0 + tl.arange(0, BLOCK_C)
-                finalize_channels(
-                    c, c < c_end, PartSum, PartM2, PartSum, Pivot, Mean, Rstd, Scale, Shift,
-                    Weight, Bias, AdjScale, AdjBias, GScale, GShift,
-                    RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd,
-                    K, S // K, n_parts, n_b_parts, A, a_chunk, b_count, b_chunk, Hyper,
-                    ACC, False, True, HAS_WEIGHT, HAS_BIAS, HAS_ADJUST, RENORM, UPDATE_RUNNING,
-                    UNBIASED, CUMULATIVE, SAVE_GAFFINE, COUNT_BATCH, BLOCK_C, BLOCK_P)
-            if COUNT_BATCH:
-                if HAS_GROUPS:  # the only finalizing program
-                    count_batch(NumBatches)
-                elif last_to_arrive(Counter, n_channel_tiles, n_channel_tiles):
-                    count_batch(NumBatches)
-
-
 @triton.heuristics(given(HAS_COUNTS="PartCount", HAS_PIVOT="Pivot", HAS_WEIGHT="Weight",
     HAS_BIAS="Bias", HAS_ADJUST="AdjScale", SAVE_GAFFINE="GScale"))
 @triton.jit
@@ -397,8 +482,32 @@ def bn_finalize_kernel(
         RENORM, UPDATE_RUNNING, UNBIASED, CUMULATIVE, SAVE_GAFFINE, False, BLOCK_C, BLOCK_P)
 
 
-@triton.heuristics(given(HAS_RESIDUAL="Residual", FROM_RUNNING="RunMean", HAS_WEIGHT="Weight",
-    HAS_BIAS="Bias", KEEP_COEFFS="Rstd"))
+@triton.jit
+def apply_tile(X, Y, Residual, a0, b0, a_end, b_end, s_fixed, mean, scale, shift, R1, K,
+               stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
+               stride_y_r0, stride_y_r1, stride_y_g, stride_y_k,
+               stride_z_r0, stride_z_r1, stride_z_g, stride_z_k, ACC: tl.constexpr,
+               HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
+               HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, ROWS_FLAT: tl.constexpr,
+               ALIGN: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+    """y = act((x - centre) * scale + shift [+ residual]) of the tile at (a0, b0). x and the
+    residual are read for the last time (evict first); y is streamed out (.cs)."""
+    a, b, b_mask, mask = tile_indices(a0, b0, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
+    x_offs = tile_offsets(a, b, s_fixed, R1, K, stride_x_r0, stride_x_r1, stride_x_g,
+                          stride_x_k, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN)
+    y_offs = tile_offsets(a, b, s_fixed, R1, K, stride_y_r0, stride_y_r1, stride_y_g,
+                          stride_y_k, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN)
+    z_offs = tile_offsets(a, b, s_fixed, R1, K, stride_z_r0, stride_z_r1, stride_z_g,
+                          stride_z_k, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN)
+    x = tl.load(X + x_offs, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
+    y = apply_activation((x - mean) * scale + shift, Residual, z_offs, mask,
+                         HAS_RESIDUAL, RELU, "evict_first")
+    tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=mask, cache_modifier=".cs")
+
+
+@triton.heuristics({**given(HAS_RESIDUAL="Residual", FROM_RUNNING="RunMean", HAS_WEIGHT="Weight",
+                            KEEP_COEFFS="Rstd",
+    HAS_BIAS="Bias"), "ROWS_FLAT": rows_flat("x", "y", "z"), "ALIGN": rows_aligned("x", "y", "z")})
 @triton.jit
 def bn_apply_kernel(
     X, Y, Residual,                # activation in, output, optional residual added before the act.
@@ -414,7 +523,7 @@ def bn_apply_kernel(
     HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, FROM_RUNNING: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, KEEP_COEFFS: tl.constexpr,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+    ROWS_FLAT: tl.constexpr, ALIGN: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     if FROM_RUNNING:
         ACC = Hyper.dtype.element_ty
@@ -422,48 +531,48 @@ def bn_apply_kernel(
         ACC = Scale.dtype.element_ty
     part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
         tl.program_id(0), n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST,
-        INT64)
-    for b0 in range(b_begin, b_end, BLOCK_B):
-        bc, bc_mask = channel_block(b0, b_end, s_fixed, S, BLOCK_B, CHANNELS_FAST)
-        if FROM_RUNNING:
-            eps = tl.load(Hyper)
-            mean = load_channel_values(RunMean, bc, bc_mask, bc, ACC, CHANNELS_FAST)
-            rstd = 1.0 / sqrt_rn(load_channel_values(RunVar, bc, bc_mask, bc, ACC, CHANNELS_FAST) + eps)
-            scale = rstd
-            if HAS_WEIGHT:
-                scale = rstd * load_channel_values(Weight, bc, bc_mask, bc, ACC, CHANNELS_FAST)
-            shift = tl.zeros_like(scale)
-            if HAS_BIAS:
-                shift += load_channel_values(Bias, bc, bc_mask, bc, ACC, CHANNELS_FAST)
-            # the coefficients backward needs; the centre is the running mean, the offset 0
-            if KEEP_COEFFS and part == 0:
-                if CHANNELS_FAST:
-                    tl.store(Mean + bc[None, :], mean, mask=bc_mask[None, :])
-                    tl.store(Mean + S + bc[None, :], tl.zeros_like(mean), mask=bc_mask[None, :])
-                    tl.store(Rstd + bc[None, :], rstd, mask=bc_mask[None, :])
-                    tl.store(Scale + bc[None, :], scale, mask=bc_mask[None, :])
-                    tl.store(Shift + bc[None, :], shift, mask=bc_mask[None, :])
-                else:
-                    tl.store(Mean + bc, mean)
-                    tl.store(Mean + S + bc, tl.zeros_like(mean))
-                    tl.store(Rstd + bc, rstd)
-                    tl.store(Scale + bc, scale)
-                    tl.store(Shift + bc, shift)
-        else:
-            mean, scale, shift = load_coefficients(Mean, Scale, Shift, bc, bc_mask, ACC,
-                                                   CHANNELS_FAST)
-        for a0 in range(a_begin, a_end, BLOCK_A):
-            a, b, b_mask, mask = tile_indices(a0, b0, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
-            x_offs = tile_offsets(a, b, s_fixed, R1, K, stride_x_r0, stride_x_r1, stride_x_g,
-                                  stride_x_k, HAS_GROUPS, CHANNELS_FAST)
-            y_offs = tile_offsets(a, b, s_fixed, R1, K, stride_y_r0, stride_y_r1, stride_y_g,
-                                  stride_y_k, HAS_GROUPS, CHANNELS_FAST)
-            z_offs = tile_offsets(a, b, s_fixed, R1, K, stride_z_r0, stride_z_r1, stride_z_g,
-                                  stride_z_k, HAS_GROUPS, CHANNELS_FAST)
-            x = tl.load(X + x_offs, mask=mask, other=0.0).to(ACC)
-            y = apply_activation((x - mean) * scale + shift, Residual, z_offs, mask,
-                                 HAS_RESIDUAL, RELU)
-            tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=mask)
+        INT64, ALIGN)
+    bc, bc_mask = channel_block(b_begin, b_end, s_fixed, S, BLOCK_B, CHANNELS_FAST)
+    if FROM_RUNNING:
+        eps = tl.load(Hyper)
+        mean = load_channel_values(RunMean, bc, bc_mask, bc, ACC, CHANNELS_FAST)
+        rstd = 1.0 / sqrt_rn(load_channel_values(RunVar, bc, bc_mask, bc, ACC, CHANNELS_FAST) + eps)
+        scale = rstd
+        if HAS_WEIGHT:
+            scale = rstd * load_channel_values(Weight, bc, bc_mask, bc, ACC, CHANNELS_FAST)
+        shift = tl.zeros_like(scale)
+        if HAS_BIAS:
+            shift += load_channel_values(Bias, bc, bc_mask, bc, ACC, CHANNELS_FAST)
+        # the coefficients backward needs; the centre is the running mean, the offset 0
+        if KEEP_COEFFS and part == 0:
+            if CHANNELS_FAST:
+                tl.store(Mean + bc[None, :], mean, mask=bc_mask[None, :])
+                tl.store(Mean + S + bc[None, :], tl.zeros_like(mean), mask=bc_mask[None, :])
+                tl.store(Rstd + bc[None, :], rstd, mask=bc_mask[None, :])
+                tl.store(Scale + bc[None, :], scale, mask=bc_mask[None, :])
+                tl.store(Shift + bc[None, :], shift, mask=bc_mask[None, :])
+            else:
+                tl.store(Mean + bc, mean)
+                tl.store(Mean + S + bc, tl.zeros_like(mean))
+                tl.store(Rstd + bc, rstd)
+                tl.store(Scale + bc, scale)
+                tl.store(Shift + bc, shift)
+    else:
+        mean, scale, shift = load_coefficients(Mean, Scale, Shift, bc, bc_mask, ACC,
+                                               CHANNELS_FAST)
+    # backwards, in reverse order of bn_stats_kernel's walk of the same partition (training):
+    # the tiles it read last are still in L2
+    a_last, n_a = last_tile(a_begin, a_end, BLOCK_A)
+    b_last, n_b = last_tile(b_begin, b_end, BLOCK_B)
+    for j in range(0, n_b):
+        for i in range(0, n_a):
+            apply_tile(X, Y, Residual, a_last - i * BLOCK_A, b_last - j * BLOCK_B, a_end, b_end,
+                       s_fixed, mean, scale, shift, R1, K,
+                       stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
+                       stride_y_r0, stride_y_r1, stride_y_g, stride_y_k,
+                       stride_z_r0, stride_z_r1, stride_z_g, stride_z_k, ACC, HAS_GROUPS,
+                       CHANNELS_FAST, INT64, HAS_RESIDUAL, RELU, ROWS_FLAT, ALIGN, BLOCK_A,
+                       BLOCK_B)
 
 
 @triton.heuristics(given(HAS_RESIDUAL="Residual", HAS_WEIGHT="Weight", HAS_BIAS="Bias",
@@ -493,10 +602,10 @@ def bn_fused_forward_kernel(
     ACC = Mean.dtype.element_ty
     _, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
         tl.program_id(0), tl.num_programs(0), 1, A, B, A, B, BLOCK_B, CHANNELS_FAST,
-        INT64 and not CHANNELS_FAST)  # channels fast: one part, channel tiles << 2**31
+        INT64 and not CHANNELS_FAST, 1)  # channels fast: one part, channel tiles << 2**31
     a, b, b_mask, mask = tile_indices(a_begin, b_begin, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
     x_offs = tile_offsets(a, b, s_fixed, R1, K, stride_x_r0, stride_x_r1, 0, stride_x_k,
-                          False, CHANNELS_FAST)
+                          False, CHANNELS_FAST, False, 1)
     pivot = load_pivot(X, b, b_mask, s_fixed, K, 0, stride_x_k, ACC, False, CHANNELS_FAST)
     centred = tl.load(X + x_offs, mask=mask, other=0.0).to(ACC) - pivot  # x - centre
     total, m2, n = tile_moments(centred, mask)
@@ -531,8 +640,8 @@ def bn_fused_forward_kernel(
         scale = scale[None, :]
         shift = shift[None, :]
     y_offs = tile_offsets(a, b, s_fixed, R1, K, stride_y_r0, stride_y_r1, 0, stride_y_k,
-                          False, CHANNELS_FAST)
+                          False, CHANNELS_FAST, False, 1)
     z_offs = tile_offsets(a, b, s_fixed, R1, K, stride_z_r0, stride_z_r1, 0, stride_z_k,
-                          False, CHANNELS_FAST)
-    y = apply_activation(centred * scale + shift, Residual, z_offs, mask, HAS_RESIDUAL, RELU)
+                          False, CHANNELS_FAST, False, 1)
+    y = apply_activation(centred * scale + shift, Residual, z_offs, mask, HAS_RESIDUAL, RELU, "")
     tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=mask)

@@ -104,7 +104,7 @@ def bn_persistent_forward_kernel(
     ACC = Mean.dtype.element_ty
     pid = tl.program_id(0)
     part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
-        pid, n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST, INT64)
+        pid, n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST, INT64, 1)
     n_parts = tl.num_programs(0) // n_channel_tiles
     a, b, b_mask, mask = tile_indices(a_begin, b_begin, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
     # the pivot is each channel's first element, the same in every part (see load_pivot)
@@ -112,7 +112,7 @@ def bn_persistent_forward_kernel(
     pivot = load_pivot(X, b_first, b_first < b_end, s_fixed, K, 0, stride_x_k, ACC, False,
                        CHANNELS_FAST)
     x_offs = tile_offsets(a, b, s_fixed, R1, K, stride_x_r0, stride_x_r1, 0, stride_x_k,
-                          False, CHANNELS_FAST)
+                          False, CHANNELS_FAST, False, 1)
     centred = tl.load(X + x_offs, mask=mask, other=0.0).to(ACC) - pivot  # x - centre, kept
     if CHANNELS_FAST:
         c = b_first
@@ -174,10 +174,11 @@ def bn_persistent_forward_kernel(
             scale = tl.sum(scale, 0)  # the one channel's values as scalars
             shift = tl.sum(shift, 0)
         y_offs = tile_offsets(a, b, s_fixed, R1, K, stride_y_r0, stride_y_r1, 0, stride_y_k,
-                              False, CHANNELS_FAST)
+                              False, CHANNELS_FAST, False, 1)
         z_offs = tile_offsets(a, b, s_fixed, R1, K, stride_z_r0, stride_z_r1, 0, stride_z_k,
-                              False, CHANNELS_FAST)
-        y = apply_activation(centred * scale + shift, Residual, z_offs, mask, HAS_RESIDUAL, RELU)
+                              False, CHANNELS_FAST, False, 1)
+        y = apply_activation(centred * scale + shift, Residual, z_offs, mask, HAS_RESIDUAL, RELU,
+                             "")
         tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -229,7 +230,7 @@ def bn_persistent_backward_kernel(
     ACC = Scale.dtype.element_ty
     pid = tl.program_id(0)
     part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
-        pid, n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST, INT64)
+        pid, n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST, INT64, 1)
     n_parts = tl.num_programs(0) // n_channel_tiles
     a, b, b_mask, mask = tile_indices(a_begin, b_begin, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
     if CHANNELS_FAST:
@@ -246,7 +247,8 @@ def bn_persistent_backward_kernel(
     x, g = load_x_and_gated_dy(
         X, DY, Residual, a, b, s_fixed, mask, mean, scale, shift, R1, K,
         stride_x_r0, stride_x_r1, 0, stride_x_k, stride_dy_r0, stride_dy_r1, 0, stride_dy_k,
-        stride_z_r0, stride_z_r1, 0, stride_z_k, ACC, False, CHANNELS_FAST, HAS_RESIDUAL, RELU)
+        stride_z_r0, stride_z_r1, 0, stride_z_k, ACC, False, CHANNELS_FAST, HAS_RESIDUAL, RELU,
+        False, "", 1)
     xc = tl.where(mask, x - mean, 0.0)
 
     if PHASE != 2:  # 1. this part's sums to its fixed slots
@@ -283,10 +285,10 @@ def bn_persistent_backward_kernel(
             coef_c = tl.sum(coef_c, 0)
         if WRITE_DRESIDUAL:
             dz_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dz_r0, stride_dz_r1, 0,
-                                   stride_dz_k, False, CHANNELS_FAST)
+                                   stride_dz_k, False, CHANNELS_FAST, False, 1)
             tl.store(DResidual + dz_offs, g.to(DResidual.dtype.element_ty), mask=mask)
         if WRITE_DX:
             dx = scale * g + coef_b * xc + coef_c
             dx_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dx_r0, stride_dx_r1, 0,
-                                   stride_dx_k, False, CHANNELS_FAST)
+                                   stride_dx_k, False, CHANNELS_FAST, False, 1)
             tl.store(DX + dx_offs, dx.to(DX.dtype.element_ty), mask=mask)
