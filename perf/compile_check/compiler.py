@@ -203,9 +203,10 @@ def sass_instructions(sass: str) -> list[tuple[int, str]]:
 
 
 def sass_main_loop(sass: str) -> dict:
-    """The main loop of a kernel's SASS: the innermost loop (a backward branch whose range holds no
-    other) with the most global loads (LDG), of equals the first in the code (bn_stats_kernel's
-    second pass, taken only for a pivot far from the mean, comes after its main loop). Returns {"loop": True,
+    """The main loop of a kernel's SASS: the first innermost loop (a backward branch whose range
+    holds no other) with global loads (LDG) in the code (bn_stats_kernel's second pass, taken only
+    for a pivot far from the mean, and the reductions' finalize, run by the last program of a
+    channel tile, come after the main loop). Returns {"loop": True,
     "instructions", "barriers" (BAR.*), "load_bytes" (distinct LDG widths)}: static counts over
     the loop's address range, each instruction once. A kernel without a loop that loads (a single
     pass over one tile) gets the same counts over the whole kernel and "loop": False."""
@@ -228,8 +229,8 @@ def sass_main_loop(sass: str) -> dict:
 
     loops = [dict(stats(lo, hi), loop=True) for lo, hi in sorted(inner)]
     loops = [st for st in loops if st["n_loads"]]
-    if loops:  # the most loads; of equals, the first in the code (a later one: a rare path)
-        return max(loops, key=lambda st: st["n_loads"])
+    if loops:  # the first in the code: later ones are the rare far-pivot pass and the finalize's
+        return loops[0]  # merge of the parts (the last program of a tile only)
     whole = stats(0, ins[-1][0] if ins else 0)
     return dict(whole, loop=False)
 
@@ -366,7 +367,7 @@ def _compile_one(i: int) -> Result:
         res.sass_loop, res.sass_instructions = loop["loop"], loop["instructions"]
         res.sass_barriers, res.sass_load_bytes = loop["barriers"], loop["load_bytes"]
         tile = 1
-        for b in spec.blocks:
+        for b in spec.blocks[:2]:  # BLOCK_A x BLOCK_B (BLOCK_C / BLOCK_P: the finalize's tiles)
             tile *= b
         res.elements_per_thread = tile / (32 * res.num_warps)
         res.instructions_per_element = round(res.sass_instructions / res.elements_per_thread, 2)
