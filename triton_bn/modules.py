@@ -152,7 +152,8 @@ def _call_key(m, x, residual):
     state = tuple([None if t is None else (t.dtype, t.device, t.shape, t.stride())
                    for t in (weight, bias, running_mean, m.running_var)])
     res = None if residual is None else (residual.shape, residual.stride(), residual.dtype)
-    key = (x.shape, x.stride(), x.dtype, x.device, res, state, m.eps, m.activation, m.training)
+    key = (type(m), x.shape, x.stride(), x.dtype, x.device, res, state, m.eps, m.activation,
+           m.training)  # the class: its rank check (_check_input_dim)
     if m.training:
         key += (m.momentum, m.track_running_stats, m.num_batches_tracked is not None, m.renorm,
                 m.rmax, m.dmax)
