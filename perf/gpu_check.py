@@ -21,6 +21,9 @@
    equal (the barrier counter resets itself), CUDA-graph replay, a grid too large for the GPU
    falling back to the split path, and a grid the capacity check is told to allow but the
    driver must refuse (a cooperative launch too large) falling back with a warning.
+5. The split path's last-program finalize (integer arrival counters that reset themselves) and
+   num_batches_tracked counted in the forward kernel: 20 repeated training steps bitwise equal,
+   two streams at once equal to serial, the count and the cumulative running mean vs torch.
 
 Needs only torch and triton (works with torch 2.11 / triton 3.6); prints a table and writes it to
 --out. Exit status 1 when a check fails. Without CUDA it says so and exits 0.
@@ -245,6 +248,79 @@ def cuda_graph_check(shape, dtype, layout, device, gen, steps: int = 3):
 
 PERSISTENT_SHAPES = ((64, 56), (256, 56), (128, 28), (512, 28), (256, 14), (1024, 14), (512, 7),
                      (2048, 7))
+
+
+def counter_checks(device, gen, emit, cpu_smoke: bool) -> int:
+    """Section 5: the split path's last-program finalize (kernels/common.py last_to_arrive: an
+    int32 arrival counter per channel tile, reset by the last arrival) and num_batches_tracked
+    counted in the forward kernel. Forced split path at a shape with hundreds of parts per channel:
+    20 repeated training steps bitwise equal (a counter left non-zero would change which program
+    finalizes: wrong or stale coefficients); two streams running different layers at once equal to
+    the same layers run one after the other (counters are per stream); num_batches_tracked == the
+    number of training calls, the cumulative running mean equal to torch's. Returns failures."""
+    import triton_bn
+    from triton_bn import tuning
+
+    cuda = device.type == "cuda"
+    shape = (4, 8, 6, 6) if cpu_smoke else (64, 64, 56, 56)
+    knobs = {"force_fused": False} if not cpu_smoke else {"force_fused": False, "parts": 3,
+                                                           "tile": 32}
+    fails = 0
+
+    def step(m, x, dy):
+        xi = x.detach().requires_grad_(True)
+        y = m(xi)
+        y.backward(dy)
+        return [y.detach().clone(), xi.grad.clone(), m.weight.grad.clone(),
+                m.running_mean.clone(), m.running_var.clone()]
+
+    def fresh(C):
+        return triton_bn.BatchNorm2d(C, momentum=None).to(device)
+
+    with tuning.override(**knobs):
+        x = make(shape, torch.bfloat16, "channels_last", device, gen)
+        dy = make(shape, torch.bfloat16, "channels_last", device, gen)
+        first = None
+        same = True
+        for _ in range(20):
+            m = fresh(shape[1])
+            out = step(m, x, dy)
+            first = first or out
+            same = same and all(torch.equal(a, b) for a, b in zip(out, first))
+        fails += 0 if same else 1
+        emit(f"arrival counters: 20 split-path training steps bitwise equal: {'ok' if same else 'FAIL'}")
+
+        m, ref = fresh(shape[1]), torch.nn.BatchNorm2d(shape[1], momentum=None).to(device)
+        for _ in range(5):
+            m(x)
+            ref(x)
+        ok = int(m.num_batches_tracked) == 5 == int(ref.num_batches_tracked) and \
+            rel(m.running_mean, ref.running_mean.double()) < 1e-3
+        fails += 0 if ok else 1
+        emit(f"num_batches_tracked counted by the kernel (5 calls, momentum=None vs torch): "
+             f"{'ok' if ok else 'FAIL'} ({int(m.num_batches_tracked)})")
+
+        if cuda:
+            shape2 = (32, 128, 28, 28)
+            x2 = make(shape2, torch.float32, "nchw", device, gen)
+            dy2 = make(shape2, torch.float32, "nchw", device, gen)
+            serial = [step(fresh(shape[1]), x, dy), step(fresh(shape2[1]), x2, dy2)]
+            streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+            outs = [None, None]
+            torch.cuda.synchronize()
+            for _ in range(10):
+                for i, (s_, (xx, dd, C)) in enumerate(zip(streams, ((x, dy, shape[1]),
+                                                                      (x2, dy2, shape2[1])))):
+                    with torch.cuda.stream(s_):
+                        outs[i] = step(fresh(C), xx, dd)
+                torch.cuda.synchronize()
+                ok = all(torch.equal(a, b) for o, s in zip(outs, serial) for a, b in zip(o, s))
+                if not ok:
+                    break
+            fails += 0 if ok else 1
+            emit(f"arrival counters: two streams at once equal to serial (10 rounds): "
+                 f"{'ok' if ok else 'FAIL'}")
+    return fails
 
 
 def persistent_checks(args, device, gen, emit) -> int:
@@ -526,6 +602,11 @@ def main(argv=None) -> int:
                  f"{layout}: {'ok' if ok else 'FAIL'} ({msg})")
     else:
         emit("CUDA graph check: skipped (no CUDA)")
+    try:
+        n_fail += counter_checks(device, gen, emit, not cuda)
+    except Exception as exc:  # noqa: BLE001
+        n_fail += 1
+        emit(f"arrival counter checks: ERROR {type(exc).__name__}: {exc}")
     if not args.no_persistent:
         n_fail += run_persistent_child(args, emit)
     emit(f"{'ALL CHECKS PASSED' if n_fail == 0 else f'{n_fail} CHECKS FAILED'} in "
