@@ -20,6 +20,7 @@ import triton.language as tl
 
 from .common import (
     channel_block,
+    finalize_tile,
     given,
     last_tile,
     last_to_arrive,
@@ -161,13 +162,9 @@ def bn_backward_reduce_kernel(
         tl.store(PartSumDy + part * S + s_fixed, tl.sum(sum_dy, 0))
         tl.store(PartSumDyXmu + part * S + s_fixed, tl.sum(sum_dy_xmu, 0))
     if FINALIZE:
-        n_parts = tl.num_programs(0) // n_channel_tiles
-        if HAS_GROUPS:
-            slot, expected, c_begin, c_end = 0, tl.num_programs(0), 0, K
-        elif CHANNELS_FAST:
-            slot, expected, c_begin, c_end = tl.program_id(0) % n_channel_tiles, n_parts, b_begin, b_end
-        else:
-            slot, expected, c_begin, c_end = s_fixed, n_parts, s_fixed, s_fixed + 1
+        slot, expected, c_begin, c_end, n_parts = finalize_tile(
+            tl.program_id(0), n_channel_tiles, b_begin, b_end, s_fixed, K, HAS_GROUPS,
+            CHANNELS_FAST)
         if last_to_arrive(Counter, slot, expected):
             for c0 in range(c_begin, c_end, BLOCK_C):
                 c = c0 + tl.arange(0, BLOCK_C)

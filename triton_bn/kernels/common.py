@@ -57,6 +57,23 @@ def last_to_arrive(Counter, slot, expected):
 
 
 @triton.jit
+def finalize_tile(pid, n_channel_tiles, b_begin, b_end, s_fixed, K, HAS_GROUPS: tl.constexpr,
+                  CHANNELS_FAST: tl.constexpr):
+    """What a split reduction's program finalizes if it arrives last (see last_to_arrive):
+    (counter slot, programs expected there, first and end parameter channel, parts per channel
+    tile). A channel tile's own slot and channels; with ghost batches a parameter channel's groups
+    lie in different tiles, so every program waits on slot 0 and the last finalizes all K."""
+    n_parts = tl.num_programs(0) // n_channel_tiles
+    if HAS_GROUPS:
+        slot, expected, c_begin, c_end = 0, tl.num_programs(0), 0, K
+    elif CHANNELS_FAST:
+        slot, expected, c_begin, c_end = pid % n_channel_tiles, n_parts, b_begin, b_end
+    else:
+        slot, expected, c_begin, c_end = s_fixed, n_parts, s_fixed, s_fixed + 1
+    return slot, expected, c_begin, c_end, n_parts
+
+
+@triton.jit
 def mean_from_sum(centre, total, n):
     """The mean of n values whose deviations from ``centre`` sum to ``total``: (centre * n + total)
     / n, the numerator with one rounding (a fused multiply-add), so a mean of data whose sums are

@@ -30,6 +30,7 @@ from .common import (
     apply_activation,
     chan_merge,
     channel_block,
+    finalize_tile,
     given,
     last_tile,
     last_to_arrive,
@@ -304,13 +305,9 @@ def bn_stats_kernel(
         if part == 0:
             tl.store(Pivot + s_fixed, pivot)
     if FINALIZE:
-        n_parts = tl.num_programs(0) // n_channel_tiles
-        if HAS_GROUPS:
-            slot, expected, c_begin, c_end = 0, tl.num_programs(0), 0, K
-        elif CHANNELS_FAST:
-            slot, expected, c_begin, c_end = tl.program_id(0) % n_channel_tiles, n_parts, b_begin, b_end
-        else:
-            slot, expected, c_begin, c_end = s_fixed, n_parts, s_fixed, s_fixed + 1
+        slot, expected, c_begin, c_end, n_parts = finalize_tile(
+            tl.program_id(0), n_channel_tiles, b_begin, b_end, s_fixed, K, HAS_GROUPS,
+            CHANNELS_FAST)
         b_count = B
         if CHANNELS_FAST:
             b_count = 1
