@@ -334,3 +334,30 @@ def test_eval_calls_take_the_planned_launch_and_match_torch():
         with torch.no_grad():
             assert_close(relu(x.detach(), z), torch.relu(ref(x.detach()) + z), **TOL[torch.float32])
     assert len(modules._PLANS) == 3
+
+
+def test_training_calls_reuse_their_plan_and_match_torch():
+    """Training calls of one signature reuse what their first call planned (ops.call_memo: tile
+    plans, launch keys, scratch for the split reductions' parts and dx coefficients). Checked
+    against torch.nn.BatchNorm2d step after step: split path and single pass (a new tuning policy
+    plans anew), dy in another layout than x (the backward plans per dy layout), and two layers
+    run in turn (they share one scratch buffer: each call must finish with it before the next)."""
+    from triton_bn import tuning
+
+    torch.manual_seed(0)
+    pairs = [_pair(BatchNorm2d, nn.BatchNorm2d, 6) for _ in range(2)]
+    for policy in (dict(force_fused=False, parts=3), dict(force_fused=True), {}):
+        with tuning.override(**policy):
+            for step in range(3):
+                x = torch.randn(4, 6, 5, 3) * 3 + 1
+                fmt = torch.channels_last if step == 1 else torch.contiguous_format
+                dys = [torch.randn(4, 6, 5, 3).contiguous(memory_format=fmt) for _ in pairs]
+                outs = []
+                for (ours, ref), dy in zip(pairs, dys):  # layer 1 forward, layer 2 forward, ...
+                    outs.append([_step(m, x, dy) for m in (ours, ref)])
+                for (ours, ref), ((y, dx), (y_ref, dx_ref)) in zip(pairs, outs):
+                    assert_close(y, y_ref, **F32)
+                    assert_close(dx, dx_ref, **F32)
+                    assert_close(ours.weight.grad, ref.weight.grad, **F32)
+                    assert_close(ours.bias.grad, ref.bias.grad, **F32)
+                    _assert_same_state(ours, ref)

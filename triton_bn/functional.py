@@ -90,7 +90,7 @@ class NormConfig:
 
 def _forward(x, weight, bias, residual, adj_scale, adj_bias, running_mean, running_var,
              num_batches_tracked, renorm_mean, renorm_stddev, moving_stddev, cfg: NormConfig,
-             sync, keep_stats: bool = True):
+             sync, keep_stats: bool = True, memo: Optional[dict] = None):
     """(y, mean, rstd, scale, shift, gscale, gshift, global_count) from the kernels (or the
     custom operators while tracing); the statistics are None for an empty, unsynchronized input."""
     if x.numel() == 0 and sync is None:
@@ -115,7 +115,7 @@ def _forward(x, weight, bias, residual, adj_scale, adj_bias, running_mean, runni
         global_moments = sync.exchange(x, cfg.axes, cfg.groups)
         global_count = global_moments[2].sum().reshape(1)
     r = ops.bn_forward(x, weight, bias, *state, adj_scale, adj_bias, residual, axes=cfg.axes,
-                       global_moments=global_moments, keep_stats=keep_stats, **kw)
+                       global_moments=global_moments, keep_stats=keep_stats, memo=memo, **kw)
     return r.y, r.mean, r.rstd, r.scale, r.shift, r.gscale, r.gshift, global_count
 
 
@@ -171,11 +171,12 @@ def _backward(ctx, dy: torch.Tensor) -> tuple:
         dx, dw, db, dz = ops.bn_backward(
             dy, x, residual, mean, rstd, scale, shift, gscale, gshift, axes=cfg.axes,
             groups=cfg.groups, training=cfg.training, relu=cfg.relu, need_dx=need_x,
-            need_dweight=need_w, need_dbias=need_b, need_dresidual=need_z, **sync)
+            need_dweight=need_w, need_dbias=need_b, need_dresidual=need_z, memo=ctx.memo,
+            **sync)
     w_dtype, b_dtype = ctx.param_dtypes
-    if dw is not None:
+    if dw is not None and dw.dtype != w_dtype:
         dw = dw.to(w_dtype)
-    if db is not None:
+    if db is not None and db.dtype != b_dtype:
         db = db.to(b_dtype)
     return dx, dw, db, dz
 
@@ -307,11 +308,11 @@ def _jvp(ctx, tx, tw, tb, tz) -> torch.Tensor:
     return v.out(t, x)
 
 
-def _save(ctx, inputs, outs, sync) -> None:
+def _save(ctx, inputs, outs, sync, memo: Optional[dict] = None) -> None:
     x, weight, bias, residual = inputs[:4]
     cfg = inputs[12]
     _, mean, rstd, scale, shift, gscale, gshift, global_count = outs
-    ctx.cfg, ctx.sync, ctx.global_count = cfg, sync, global_count
+    ctx.cfg, ctx.sync, ctx.global_count, ctx.memo = cfg, sync, global_count, memo
     ctx.param_dtypes = (weight.dtype if weight is not None else None,
                         bias.dtype if bias is not None else None)
     ctx.bias_shape = bias.shape if bias is not None else (0,)
@@ -335,9 +336,10 @@ class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def run(x, weight, bias, residual, adj_scale, adj_bias, running_mean, running_var,
             num_batches_tracked, renorm_mean, renorm_stddev, moving_stddev, cfg: NormConfig,
-            sync=None):
+            sync=None, memo: Optional[dict] = None):
         """``apply`` with ``sync`` (``distributed.ProcessGroupSync`` or None) in training outside
-        torch.compile (a synchronized call is a graph break, see ``distributed``)."""
+        torch.compile (a synchronized call is a graph break, see ``distributed``). ``memo``: the
+        calling layer's plan for this call signature (``ops.call_memo``), or None."""
         if torch.compiler.is_compiling() or not cfg.training:
             sync = None
         if not torch.compiler.is_compiling():
@@ -358,23 +360,26 @@ class BatchNormFunction(torch.autograd.Function):
                 return _forward(x, weight, bias, residual, adj_scale, adj_bias, running_mean,
                                 running_var, num_batches_tracked, renorm_mean, renorm_stddev,
                                 moving_stddev, cfg, sync, keep_stats=False)[0]
+        else:
+            memo = None
         return BatchNormFunction.apply(x, weight, bias, residual, adj_scale, adj_bias,
                                        running_mean, running_var, num_batches_tracked,
-                                       renorm_mean, renorm_stddev, moving_stddev, cfg, sync)
+                                       renorm_mean, renorm_stddev, moving_stddev, cfg, sync, memo)
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, adj_scale, adj_bias, running_mean, running_var,
                 num_batches_tracked, renorm_mean, renorm_stddev, moving_stddev, cfg: NormConfig,
-                sync=None):
+                sync=None, memo=None):
         inputs = (x, weight, bias, residual, adj_scale, adj_bias, running_mean, running_var,
                   num_batches_tracked, renorm_mean, renorm_stddev, moving_stddev, cfg)
-        outs = _forward(*inputs, sync)
-        _save(ctx, inputs, outs, sync)
+        memo = None if _traced(x) else memo
+        outs = _forward(*inputs, sync, memo=memo)
+        _save(ctx, inputs, outs, sync, memo)
         return outs[0]
 
     @staticmethod
     def backward(ctx, dy):
-        return (*_backward(ctx, dy), *([None] * 10))
+        return (*_backward(ctx, dy), *([None] * 11))
 
 
 class TransformBatchNormFunction(torch.autograd.Function):

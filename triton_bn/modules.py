@@ -32,7 +32,7 @@ from .functional import (
     check_torch_eps,
     check_values_per_channel,
 )
-from .ops import InferencePlan
+from .ops import InferencePlan, call_memo
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "convert_model"]
 
@@ -86,11 +86,12 @@ class _TritonBatchNorm:
         plan = _PLANS.get(key) if key is not None else None
         if plan is not None:  # this signature was validated and planned by an earlier call
             if self.training:
-                cfg, running, count = plan
+                cfg, running, count, memo = plan
                 return BatchNormFunction.run(
                     input, self.weight, self.bias, residual, None, None,
                     self.running_mean if running else None, self.running_var if running else None,
-                    self.num_batches_tracked if count else None, None, None, None, cfg)
+                    self.num_batches_tracked if count else None, None, None, None, cfg, None,
+                    call_memo(memo))
             return plan.run(input, residual, self.weight, self.bias, self.running_mean,
                             self.running_var)
         if not isinstance(input, torch.fx.Proxy):  # torch's rank check (FX traces without it)
@@ -105,7 +106,7 @@ class _TritonBatchNorm:
             plan = None
             if self.training and planned:
                 cfg, running, count = planned[0]
-                plan = (cfg, running is not None, count is not None)
+                plan = (cfg, running is not None, count is not None, {})
             elif not self.training:
                 try:
                     plan = InferencePlan(input, residual, self.running_mean, self.eps,
@@ -129,7 +130,8 @@ class _TritonBatchNorm:
 
 
 # call signatures already validated by the full path -> their plan: (NormConfig, whether the
-# running statistics and num_batches_tracked are passed) in training, an InferencePlan in eval
+# running statistics and num_batches_tracked are passed, the launch memo (ops.call_memo)) in
+# training, an InferencePlan in eval
 _PLANS: dict = {}
 
 

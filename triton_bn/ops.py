@@ -85,9 +85,78 @@ def prepare(shape: Sequence[int], tensors: Sequence[torch.Tensor], axes: tuple[i
     return Prepared(tuning.orient(geo, device), permuted, inverse)
 
 
+def _prepare_memo(memo: Optional[dict], name: str, shape, tensors, axes, groups: int) -> Prepared:
+    """``prepare``, with a zero-copy geometry kept in ``memo`` (the tensors' strides are part of
+    the call signature the memo belongs to)."""
+    geo = _memo_get(memo, name)
+    if geo is not None:
+        return Prepared(geo, list(tensors), None)
+    prep = prepare(shape, tensors, axes, groups)
+    if prep.inverse_perm is None:
+        _memo_put(memo, name, prep.geometry)
+    return prep
+
+
 def _needs_int64(geo: Geometry) -> bool:
     """Whether element offsets need 64 bits (a seam the tests force on small shapes)."""
     return geo.needs_int64
+
+
+class LaunchKey:
+    """A launch key (see ``launch.launch``) whose hash is computed once: a layer's plan keeps it,
+    so a repeated call hashes nothing (geometry and tile plans hash many fields)."""
+
+    __slots__ = ("value", "_hash")
+
+    def __init__(self, value: tuple) -> None:
+        self.value = value
+        self._hash = hash(value)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        return self is other or (type(other) is LaunchKey and self.value == other.value)
+
+    def __repr__(self) -> str:
+        return f"LaunchKey{self.value!r}"
+
+
+class _Static:
+    """The part of one kernel launch that a call signature fixes: the integer arguments (sizes,
+    chunking, strides), the constexprs, the launch key and the warps."""
+
+    __slots__ = ("ints", "constexprs", "key", "num_warps")
+
+    def __init__(self, ints: tuple, constexprs: dict, key: tuple, num_warps: int,
+                 memo: Optional[dict]) -> None:
+        self.ints, self.constexprs, self.num_warps = ints, constexprs, num_warps
+        self.key = LaunchKey(key) if memo is not None else key
+
+
+def call_memo(root: dict) -> dict:
+    """The memo a layer keeps for one call signature (``root``, a dict), under the tuning policy
+    and tune cache in force (they decide tiles and orientation, see tuning.plan_epoch)."""
+    epoch = tuning.plan_epoch()
+    memo = root.get(epoch)
+    if memo is None:
+        if len(root) > 8:
+            root.clear()
+        memo = root[epoch] = {}
+    return memo
+
+
+def _memo_get(memo: Optional[dict], name: str):
+    """``memo[name]`` or None. ``memo``: a layer's plan (modules.py), one dict per call signature
+    (shapes, strides, dtypes, flags, device): what depends only on those is computed by its first
+    call and kept there."""
+    return None if memo is None else memo.get(name)
+
+
+def _memo_put(memo: Optional[dict], name: str, value):
+    if memo is not None:
+        memo[name] = value
+    return value
 
 
 @dataclass
@@ -110,6 +179,11 @@ def saves_gaffine(renorm: int, has_adjust: bool) -> bool:
 _HYPER_CACHE: dict = {}
 
 
+def _capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on ``device``'s current stream."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def hyper_tensor(device: torch.device, dtype: torch.dtype, eps: float, momentum: float = 0.0,
                  renorm_momentum: float = 0.0, rmin: Optional[float] = None,
                  rmax: Optional[float] = None, dmax: Optional[float] = None) -> torch.Tensor:
@@ -126,8 +200,7 @@ def hyper_tensor(device: torch.device, dtype: torch.dtype, eps: float, momentum:
         t = torch.empty(len(HYPER_FIELDS), device=device, dtype=dtype)
         for i, v in enumerate(values):
             t[i].fill_(v)  # device-side fills: allowed even while a CUDA graph is being captured
-        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if not capturing:  # memory made during a capture belongs to that graph's pool
+        if not _capturing(device):  # memory made during a capture belongs to that graph's pool
             if len(_HYPER_CACHE) > 1024:
                 _HYPER_CACHE.clear()
             _HYPER_CACHE[key] = t
@@ -170,14 +243,15 @@ class _Forward(_Call):
 
 
 def _start_forward(x: torch.Tensor, residual: Optional[torch.Tensor], axes, groups: int,
-                   training: bool, output: bool = True, keep_stats: bool = True) -> _Forward:
+                   training: bool, output: bool = True, keep_stats: bool = True,
+                   memo: Optional[dict] = None) -> _Forward:
     """Prepares a forward; ``output=False`` (statistics only) allocates neither y nor the
     per-channel coefficients, and ``mean`` is then the [S] merged mean. ``keep_stats=False``
     (inference with nothing to differentiate) allocates no coefficients either."""
     acc = acc_dtype(x.dtype)
     y = torch.empty_like(x, memory_format=torch.preserve_format) if output else None
     active = [x] + ([y] if output else []) + ([residual] if residual is not None else [])
-    prep = prepare(x.shape, active, axes, groups if training else 1)
+    prep = _prepare_memo(memo, "forward_geometry", x.shape, active, axes, groups if training else 1)
     S = prep.geometry.S
     if not keep_stats:
         mean, coeffs = None, [None] * 3
@@ -196,7 +270,8 @@ def _dtypes(tensors) -> tuple:
 
 
 def _launch_apply(fw: _Forward, relu: bool, running_mean=None, running_var=None, weight=None,
-                  bias=None, eps: float = 0.0, plan: Optional[tuning.TilePlan] = None) -> None:
+                  bias=None, eps: float = 0.0, plan: Optional[tuning.TilePlan] = None,
+                  memo: Optional[dict] = None) -> None:
     """y from the coefficients in ``fw``; with ``running_mean`` (inference) the kernel computes
     those coefficients from the running statistics first. ``plan``: the statistics pass's (the
     kernel walks the same partition backwards, so its first reads hit L2), else the apply plan."""
@@ -207,40 +282,52 @@ def _launch_apply(fw: _Forward, relu: bool, running_mean=None, running_var=None,
     hyper = hyper_tensor(fw.x.device, acc_dtype(fw.x.dtype), eps) if from_running else None
     tensors = (xs, ys, zs, fw.mean, fw.scale, fw.shift, fw.rstd, running_mean, running_var, weight,
                bias)
-    launch(bn_apply_kernel, plan.grid, (
-        *tensors, geo.R1, geo.K, geo.S, plan.A, plan.B, plan.a_chunk, plan.b_chunk,
-        plan.n_channel_tiles, plan.n_b_parts, hyper, *st_x, *st_y, *st_z),
-        dict(HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=fw.int64, RELU=relu,
-             BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B), num_warps=plan.num_warps,
-        key=(geo, plan, fw.int64, relu, hyper is None, _dtypes(tensors)))
+    st = _memo_get(memo, "apply")
+    if st is None:
+        st = _memo_put(memo, "apply", _Static(
+            (geo.R1, geo.K, geo.S, plan.A, plan.B, plan.a_chunk, plan.b_chunk,
+             plan.n_channel_tiles, plan.n_b_parts), dict(
+                HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=fw.int64, RELU=relu,
+                BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B),
+            (geo, plan, fw.int64, relu, hyper is None, _dtypes(tensors)), plan.num_warps, memo))
+    launch(bn_apply_kernel, plan.grid, (*tensors, *st.ints, hyper, *st_x, *st_y, *st_z),
+           st.constexprs, num_warps=st.num_warps, key=st.key)
 
 
-def _launch_stats(fw: _Forward, plan: tuning.TilePlan, state=None
+def _launch_stats(fw: _Forward, plan: tuning.TilePlan, state=None, memo: Optional[dict] = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Partial (sum of x - pivot, M2) per part and statistic channel, and each channel's pivot.
     With ``state`` (``_state_args``) the kernel's last program per channel tile also finalizes:
     fw's centre/offset, rstd, scale and shift and the running statistics are written."""
     geo = fw.geo
     xs, st_x = fw.prep.tensors[0], geo.strides[0]
-    part_sum = torch.empty((plan.n_parts, geo.S), device=fw.x.device, dtype=fw.mean.dtype)
-    part_m2 = torch.empty_like(part_sum)
     if state is None:
+        part_sum = torch.empty((plan.n_parts, geo.S), device=fw.x.device, dtype=fw.mean.dtype)
+        part_m2 = torch.empty_like(part_sum)
         pivot = torch.empty(geo.S, device=fw.x.device, dtype=fw.mean.dtype)
         finalize = (None,) * 18
         flags = dict(RENORM=RENORM_NONE, UPDATE_RUNNING=False, UNBIASED=False, CUMULATIVE=False,
                      COUNT_BATCH=False)
     else:
         tensors, hyper, flags, _, _ = state
+        # the parts live only until the kernel's last programs have merged them
+        part_sum, part_m2 = scratch(memo, "stats_parts", fw.x.device, fw.mean.dtype,
+                                    ((plan.n_parts, geo.S),) * 2)
         pivot = fw.mean  # its first S entries: the centres, which the finalize keeps
         counter = arrival_counters(fw.x.device, plan.n_channel_tiles + 1)
         finalize = (counter, fw.mean, fw.rstd, fw.scale, fw.shift, *tensors, hyper)
-    launch(bn_stats_kernel, plan.grid, (
-        xs, part_sum, part_m2, pivot, geo.R1, geo.K, geo.S, plan.A, plan.B, plan.a_chunk, plan.b_chunk,
-        plan.n_channel_tiles, plan.n_b_parts, *st_x, *finalize),
-        dict(HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=fw.int64, **flags,
-             BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B, BLOCK_C=_finalize_width(geo),
-             BLOCK_P=finalize_parts(plan.n_parts)), num_warps=plan.num_warps,
-        key=(geo, plan, fw.int64, tuple(flags.values()), xs.dtype, _dtypes(finalize)))
+    st = _memo_get(memo, "stats")
+    if st is None:
+        st = _memo_put(memo, "stats", _Static(
+            (geo.R1, geo.K, geo.S, plan.A, plan.B, plan.a_chunk, plan.b_chunk,
+             plan.n_channel_tiles, plan.n_b_parts, *st_x), dict(
+                HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=fw.int64, **flags,
+                BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B, BLOCK_C=_finalize_width(geo),
+                BLOCK_P=finalize_parts(plan.n_parts)),
+            (geo, plan, fw.int64, tuple(flags.values()), xs.dtype, _dtypes(finalize)),
+            plan.num_warps, memo))
+    launch(bn_stats_kernel, plan.grid, (xs, part_sum, part_m2, pivot, *st.ints, *finalize),
+           st.constexprs, num_warps=st.num_warps, key=st.key)
     return part_sum, part_m2, pivot
 
 
@@ -251,6 +338,38 @@ def _finalize_width(geo: Geometry) -> int:
 
 
 _COUNTERS: dict = {}
+_SCRATCH: dict = {}
+_SCRATCH_ALIGN = 64  # elements: each scratch view starts 256-byte (fp32) aligned
+
+
+def _stream_key(device: torch.device) -> tuple:
+    return (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+
+
+def scratch(memo: Optional[dict], name: str, device: torch.device, dtype: torch.dtype,
+            shapes: tuple) -> tuple:
+    """Uninitialized tensors of ``shapes`` that one call's kernels write and read before the call
+    returns (a split reduction's parts, the dx coefficients), carved from one buffer per device,
+    stream and dtype. Kernels of one stream run one after another, so every layer can use the
+    same buffer: it is as large as the largest call's need, not a sum over layers. A layer's
+    ``memo`` keeps its views (no allocation per call). While a CUDA graph is being captured the
+    tensors are the graph's own (not shared)."""
+    if _capturing(device):
+        return tuple(torch.empty(sh, device=device, dtype=dtype) for sh in shapes)
+    key = (*_stream_key(device), dtype)
+    buf = _SCRATCH.get(key)
+    cached = _memo_get(memo, name)
+    if cached is not None and cached[0] is buf:
+        return cached[1]
+    sizes = [-(-math.prod(sh) // _SCRATCH_ALIGN) * _SCRATCH_ALIGN for sh in shapes]
+    if buf is None or buf.numel() < sum(sizes):
+        buf = _SCRATCH[key] = torch.empty(sum(sizes), device=device, dtype=dtype)
+    views, start = [], 0
+    for sh, n in zip(shapes, sizes):
+        views.append(buf[start:start + math.prod(sh)].view(sh))
+        start += n
+    _memo_put(memo, name, (buf, tuple(views)))
+    return tuple(views)
 
 
 def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
@@ -258,13 +377,11 @@ def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
     per device and stream (kernels of one stream run one after another, and each leaves its
     counters at zero). Made once and reused: no fill per call. Not kept while a CUDA graph is
     being captured (that memory belongs to the graph; its replay zeroes it first)."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
+    key = _stream_key(device)
     t = _COUNTERS.get(key)
     if t is None or t.numel() < n:
         t = torch.zeros(max(n, 1024), device=device, dtype=torch.int32)
-        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if not capturing:
+        if not _capturing(device):
             _COUNTERS[key] = t
     return t
 
@@ -272,7 +389,7 @@ def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
 def _state_args(fw: _Forward, weight, bias, running_mean, running_var, num_batches_tracked,
                 renorm_mean, renorm_stddev, moving_stddev, adj_scale, adj_bias, *, eps, momentum,
                 cumulative, unbiased, update_running, renorm, renorm_momentum, rmin, rmax, dmax,
-                count_batch):
+                count_batch, memo: Optional[dict] = None):
     """(tensor args, hyper-parameter tensor, constexpr flags, gscale, gshift) shared by the
     finalize and the single-pass kernels."""
     K = fw.geo.K
@@ -281,11 +398,16 @@ def _state_args(fw: _Forward, weight, bias, running_mean, running_var, num_batch
     gshift = torch.empty_like(gscale) if save_gaffine else None
     tensors = (weight, bias, adj_scale, adj_bias, gscale, gshift, running_mean, running_var,
                num_batches_tracked, renorm_mean, renorm_stddev, moving_stddev)
-    hyper = hyper_tensor(fw.x.device, fw.mean.dtype, eps, momentum, renorm_momentum, rmin, rmax,
-                         dmax)
-    flags = dict(RENORM=renorm, UPDATE_RUNNING=update_running and running_mean is not None,
-                 UNBIASED=unbiased, CUMULATIVE=cumulative,
-                 COUNT_BATCH=count_batch and num_batches_tracked is not None)
+    cached = _memo_get(memo, "state")
+    if cached is None:
+        cached = (hyper_tensor(fw.x.device, fw.mean.dtype, eps, momentum, renorm_momentum, rmin,
+                               rmax, dmax),
+                  dict(RENORM=renorm, UPDATE_RUNNING=update_running and running_mean is not None,
+                       UNBIASED=unbiased, CUMULATIVE=cumulative,
+                       COUNT_BATCH=count_batch and num_batches_tracked is not None))
+        if not _capturing(fw.x.device):  # a tensor made during a capture is the graph's
+            _memo_put(memo, "state", cached)
+    hyper, flags = cached
     return tensors, hyper, flags, gscale, gshift
 
 
@@ -334,6 +456,7 @@ def bn_forward(
     global_moments: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
     count_batch: bool = False,
     keep_stats: bool = True,
+    memo: Optional[dict] = None,
 ) -> ForwardResult:
     """Runs the forward kernels. Inputs are assumed validated (``functional.check_inputs``).
 
@@ -345,8 +468,10 @@ def bn_forward(
     Parameter-like tensors are [K] (K = product of the channel dims) and contiguous.
     global_moments: (mean [P, S], M2 [P, S], count [P]) of every process (sync BN); the batch
     statistics are then their merge instead of this input's.
+    memo: a layer's plan for this call signature (``call_memo``), or None.
     """
-    fw = _start_forward(x, residual, axes, groups, training, keep_stats=keep_stats or training)
+    fw = _start_forward(x, residual, axes, groups, training, keep_stats=keep_stats or training,
+                        memo=memo)
     if not training:
         _launch_apply(fw, relu, running_mean, running_var, weight, bias, eps)
         return fw.result()
@@ -355,7 +480,7 @@ def bn_forward(
                         momentum=momentum, cumulative=cumulative, unbiased=unbiased,
                         update_running=update_running, renorm=renorm,
                         renorm_momentum=renorm_momentum, rmin=rmin, rmax=rmax, dmax=dmax,
-                        count_batch=count_batch)
+                        count_batch=count_batch, memo=memo)
     tensors, hyper, flags, gscale, gshift = state
     geo = fw.geo
     if global_moments is not None:
@@ -363,23 +488,29 @@ def bn_forward(
         if x.numel():
             _launch_apply(fw, relu)
         return fw.result(gscale, gshift)
-    plan = tuning.plan_tiles(geo, "forward", x.device, x.dtype)
+    plan = _memo_get(memo, "forward_plan") or _memo_put(
+        memo, "forward_plan", tuning.plan_tiles(geo, "forward", x.device, x.dtype))
     # opt-in persistent single pass (TRITON_BN_PERSISTENT=1; persistent.py): False -> split path
     if not plan.fused and persistent.forward(fw, state, relu):
         return fw.result(gscale, gshift)
     if plan.fused:
         xs, ys, zs, st_x, st_y, st_z = fw.views()
+        st = _memo_get(memo, "fused_forward")
+        if st is None:
+            st = _memo_put(memo, "fused_forward", _Static(
+                (st_x[0], st_x[1], st_x[3], st_y[0], st_y[1], st_y[3], st_z[0], st_z[1], st_z[3]),
+                dict(CHANNELS_FAST=geo.channels_fast, INT64=fw.int64, RELU=relu, **flags,
+                     BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B),
+                (geo, plan, fw.int64, relu, tuple(flags.values()),
+                 _dtypes((xs, ys, zs, *tensors))), plan.num_warps, memo))
         launch(bn_fused_forward_kernel, plan.grid, (
             xs, ys, zs, fw.mean, fw.rstd, fw.scale, fw.shift, *tensors,
             geo.R1, geo.K, plan.A, plan.B, hyper,
-            arrival_counters(x.device, 1) if flags["COUNT_BATCH"] else None,
-            st_x[0], st_x[1], st_x[3], st_y[0], st_y[1], st_y[3], st_z[0], st_z[1], st_z[3]),
-            dict(CHANNELS_FAST=geo.channels_fast, INT64=fw.int64, RELU=relu, **flags,
-                 BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B), num_warps=plan.num_warps,
-            key=(geo, plan, fw.int64, relu, tuple(flags.values()), _dtypes((xs, ys, zs, *tensors))))
+            arrival_counters(x.device, 1) if flags["COUNT_BATCH"] else None, *st.ints),
+            st.constexprs, num_warps=st.num_warps, key=st.key)
     else:
-        _launch_stats(fw, plan, state)  # its last programs finalize
-        _launch_apply(fw, relu, plan=plan)
+        _launch_stats(fw, plan, state, memo)  # its last programs finalize
+        _launch_apply(fw, relu, plan=plan, memo=memo)
     return fw.result(gscale, gshift)
 
 
@@ -467,8 +598,8 @@ class _Backward(_Call):
         return tensors, [st[i] for i in idx]
 
 
-def _start_backward(dy, x, residual, axes, groups, training, relu, need_dx, need_dresidual
-                    ) -> _Backward:
+def _start_backward(dy, x, residual, axes, groups, training, relu, need_dx, need_dresidual,
+                    memo: Optional[dict] = None) -> _Backward:
     dx = torch.empty_like(x, memory_format=torch.preserve_format) if need_dx else None
     dres = None
     if need_dresidual:
@@ -476,38 +607,46 @@ def _start_backward(dy, x, residual, axes, groups, training, relu, need_dx, need
     write_dres = need_dresidual and relu
     active = [x, dy] + ([residual] if residual is not None else [])
     active += [dx if dx is not None else x] + [dres if write_dres else x]
-    prep = prepare(x.shape, active, axes, groups if training else 1)
+    prep = _prepare_memo(memo, "backward_geometry", x.shape, active, axes,
+                         groups if training else 1)
     return _Backward(prep, residual is not None, _needs_int64(prep.geometry), dx, dres, write_dres)
 
 
-def _launch_grad_reduce(bw: _Backward, plan, mean, scale, shift, relu, finalize=None):
+def _launch_grad_reduce(bw: _Backward, plan, mean, scale, shift, relu, finalize=None,
+                        memo: Optional[dict] = None):
     """Partial sums of dy and dy * (x - centre) per part and statistic channel. With
     ``finalize`` = (rstd, gscale, gshift, dweight, dbias, training) the kernel's last programs
     also write the dx coefficients and the parameter gradients: returns (coef_b, coef_c) then."""
     geo = bw.geo
     (xs, dys, zs, _, _), (st_x, st_dy, st_z, _, _) = bw.views()
-    part_dy = torch.empty((plan.n_parts, geo.S), device=xs.device, dtype=mean.dtype)
-    part_dyx = torch.empty_like(part_dy)
     training = True
     if finalize is None:
+        part_dy = torch.empty((plan.n_parts, geo.S), device=xs.device, dtype=mean.dtype)
+        part_dyx = torch.empty_like(part_dy)
         tail = (None,) * 9
         coefs = None
     else:
         rstd, gscale, gshift, dweight, dbias, training = finalize
         if not training:  # the pre-gamma affine (renorm, adjustment) exists in training only
             gscale = gshift = None
-        coefs = (torch.empty_like(scale), torch.empty_like(scale))
+        # parts and the dx coefficients live until the dx kernel of this call has read them
+        part_dy, part_dyx, *coefs = scratch(memo, "grad_parts", xs.device, mean.dtype,
+                                            ((plan.n_parts, geo.S),) * 2 + ((geo.S,),) * 2)
         tail = (arrival_counters(xs.device, plan.n_channel_tiles), rstd, gscale, gshift, *coefs,
                 dweight, dbias, geo.R)
+    st = _memo_get(memo, "grad_reduce")
+    if st is None:
+        st = _memo_put(memo, "grad_reduce", _Static(
+            (geo.R1, geo.K, geo.S, plan.A, plan.B, plan.a_chunk, plan.b_chunk,
+             plan.n_channel_tiles, plan.n_b_parts, *st_x, *st_dy, *st_z), dict(
+                HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, RELU=relu,
+                TRAINING=training, BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B,
+                BLOCK_C=_finalize_width(geo), BLOCK_P=finalize_parts(plan.n_parts)),
+            (geo, plan, bw.int64, relu, training, _dtypes((xs, dys, zs, mean, *tail[:-1]))),
+            plan.num_warps, memo))
     launch(bn_backward_reduce_kernel, plan.grid, (
-        xs, dys, zs, mean, scale, shift, part_dy, part_dyx,
-        geo.R1, geo.K, geo.S, plan.A, plan.B, plan.a_chunk, plan.b_chunk, plan.n_channel_tiles,
-        plan.n_b_parts, *st_x, *st_dy, *st_z, *tail),
-        dict(HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, RELU=relu,
-             TRAINING=training, BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B,
-             BLOCK_C=_finalize_width(geo), BLOCK_P=finalize_parts(plan.n_parts)),
-        num_warps=plan.num_warps,
-        key=(geo, plan, bw.int64, relu, training, _dtypes((xs, dys, zs, mean, *tail[:-1]))))
+        xs, dys, zs, mean, scale, shift, part_dy, part_dyx, *st.ints, *tail),
+        st.constexprs, num_warps=st.num_warps, key=st.key)
     return coefs if finalize is not None else (part_dy, part_dyx)
 
 
@@ -526,19 +665,24 @@ def _launch_grad_finalize(bw: _Backward, part_dy, part_dyx, mean, rstd, scale, g
 
 
 def _launch_grad_apply(bw: _Backward, mean, scale, shift, coef_b, coef_c, training, relu,
-                       plan: Optional[tuning.TilePlan] = None):
+                       plan: Optional[tuning.TilePlan] = None, memo: Optional[dict] = None):
     """dx (and the residual's gradient); ``plan``: the reduction pass's, walked backwards (its
     last reads are still in L2), else the apply plan."""
     geo = bw.geo
     (xs, dys, zs, dxs, dzs), (st_x, st_dy, st_z, st_dx, st_dz) = bw.views()
     ap = plan or tuning.plan_tiles(geo, "apply", xs.device, xs.dtype)
+    st = _memo_get(memo, "grad_apply")
+    if st is None:
+        st = _memo_put(memo, "grad_apply", _Static(
+            (geo.R1, geo.K, geo.S, ap.A, ap.B, ap.a_chunk, ap.b_chunk, ap.n_channel_tiles,
+             ap.n_b_parts, *st_x, *st_dy, *st_z, *st_dx, *st_dz), dict(
+                HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, RELU=relu,
+                TRAINING=training, BLOCK_A=ap.BLOCK_A, BLOCK_B=ap.BLOCK_B),
+            (geo, ap, bw.int64, relu, training, _dtypes((xs, dys, zs, dxs, dzs, mean))),
+            ap.num_warps, memo))
     launch(bn_backward_apply_kernel, ap.grid, (
-        xs, dys, zs, dxs, dzs, mean, scale, shift, coef_b, coef_c,
-        geo.R1, geo.K, geo.S, ap.A, ap.B, ap.a_chunk, ap.b_chunk, ap.n_channel_tiles, ap.n_b_parts,
-        *st_x, *st_dy, *st_z, *st_dx, *st_dz),
-        dict(HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, RELU=relu,
-             TRAINING=training, BLOCK_A=ap.BLOCK_A, BLOCK_B=ap.BLOCK_B), num_warps=ap.num_warps,
-        key=(geo, ap, bw.int64, relu, training, _dtypes((xs, dys, zs, dxs, dzs, mean))))
+        xs, dys, zs, dxs, dzs, mean, scale, shift, coef_b, coef_c, *st.ints),
+        st.constexprs, num_warps=st.num_warps, key=st.key)
 
 
 def bn_backward(
@@ -562,6 +706,7 @@ def bn_backward(
     need_dresidual: bool = False,
     all_reduce=None,
     global_count: Optional[torch.Tensor] = None,
+    memo: Optional[dict] = None,
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor],
            Optional[torch.Tensor]]:
     """Gradients (dx, dweight, dbias, dresidual) from the saved forward coefficients.
@@ -569,32 +714,44 @@ def bn_backward(
     Sync BN: ``all_reduce(t)`` sums a [2, S] tensor (sum dy, sum dy*(x - centre)) over processes in
     place and ``global_count`` [1] is the element count per channel over all processes; dweight
     and dbias stay local (as torch.nn.SyncBatchNorm's), dx uses the global sums.
+    memo: the layer's plan of the forward (``call_memo``), or None; the backward keeps its own
+    under dy's layout and the gradients asked for.
     """
-    bw = _start_backward(dy, x, residual, axes, groups, training, relu, need_dx, need_dresidual)
+    if memo is not None:
+        sub = (dy.stride(), dy.dtype, need_dx, need_dweight, need_dbias, need_dresidual)
+        memo = memo.get(sub) or memo.setdefault(sub, {})
+    bw = _start_backward(dy, x, residual, axes, groups, training, relu, need_dx, need_dresidual,
+                         memo)
     geo = bw.geo
     acc = mean.dtype
     dweight = torch.empty(geo.K, device=x.device, dtype=acc) if need_dweight else None
     dbias = torch.empty(geo.K, device=x.device, dtype=acc) if need_dbias else None
     sync = all_reduce is not None
-    plan = tuning.plan_tiles(geo, "backward", x.device, x.dtype, allow_fused=not sync)
+    plan = _memo_get(memo, "backward_plan") or _memo_put(memo, "backward_plan", tuning.plan_tiles(
+        geo, "backward", x.device, x.dtype, allow_fused=not sync))
     if plan.fused and x.numel():
         (xs, dys, zs, dxs, dzs), strides = bw.views()
         g_scale, g_shift = (gscale, gshift) if training else (None, None)
+        st = _memo_get(memo, "fused_backward")
+        if st is None:
+            st = _memo_put(memo, "fused_backward", _Static(
+                (geo.R1, geo.K, plan.A, plan.B, geo.R,
+                 *(s for st in strides for s in (st[0], st[1], st[3]))),
+                dict(CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, RELU=relu, TRAINING=training,
+                     BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B),
+                (geo, plan, bw.int64, relu, training,
+                 _dtypes((xs, dys, zs, dxs, dzs, mean, g_scale, dweight, dbias))),
+                plan.num_warps, memo))
         launch(bn_fused_backward_kernel, plan.grid, (
             xs, dys, zs, dxs, dzs, mean, rstd, scale, shift, g_scale, g_shift, dweight, dbias,
-            geo.R1, geo.K, plan.A, plan.B, geo.R,
-            *(s for st in strides for s in (st[0], st[1], st[3]))),
-            dict(CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, RELU=relu, TRAINING=training,
-                 BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B), num_warps=plan.num_warps,
-            key=(geo, plan, bw.int64, relu, training,
-                 _dtypes((xs, dys, zs, dxs, dzs, mean, g_scale, dweight, dbias))))
+            *st.ints), st.constexprs, num_warps=st.num_warps, key=st.key)
     elif not sync and persistent.backward(bw, mean, rstd, scale, shift, gscale, gshift, dweight,
                                           dbias, training, relu):
         pass  # opt-in persistent single pass (TRITON_BN_PERSISTENT=1; persistent.py) ran
     else:
         if x.numel() and not sync:  # the reduction's last programs finalize
             coef_b, coef_c = _launch_grad_reduce(bw, plan, mean, scale, shift, relu, (
-                rstd, gscale, gshift, dweight, dbias, training))
+                rstd, gscale, gshift, dweight, dbias, training), memo)
         elif x.numel():
             part_dy, part_dyx = _launch_grad_reduce(bw, plan, mean, scale, shift, relu)
         else:
@@ -612,7 +769,7 @@ def bn_backward(
             coef_b, coef_c = _launch_grad_finalize(bw, part_dy, part_dyx, mean, rstd, scale, gscale,
                                                    gshift, dweight, dbias, training, None)
         if (need_dx or bw.write_dres) and x.numel():
-            _launch_grad_apply(bw, mean, scale, shift, coef_b, coef_c, training, relu, plan)
+            _launch_grad_apply(bw, mean, scale, shift, coef_b, coef_c, training, relu, plan, memo)
     dx = _restore(bw.prep.tensors[-2], bw.dx, bw.prep) if bw.dx is not None else None
     dres = bw.dres
     if bw.write_dres:

@@ -329,6 +329,14 @@ def _split(extent_tiles: int, wanted: int) -> int:
 _PLANS: dict = {}
 
 
+def plan_epoch() -> tuple:
+    """What plan_tiles and orient read besides their arguments: the policy in force and, when it
+    overrides no knob, the tune cache file. Plans kept under an epoch stay valid while it holds."""
+    if _policy.overrides:
+        return (_policy,)
+    return (_policy, os.environ.get("TRITON_BN_TUNE_CACHE"), load_cache.generation)
+
+
 def plan_tiles(geo: Geometry, kind: str, device: torch.device, dtype: torch.dtype,
                allow_fused: bool = True, policy: Policy | None = None) -> TilePlan:
     """kind: 'forward' or 'backward' (the reduction kernels) or 'apply' (element-wise kernels).
