@@ -4,7 +4,8 @@ and single-pass paths, inference; NCHW and channels_last; bf16 and fp32; with an
 residual + ReLU; cumulative momentum, renorm, no affine; Keras ghost batches with renorm) is
 recorded at the C launcher under the stand-in sm_90 driver of perf/, once through the JIT
 (``set_direct_launch(False)``) and once through the direct path, and the two lists must be
-equal; every keyed launch is also checked against its full signature. Runs in a fresh process:
+equal; every keyed launch is also checked against its full signature, and the layers' planned launches
+against what the full path launched for the same call. Runs in a fresh process:
 this one imported Triton in interpreter mode, where launches always go through the JIT."""
 
 import json
@@ -30,3 +31,9 @@ def test_direct_launch_passes_what_the_jit_passes():
     assert len(jit) == len(direct) > 0
     for i, (a, b) in enumerate(zip(jit, direct)):
         assert a == b, f"launch {i}: JIT passed {a}, direct passed {b}"
+    # the layers' planned launches (ops.PlannedForward / PlannedBackward, the third pass) pass
+    # what the full path passed the first time (the first pass) and while planning (the second)
+    first, planning, planned = out["jit_passes"]
+    assert len(first) == len(planning) == len(planned) > 0
+    for i, (a, b, c) in enumerate(zip(first, planning, planned)):
+        assert a == b == c, f"launch {i}: full path {a}, planning {b}, planned {c}"

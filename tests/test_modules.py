@@ -361,3 +361,30 @@ def test_training_calls_reuse_their_plan_and_match_torch():
                     assert_close(ours.weight.grad, ref.weight.grad, **F32)
                     assert_close(ours.bias.grad, ref.bias.grad, **F32)
                     _assert_same_state(ours, ref)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["split", "single"])
+def test_planned_residual_relu_calls_match_torch(fused):
+    """The planned launches with the fused residual + ReLU, call after call, against torch's
+    BatchNorm2d, add and ReLU (gradients of x, the residual and the parameters)."""
+    from triton_bn import tuning
+
+    torch.manual_seed(1)
+    ours, ref = _pair(BatchNorm2d, nn.BatchNorm2d, 5)
+    ours.activation = "relu"
+    with tuning.override(force_fused=fused, **({} if fused else {"parts": 2})):
+        for _ in range(3):
+            x = torch.randn(3, 5, 4, 4).contiguous(memory_format=CL)
+            z = torch.randn(3, 5, 4, 4).contiguous(memory_format=CL)
+            dy = torch.randn(3, 5, 4, 4)
+            grads = []
+            for m, call in ((ours, lambda m, x, z: m(x, z)),
+                            (ref, lambda m, x, z: torch.relu(m(x) + z))):
+                xg, zg = x.clone().requires_grad_(), z.clone().requires_grad_()
+                m.zero_grad()
+                y = call(m, xg, zg)
+                y.backward(dy)
+                grads.append((y, xg.grad, zg.grad, m.weight.grad, m.bias.grad))
+            for a, b in zip(*grads):
+                assert_close(a, b, **F32)
+            _assert_same_state(ours, ref)

@@ -20,6 +20,7 @@ from torch.autograd import forward_ad
 from . import (
     custom_ops,  # noqa: F401  (registers the triton_bn:: operators for torch.compile)
     ops,
+    persistent,
 )
 from .layout import normalize_axes
 from .ops import RENORM_KERAS, RENORM_NONE, RENORM_TORCH
@@ -166,13 +167,21 @@ def _backward(ctx, dy: torch.Tensor) -> tuple:
                                          gscale, gshift, cfg, torch.is_grad_enabled(),
                                          (need_x, need_w, need_b, need_z))
     else:
+        planned = None
+        if ctx.memo is not None and ctx.sync is None and not persistent.requested():
+            planned = ops.backward_memo(ctx.memo, dy, need_x, need_w, need_b, need_z).get(
+                "planned_backward")
         sync = {} if ctx.sync is None else {"all_reduce": ctx.sync.all_reduce,
                                             "global_count": ctx.global_count}
-        dx, dw, db, dz = ops.bn_backward(
-            dy, x, residual, mean, rstd, scale, shift, gscale, gshift, axes=cfg.axes,
-            groups=cfg.groups, training=cfg.training, relu=cfg.relu, need_dx=need_x,
-            need_dweight=need_w, need_dbias=need_b, need_dresidual=need_z, memo=ctx.memo,
-            **sync)
+        if planned is not None:  # planned by an earlier call of the layer
+            dx, dw, db, dz = planned.run(dy, x, residual, mean, rstd, scale, shift, gscale,
+                                         gshift, need_x, need_z, cfg.relu)
+        else:
+            dx, dw, db, dz = ops.bn_backward(
+                dy, x, residual, mean, rstd, scale, shift, gscale, gshift, axes=cfg.axes,
+                groups=cfg.groups, training=cfg.training, relu=cfg.relu, need_dx=need_x,
+                need_dweight=need_w, need_dbias=need_b, need_dresidual=need_z, memo=ctx.memo,
+                **sync)
     w_dtype, b_dtype = ctx.param_dtypes
     if dw is not None and dw.dtype != w_dtype:
         dw = dw.to(w_dtype)
@@ -373,7 +382,12 @@ class BatchNormFunction(torch.autograd.Function):
         inputs = (x, weight, bias, residual, adj_scale, adj_bias, running_mean, running_var,
                   num_batches_tracked, renorm_mean, renorm_stddev, moving_stddev, cfg)
         memo = None if _traced(x) else memo
-        outs = _forward(*inputs, sync, memo=memo)
+        planned = memo.get("planned_forward") if memo is not None else None
+        if planned is not None and not persistent.requested():  # planned by an earlier call
+            outs = (*planned.run(x, weight, bias, residual, running_mean, running_var,
+                                 num_batches_tracked), None)
+        else:
+            outs = _forward(*inputs, sync, memo=memo)
         _save(ctx, inputs, outs, sync, memo)
         return outs[0]
 

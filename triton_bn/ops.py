@@ -511,6 +511,10 @@ def bn_forward(
     else:
         _launch_stats(fw, plan, state, memo)  # its last programs finalize
         _launch_apply(fw, relu, plan=plan, memo=memo)
+    if memo is not None and x.numel() and fw.prep.inverse_perm is None \
+            and tensors[2] is None and tensors[3] is None and tensors[9] is None \
+            and tensors[10] is None and tensors[11] is None:  # no adjustment, no Keras renorm state
+        memo["planned_forward"] = PlannedForward(fw, plan, hyper, flags, gscale is not None, memo)
     return fw.result(gscale, gshift)
 
 
@@ -718,8 +722,7 @@ def bn_backward(
     under dy's layout and the gradients asked for.
     """
     if memo is not None:
-        sub = (dy.stride(), dy.dtype, need_dx, need_dweight, need_dbias, need_dresidual)
-        memo = memo.get(sub) or memo.setdefault(sub, {})
+        memo = backward_memo(memo, dy, need_dx, need_dweight, need_dbias, need_dresidual)
     bw = _start_backward(dy, x, residual, axes, groups, training, relu, need_dx, need_dresidual,
                          memo)
     geo = bw.geo
@@ -770,8 +773,135 @@ def bn_backward(
                                                    gshift, dweight, dbias, training, None)
         if (need_dx or bw.write_dres) and x.numel():
             _launch_grad_apply(bw, mean, scale, shift, coef_b, coef_c, training, relu, plan, memo)
+        if memo is not None and x.numel() and not sync and bw.prep.inverse_perm is None:
+            memo["planned_backward"] = PlannedBackward(bw, plan, training, need_dweight,
+                                                       need_dbias, memo)
     dx = _restore(bw.prep.tensors[-2], bw.dx, bw.prep) if bw.dx is not None else None
     dres = bw.dres
     if bw.write_dres:
         dres = _restore(bw.prep.tensors[-1], bw.dres, bw.prep)
     return dx, dweight, dbias, dres
+
+
+def backward_memo(memo: dict, dy: torch.Tensor, *needs: bool) -> dict:
+    """The part of a layer's memo for backward calls with dy's layout and these gradients."""
+    key = (dy.stride(), dy.dtype, *needs)
+    sub = memo.get(key)
+    if sub is None:
+        sub = memo[key] = {}
+    return sub
+
+
+class PlannedForward:
+    """A training forward (split path or single pass) planned by an earlier call of its layer
+    and call signature through ``bn_forward`` (it is kept in that layer's memo): ``run`` only
+    allocates what the call returns and launches the kernels bn_forward launched, with the same
+    arguments, built from the same memoized parts (tests/probes/direct_launch.py compares the
+    two argument lists launch for launch). No adjustment, no Keras renorm state, no copied
+    layout, not synchronized: those calls keep taking bn_forward."""
+
+    __slots__ = ("S", "K", "acc", "gaffine", "grid", "memo", "launches", "head", "tail",
+                 "parts", "counters")
+
+    def __init__(self, fw: _Forward, plan: tuning.TilePlan, hyper, flags: dict, gaffine: bool,
+                 memo: dict) -> None:
+        geo = fw.geo
+        self.S, self.K, self.acc, self.gaffine = geo.S, geo.K, fw.mean.dtype, gaffine
+        self.grid, self.memo = plan.grid, memo
+        if plan.fused:
+            self.launches = (memo["fused_forward"],)
+            self.head = (geo.R1, geo.K, plan.A, plan.B, hyper)
+            self.counters = 1 if flags["COUNT_BATCH"] else 0
+        else:
+            self.launches = (memo["stats"], memo["apply"])
+            _, _, _, st_x, st_y, st_z = fw.views()
+            self.head = (hyper,)
+            self.tail = (None, *st_x, *st_y, *st_z)  # the apply's hyper (None) and strides
+            self.parts = ((plan.n_parts, geo.S),) * 2
+            self.counters = plan.n_channel_tiles + 1
+
+    def run(self, x, weight, bias, residual, running_mean, running_var, num_batches_tracked):
+        """(y, mean, rstd, scale, shift, gscale, gshift), as ``bn_forward``'s ForwardResult."""
+        device, acc, S = x.device, self.acc, self.S
+        y = torch.empty_like(x, memory_format=torch.preserve_format)
+        mean = torch.empty(2 * S, device=device, dtype=acc)
+        rstd = torch.empty(S, device=device, dtype=acc)
+        scale = torch.empty(S, device=device, dtype=acc)
+        shift = torch.empty(S, device=device, dtype=acc)
+        gscale = gshift = None
+        if self.gaffine:
+            gscale = torch.empty(self.K, device=device, dtype=acc)
+            gshift = torch.empty(self.K, device=device, dtype=acc)
+        tensors = (weight, bias, None, None, gscale, gshift, running_mean, running_var,
+                   num_batches_tracked, None, None, None)
+        if len(self.launches) == 1:
+            st = self.launches[0]
+            counter = arrival_counters(device, 1) if self.counters else None
+            launch(bn_fused_forward_kernel, self.grid, (
+                x, y, residual, mean, rstd, scale, shift, *tensors, *self.head, counter, *st.ints),
+                st.constexprs, num_warps=st.num_warps, key=st.key)
+        else:
+            stats, apply = self.launches
+            part_sum, part_m2 = scratch(self.memo, "stats_parts", device, acc, self.parts)
+            launch(bn_stats_kernel, self.grid, (
+                x, part_sum, part_m2, mean, *stats.ints, arrival_counters(device, self.counters),
+                mean, rstd, scale, shift, *tensors, *self.head),
+                stats.constexprs, num_warps=stats.num_warps, key=stats.key)
+            launch(bn_apply_kernel, self.grid, (
+                x, y, residual, mean, scale, shift, rstd, None, None, None, None, *apply.ints,
+                *self.tail), apply.constexprs, num_warps=apply.num_warps, key=apply.key)
+        return y, mean, rstd, scale, shift, gscale, gshift
+
+
+class PlannedBackward:
+    """The backward of a ``PlannedForward`` for one dy layout and set of gradients, planned by an
+    earlier call through ``bn_backward`` (kept in the layer's memo, ``backward_memo``): ``run``
+    allocates the gradients and launches what bn_backward launched, with the same arguments."""
+
+    __slots__ = ("K", "grid", "memo", "launches", "need_dweight", "need_dbias",
+                 "training", "scratch_shapes", "counters", "R")
+
+    def __init__(self, bw: _Backward, plan: tuning.TilePlan, training: bool, need_dweight: bool,
+                 need_dbias: bool, memo: dict) -> None:
+        geo = bw.geo
+        self.K, self.grid, self.memo, self.training, self.R = geo.K, plan.grid, memo, training, geo.R
+        self.need_dweight, self.need_dbias = need_dweight, need_dbias
+        if plan.fused:
+            self.launches = (memo["fused_backward"],)
+        else:
+            self.launches = (memo["grad_reduce"], memo.get("grad_apply"))
+            self.scratch_shapes = ((plan.n_parts, geo.S),) * 2 + ((geo.S,),) * 2
+            self.counters = plan.n_channel_tiles
+
+    def run(self, dy, x, residual, mean, rstd, scale, shift, gscale, gshift, need_dx: bool,
+            need_dresidual: bool, relu: bool):
+        """(dx, dweight, dbias, dresidual), as ``bn_backward``."""
+        device, acc = x.device, mean.dtype
+        dx = torch.empty_like(x, memory_format=torch.preserve_format) if need_dx else None
+        dres = None
+        if need_dresidual:
+            dres = torch.empty_like(residual, memory_format=torch.preserve_format) if relu else dy
+        dres_out = dres if need_dresidual and relu else None
+        dweight = torch.empty(self.K, device=device, dtype=acc) if self.need_dweight else None
+        dbias = torch.empty(self.K, device=device, dtype=acc) if self.need_dbias else None
+        if not self.training:  # the pre-gamma affine (renorm, adjustment) exists in training only
+            gscale = gshift = None
+        if len(self.launches) == 1:
+            st = self.launches[0]
+            launch(bn_fused_backward_kernel, self.grid, (
+                x, dy, residual, dx, dres_out, mean, rstd, scale, shift, gscale, gshift, dweight,
+                dbias, *st.ints), st.constexprs, num_warps=st.num_warps, key=st.key)
+        else:
+            reduce, apply = self.launches
+            part_dy, part_dyx, coef_b, coef_c = scratch(self.memo, "grad_parts", device, acc,
+                                                        self.scratch_shapes)
+            launch(bn_backward_reduce_kernel, self.grid, (
+                x, dy, residual, mean, scale, shift, part_dy, part_dyx, *reduce.ints,
+                arrival_counters(device, self.counters), rstd, gscale, gshift, coef_b, coef_c,
+                dweight, dbias, self.R), reduce.constexprs, num_warps=reduce.num_warps,
+                key=reduce.key)
+            if apply is not None:
+                launch(bn_backward_apply_kernel, self.grid, (
+                    x, dy, residual, dx, dres_out, mean, scale, shift, coef_b, coef_c,
+                    *apply.ints), apply.constexprs, num_warps=apply.num_warps, key=apply.key)
+        return dx, dweight, dbias, dres
