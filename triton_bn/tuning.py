@@ -405,8 +405,12 @@ def _plan_tiles(geo: Geometry, kind: str, device: torch.device, dtype: torch.dty
         b_chunk = cdiv(b_tiles, n_b) * block_b
         n_b = cdiv(B, b_chunk)
     # The backward reduction holds x, dy (and the residual) of a tile beside two per-lane
-    # accumulators: at 32 elements per thread (4096 elements, 4 warps) that spills on sm_90, so
-    # its tiles of 4096 and more get 8 warps (16 elements per thread).
-    warps = kn.num_warps or (8 if kind == "backward" and block_a * block_b >= 4096 else 4)
+    # accumulators. Reduction fast (NCHW), its tiles of 4096 and more get 8 warps (16 elements
+    # per thread; at 32 the fp32 loops were longer per element). Channels fast, 4 warps (32
+    # elements per thread): the loops carry pointers and read whole tiles unmasked, and a
+    # tile's fixed cost (addresses, loop) is spread over twice the elements: no spill on sm_90
+    # (perf/README.md, issue #10).
+    warps = kn.num_warps or (8 if kind == "backward" and block_a * block_b >= 4096
+                             and not geo.channels_fast else 4)
     return TilePlan(False, block_a, block_b, A, B, a_chunk, b_chunk, n_channel_tiles, n_a, n_b,
                     warps)
