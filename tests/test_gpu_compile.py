@@ -176,6 +176,10 @@ def test_resnet50_report_columns_and_no_spills(tmp_path):
         if r["kernel"] in ("bn_stats_kernel", "bn_apply_kernel", "bn_backward_reduce_kernel",
                            "bn_backward_apply_kernel"):  # the split path: a loop over tiles
             assert r["sass_loop"], where
+        if r["flags"].startswith("bf16"):  # issue #10: <= 8 SASS instructions per element,
+            # but for the backward apply with the fused ReLU (9.2 on 2026-11-30, perf/README.md)
+            relu_dx = r["kernel"] == "bn_backward_apply_kernel" and " RELU " in f" {r['flags']} "
+            assert r["instructions_per_element"] <= (9.5 if relu_dx else 8.0), where
     assert "instr/el" in output and "Finalize" in output
     assert finalize, output[-3000:]
     for row in finalize:

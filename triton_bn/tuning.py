@@ -384,9 +384,14 @@ def _plan_tiles(geo: Geometry, kind: str, device: torch.device, dtype: torch.dty
         return TilePlan(True, block_a, fused_block_b, A, B, A, B, n_tiles, 1, 1, warps)
 
     tile = kn.tile
+    wide_backward = False
     if geo.channels_fast:
         block_b = min(next_pow2(B), kn.max_block_channels)
-        block_a = max(1, min(next_pow2(A), tile // block_b))
+        # backward tiles of 128 channels: 64 x 128 on 8 warps, 32 elements per thread like
+        # 64 x 64 on 4 (32 x 128 on 4 warps spilled 16 B on sm_90; on 8 its loops were longer
+        # per element), unless the warps are tuned or forced (the tuner and the sweeps set both)
+        wide_backward = kind == "backward" and block_b >= 128 and kn.num_warps is None
+        block_a = max(1, min(next_pow2(A), (2 if wide_backward else 1) * tile // block_b))
         n_channel_tiles = cdiv(B, block_b)
         b_tiles = 1
     else:
@@ -413,8 +418,17 @@ def _plan_tiles(geo: Geometry, kind: str, device: torch.device, dtype: torch.dty
         b_chunk = cdiv(b_tiles, n_b) * block_b
         n_b = cdiv(B, b_chunk)
     # The backward reduction holds x, dy (and the residual) of a tile beside two per-lane
-    # accumulators: at 32 elements per thread (4096 elements, 4 warps) that spills on sm_90, so
-    # its tiles of 4096 and more get 8 warps (16 elements per thread).
-    warps = kn.num_warps or (8 if kind == "backward" and block_a * block_b >= 4096 else 4)
+    # accumulators. Reduction fast (NCHW), its tiles of 4096 and more get 8 warps (16 elements
+    # per thread; at 32 the fp32 loops were longer per element). Channels fast, 32 elements per
+    # thread (4 warps; 8 for the wide tiles above): the loops carry pointers and read whole
+    # tiles unmasked, and a tile's fixed cost (addresses, loop) is spread over twice the
+    # elements of 16 per thread, with no spill on sm_90 (perf/README.md, issue #10).
+    if kn.num_warps:
+        warps = kn.num_warps
+    elif wide_backward:
+        warps = 8
+    else:
+        warps = 8 if (kind == "backward" and block_a * block_b >= 4096
+                      and not geo.channels_fast) else 4
     return TilePlan(False, block_a, block_b, A, B, a_chunk, b_chunk, n_channel_tiles, n_a, n_b,
                     warps)

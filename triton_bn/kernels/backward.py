@@ -27,12 +27,27 @@ from .common import (
     load_channel_values,
     load_coefficients,
     program_ranges,
-    relu_gate,
+    relu_keep,
     rows_aligned,
     rows_flat,
     tile_indices,
     tile_offsets,
+    tile_pointers,
+    widen,
 )
+
+
+@triton.jit
+def load_x_dy_keep(x_ptrs, dy_ptrs, z_ptrs, mask, mean, scale, shift, ACC: tl.constexpr,
+                   HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, EVICT: tl.constexpr):
+    """x, dy (0 where masked off) of a tile in the accumulation dtype, and where the fused ReLU
+    passed the gradient (relu_keep: recomputed from x and the residual; all true without RELU).
+    Callers gate with tl.where(keep, acc + term, acc), which the compiler turns into predicated
+    adds: no select per element."""
+    x = widen(tl.load(x_ptrs, mask=mask, other=0.0, eviction_policy=EVICT), ACC)
+    dy = widen(tl.load(dy_ptrs, mask=mask, other=0.0, eviction_policy=EVICT), ACC)
+    keep = relu_keep(x, mean, scale, shift, z_ptrs, mask, HAS_RESIDUAL, RELU, EVICT)
+    return x, dy, keep
 
 
 @triton.jit
@@ -50,12 +65,55 @@ def load_x_and_gated_dy(X, DY, Residual, a, b, s_fixed, mask, mean, scale, shift
                           HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN)
     dy_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dy_r0, stride_dy_r1, stride_dy_g,
                            stride_dy_k, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN)
-    z_offs = tile_offsets(a, b, s_fixed, R1, K, stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
-                          HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN)
-    x = tl.load(X + x_offs, mask=mask, other=0.0, eviction_policy=EVICT).to(ACC)
-    dy = tl.load(DY + dy_offs, mask=mask, other=0.0, eviction_policy=EVICT).to(ACC)
-    return x, relu_gate(dy, x, mean, scale, shift, Residual, z_offs, mask, HAS_RESIDUAL, RELU,
-                        EVICT)
+    z_ptrs = Residual
+    if HAS_RESIDUAL:
+        z_ptrs = Residual + tile_offsets(a, b, s_fixed, R1, K, stride_z_r0, stride_z_r1,
+                                         stride_z_g, stride_z_k, HAS_GROUPS, CHANNELS_FAST,
+                                         ROWS_FLAT, ALIGN)
+    x, dy, keep = load_x_dy_keep(X + x_offs, DY + dy_offs, z_ptrs, mask, mean, scale, shift, ACC,
+                                 HAS_RESIDUAL, RELU, EVICT)
+    if RELU:
+        dy = tl.where(keep, dy, 0.0)
+    return x, dy
+
+
+@triton.jit
+def reduce_tile(x_ptrs, dy_ptrs, z_ptrs, mask, mean, scale, shift, acc_dy, acc_dy_xmu,
+                ACC: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr):
+    """Adds a tile's g and g * (x - centre) to the per-lane accumulators (a whole tile: mask a
+    constant true, which the compiler drops)."""
+    x, dy, keep = load_x_dy_keep(x_ptrs, dy_ptrs, z_ptrs, mask, mean, scale, shift, ACC,
+                                 HAS_RESIDUAL, RELU, "evict_last")
+    acc_dy = tl.where(keep, acc_dy + dy, acc_dy)
+    acc_dy_xmu = tl.where(keep, acc_dy_xmu + dy * (x - mean), acc_dy_xmu)
+    return acc_dy, acc_dy_xmu
+
+
+@triton.jit
+def reduce_tile_at(X, DY, Residual, a0, b0, a_end, b_end, s_fixed, MASKED: tl.constexpr,
+                   mean, scale, shift, acc_dy, acc_dy_xmu, R1, K,
+                   stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
+                   stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k,
+                   stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
+                   ACC: tl.constexpr, HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr,
+                   INT64: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+                   ROWS_FLAT: tl.constexpr, ALIGN: tl.constexpr, BLOCK_A: tl.constexpr,
+                   BLOCK_B: tl.constexpr):
+    """reduce_tile of the tile at (a0, b0). MASKED: False for a whole tile."""
+    a, b, b_mask, mask = tile_indices(a0, b0, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
+    if not MASKED:
+        mask = tl.full([BLOCK_A, BLOCK_B], 1, tl.int1)
+    z_ptrs = Residual
+    if HAS_RESIDUAL:
+        z_ptrs = tile_pointers(Residual, a0, b, s_fixed, R1, K, stride_z_r0, stride_z_r1,
+                               stride_z_g, stride_z_k, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT,
+                               ALIGN, INT64, BLOCK_A)
+    return reduce_tile(
+        tile_pointers(X, a0, b, s_fixed, R1, K, stride_x_r0, stride_x_r1, stride_x_g,
+                      stride_x_k, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN, INT64, BLOCK_A),
+        tile_pointers(DY, a0, b, s_fixed, R1, K, stride_dy_r0, stride_dy_r1, stride_dy_g,
+                      stride_dy_k, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN, INT64, BLOCK_A),
+        z_ptrs, mask, mean, scale, shift, acc_dy, acc_dy_xmu, ACC, HAS_RESIDUAL, RELU)
 
 
 @triton.jit
@@ -126,32 +184,48 @@ def bn_backward_reduce_kernel(
         mean, scale, shift = load_coefficients(Mean, Scale, Shift, bc, bc_mask, ACC, CHANNELS_FAST)
         a_full = a_begin
         if CHANNELS_FAST:
-            # a whole channel tile: its full row tiles need no mask (a constant-true mask, which
-            # the compiler drops), only the last one does
+            # a whole channel tile: its full row tiles need no mask, only the last one does
             if b_end - b0 == BLOCK_B:
                 a_full = a_begin + (a_end - a_begin) // BLOCK_A * BLOCK_A
-            for a0 in range(a_begin, a_full, BLOCK_A):
-                a, b, b_mask, _ = tile_indices(a0, b0, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
-                x, dy = load_x_and_gated_dy(
-                    X, DY, Residual, a, b, s_fixed, tl.full([BLOCK_A, BLOCK_B], 1, tl.int1),
-                    mean, scale, shift, R1, K,
-                    stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
-                    stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k,
-                    stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
-                    ACC, HAS_GROUPS, CHANNELS_FAST, HAS_RESIDUAL, RELU, ROWS_FLAT, "evict_last",
-                    ALIGN)
-                acc_dy += dy
-                acc_dy_xmu += dy * (x - mean)
+            whole = tl.full([BLOCK_A, BLOCK_B], 1, tl.int1)
+            if ROWS_FLAT:  # pointers carried from tile to tile: one add per vector and tensor
+                _, b, _, _ = tile_indices(a_begin, b0, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
+                x_ptrs = tile_pointers(X, a_begin, b, s_fixed, R1, K, stride_x_r0, stride_x_r1,
+                                       stride_x_g, stride_x_k, HAS_GROUPS, CHANNELS_FAST,
+                                       ROWS_FLAT, ALIGN, INT64, BLOCK_A)
+                dy_ptrs = tile_pointers(DY, a_begin, b, s_fixed, R1, K, stride_dy_r0,
+                                        stride_dy_r1, stride_dy_g, stride_dy_k, HAS_GROUPS,
+                                        CHANNELS_FAST, ROWS_FLAT, ALIGN, INT64, BLOCK_A)
+                z_ptrs = Residual
+                if HAS_RESIDUAL:
+                    z_ptrs = tile_pointers(Residual, a_begin, b, s_fixed, R1, K, stride_z_r0,
+                                           stride_z_r1, stride_z_g, stride_z_k, HAS_GROUPS,
+                                           CHANNELS_FAST, ROWS_FLAT, ALIGN, INT64, BLOCK_A)
+                for _a0 in range(a_begin, a_full, BLOCK_A):
+                    acc_dy, acc_dy_xmu = reduce_tile(x_ptrs, dy_ptrs, z_ptrs, whole, mean, scale,
+                                                     shift, acc_dy, acc_dy_xmu, ACC,
+                                                     HAS_RESIDUAL, RELU)
+                    x_ptrs += BLOCK_A * stride_x_r1
+                    dy_ptrs += BLOCK_A * stride_dy_r1
+                    if HAS_RESIDUAL:
+                        z_ptrs += BLOCK_A * stride_z_r1
+            else:
+                for a0 in range(a_begin, a_full, BLOCK_A):
+                    acc_dy, acc_dy_xmu = reduce_tile_at(
+                        X, DY, Residual, a0, b0, a_end, b_end, s_fixed, False, mean, scale,
+                        shift, acc_dy, acc_dy_xmu, R1, K,
+                        stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
+                        stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k,
+                        stride_z_r0, stride_z_r1, stride_z_g, stride_z_k, ACC, HAS_GROUPS,
+                        CHANNELS_FAST, INT64, HAS_RESIDUAL, RELU, ROWS_FLAT, ALIGN, BLOCK_A,
+                        BLOCK_B)
         for a0 in range(a_full, a_end, BLOCK_A):
-            a, b, b_mask, mask = tile_indices(a0, b0, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
-            x, dy = load_x_and_gated_dy(
-                X, DY, Residual, a, b, s_fixed, mask, mean, scale, shift, R1, K,
-                stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
+            acc_dy, acc_dy_xmu = reduce_tile_at(
+                X, DY, Residual, a0, b0, a_end, b_end, s_fixed, True, mean, scale, shift,
+                acc_dy, acc_dy_xmu, R1, K, stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
                 stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k,
-                stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
-                ACC, HAS_GROUPS, CHANNELS_FAST, HAS_RESIDUAL, RELU, ROWS_FLAT, "evict_last", ALIGN)
-            acc_dy += dy
-            acc_dy_xmu += dy * (x - mean)
+                stride_z_r0, stride_z_r1, stride_z_g, stride_z_k, ACC, HAS_GROUPS,
+                CHANNELS_FAST, INT64, HAS_RESIDUAL, RELU, ROWS_FLAT, ALIGN, BLOCK_A, BLOCK_B)
     sum_dy = tl.sum(acc_dy, 0)
     sum_dy_xmu = tl.sum(acc_dy_xmu, 0)
     if CHANNELS_FAST:
@@ -265,36 +339,147 @@ def bn_backward_apply_kernel(
     # backwards, in reverse order of bn_backward_reduce_kernel's walk of the same partition: the
     # tiles it read last are still in L2
     b_last, n_b = last_tile(b_begin, b_end, BLOCK_B)
-    a_last, n_a = last_tile(a_begin, a_end, BLOCK_A)
     for j in range(0, n_b):
         b0 = b_last - j * BLOCK_B
         bc, bc_mask = channel_block(b0, b_end, s_fixed, S, BLOCK_B, CHANNELS_FAST)
         mean, scale, shift = load_coefficients(Mean, Scale, Shift, bc, bc_mask, ACC, CHANNELS_FAST)
         coef_b = load_channel_values(CoefB, bc, bc_mask, bc, ACC, CHANNELS_FAST)
         coef_c = load_channel_values(CoefC, bc, bc_mask, bc, ACC, CHANNELS_FAST)
+        a_full = a_begin
+        if CHANNELS_FAST:
+            # a whole channel tile: its last row tile (the reduction's last) first, masked, then
+            # the whole row tiles before it, unmasked (the compiler drops a constant-true mask)
+            if b_end - b0 == BLOCK_B:
+                a_full = a_begin + (a_end - a_begin) // BLOCK_A * BLOCK_A
+                a, b, b_mask, mask = tile_indices(a_full, b0, a_end, b_end, BLOCK_A, BLOCK_B,
+                                                  INT64)
+                if a_full < a_end:
+                    x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs = grad_apply_pointers(
+                        X, DY, Residual, DX, DResidual, a_full, b, s_fixed, R1, K,
+                        stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
+                        stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k,
+                        stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
+                        stride_dx_r0, stride_dx_r1, stride_dx_g, stride_dx_k,
+                        stride_dz_r0, stride_dz_r1, stride_dz_g, stride_dz_k,
+                        HAS_GROUPS, CHANNELS_FAST, INT64, HAS_RESIDUAL, WRITE_DX,
+                        WRITE_DRESIDUAL, ROWS_FLAT, ALIGN, BLOCK_A)
+                    grad_apply_tile(x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs, mask, mean, scale,
+                                    shift, coef_b, coef_c, ACC, HAS_RESIDUAL, RELU, TRAINING,
+                                    WRITE_DX, WRITE_DRESIDUAL)
+                whole = tl.full([BLOCK_A, BLOCK_B], 1, tl.int1)
+                n_whole = (a_full - a_begin) // BLOCK_A
+                if ROWS_FLAT:  # pointers carried from tile to tile: one add per vector
+                    x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs = grad_apply_pointers(
+                        X, DY, Residual, DX, DResidual, a_full - BLOCK_A, b, s_fixed, R1, K,
+                        stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
+                        stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k,
+                        stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
+                        stride_dx_r0, stride_dx_r1, stride_dx_g, stride_dx_k,
+                        stride_dz_r0, stride_dz_r1, stride_dz_g, stride_dz_k,
+                        HAS_GROUPS, CHANNELS_FAST, INT64, HAS_RESIDUAL, WRITE_DX,
+                        WRITE_DRESIDUAL, ROWS_FLAT, ALIGN, BLOCK_A)
+                    for _i in range(0, n_whole):
+                        grad_apply_tile(x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs, whole, mean,
+                                        scale, shift, coef_b, coef_c, ACC, HAS_RESIDUAL, RELU,
+                                        TRAINING, WRITE_DX, WRITE_DRESIDUAL)
+                        x_ptrs -= BLOCK_A * stride_x_r1
+                        dy_ptrs -= BLOCK_A * stride_dy_r1
+                        if HAS_RESIDUAL:
+                            z_ptrs -= BLOCK_A * stride_z_r1
+                        if WRITE_DX:
+                            dx_ptrs -= BLOCK_A * stride_dx_r1
+                        if WRITE_DRESIDUAL:
+                            dz_ptrs -= BLOCK_A * stride_dz_r1
+                else:
+                    for i in range(0, n_whole):
+                        x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs = grad_apply_pointers(
+                            X, DY, Residual, DX, DResidual, a_full - BLOCK_A - i * BLOCK_A, b,
+                            s_fixed, R1, K, stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
+                            stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k,
+                            stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
+                            stride_dx_r0, stride_dx_r1, stride_dx_g, stride_dx_k,
+                            stride_dz_r0, stride_dz_r1, stride_dz_g, stride_dz_k,
+                            HAS_GROUPS, CHANNELS_FAST, INT64, HAS_RESIDUAL, WRITE_DX,
+                            WRITE_DRESIDUAL, ROWS_FLAT, ALIGN, BLOCK_A)
+                        grad_apply_tile(x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs, whole, mean,
+                                        scale, shift, coef_b, coef_c, ACC, HAS_RESIDUAL, RELU,
+                                        TRAINING, WRITE_DX, WRITE_DRESIDUAL)
+                a_full = a_end  # done
+        # otherwise (a partial channel tile, or reduction fast) every tile masked, backwards
+        a_last, n_a = last_tile(a_full, a_end, BLOCK_A)
         for i in range(0, n_a):
             a, b, b_mask, mask = tile_indices(a_last - i * BLOCK_A, b0, a_end, b_end, BLOCK_A,
                                               BLOCK_B, INT64)
-            x, dy = load_x_and_gated_dy(
-                X, DY, Residual, a, b, s_fixed, mask, mean, scale, shift, R1, K,
+            x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs = grad_apply_pointers(
+                X, DY, Residual, DX, DResidual, a_last - i * BLOCK_A, b, s_fixed, R1, K,
                 stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
                 stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k,
                 stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
-                ACC, HAS_GROUPS, CHANNELS_FAST, HAS_RESIDUAL, RELU, ROWS_FLAT, "evict_first", ALIGN)
-            if WRITE_DRESIDUAL:
-                dz_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dz_r0, stride_dz_r1,
-                                       stride_dz_g, stride_dz_k, HAS_GROUPS, CHANNELS_FAST,
-                                       ROWS_FLAT, ALIGN)
-                tl.store(DResidual + dz_offs, dy.to(DResidual.dtype.element_ty), mask=mask,
-                         cache_modifier=".cs")
-            if WRITE_DX:
-                dx = scale * dy
-                if TRAINING:
-                    dx += coef_b * (x - mean) + coef_c
-                dx_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dx_r0, stride_dx_r1,
-                                       stride_dx_g, stride_dx_k, HAS_GROUPS, CHANNELS_FAST,
-                                       ROWS_FLAT, ALIGN)
-                tl.store(DX + dx_offs, dx.to(DX.dtype.element_ty), mask=mask, cache_modifier=".cs")
+                stride_dx_r0, stride_dx_r1, stride_dx_g, stride_dx_k,
+                stride_dz_r0, stride_dz_r1, stride_dz_g, stride_dz_k,
+                HAS_GROUPS, CHANNELS_FAST, INT64, HAS_RESIDUAL, WRITE_DX,
+                WRITE_DRESIDUAL, ROWS_FLAT, ALIGN, BLOCK_A)
+            grad_apply_tile(x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs, mask, mean, scale, shift,
+                            coef_b, coef_c, ACC, HAS_RESIDUAL, RELU, TRAINING, WRITE_DX,
+                            WRITE_DRESIDUAL)
+
+@triton.jit
+def grad_apply_tile(x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs, mask, mean, scale, shift, coef_b,
+                    coef_c, ACC: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+                    TRAINING: tl.constexpr, WRITE_DX: tl.constexpr,
+                    WRITE_DRESIDUAL: tl.constexpr):
+    """dx = keep ? Scale * dy + t : t with t = CoefB * (x - centre) + CoefC (0 in inference),
+    and the residual's gradient keep ? dy : 0, of one tile. The select of a value computed
+    either way becomes a predicated multiply-add (no select per element)."""
+    x, dy, keep = load_x_dy_keep(x_ptrs, dy_ptrs, z_ptrs, mask, mean, scale, shift, ACC,
+                                 HAS_RESIDUAL, RELU, "evict_first")
+    if WRITE_DRESIDUAL:
+        tl.store(dz_ptrs, tl.where(keep, dy, 0.0).to(dz_ptrs.dtype.element_ty), mask=mask,
+                 cache_modifier=".cs")
+    if WRITE_DX:
+        if TRAINING:
+            t = coef_b * (x - mean) + coef_c
+            dx = tl.where(keep, scale * dy + t, t)
+        else:
+            dx = tl.where(keep, scale * dy, 0.0)
+        tl.store(dx_ptrs, dx.to(dx_ptrs.dtype.element_ty), mask=mask, cache_modifier=".cs")
+
+
+@triton.jit
+def grad_apply_pointers(X, DY, Residual, DX, DResidual, a0, b, s_fixed, R1, K,
+                        stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
+                        stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k,
+                        stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
+                        stride_dx_r0, stride_dx_r1, stride_dx_g, stride_dx_k,
+                        stride_dz_r0, stride_dz_r1, stride_dz_g, stride_dz_k,
+                        HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr,
+                        INT64: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                        WRITE_DX: tl.constexpr, WRITE_DRESIDUAL: tl.constexpr,
+                        ROWS_FLAT: tl.constexpr, ALIGN: tl.constexpr, BLOCK_A: tl.constexpr):
+    """tile_pointers of x, dy, the residual, dx and the residual's gradient for the tile of rows
+    a0 + [0, BLOCK_A) and columns b (an absent tensor's: x's, never used; a function cannot
+    return None)."""
+    x_ptrs = tile_pointers(X, a0, b, s_fixed, R1, K, stride_x_r0, stride_x_r1, stride_x_g,
+                           stride_x_k, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN, INT64, BLOCK_A)
+    dy_ptrs = tile_pointers(DY, a0, b, s_fixed, R1, K, stride_dy_r0, stride_dy_r1, stride_dy_g,
+                            stride_dy_k, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN, INT64,
+                            BLOCK_A)
+    z_ptrs = x_ptrs
+    if HAS_RESIDUAL:
+        z_ptrs = tile_pointers(Residual, a0, b, s_fixed, R1, K, stride_z_r0, stride_z_r1,
+                               stride_z_g, stride_z_k, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT,
+                               ALIGN, INT64, BLOCK_A)
+    dx_ptrs = x_ptrs
+    if WRITE_DX:
+        dx_ptrs = tile_pointers(DX, a0, b, s_fixed, R1, K, stride_dx_r0, stride_dx_r1,
+                                stride_dx_g, stride_dx_k, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT,
+                                ALIGN, INT64, BLOCK_A)
+    dz_ptrs = x_ptrs
+    if WRITE_DRESIDUAL:
+        dz_ptrs = tile_pointers(DResidual, a0, b, s_fixed, R1, K, stride_dz_r0, stride_dz_r1,
+                                stride_dz_g, stride_dz_k, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT,
+                                ALIGN, INT64, BLOCK_A)
+    return x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs
 
 
 @triton.heuristics(given(HAS_RESIDUAL="Residual", HAS_GAFFINE="GScale", WRITE_DW="DWeight",

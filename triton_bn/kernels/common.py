@@ -203,6 +203,29 @@ def tile_offsets(a, b, s_fixed, R1, K, stride_r0, stride_r1, stride_g, stride_k,
 
 
 @triton.jit
+def tile_pointers(Ptr, a0, b, s_fixed, R1, K, stride_r0, stride_r1, stride_g, stride_k,
+                  HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, ROWS_FLAT: tl.constexpr,
+                  ALIGN: tl.constexpr, INT64: tl.constexpr, BLOCK_A: tl.constexpr):
+    """Pointers to the tile of rows a0 + [0, BLOCK_A) and columns b of one tensor (tile_offsets).
+    Flat channels-fast rows: one base per tile (Ptr + a0 * stride_r1, a scalar) plus offsets
+    that do not depend on a0, which the compiler keeps out of a loop over tiles: an address
+    costs an add per vector instead of a recomputed offset per tensor, row and tile."""
+    if CHANNELS_FAST and ROWS_FLAT:
+        rows = tl.arange(0, BLOCK_A)
+        if INT64:
+            rows = rows.to(tl.int64)
+        return (Ptr + a0 * stride_r1) + tile_offsets(rows, b, s_fixed, R1, K, stride_r0,
+                                                     stride_r1, stride_g, stride_k, HAS_GROUPS,
+                                                     CHANNELS_FAST, ROWS_FLAT, ALIGN)
+    else:
+        a = a0 + tl.arange(0, BLOCK_A)
+        if INT64:
+            a = a.to(tl.int64)
+        return Ptr + tile_offsets(a, b, s_fixed, R1, K, stride_r0, stride_r1, stride_g, stride_k,
+                                  HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN)
+
+
+@triton.jit
 def load_pivot(X, b, b_mask, s_fixed, K, stride_g, stride_k, ACC: tl.constexpr,
                HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr):
     """The first element (r0 = r1 = 0) of each channel, broadcastable against a tile. Moments are
@@ -215,6 +238,17 @@ def load_pivot(X, b, b_mask, s_fixed, K, stride_g, stride_k, ACC: tl.constexpr,
         return tl.load(X + offs, mask=b_mask, other=0.0).to(ACC)[None, :]
     else:
         return tl.load(X + channel_offset(s_fixed, K, stride_g, stride_k, HAS_GROUPS)).to(ACC)
+
+
+@triton.jit
+def widen(x, ACC: tl.constexpr):
+    """x (a loaded tile) in the accumulation dtype. bf16 by its bits (the high half of an fp32:
+    one shift or mask per element, where the compiler's conversion spends two on odd lanes)."""
+    if x.dtype == tl.bfloat16:
+        bits = x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16
+        return bits.to(tl.float32, bitcast=True).to(ACC)
+    else:
+        return x.to(ACC)
 
 
 @triton.jit
@@ -282,11 +316,28 @@ def apply_activation(pre, Residual, res_offsets, mask, HAS_RESIDUAL: tl.constexp
 
 
 @triton.jit
+def relu_keep(x, mean, scale, shift, z_ptrs, mask, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+              EVICT: tl.constexpr):
+    """Where the fused ReLU passed the gradient: the recomputed pre-activation > 0, the forward's
+    expression (apply_tile, apply_activation) to the bit; z_ptrs: the residual's tile
+    (HAS_RESIDUAL). All true without RELU (a constant the compiler folds)."""
+    if RELU:
+        pre = (x - mean) * scale + shift
+        if HAS_RESIDUAL:
+            pre += tl.load(z_ptrs, mask=mask, other=0.0, eviction_policy=EVICT).to(pre.dtype)
+        return pre > 0.0
+    else:
+        return tl.full(x.shape, 1, tl.int1)
+
+
+@triton.jit
 def relu_gate(dy, x, mean, scale, shift, Residual, res_offsets, mask,
               HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, EVICT: tl.constexpr):
     """The gradient reaching the normalization: dy, or dy where the recomputed pre-activation > 0."""
     if RELU:
-        pre = apply_activation((x - mean) * scale + shift, Residual, res_offsets, mask,
-                               HAS_RESIDUAL, False, EVICT)
-        dy = tl.where(pre > 0.0, dy, 0.0)
+        z_ptrs = Residual
+        if HAS_RESIDUAL:
+            z_ptrs = Residual + res_offsets
+        dy = tl.where(relu_keep(x, mean, scale, shift, z_ptrs, mask, HAS_RESIDUAL, RELU, EVICT),
+                      dy, 0.0)
     return dy
