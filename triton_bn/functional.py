@@ -91,12 +91,13 @@ class NormConfig:
 def _forward(x, weight, bias, residual, adj_scale, adj_bias, running_mean, running_var,
              num_batches_tracked, renorm_mean, renorm_stddev, moving_stddev, cfg: NormConfig,
              sync, keep_stats: bool = True):
-    """(y, mean, rstd, scale, shift, gscale, gshift, global_count) from the kernels (or the
-    custom operators while tracing); the statistics are None for an empty, unsynchronized input."""
+    """(y, centre, offset, rstd, gscale, gshift, global_count) from the kernels (or the custom
+    operators while tracing; see ``ops.ForwardResult``: centre is None where it is x's pivot,
+    offset None where it is 0); the statistics are None for an empty, unsynchronized input."""
     if x.numel() == 0 and sync is None:
         if cfg.count_batch and num_batches_tracked is not None:
             num_batches_tracked.add_(1)  # no kernel runs to count the (empty) batch
-        return torch.empty_like(x), None, None, None, None, None, None, None
+        return torch.empty_like(x), None, None, None, None, None, None
     state = (running_mean, running_var, num_batches_tracked, renorm_mean, renorm_stddev,
              moving_stddev)
     kw = {"groups": cfg.groups, "training": cfg.training, "eps": cfg.eps,
@@ -105,18 +106,19 @@ def _forward(x, weight, bias, residual, adj_scale, adj_bias, running_mean, runni
           "renorm_momentum": cfg.renorm_momentum, "rmin": cfg.rmin, "rmax": cfg.rmax,
           "dmax": cfg.dmax, "relu": cfg.relu, "count_batch": cfg.count_batch}
     if _traced(x):
-        y, mean, rstd, scale, shift, gscale, gshift = torch.ops.triton_bn.bn_forward(
+        y, centre, offset, rstd, gscale, gshift = torch.ops.triton_bn.bn_forward(
             x, weight, bias, residual, adj_scale, adj_bias, *state, axes=list(cfg.axes), **kw)
         has_g = cfg.training and ops.saves_gaffine(cfg.renorm, adj_scale is not None)
         gscale, gshift = (gscale, gshift) if has_g else (None, None)
-        return y, mean, rstd, scale, shift, gscale, gshift, None
+        centre, offset = (None, offset) if cfg.training else (centre, None)
+        return y, centre, offset, rstd, gscale, gshift, None
     global_moments = global_count = None
     if sync is not None:
         global_moments = sync.exchange(x, cfg.axes, cfg.groups)
         global_count = global_moments[2].sum().reshape(1)
     r = ops.bn_forward(x, weight, bias, *state, adj_scale, adj_bias, residual, axes=cfg.axes,
                        global_moments=global_moments, keep_stats=keep_stats, **kw)
-    return r.y, r.mean, r.rstd, r.scale, r.shift, r.gscale, r.gshift, global_count
+    return r.y, r.centre, r.offset, r.rstd, r.gscale, r.gshift, global_count
 
 
 def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
@@ -140,9 +142,10 @@ def _backward(ctx, dy: torch.Tensor) -> tuple:
     backward) or when dy / x are functorch wrappers (vmap over the backward: ``jacrev``,
     ``is_grads_batched``, gradcheck's batched check)."""
     need_x, need_w, need_b, need_z = ctx.needs_input_grad[:4]
-    x, weight, residual, mean, rstd, scale, shift, gscale, gshift = ctx.saved_tensors
+    saved = ctx.saved_tensors
+    x, weight, bias, residual, centre, offset, rstd, gscale, gshift = saved
     cfg = ctx.cfg
-    if mean is None:  # empty input: every gradient is zero
+    if rstd is None:  # empty input: every gradient is zero
         w_like = weight if weight is not None else dy.new_empty(0)
         return (torch.zeros_like(dy) if need_x else None,
                 torch.zeros_like(w_like) if need_w else None,
@@ -150,7 +153,7 @@ def _backward(ctx, dy: torch.Tensor) -> tuple:
                 torch.zeros_like(dy) if need_z else None)
     if _traced(dy):  # torch.compile (which has no double backward) or a tensor subclass
         grads = torch.ops.triton_bn.bn_backward(
-            dy, x, residual, mean, rstd, scale, shift, gscale, gshift, axes=list(cfg.axes),
+            dy, *saved, axes=list(cfg.axes),
             groups=cfg.groups, training=cfg.training, relu=cfg.relu, need_dx=need_x,
             need_dweight=need_w, need_dbias=need_b, need_dresidual=need_z)
         dx, dw, db, dz = [g if need else None for g, need in zip(grads, ctx.needs_input_grad)]
@@ -162,14 +165,13 @@ def _backward(ctx, dy: torch.Tensor) -> tuple:
                 "triton_bn: double backward (create_graph=True) and functorch transforms of the "
                 "backward are not supported through synchronized batch norm (SyncBatchNorm / "
                 "sync_normalize with more than one process)")
-        dx, dw, db, dz = _torch_backward(dy, x, weight, residual, mean, rstd, scale, shift,
-                                         gscale, gshift, cfg, torch.is_grad_enabled(),
+        dx, dw, db, dz = _torch_backward(dy, saved, cfg, torch.is_grad_enabled(),
                                          (need_x, need_w, need_b, need_z))
     else:
         sync = {} if ctx.sync is None else {"all_reduce": ctx.sync.all_reduce,
                                             "global_count": ctx.global_count}
         dx, dw, db, dz = ops.bn_backward(
-            dy, x, residual, mean, rstd, scale, shift, gscale, gshift, axes=cfg.axes,
+            dy, *saved, axes=cfg.axes,
             groups=cfg.groups, training=cfg.training, relu=cfg.relu, need_dx=need_x,
             need_dweight=need_w, need_dbias=need_b, need_dresidual=need_z, **sync)
     w_dtype, b_dtype = ctx.param_dtypes
@@ -205,11 +207,24 @@ class _Views:
     def stat(self, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(self.stat_shape)
 
-    def centre_offset(self, mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The forward's saved mean (``ops.ForwardResult.mean``: S centres, then S offsets; the
-        batch mean is their sum) as two stat views."""
-        centre, offset = mean.chunk(2, dim=-1)
-        return self.stat(centre), self.stat(offset)
+    def centre(self, x: torch.Tensor, centre: Optional[torch.Tensor],
+               dtype: torch.dtype) -> torch.Tensor:
+        """The forward's centres as a stat view (``ops.ForwardResult``): the saved ones, or x's
+        pivots (each (ghost group, channel)'s first element; a constant shift: detached)."""
+        if centre is not None:
+            return self.stat(centre)
+        pivot = self.act(x.detach(), dtype)
+        for d in self.red:
+            pivot = pivot.narrow(d, 0, 1)
+        return pivot
+
+    def xhat(self, x, centre, offset, rstd, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_hat, rstd view) from the saved statistics: ((x - centre) - offset) * rstd."""
+        xc = self.act(x, dtype) - self.centre(x, centre, dtype)
+        if offset is not None:
+            xc = xc - self.stat(offset)
+        r = self.stat(rstd)
+        return xc * r, r
 
     def param(self, t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
         return None if t is None else t.to(dtype).reshape(self.param_shape)
@@ -218,36 +233,48 @@ class _Views:
         return t.reshape(self.shape).to(like.dtype)
 
 
-def _relu_mask(v: _Views, x, residual, mean, scale, shift, acc):
-    """Where the fused ReLU passed its input (recomputed from the saved coefficients)."""
+def _relu_mask(v: _Views, saved, cfg, acc):
+    """Where the fused ReLU passed its input, recomputed as the kernels do (``kernels.common.
+    channel_coefficients``): y = (x - centre) * scale + shift, the shift holding the offset's
+    share."""
+    x, weight, bias, residual, centre, offset, rstd, gscale, gshift = saved
     with torch.no_grad():
-        # the kernels' form: Shift already holds the offset's share, y = (x - centre) * scale + shift
-        pre = (v.act(x, acc) - v.centre_offset(mean)[0]) * v.stat(scale) + v.stat(shift)
+        multiplier = torch.ones((), dtype=acc, device=x.device)
+        shift = torch.zeros((), dtype=acc, device=x.device)
+        if cfg.training and gscale is not None:
+            multiplier, shift = v.param(gscale, acc), v.param(gshift, acc)
+        if weight is not None:
+            w = v.param(weight, acc)
+            multiplier, shift = multiplier * w, shift * w
+        if bias is not None:
+            shift = shift + v.param(bias, acc)
+        scale = v.stat(rstd) * multiplier
+        if offset is not None:
+            shift = shift - v.stat(offset) * scale
+        pre = (v.act(x, acc) - v.centre(x, centre, acc)) * scale + shift
         if residual is not None:
             pre = pre + v.act(residual, acc)
         return pre > 0
 
 
-def _torch_backward(dy, x, weight, residual, mean, rstd, scale, shift, gscale, gshift,
-                    cfg: NormConfig, recompute: bool, needs) -> tuple:
+def _torch_backward(dy, saved, cfg: NormConfig, recompute: bool, needs) -> tuple:
     """The backward in torch operations. ``recompute``: the batch statistics are recomputed
     from x so that the gradients are differentiable functions of x (double backward); the
     renorm r, d and the adjustment stay constants, as in the forward."""
     need_x, need_w, need_b, need_z = needs
-    acc = mean.dtype
+    x, weight, bias, residual, centre, offset, rstd, gscale, gshift = saved
+    acc = rstd.dtype
     v = _Views(x, cfg)
     xa, g = v.act(x, acc), v.act(dy, acc)
     if cfg.relu:
-        g = torch.where(_relu_mask(v, x, residual, mean, scale, shift, acc), g, 0.0)
+        g = torch.where(_relu_mask(v, saved, cfg, acc), g, 0.0)
     dz = v.out(g, residual) if need_z else None
     if cfg.training and recompute:
         m = xa.mean(dim=v.red, keepdim=True)
         r = torch.rsqrt(((xa - m) ** 2).mean(dim=v.red, keepdim=True) + cfg.eps)
         xhat = (xa - m) * r
     else:
-        centre, offset = v.centre_offset(mean)
-        r = v.stat(rstd)
-        xhat = ((xa - centre) - offset) * r
+        xhat, r = v.xhat(x, centre, offset, rstd, acc)
     gs = v.param(gscale, acc) if cfg.training else None
     gh = v.param(gshift, acc) if cfg.training else None
     dw = db = dx = None
@@ -271,18 +298,17 @@ def _torch_backward(dy, x, weight, residual, mean, rstd, scale, shift, gscale, g
 
 def _jvp(ctx, tx, tw, tb, tz) -> torch.Tensor:
     """Forward-mode derivative of y from the input tangents (r, d and the adjustment constant)."""
-    x, weight, residual, mean, rstd, scale, shift, gscale, gshift = ctx.saved_tensors
+    saved = ctx.saved_tensors
+    x, weight, bias, residual, centre, offset, rstd, gscale, gshift = saved
     cfg = ctx.cfg
-    if mean is None:
+    if rstd is None:
         return torch.zeros_like(x)
     if ctx.sync is not None:
         raise RuntimeError("triton_bn: forward-mode AD is not supported through synchronized "
                            "batch norm (more than one process)")
-    acc = mean.dtype
+    acc = rstd.dtype
     v = _Views(x, cfg)
-    centre, offset = v.centre_offset(mean)
-    r = v.stat(rstd)
-    xhat = ((v.act(x, acc) - centre) - offset) * r
+    xhat, r = v.xhat(x, centre, offset, rstd, acc)
     gs = v.param(gscale, acc) if cfg.training else None
     gh = v.param(gshift, acc) if cfg.training else None
     t = torch.zeros_like(xhat)
@@ -303,19 +329,24 @@ def _jvp(ctx, tx, tw, tb, tz) -> torch.Tensor:
     if tz is not None:
         t = t + v.act(tz, acc)
     if cfg.relu:
-        t = torch.where(_relu_mask(v, x, residual, mean, scale, shift, acc), t, 0.0)
+        t = torch.where(_relu_mask(v, saved, cfg, acc), t, 0.0)
     return v.out(t, x)
 
 
-def _save(ctx, inputs, outs, sync) -> None:
+def _save(ctx, inputs, outs, sync) -> tuple:
+    """Saves for backward x, the parameters (by reference; beta only for the ReLU mask), the
+    residual (ReLU mask) and the per-channel statistics (8 bytes per channel, as torch's batch
+    norm: see ``ops.ForwardResult``); returns the saved tuple."""
     x, weight, bias, residual = inputs[:4]
     cfg = inputs[12]
-    _, mean, rstd, scale, shift, gscale, gshift, global_count = outs
+    _, centre, offset, rstd, gscale, gshift, global_count = outs
     ctx.cfg, ctx.sync, ctx.global_count = cfg, sync, global_count
     ctx.param_dtypes = (weight.dtype if weight is not None else None,
                         bias.dtype if bias is not None else None)
     ctx.bias_shape = bias.shape if bias is not None else (0,)
-    ctx.save_for_backward(x, weight, residual, mean, rstd, scale, shift, gscale, gshift)
+    saved = (x, weight, bias if cfg.relu else None, residual, centre, offset, rstd, gscale, gshift)
+    ctx.save_for_backward(*saved)
+    return saved
 
 
 class BatchNormFunction(torch.autograd.Function):
@@ -389,14 +420,13 @@ class TransformBatchNormFunction(torch.autograd.Function):
                 num_batches_tracked, renorm_mean, renorm_stddev, moving_stddev, cfg, sync):
         return _forward(x, weight, bias, residual, adj_scale, adj_bias, running_mean,
                         running_var, num_batches_tracked, renorm_mean, renorm_stddev,
-                        moving_stddev, cfg, sync)[:7]
+                        moving_stddev, cfg, sync)[:6]
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _save(ctx, inputs, tuple(output) + (None,), None)
+        saved = _save(ctx, inputs, tuple(output) + (None,), None)
         ctx.mark_non_differentiable(*[t for t in output[1:] if t is not None])
-        x, weight, _, residual = inputs[:4]
-        ctx.save_for_forward(x, weight, residual, *output[1:])
+        ctx.save_for_forward(*saved)
 
     @staticmethod
     def backward(ctx, dy, *_):
@@ -404,7 +434,7 @@ class TransformBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, tx, tw, tb, tz, *_):
-        return (_jvp(ctx, tx, tw, tb, tz),) + (None,) * 6
+        return (_jvp(ctx, tx, tw, tb, tz),) + (None,) * 5
 
     @staticmethod
     def vmap(info, in_dims, *args):
@@ -450,7 +480,7 @@ def _vmap_rule(info, in_dims, *args):
         for a, copy in copies:
             a.copy_(copy)
     result, dims = [], []
-    for k in range(7):
+    for k in range(len(outs[0])):
         parts = [o[k] for o in outs]
         if parts[0] is None:
             result.append(None)
@@ -491,10 +521,9 @@ def _vmap_folded(B: int, in_dims, args):
     outs = TransformBatchNormFunction.apply(x, *flat, fcfg, None)
     for original, copy in copies:
         original.copy_(copy)
-    # per slice: [S] tensors are [B * K] -> [B, K]; the mean is [2 * B * K] (centres, then
-    # offsets; see ops.ForwardResult.mean) -> [B, 2 * K], each slice's centres then offsets
-    mean = outs[1].reshape(2, B, -1).transpose(0, 1).reshape(B, -1)
-    result = (outs[0], mean) + tuple(None if t is None else t.reshape(B, -1) for t in outs[2:])
+    # per slice: [S] tensors are [B * K] -> [B, K] (the pivots of a slice are those of its
+    # channels in the folded call: the same elements of x)
+    result = (outs[0],) + tuple(None if t is None else t.reshape(B, -1) for t in outs[1:])
     return result, tuple(None if t is None else 0 for t in result)
 
 
