@@ -142,6 +142,7 @@ def _backward(ctx, dy: torch.Tensor) -> tuple:
     backward) or when dy / x are functorch wrappers (vmap over the backward: ``jacrev``,
     ``is_grads_batched``, gradcheck's batched check)."""
     need_x, need_w, need_b, need_z = ctx.needs_input_grad[:4]
+    need_z = need_z and not ctx.gated  # the gate node (_ReluGateFunction) gives the residual's
     saved = ctx.saved_tensors
     x, weight, bias, residual, centre, offset, rstd, gscale, gshift = saved
     cfg = ctx.cfg
@@ -156,7 +157,7 @@ def _backward(ctx, dy: torch.Tensor) -> tuple:
             dy, *saved, axes=list(cfg.axes),
             groups=cfg.groups, training=cfg.training, relu=cfg.relu, need_dx=need_x,
             need_dweight=need_w, need_dbias=need_b, need_dresidual=need_z)
-        dx, dw, db, dz = [g if need else None for g, need in zip(grads, ctx.needs_input_grad)]
+        dx, dw, db, dz = [g if need else None for g, need in zip(grads, (need_x, need_w, need_b, need_z))]
         if need_z and not cfg.relu:
             dz = dy  # d(y + z)/dz without an activation (the operator may not alias dy)
     elif torch.is_grad_enabled() or _wrapped(dy) or _wrapped(x):
@@ -333,14 +334,18 @@ def _jvp(ctx, tx, tw, tb, tz) -> torch.Tensor:
     return v.out(t, x)
 
 
-def _save(ctx, inputs, outs, sync) -> tuple:
+def _save(ctx, inputs, outs, sync, gated: bool = False) -> tuple:
     """Saves for backward x, the parameters (by reference; beta only for the ReLU mask), the
     residual (ReLU mask) and the per-channel statistics (8 bytes per channel, as torch's batch
-    norm: see ``ops.ForwardResult``); returns the saved tuple."""
+    norm: see ``ops.ForwardResult``); returns the saved tuple. ``gated``: the ReLU and the
+    residual's gradient belong to a _ReluGateFunction node after this one, whose backward hands
+    this one the gated gradient: the batch norm's backward alone here (no ReLU, no residual)."""
     x, weight, bias, residual = inputs[:4]
     cfg = inputs[12]
     _, centre, offset, rstd, gscale, gshift, global_count = outs
-    ctx.cfg, ctx.sync, ctx.global_count = cfg, sync, global_count
+    if gated:
+        cfg, residual = dataclasses.replace(cfg, relu=False), None
+    ctx.cfg, ctx.sync, ctx.global_count, ctx.gated = cfg, sync, global_count, gated
     ctx.param_dtypes = (weight.dtype if weight is not None else None,
                         bias.dtype if bias is not None else None)
     ctx.bias_shape = bias.shape if bias is not None else (0,)
@@ -389,23 +394,67 @@ class BatchNormFunction(torch.autograd.Function):
                 return _forward(x, weight, bias, residual, adj_scale, adj_bias, running_mean,
                                 running_var, num_batches_tracked, renorm_mean, renorm_stddev,
                                 moving_stddev, cfg, sync, keep_stats=False)[0]
+            if cfg.relu and residual is not None and residual.requires_grad and x.numel() \
+                    and BatchNormFunction.gate_residual:
+                gate: list = []
+                y = BatchNormFunction.apply(x, weight, bias, residual, adj_scale, adj_bias,
+                                            running_mean, running_var, num_batches_tracked,
+                                            renorm_mean, renorm_stddev, moving_stddev, cfg, sync,
+                                            gate)
+                return _ReluGateFunction.apply(y, residual, x, weight, bias, *gate, cfg)
         return BatchNormFunction.apply(x, weight, bias, residual, adj_scale, adj_bias,
                                        running_mean, running_var, num_batches_tracked,
                                        renorm_mean, renorm_stddev, moving_stddev, cfg, sync)
 
+    gate_residual = True  # see run: the backward of BN + add + ReLU as two nodes
+
     @staticmethod
     def forward(ctx, x, weight, bias, residual, adj_scale, adj_bias, running_mean, running_var,
                 num_batches_tracked, renorm_mean, renorm_stddev, moving_stddev, cfg: NormConfig,
-                sync=None):
+                sync=None, gate=None):
         inputs = (x, weight, bias, residual, adj_scale, adj_bias, running_mean, running_var,
                   num_batches_tracked, renorm_mean, renorm_stddev, moving_stddev, cfg)
         outs = _forward(*inputs, sync)
-        _save(ctx, inputs, outs, sync)
+        _save(ctx, inputs, outs, sync, gated=gate is not None)
+        if gate is not None:  # what _ReluGateFunction needs for the mask
+            gate.extend(outs[1:6])
         return outs[0]
 
     @staticmethod
     def backward(ctx, dy):
-        return (*_backward(ctx, dy), *([None] * 10))
+        return (*_backward(ctx, dy), *([None] * 11))
+
+
+class _ReluGateFunction(torch.autograd.Function):
+    """The ReLU and the residual add of a fused BN + add + ReLU layer as their own autograd node:
+    forward passes y through (the fused kernel computed it); backward gives the gated gradient
+    g = dy * (pre-activation > 0), recomputed as the fused kernels do, to both the batch norm's
+    node and the residual (as torch's ReluBackward and AddBackward do). One node would hold dy,
+    dx and the residual's gradient at once, plus dweight and dbias; here dy is freed before the
+    batch norm's backward runs on g, so a step's peak holds no more than torch's (perf/README,
+    fuse_memory). It costs one read more: g is written once, then read by the batch norm."""
+
+    @staticmethod
+    def forward(ctx, y, residual, x, weight, bias, centre, offset, rstd, gscale, gshift, cfg):
+        ctx.save_for_backward(x, weight, bias, residual, centre, offset, rstd, gscale, gshift)
+        ctx.cfg = cfg
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        saved = ctx.saved_tensors
+        x, cfg = saved[0], ctx.cfg
+        if torch.is_grad_enabled() or _wrapped(dy) or _wrapped(x):  # double backward, functorch
+            v, acc = _Views(x, cfg), saved[6].dtype
+            g = v.out(torch.where(_relu_mask(v, saved, cfg, acc), v.act(dy, acc), 0.0), dy)
+        else:
+            kw = dict(axes=cfg.axes, groups=cfg.groups, training=cfg.training, relu=True,
+                      need_dx=False, need_dweight=False, need_dbias=False, need_dresidual=True)
+            if _traced(dy):
+                g = torch.ops.triton_bn.bn_backward(dy, *saved, **{**kw, "axes": list(cfg.axes)})[3]
+            else:
+                g = ops.bn_backward(dy, *saved, **kw)[3]
+        return g, g, *([None] * 9)
 
 
 class TransformBatchNormFunction(torch.autograd.Function):

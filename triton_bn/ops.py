@@ -626,6 +626,9 @@ def bn_backward(
             dict(CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, RELU=relu, TRAINING=training,
                  BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B), num_warps=plan.num_warps,
             key=(geo, plan, bw.int64, relu, training, _dtypes(head)))
+    elif not (need_dx or need_dweight or need_dbias):  # the ReLU gate alone (functional's
+        if bw.write_dres and x.numel():             # _ReluGateFunction): no reduction
+            _launch_grad_apply(bw, saved, saved.rstd, saved.rstd, training, relu)  # coefs unused
     elif not sync and persistent.backward(bw, saved, dweight, dbias, training, relu):
         pass  # opt-in persistent single pass (TRITON_BN_PERSISTENT=1; persistent.py) ran
     else:
