@@ -2,8 +2,9 @@
 
 ``triton_bn::bn_forward`` mutates the running-statistic buffers and ``num_batches_tracked``
 (declared with ``mutates_args``, so AOTAutograd functionalizes the update) and returns the output
-plus the fp32 coefficients backward needs; ``triton_bn::bn_backward`` is functional. Both have
-fake (meta) implementations giving the outputs' shapes, dtypes and strides. Autograd stays in
+plus the fp32 statistics backward needs (8 bytes per channel, see ``ops.ForwardResult``);
+``triton_bn::bn_backward`` is functional. Both have fake (meta) implementations giving the
+outputs' shapes, dtypes and strides (what MemTracker counts under FakeTensorMode). Autograd stays in
 ``functional.BatchNormFunction`` (mutating custom ops cannot have ``register_autograd``): its
 forward/backward call these operators while compiling and the launch helpers in ``ops`` directly
 in eager mode (no dispatcher overhead).

@@ -606,6 +606,8 @@ def bn_backward(
     Sync BN: ``all_reduce(t)`` sums a [2, S] tensor (sum dy, sum dy*(x - centre)) over processes in
     place and ``global_count`` [1] is the element count per channel over all processes; dweight
     and dbias stay local (as torch.nn.SyncBatchNorm's), dx uses the global sums.
+    Only ``need_dresidual`` (with ``relu``): the ReLU gate alone, dresidual = dy where the
+    recomputed pre-activation is > 0 (one pass, no reduction; functional._ReluGateFunction).
     """
     bw = _start_backward(dy, x, residual, axes, groups, training, relu, need_dx, need_dresidual)
     geo = bw.geo
