@@ -401,7 +401,10 @@ class BatchNormFunction(torch.autograd.Function):
                                             running_mean, running_var, num_batches_tracked,
                                             renorm_mean, renorm_stddev, moving_stddev, cfg, sync,
                                             gate)
-                return _ReluGateFunction.apply(y, residual, x, weight, bias, *gate, cfg)
+                # the mask's inputs as constants (no graph edges to x, weight, bias: their
+                # gradients come from the batch norm's node alone)
+                consts = [None if t is None else t.detach() for t in (x, weight, bias)]
+                return _ReluGateFunction.apply(y, residual, *consts, *gate, cfg)
         return BatchNormFunction.apply(x, weight, bias, residual, adj_scale, adj_bias,
                                        running_mean, running_var, num_batches_tracked,
                                        renorm_mean, renorm_stddev, moving_stddev, cfg, sync)
