@@ -204,11 +204,6 @@ def finalize_grad_channels(
     parameter gradients. Part loads bypass L1 (other programs of this launch may have written
     them, see last_to_arrive). Scale = rstd * [gscale] * [gamma], as channel_coefficients."""
     S = G * K
-    multiplier = tl.full([BLOCK_C], 1.0, ACC)
-    if HAS_GAFFINE:
-        multiplier = tl.load(GScale + c, mask=c_mask, other=0.0).to(ACC)
-    if HAS_WEIGHT:
-        multiplier = multiplier * tl.load(Weight + c, mask=c_mask, other=0.0).to(ACC)
     total_dy = tl.zeros([BLOCK_C], ACC)
     total_dy_xhat = tl.zeros([BLOCK_C], ACC)
     for g in range(G):
@@ -227,6 +222,11 @@ def finalize_grad_channels(
         if HAS_OFFSET:
             offset = tl.load(Offset + s, mask=c_mask, other=0.0)
         rstd = tl.load(Rstd + s, mask=c_mask, other=0.0)
+        multiplier = tl.full([BLOCK_C], 1.0, ACC)
+        if HAS_GAFFINE:
+            multiplier = tl.load(GScale + c, mask=c_mask, other=0.0).to(ACC)
+        if HAS_WEIGHT:
+            multiplier = multiplier * tl.load(Weight + c, mask=c_mask, other=0.0).to(ACC)
         scale = rstd * multiplier
         sum_dy_xhat, coef_b, coef_c = channel_grad_terms(sum_dy, sum_dy_xmu, offset, rstd, scale, n,
                                                          TRAINING)
