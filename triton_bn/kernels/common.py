@@ -245,8 +245,16 @@ def load_centre(Centre, X, bc, bc_mask, K, stride_x_g, stride_x_k, ACC: tl.const
     forward, which backward reloads from the saved x instead of keeping a copy."""
     if HAS_CENTRE:
         return load_channel_values(Centre, bc, bc_mask, bc, ACC, CHANNELS_FAST)
+    elif HAS_GROUPS:  # load_pivot's element, its group and channel found in 32 bits (a 64-bit
+        s = bc.to(tl.int32)  # division is a subroutine); channel indices are small
+        g = s // K
+        offs = g.to(tl.int64) * stride_x_g + (s - g * K).to(tl.int64) * stride_x_k
+        if CHANNELS_FAST:
+            return tl.load(X + offs, mask=bc_mask, other=0.0).to(ACC)[None, :]
+        else:
+            return tl.load(X + offs).to(ACC)
     else:
-        return load_pivot(X, bc, bc_mask, bc, K, stride_x_g, stride_x_k, ACC, HAS_GROUPS,
+        return load_pivot(X, bc, bc_mask, bc, K, stride_x_g, stride_x_k, ACC, False,
                           CHANNELS_FAST)
 
 
@@ -265,8 +273,8 @@ def channel_coefficients(Offset, Rstd, Weight, Bias, GScale, GShift, bc, bc_mask
 
     Without a ReLU the shift is unused (its loads are dead code; callers pass Bias = None)."""
     k = bc
-    if HAS_GROUPS:
-        k = bc % K
+    if HAS_GROUPS:  # in 32 bits: channel indices are small (a 64-bit remainder is a subroutine)
+        k = bc.to(tl.int32) % K
     rstd = load_channel_values(Rstd, bc, bc_mask, bc, ACC, CHANNELS_FAST)
     multiplier = tl.full(rstd.shape, 1.0, ACC)
     shift = tl.zeros(rstd.shape, ACC)
