@@ -17,6 +17,11 @@ Two ways to run:
   Triton's interpreter, so only for small models and inputs: profiler allocation events).
 
     python perf/fuse_memory.py --model resnet50 --batch 32 --size 224
+
+Results (perf/README.md has the tables and their reading): on that ResNet-50 a triton_bn layer
+saves 8 bytes per batch-norm channel, as torch's (20 before issue #15's memory work); converted
+saves and peaks exactly as torch; fused saves 12.8 MB less and peaks 12.8 MB below torch (the BN +
+add + ReLU backward is two autograd nodes, so dy is freed before dx exists).
 """
 
 from __future__ import annotations

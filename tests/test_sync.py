@@ -46,7 +46,17 @@ def _check_torch_module(rank: int) -> None:
         yr = ref(xr)
         yr.backward(dy)
         xl = _split(x, rank).detach().requires_grad_()
-        y = ours(xl)
+        saved = {}
+
+        def pack(t):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = ours(xl)
+        own = {t.untyped_storage().data_ptr() for t in (xl, *ours.parameters(), *ours.buffers())}
+        # what torch's batch norm saves beyond x: 8 bytes per channel (the merged mean, rstd)
+        assert sum(b for p, b in saved.items() if p not in own) == 8 * C
         y.backward(_split(dy, rank))
         assert y.is_contiguous(memory_format=fmt)
         torch.testing.assert_close(y, _split(yr, rank), **TOL)

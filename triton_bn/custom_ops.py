@@ -2,14 +2,16 @@
 
 ``triton_bn::bn_forward`` mutates the running-statistic buffers and ``num_batches_tracked``
 (declared with ``mutates_args``, so AOTAutograd functionalizes the update) and returns the output
-plus the fp32 coefficients backward needs; ``triton_bn::bn_backward`` is functional. Both have
-fake (meta) implementations giving the outputs' shapes, dtypes and strides. Autograd stays in
+plus the fp32 statistics backward needs (8 bytes per channel, see ``ops.ForwardResult``);
+``triton_bn::bn_backward`` is functional. Both have fake (meta) implementations giving the
+outputs' shapes, dtypes and strides (what MemTracker counts under FakeTensorMode). Autograd stays in
 ``functional.BatchNormFunction`` (mutating custom ops cannot have ``register_autograd``): its
 forward/backward call these operators while compiling and the launch helpers in ``ops`` directly
 in eager mode (no dispatcher overhead).
 
-Absent optional outputs (``gscale``/``gshift`` without renorm or adjustment, unneeded gradients)
-are returned as empty tensors, since an operator's outputs must be tensors.
+Absent optional outputs (the centre of a training forward, which is x's pivot, the offset of an
+inference forward, which is 0, ``gscale``/``gshift`` without renorm or adjustment, unneeded
+gradients) are returned as empty tensors, since an operator's outputs must be tensors.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ def bn_forward(
     momentum: float, cumulative: bool, unbiased: bool, update_running: bool, renorm: int,
     renorm_momentum: float, rmin: float | None, rmax: float | None, dmax: float | None,
     relu: bool, count_batch: bool = False,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(y, mean, rstd, scale, shift, gscale, gshift): ``ops.bn_forward`` as an operator."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y, centre, offset, rstd, gscale, gshift): ``ops.bn_forward`` as an operator."""
     r = ops.bn_forward(
         x, weight, bias, running_mean, running_var, num_batches_tracked, renorm_mean,
         renorm_stddev, moving_stddev, adj_scale, adj_bias, residual, axes=tuple(axes),
@@ -50,9 +52,9 @@ def bn_forward(
         unbiased=unbiased, update_running=update_running, renorm=renorm,
         renorm_momentum=renorm_momentum, rmin=rmin, rmax=rmax, dmax=dmax, relu=relu,
         count_batch=count_batch)
-    gscale = r.gscale if r.gscale is not None else _absent(r.mean)
-    gshift = r.gshift if r.gshift is not None else _absent(r.mean)
-    return r.y, r.mean, r.rstd, r.scale, r.shift, gscale, gshift
+    centre, offset, gscale, gshift = (t if t is not None else _absent(r.rstd)
+                                      for t in (r.centre, r.offset, r.gscale, r.gshift))
+    return r.y, centre, offset, r.rstd, gscale, gshift
 
 
 @bn_forward.register_fake
@@ -65,34 +67,36 @@ def _(x, weight, bias, residual, adj_scale, adj_bias, running_mean, running_var,
     stat = x.new_empty(S, dtype=ops.acc_dtype(x.dtype))
     has_g = training and ops.saves_gaffine(renorm, adj_scale is not None)
     g = x.new_empty(K if has_g else 0, dtype=stat.dtype)
-    centre_and_offset = x.new_empty(2 * S, dtype=stat.dtype)  # see ops.ForwardResult.mean
-    return (torch.empty_like(x, memory_format=torch.preserve_format), centre_and_offset,
-            stat, stat.clone(), stat.clone(), g, g.clone())
+    centre = x.new_empty(S if ops.saves_centre(training, False) else 0, dtype=stat.dtype)
+    offset = x.new_empty(0 if ops.saves_centre(training, False) else S, dtype=stat.dtype)
+    return (torch.empty_like(x, memory_format=torch.preserve_format), centre, offset, stat, g,
+            g.clone())
 
 
 @torch.library.custom_op("triton_bn::bn_backward", mutates_args=())
 def bn_backward(
-    dy: Tensor, x: Tensor, residual: Tensor | None, mean: Tensor, rstd: Tensor, scale: Tensor,
-    shift: Tensor, gscale: Tensor | None, gshift: Tensor | None, axes: list[int],
+    dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
+    centre: Tensor | None, offset: Tensor | None, rstd: Tensor, gscale: Tensor | None,
+    gshift: Tensor | None, axes: list[int],
     groups: int, training: bool, relu: bool, need_dx: bool, need_dweight: bool, need_dbias: bool,
     need_dresidual: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias, dresidual): ``ops.bn_backward`` as an operator; dresidual only with
     relu (without it, dresidual is dy itself and the caller uses dy, as outputs may not alias)."""
     dx, dw, db, dz = ops.bn_backward(
-        dy, x, residual, mean, rstd, scale, shift, gscale, gshift, axes=tuple(axes),
+        dy, x, weight, bias, residual, centre, offset, rstd, gscale, gshift, axes=tuple(axes),
         groups=groups, training=training, relu=relu, need_dx=need_dx, need_dweight=need_dweight,
         need_dbias=need_dbias, need_dresidual=need_dresidual and relu)
-    return tuple(t if t is not None else _absent(mean) for t in (dx, dw, db, dz))
+    return tuple(t if t is not None else _absent(rstd) for t in (dx, dw, db, dz))
 
 
 @bn_backward.register_fake
-def _(dy, x, residual, mean, rstd, scale, shift, gscale, gshift, axes, groups, training, relu,
-      need_dx, need_dweight, need_dbias, need_dresidual):
+def _(dy, x, weight, bias, residual, centre, offset, rstd, gscale, gshift, axes, groups, training,
+      relu, need_dx, need_dweight, need_dbias, need_dresidual):
     K = math.prod(x.shape[a] for a in axes)
-    dx = torch.empty_like(x, memory_format=torch.preserve_format) if need_dx else _absent(mean)
-    dw = mean.new_empty(K) if need_dweight else _absent(mean)
-    db = mean.new_empty(K) if need_dbias else _absent(mean)
+    dx = torch.empty_like(x, memory_format=torch.preserve_format) if need_dx else _absent(rstd)
+    dw = rstd.new_empty(K) if need_dweight else _absent(rstd)
+    db = rstd.new_empty(K) if need_dbias else _absent(rstd)
     dz = torch.empty_like(residual, memory_format=torch.preserve_format) \
-        if need_dresidual and relu else _absent(mean)
+        if need_dresidual and relu else _absent(rstd)
     return dx, dw, db, dz

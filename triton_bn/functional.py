@@ -92,12 +92,13 @@ class NormConfig:
 def _forward(x, weight, bias, residual, adj_scale, adj_bias, running_mean, running_var,
              num_batches_tracked, renorm_mean, renorm_stddev, moving_stddev, cfg: NormConfig,
              sync, keep_stats: bool = True, memo: Optional[dict] = None):
-    """(y, mean, rstd, scale, shift, gscale, gshift, global_count) from the kernels (or the
-    custom operators while tracing); the statistics are None for an empty, unsynchronized input."""
+    """(y, centre, offset, rstd, gscale, gshift, global_count) from the kernels (or the custom
+    operators while tracing; see ``ops.ForwardResult``: centre is None where it is x's pivot,
+    offset None where it is 0); the statistics are None for an empty, unsynchronized input."""
     if x.numel() == 0 and sync is None:
         if cfg.count_batch and num_batches_tracked is not None:
             num_batches_tracked.add_(1)  # no kernel runs to count the (empty) batch
-        return torch.empty_like(x), None, None, None, None, None, None, None
+        return torch.empty_like(x), None, None, None, None, None, None
     state = (running_mean, running_var, num_batches_tracked, renorm_mean, renorm_stddev,
              moving_stddev)
     kw = {"groups": cfg.groups, "training": cfg.training, "eps": cfg.eps,
@@ -106,18 +107,19 @@ def _forward(x, weight, bias, residual, adj_scale, adj_bias, running_mean, runni
           "renorm_momentum": cfg.renorm_momentum, "rmin": cfg.rmin, "rmax": cfg.rmax,
           "dmax": cfg.dmax, "relu": cfg.relu, "count_batch": cfg.count_batch}
     if _traced(x):
-        y, mean, rstd, scale, shift, gscale, gshift = torch.ops.triton_bn.bn_forward(
+        y, centre, offset, rstd, gscale, gshift = torch.ops.triton_bn.bn_forward(
             x, weight, bias, residual, adj_scale, adj_bias, *state, axes=list(cfg.axes), **kw)
         has_g = cfg.training and ops.saves_gaffine(cfg.renorm, adj_scale is not None)
         gscale, gshift = (gscale, gshift) if has_g else (None, None)
-        return y, mean, rstd, scale, shift, gscale, gshift, None
+        centre, offset = (None, offset) if cfg.training else (centre, None)
+        return y, centre, offset, rstd, gscale, gshift, None
     global_moments = global_count = None
     if sync is not None:
         global_moments = sync.exchange(x, cfg.axes, cfg.groups)
         global_count = global_moments[2].sum().reshape(1)
     r = ops.bn_forward(x, weight, bias, *state, adj_scale, adj_bias, residual, axes=cfg.axes,
                        global_moments=global_moments, keep_stats=keep_stats, memo=memo, **kw)
-    return r.y, r.mean, r.rstd, r.scale, r.shift, r.gscale, r.gshift, global_count
+    return r.y, r.centre, r.offset, r.rstd, r.gscale, r.gshift, global_count
 
 
 def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
@@ -141,9 +143,11 @@ def _backward(ctx, dy: torch.Tensor) -> tuple:
     backward) or when dy / x are functorch wrappers (vmap over the backward: ``jacrev``,
     ``is_grads_batched``, gradcheck's batched check)."""
     need_x, need_w, need_b, need_z = ctx.needs_input_grad[:4]
-    x, weight, residual, mean, rstd, scale, shift, gscale, gshift = ctx.saved_tensors
+    need_z = need_z and not ctx.gated  # else the gate node gives the residual's gradient
+    saved = ctx.saved_tensors
+    x, weight, bias, residual, centre, offset, rstd, gscale, gshift = saved
     cfg = ctx.cfg
-    if mean is None:  # empty input: every gradient is zero
+    if rstd is None:  # empty input: every gradient is zero
         w_like = weight if weight is not None else dy.new_empty(0)
         return (torch.zeros_like(dy) if need_x else None,
                 torch.zeros_like(w_like) if need_w else None,
@@ -151,10 +155,10 @@ def _backward(ctx, dy: torch.Tensor) -> tuple:
                 torch.zeros_like(dy) if need_z else None)
     if _traced(dy):  # torch.compile (which has no double backward) or a tensor subclass
         grads = torch.ops.triton_bn.bn_backward(
-            dy, x, residual, mean, rstd, scale, shift, gscale, gshift, axes=list(cfg.axes),
+            dy, *saved, axes=list(cfg.axes),
             groups=cfg.groups, training=cfg.training, relu=cfg.relu, need_dx=need_x,
             need_dweight=need_w, need_dbias=need_b, need_dresidual=need_z)
-        dx, dw, db, dz = [g if need else None for g, need in zip(grads, ctx.needs_input_grad)]
+        dx, dw, db, dz = [g if need else None for g, need in zip(grads, (need_x, need_w, need_b, need_z))]
         if need_z and not cfg.relu:
             dz = dy  # d(y + z)/dz without an activation (the operator may not alias dy)
     elif torch.is_grad_enabled() or _wrapped(dy) or _wrapped(x):
@@ -163,22 +167,20 @@ def _backward(ctx, dy: torch.Tensor) -> tuple:
                 "triton_bn: double backward (create_graph=True) and functorch transforms of the "
                 "backward are not supported through synchronized batch norm (SyncBatchNorm / "
                 "sync_normalize with more than one process)")
-        dx, dw, db, dz = _torch_backward(dy, x, weight, residual, mean, rstd, scale, shift,
-                                         gscale, gshift, cfg, torch.is_grad_enabled(),
+        dx, dw, db, dz = _torch_backward(dy, saved, cfg, torch.is_grad_enabled(),
                                          (need_x, need_w, need_b, need_z))
     else:
         planned = None
         if ctx.memo is not None and ctx.sync is None and not persistent.requested():
-            planned = ops.backward_memo(ctx.memo, dy, need_x, need_w, need_b, need_z).get(
-                "planned_backward")
+            planned = ops.backward_memo(ctx.memo, dy, cfg.relu, residual is not None, need_x,
+                                        need_w, need_b, need_z).get("planned_backward")
         sync = {} if ctx.sync is None else {"all_reduce": ctx.sync.all_reduce,
                                             "global_count": ctx.global_count}
         if planned is not None:  # planned by an earlier call of the layer
-            dx, dw, db, dz = planned.run(dy, x, residual, mean, rstd, scale, shift, gscale,
-                                         gshift, need_x, need_z, cfg.relu)
+            dx, dw, db, dz = planned.run(dy, *saved, need_x, need_z, cfg.relu)
         else:
             dx, dw, db, dz = ops.bn_backward(
-                dy, x, residual, mean, rstd, scale, shift, gscale, gshift, axes=cfg.axes,
+                dy, *saved, axes=cfg.axes,
                 groups=cfg.groups, training=cfg.training, relu=cfg.relu, need_dx=need_x,
                 need_dweight=need_w, need_dbias=need_b, need_dresidual=need_z, memo=ctx.memo,
                 **sync)
@@ -215,11 +217,24 @@ class _Views:
     def stat(self, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(self.stat_shape)
 
-    def centre_offset(self, mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The forward's saved mean (``ops.ForwardResult.mean``: S centres, then S offsets; the
-        batch mean is their sum) as two stat views."""
-        centre, offset = mean.chunk(2, dim=-1)
-        return self.stat(centre), self.stat(offset)
+    def centre(self, x: torch.Tensor, centre: Optional[torch.Tensor],
+               dtype: torch.dtype) -> torch.Tensor:
+        """The forward's centres as a stat view (``ops.ForwardResult``): the saved ones, or x's
+        pivots (each (ghost group, channel)'s first element; a constant shift: detached)."""
+        if centre is not None:
+            return self.stat(centre)
+        pivot = self.act(x.detach(), dtype)
+        for d in self.red:
+            pivot = pivot.narrow(d, 0, 1)
+        return pivot
+
+    def xhat(self, x, centre, offset, rstd, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_hat, rstd view) from the saved statistics: ((x - centre) - offset) * rstd."""
+        xc = self.act(x, dtype) - self.centre(x, centre, dtype)
+        if offset is not None:
+            xc = xc - self.stat(offset)
+        r = self.stat(rstd)
+        return xc * r, r
 
     def param(self, t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
         return None if t is None else t.to(dtype).reshape(self.param_shape)
@@ -228,36 +243,48 @@ class _Views:
         return t.reshape(self.shape).to(like.dtype)
 
 
-def _relu_mask(v: _Views, x, residual, mean, scale, shift, acc):
-    """Where the fused ReLU passed its input (recomputed from the saved coefficients)."""
+def _relu_mask(v: _Views, saved, cfg, acc):
+    """Where the fused ReLU passed its input, recomputed as the kernels do (``kernels.common.
+    channel_coefficients``): y = (x - centre) * scale + shift, the shift holding the offset's
+    share."""
+    x, weight, bias, residual, centre, offset, rstd, gscale, gshift = saved
     with torch.no_grad():
-        # the kernels' form: Shift already holds the offset's share, y = (x - centre) * scale + shift
-        pre = (v.act(x, acc) - v.centre_offset(mean)[0]) * v.stat(scale) + v.stat(shift)
+        multiplier = torch.ones((), dtype=acc, device=x.device)
+        shift = torch.zeros((), dtype=acc, device=x.device)
+        if cfg.training and gscale is not None:
+            multiplier, shift = v.param(gscale, acc), v.param(gshift, acc)
+        if weight is not None:
+            w = v.param(weight, acc)
+            multiplier, shift = multiplier * w, shift * w
+        if bias is not None:
+            shift = shift + v.param(bias, acc)
+        scale = v.stat(rstd) * multiplier
+        if offset is not None:
+            shift = shift - v.stat(offset) * scale
+        pre = (v.act(x, acc) - v.centre(x, centre, acc)) * scale + shift
         if residual is not None:
             pre = pre + v.act(residual, acc)
         return pre > 0
 
 
-def _torch_backward(dy, x, weight, residual, mean, rstd, scale, shift, gscale, gshift,
-                    cfg: NormConfig, recompute: bool, needs) -> tuple:
+def _torch_backward(dy, saved, cfg: NormConfig, recompute: bool, needs) -> tuple:
     """The backward in torch operations. ``recompute``: the batch statistics are recomputed
     from x so that the gradients are differentiable functions of x (double backward); the
     renorm r, d and the adjustment stay constants, as in the forward."""
     need_x, need_w, need_b, need_z = needs
-    acc = mean.dtype
+    x, weight, bias, residual, centre, offset, rstd, gscale, gshift = saved
+    acc = rstd.dtype
     v = _Views(x, cfg)
     xa, g = v.act(x, acc), v.act(dy, acc)
     if cfg.relu:
-        g = torch.where(_relu_mask(v, x, residual, mean, scale, shift, acc), g, 0.0)
+        g = torch.where(_relu_mask(v, saved, cfg, acc), g, 0.0)
     dz = v.out(g, residual) if need_z else None
     if cfg.training and recompute:
         m = xa.mean(dim=v.red, keepdim=True)
         r = torch.rsqrt(((xa - m) ** 2).mean(dim=v.red, keepdim=True) + cfg.eps)
         xhat = (xa - m) * r
     else:
-        centre, offset = v.centre_offset(mean)
-        r = v.stat(rstd)
-        xhat = ((xa - centre) - offset) * r
+        xhat, r = v.xhat(x, centre, offset, rstd, acc)
     gs = v.param(gscale, acc) if cfg.training else None
     gh = v.param(gshift, acc) if cfg.training else None
     dw = db = dx = None
@@ -281,18 +308,17 @@ def _torch_backward(dy, x, weight, residual, mean, rstd, scale, shift, gscale, g
 
 def _jvp(ctx, tx, tw, tb, tz) -> torch.Tensor:
     """Forward-mode derivative of y from the input tangents (r, d and the adjustment constant)."""
-    x, weight, residual, mean, rstd, scale, shift, gscale, gshift = ctx.saved_tensors
+    saved = ctx.saved_tensors
+    x, weight, bias, residual, centre, offset, rstd, gscale, gshift = saved
     cfg = ctx.cfg
-    if mean is None:
+    if rstd is None:
         return torch.zeros_like(x)
     if ctx.sync is not None:
         raise RuntimeError("triton_bn: forward-mode AD is not supported through synchronized "
                            "batch norm (more than one process)")
-    acc = mean.dtype
+    acc = rstd.dtype
     v = _Views(x, cfg)
-    centre, offset = v.centre_offset(mean)
-    r = v.stat(rstd)
-    xhat = ((v.act(x, acc) - centre) - offset) * r
+    xhat, r = v.xhat(x, centre, offset, rstd, acc)
     gs = v.param(gscale, acc) if cfg.training else None
     gh = v.param(gshift, acc) if cfg.training else None
     t = torch.zeros_like(xhat)
@@ -313,19 +339,29 @@ def _jvp(ctx, tx, tw, tb, tz) -> torch.Tensor:
     if tz is not None:
         t = t + v.act(tz, acc)
     if cfg.relu:
-        t = torch.where(_relu_mask(v, x, residual, mean, scale, shift, acc), t, 0.0)
+        t = torch.where(_relu_mask(v, saved, cfg, acc), t, 0.0)
     return v.out(t, x)
 
 
-def _save(ctx, inputs, outs, sync, memo: Optional[dict] = None) -> None:
+def _save(ctx, inputs, outs, sync, gated: bool = False, memo: Optional[dict] = None) -> tuple:
+    """Saves for backward x, the parameters (by reference; beta only for the ReLU mask), the
+    residual (ReLU mask) and the per-channel statistics (8 bytes per channel, as torch's batch
+    norm: see ``ops.ForwardResult``); returns the saved tuple. ``gated``: the ReLU and the
+    residual's gradient belong to a _ReluGateFunction node after this one, whose backward hands
+    this one the gated gradient: the batch norm's backward alone here (no ReLU, no residual)."""
     x, weight, bias, residual = inputs[:4]
     cfg = inputs[12]
-    _, mean, rstd, scale, shift, gscale, gshift, global_count = outs
-    ctx.cfg, ctx.sync, ctx.global_count, ctx.memo = cfg, sync, global_count, memo
+    _, centre, offset, rstd, gscale, gshift, global_count = outs
+    if gated:
+        cfg, residual = dataclasses.replace(cfg, relu=False), None
+    ctx.cfg, ctx.sync, ctx.global_count, ctx.gated = cfg, sync, global_count, gated
+    ctx.memo = memo  # the layer's plan (ops.call_memo), or None
     ctx.param_dtypes = (weight.dtype if weight is not None else None,
                         bias.dtype if bias is not None else None)
     ctx.bias_shape = bias.shape if bias is not None else (0,)
-    ctx.save_for_backward(x, weight, residual, mean, rstd, scale, shift, gscale, gshift)
+    saved = (x, weight, bias if cfg.relu else None, residual, centre, offset, rstd, gscale, gshift)
+    ctx.save_for_backward(*saved)
+    return saved
 
 
 class BatchNormFunction(torch.autograd.Function):
@@ -369,16 +405,29 @@ class BatchNormFunction(torch.autograd.Function):
                 return _forward(x, weight, bias, residual, adj_scale, adj_bias, running_mean,
                                 running_var, num_batches_tracked, renorm_mean, renorm_stddev,
                                 moving_stddev, cfg, sync, keep_stats=False)[0]
+            if cfg.relu and residual is not None and residual.requires_grad and x.numel() \
+                    and BatchNormFunction.gate_residual:
+                gate: list = []
+                y = BatchNormFunction.apply(x, weight, bias, residual, adj_scale, adj_bias,
+                                            running_mean, running_var, num_batches_tracked,
+                                            renorm_mean, renorm_stddev, moving_stddev, cfg, sync,
+                                            memo, gate)
+                # the mask's inputs as constants (no graph edges to x, weight, bias: their
+                # gradients come from the batch norm's node alone)
+                consts = [None if t is None else t.detach() for t in (x, weight, bias)]
+                return _ReluGateFunction.apply(y, residual, *consts, *gate, cfg)
         else:
             memo = None
         return BatchNormFunction.apply(x, weight, bias, residual, adj_scale, adj_bias,
                                        running_mean, running_var, num_batches_tracked,
                                        renorm_mean, renorm_stddev, moving_stddev, cfg, sync, memo)
 
+    gate_residual = True  # see run: the backward of BN + add + ReLU as two nodes
+
     @staticmethod
     def forward(ctx, x, weight, bias, residual, adj_scale, adj_bias, running_mean, running_var,
                 num_batches_tracked, renorm_mean, renorm_stddev, moving_stddev, cfg: NormConfig,
-                sync=None, memo=None):
+                sync=None, memo=None, gate=None):
         inputs = (x, weight, bias, residual, adj_scale, adj_bias, running_mean, running_var,
                   num_batches_tracked, renorm_mean, renorm_stddev, moving_stddev, cfg)
         memo = None if _traced(x) else memo
@@ -388,12 +437,48 @@ class BatchNormFunction(torch.autograd.Function):
                                  num_batches_tracked), None)
         else:
             outs = _forward(*inputs, sync, memo=memo)
-        _save(ctx, inputs, outs, sync, memo)
+        _save(ctx, inputs, outs, sync, gated=gate is not None, memo=memo)
+        if gate is not None:  # what _ReluGateFunction needs for the mask
+            gate.extend(outs[1:6])
         return outs[0]
 
     @staticmethod
     def backward(ctx, dy):
-        return (*_backward(ctx, dy), *([None] * 11))
+        return (*_backward(ctx, dy), *([None] * 12))
+
+
+class _ReluGateFunction(torch.autograd.Function):
+    """The ReLU and the residual add of a fused BN + add + ReLU layer as their own autograd node:
+    forward passes y through (the fused kernel computed it); backward gives the gated gradient
+    g = dy * (pre-activation > 0), recomputed as the fused kernels do, to both the batch norm's
+    node and the residual (as torch's ReluBackward and AddBackward do). One node would hold dy,
+    dx and the residual's gradient at once, plus dweight and dbias; here dy is freed before the
+    batch norm's backward runs on g, so a step's peak holds no more than torch's (perf/README,
+    fuse_memory). Cost: 9 activation passes instead of 8 (the gate reads x, dy, the residual and
+    writes g; the batch norm reads x and g twice and writes dx) and one more launch.
+    ``BatchNormFunction.gate_residual = False`` keeps the single node."""
+
+    @staticmethod
+    def forward(ctx, y, residual, x, weight, bias, centre, offset, rstd, gscale, gshift, cfg):
+        ctx.save_for_backward(x, weight, bias, residual, centre, offset, rstd, gscale, gshift)
+        ctx.cfg = cfg
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        saved = ctx.saved_tensors
+        x, cfg = saved[0], ctx.cfg
+        if torch.is_grad_enabled() or _wrapped(dy) or _wrapped(x):  # double backward, functorch
+            v, acc = _Views(x, cfg), saved[6].dtype
+            g = v.out(torch.where(_relu_mask(v, saved, cfg, acc), v.act(dy, acc), 0.0), dy)
+        else:
+            kw = dict(axes=cfg.axes, groups=cfg.groups, training=cfg.training, relu=True,
+                      need_dx=False, need_dweight=False, need_dbias=False, need_dresidual=True)
+            if _traced(dy):
+                g = torch.ops.triton_bn.bn_backward(dy, *saved, **{**kw, "axes": list(cfg.axes)})[3]
+            else:
+                g = ops.bn_backward(dy, *saved, **kw)[3]
+        return g, g, *([None] * 9)
 
 
 class TransformBatchNormFunction(torch.autograd.Function):
@@ -408,14 +493,13 @@ class TransformBatchNormFunction(torch.autograd.Function):
                 num_batches_tracked, renorm_mean, renorm_stddev, moving_stddev, cfg, sync):
         return _forward(x, weight, bias, residual, adj_scale, adj_bias, running_mean,
                         running_var, num_batches_tracked, renorm_mean, renorm_stddev,
-                        moving_stddev, cfg, sync)[:7]
+                        moving_stddev, cfg, sync)[:6]
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _save(ctx, inputs, tuple(output) + (None,), None)
+        saved = _save(ctx, inputs, tuple(output) + (None,), None)
         ctx.mark_non_differentiable(*[t for t in output[1:] if t is not None])
-        x, weight, _, residual = inputs[:4]
-        ctx.save_for_forward(x, weight, residual, *output[1:])
+        ctx.save_for_forward(*saved)
 
     @staticmethod
     def backward(ctx, dy, *_):
@@ -423,7 +507,7 @@ class TransformBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, tx, tw, tb, tz, *_):
-        return (_jvp(ctx, tx, tw, tb, tz),) + (None,) * 6
+        return (_jvp(ctx, tx, tw, tb, tz),) + (None,) * 5
 
     @staticmethod
     def vmap(info, in_dims, *args):
@@ -469,7 +553,7 @@ def _vmap_rule(info, in_dims, *args):
         for a, copy in copies:
             a.copy_(copy)
     result, dims = [], []
-    for k in range(7):
+    for k in range(len(outs[0])):
         parts = [o[k] for o in outs]
         if parts[0] is None:
             result.append(None)
@@ -510,10 +594,9 @@ def _vmap_folded(B: int, in_dims, args):
     outs = TransformBatchNormFunction.apply(x, *flat, fcfg, None)
     for original, copy in copies:
         original.copy_(copy)
-    # per slice: [S] tensors are [B * K] -> [B, K]; the mean is [2 * B * K] (centres, then
-    # offsets; see ops.ForwardResult.mean) -> [B, 2 * K], each slice's centres then offsets
-    mean = outs[1].reshape(2, B, -1).transpose(0, 1).reshape(B, -1)
-    result = (outs[0], mean) + tuple(None if t is None else t.reshape(B, -1) for t in outs[2:])
+    # per slice: [S] tensors are [B * K] -> [B, K] (the pivots of a slice are those of its
+    # channels in the folded call: the same elements of x)
+    result = (outs[0],) + tuple(None if t is None else t.reshape(B, -1) for t in outs[1:])
     return result, tuple(None if t is None else 0 for t in result)
 
 

@@ -37,7 +37,7 @@ RENORM_NONE, RENORM_KERAS, RENORM_TORCH = (int(c.value) for c in (
     _forward_kernels.RENORM_NONE, _forward_kernels.RENORM_KERAS, _forward_kernels.RENORM_TORCH))
 
 __all__ = ["bn_forward", "bn_backward", "local_moments", "InferencePlan", "RENORM_NONE", "RENORM_KERAS", "RENORM_TORCH",
-           "FLOAT_DTYPES", "ForwardResult"]
+           "FLOAT_DTYPES", "ForwardResult", "saves_centre"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FINALIZE_BLOCK = 32  # channels per finalize program
@@ -161,14 +161,21 @@ def _memo_put(memo: Optional[dict], name: str, value):
 
 @dataclass
 class ForwardResult:
+    """y and what backward needs, 8 bytes per statistic channel in fp32 (kernels/forward.py):
+    the mean = centre + offset, kept as two numbers of which one is stored, and rstd."""
+
     y: torch.Tensor
-    mean: torch.Tensor  # [2 * S]: S centres, then S offsets; the batch (training) or running
-    #                     (inference) mean = centre + offset, kept as two numbers (kernels/forward.py)
-    rstd: torch.Tensor  # [S]
-    scale: torch.Tensor  # [S] y = (x - mean) * scale + shift
-    shift: torch.Tensor  # [S]
+    centre: Optional[torch.Tensor]  # [S] where it is not x's pivot (training, see load_pivot):
+    #                                 the running mean (inference), the batch mean (sync BN)
+    offset: Optional[torch.Tensor]  # [S] batch mean - pivot (training without sync), else None: 0
+    rstd: Optional[torch.Tensor]  # [S] (None: keep_stats=False, nothing kept)
     gscale: Optional[torch.Tensor]  # [K] pre-gamma affine (renorm r * adjustment), or None
     gshift: Optional[torch.Tensor]
+
+
+def saves_centre(training: bool, sync: bool) -> bool:
+    """Whether a forward stores its centres (else x's pivots) instead of the mean's offsets."""
+    return not training or sync
 
 
 def saves_gaffine(renorm: int, has_adjust: bool) -> bool:
@@ -227,10 +234,13 @@ class _Forward(_Call):
 
     x: torch.Tensor
     y: Optional[torch.Tensor]
-    mean: torch.Tensor
-    rstd: torch.Tensor
-    scale: torch.Tensor
-    shift: torch.Tensor
+    centre: Optional[torch.Tensor]  # see ForwardResult; statistics only: the [S] merged means
+    offset: Optional[torch.Tensor]
+    rstd: Optional[torch.Tensor]
+
+    @property
+    def acc(self) -> torch.dtype:
+        return acc_dtype(self.x.dtype)
 
     def views(self):
         t, st = self.prep.tensors, self.geo.strides
@@ -238,30 +248,33 @@ class _Forward(_Call):
         return t[0], t[1], z, st[0], st[1], st_z
 
     def result(self, gscale=None, gshift=None) -> ForwardResult:
-        return ForwardResult(_restore(self.prep.tensors[1], self.y, self.prep), self.mean,
-                             self.rstd, self.scale, self.shift, gscale, gshift)
+        return ForwardResult(_restore(self.prep.tensors[1], self.y, self.prep), self.centre,
+                             self.offset, self.rstd, gscale, gshift)
 
 
 def _start_forward(x: torch.Tensor, residual: Optional[torch.Tensor], axes, groups: int,
                    training: bool, output: bool = True, keep_stats: bool = True,
-                   memo: Optional[dict] = None) -> _Forward:
-    """Prepares a forward; ``output=False`` (statistics only) allocates neither y nor the
-    per-channel coefficients, and ``mean`` is then the [S] merged mean. ``keep_stats=False``
-    (inference with nothing to differentiate) allocates no coefficients either."""
+                   sync: bool = False, memo: Optional[dict] = None) -> _Forward:
+    """Prepares a forward and allocates the statistics it keeps (ForwardResult: two [S] vectors,
+    the centres or the offsets, and rstd). ``output=False`` (statistics only) allocates no y,
+    and ``centre`` is then the [S] merged means. ``keep_stats=False`` (inference with nothing to
+    differentiate) allocates no statistics. ``memo``: see ``call_memo``."""
     acc = acc_dtype(x.dtype)
     y = torch.empty_like(x, memory_format=torch.preserve_format) if output else None
     active = [x] + ([y] if output else []) + ([residual] if residual is not None else [])
     prep = _prepare_memo(memo, "forward_geometry", x.shape, active, axes, groups if training else 1)
     S = prep.geometry.S
-    if not keep_stats:
-        mean, coeffs = None, [None] * 3
-    elif output:
-        mean = torch.empty(2 * S, device=x.device, dtype=acc)  # [centre (S), offset (S)]
-        coeffs = [torch.empty(S, device=x.device, dtype=acc) for _ in range(3)]
-    else:
-        mean = torch.empty(S, device=x.device, dtype=acc)
-        coeffs = [mean] * 3
-    return _Forward(prep, residual is not None, _needs_int64(prep.geometry), x, y, mean, *coeffs)
+    centre = offset = rstd = None
+    if keep_stats:
+        stat = torch.empty(S, device=x.device, dtype=acc)
+        if not output or saves_centre(training, sync):
+            centre = stat
+        else:
+            offset = stat
+        if output:
+            rstd = torch.empty(S, device=x.device, dtype=acc)
+    return _Forward(prep, residual is not None, _needs_int64(prep.geometry), x, y, centre, offset,
+                    rstd)
 
 
 def _dtypes(tensors) -> tuple:
@@ -269,19 +282,20 @@ def _dtypes(tensors) -> tuple:
     return tuple([None if t is None else t.dtype for t in tensors])
 
 
-def _launch_apply(fw: _Forward, relu: bool, running_mean=None, running_var=None, weight=None,
-                  bias=None, eps: float = 0.0, plan: Optional[tuning.TilePlan] = None,
-                  memo: Optional[dict] = None) -> None:
-    """y from the coefficients in ``fw``; with ``running_mean`` (inference) the kernel computes
-    those coefficients from the running statistics first. ``plan``: the statistics pass's (the
-    kernel walks the same partition backwards, so its first reads hit L2), else the apply plan."""
+def _launch_apply(fw: _Forward, relu: bool, weight=None, bias=None, gscale=None, gshift=None,
+                  running_mean=None, running_var=None, eps: float = 0.0,
+                  plan: Optional[tuning.TilePlan] = None, memo: Optional[dict] = None) -> None:
+    """y from the statistics in ``fw`` and the parameters; with ``running_mean`` (inference)
+    the kernel computes the statistics from the running ones first (and keeps them in ``fw``).
+    ``plan``: the statistics pass's (the kernel walks the same partition backwards, so its first
+    reads hit L2), else the apply plan."""
     geo = fw.geo
     xs, ys, zs, st_x, st_y, st_z = fw.views()
     plan = plan or tuning.plan_tiles(geo, "apply", fw.x.device, fw.x.dtype)
     from_running = running_mean is not None
-    hyper = hyper_tensor(fw.x.device, acc_dtype(fw.x.dtype), eps) if from_running else None
-    tensors = (xs, ys, zs, fw.mean, fw.scale, fw.shift, fw.rstd, running_mean, running_var, weight,
-               bias)
+    hyper = hyper_tensor(fw.x.device, fw.acc, eps) if from_running else None
+    tensors = (xs, ys, zs, fw.centre, fw.offset, fw.rstd, weight, bias, gscale, gshift,
+               running_mean, running_var)
     st = _memo_get(memo, "apply")
     if st is None:
         st = _memo_put(memo, "apply", _Static(
@@ -298,24 +312,24 @@ def _launch_stats(fw: _Forward, plan: tuning.TilePlan, state=None, memo: Optiona
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Partial (sum of x - pivot, M2) per part and statistic channel, and each channel's pivot.
     With ``state`` (``_state_args``) the kernel's last program per channel tile also finalizes:
-    fw's centre/offset, rstd, scale and shift and the running statistics are written."""
+    fw's offsets and rstd and the running statistics are written (and no pivot: None)."""
     geo = fw.geo
     xs, st_x = fw.prep.tensors[0], geo.strides[0]
     if state is None:
-        part_sum = torch.empty((plan.n_parts, geo.S), device=fw.x.device, dtype=fw.mean.dtype)
+        part_sum = torch.empty((plan.n_parts, geo.S), device=fw.x.device, dtype=fw.acc)
         part_m2 = torch.empty_like(part_sum)
-        pivot = torch.empty(geo.S, device=fw.x.device, dtype=fw.mean.dtype)
-        finalize = (None,) * 18
+        pivot = torch.empty(geo.S, device=fw.x.device, dtype=fw.acc)
+        finalize = (None,) * 16
         flags = dict(RENORM=RENORM_NONE, UPDATE_RUNNING=False, UNBIASED=False, CUMULATIVE=False,
                      COUNT_BATCH=False)
     else:
         tensors, hyper, flags, _, _ = state
         # the parts live only until the kernel's last programs have merged them
-        part_sum, part_m2 = scratch(memo, "stats_parts", fw.x.device, fw.mean.dtype,
+        part_sum, part_m2 = scratch(memo, "stats_parts", fw.x.device, fw.acc,
                                     ((plan.n_parts, geo.S),) * 2)
-        pivot = fw.mean  # its first S entries: the centres, which the finalize keeps
+        pivot = None  # the finalize reads the pivots from x
         counter = arrival_counters(fw.x.device, plan.n_channel_tiles + 1)
-        finalize = (counter, fw.mean, fw.rstd, fw.scale, fw.shift, *tensors, hyper)
+        finalize = (counter, fw.offset, fw.rstd, *tensors, hyper)
     st = _memo_get(memo, "stats")
     if st is None:
         st = _memo_put(memo, "stats", _Static(
@@ -324,8 +338,8 @@ def _launch_stats(fw: _Forward, plan: tuning.TilePlan, state=None, memo: Optiona
                 HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=fw.int64, **flags,
                 BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B, BLOCK_C=_finalize_width(geo),
                 BLOCK_P=finalize_parts(plan.n_parts)),
-            (geo, plan, fw.int64, tuple(flags.values()), xs.dtype, _dtypes(finalize)),
-            plan.num_warps, memo))
+            (geo, plan, fw.int64, tuple(flags.values()), xs.dtype, pivot is None,
+             _dtypes(finalize)), plan.num_warps, memo))
     launch(bn_stats_kernel, plan.grid, (xs, part_sum, part_m2, pivot, *st.ints, *finalize),
            st.constexprs, num_warps=st.num_warps, key=st.key)
     return part_sum, part_m2, pivot
@@ -394,14 +408,14 @@ def _state_args(fw: _Forward, weight, bias, running_mean, running_var, num_batch
     finalize and the single-pass kernels."""
     K = fw.geo.K
     save_gaffine = saves_gaffine(renorm, adj_scale is not None)
-    gscale = torch.empty(K, device=fw.x.device, dtype=fw.mean.dtype) if save_gaffine else None
+    gscale = torch.empty(K, device=fw.x.device, dtype=fw.acc) if save_gaffine else None
     gshift = torch.empty_like(gscale) if save_gaffine else None
     tensors = (weight, bias, adj_scale, adj_bias, gscale, gshift, running_mean, running_var,
                num_batches_tracked, renorm_mean, renorm_stddev, moving_stddev)
     cached = _memo_get(memo, "state")
     if cached is None:
-        cached = (hyper_tensor(fw.x.device, fw.mean.dtype, eps, momentum, renorm_momentum, rmin,
-                               rmax, dmax),
+        cached = (hyper_tensor(fw.x.device, fw.acc, eps, momentum, renorm_momentum, rmin, rmax,
+                               dmax),
                   dict(RENORM=renorm, UPDATE_RUNNING=update_running and running_mean is not None,
                        UNBIASED=unbiased, CUMULATIVE=cumulative,
                        COUNT_BATCH=count_batch and num_batches_tracked is not None))
@@ -420,8 +434,8 @@ def _launch_sync_finalize(fw: _Forward, part_mean, part_m2, part_count, state) -
     geo = fw.geo
     layout = (part_mean.shape[0], 1, 0, 0, 0, 0)  # n_parts, n_b_parts, A, a_chunk, B_count, b_chunk
     launch(bn_finalize_kernel, (tuning.cdiv(geo.K, _FINALIZE_BLOCK),), (
-        part_mean, part_m2, part_count, None, fw.mean, fw.rstd, fw.scale, fw.shift, *tensors,
-        geo.K, geo.G, *layout, hyper),
+        part_mean, part_m2, part_count, fw.centre, fw.rstd, *tensors, geo.K, geo.G, *layout,
+        hyper),
         dict(**flags, BLOCK_C=_FINALIZE_BLOCK, BLOCK_P=finalize_parts(layout[0])))
 
 
@@ -471,9 +485,10 @@ def bn_forward(
     memo: a layer's plan for this call signature (``call_memo``), or None.
     """
     fw = _start_forward(x, residual, axes, groups, training, keep_stats=keep_stats or training,
-                        memo=memo)
+                        sync=global_moments is not None, memo=memo)
     if not training:
-        _launch_apply(fw, relu, running_mean, running_var, weight, bias, eps)
+        _launch_apply(fw, relu, weight, bias, running_mean=running_mean, running_var=running_var,
+                      eps=eps)
         return fw.result()
     state = _state_args(fw, weight, bias, running_mean, running_var, num_batches_tracked,
                         renorm_mean, renorm_stddev, moving_stddev, adj_scale, adj_bias, eps=eps,
@@ -486,7 +501,7 @@ def bn_forward(
     if global_moments is not None:
         _launch_sync_finalize(fw, *global_moments, state)
         if x.numel():
-            _launch_apply(fw, relu)
+            _launch_apply(fw, relu, weight, bias, gscale, gshift)
         return fw.result(gscale, gshift)
     plan = _memo_get(memo, "forward_plan") or _memo_put(
         memo, "forward_plan", tuning.plan_tiles(geo, "forward", x.device, x.dtype))
@@ -504,13 +519,13 @@ def bn_forward(
                 (geo, plan, fw.int64, relu, tuple(flags.values()),
                  _dtypes((xs, ys, zs, *tensors))), plan.num_warps, memo))
         launch(bn_fused_forward_kernel, plan.grid, (
-            xs, ys, zs, fw.mean, fw.rstd, fw.scale, fw.shift, *tensors,
+            xs, ys, zs, fw.offset, fw.rstd, *tensors,
             geo.R1, geo.K, plan.A, plan.B, hyper,
             arrival_counters(x.device, 1) if flags["COUNT_BATCH"] else None, *st.ints),
             st.constexprs, num_warps=st.num_warps, key=st.key)
     else:
         _launch_stats(fw, plan, state, memo)  # its last programs finalize
-        _launch_apply(fw, relu, plan=plan, memo=memo)
+        _launch_apply(fw, relu, weight, bias, gscale, gshift, plan=plan, memo=memo)
     if memo is not None and x.numel() and fw.prep.inverse_perm is None \
             and tensors[2] is None and tensors[3] is None and tensors[9] is None \
             and tensors[10] is None and tensors[11] is None:  # no adjustment, no Keras renorm state
@@ -550,7 +565,7 @@ class InferencePlan:
     def run(self, x, residual, weight, bias, running_mean, running_var) -> torch.Tensor:
         y = torch.empty_like(x, memory_format=torch.preserve_format)
         launch(bn_apply_kernel, self.plan.grid, (
-            x, y, residual, None, None, None, None, running_mean, running_var, weight, bias,
+            x, y, residual, None, None, None, weight, bias, None, None, running_mean, running_var,
             *self.ints, self.hyper, *self.strides), self.constexprs, key=self,
             num_warps=self.num_warps)
         return y
@@ -563,16 +578,16 @@ def local_moments(x: torch.Tensor, axes: tuple[int, ...], groups: int = 1
     fw = _start_forward(x, None, axes, groups, True, output=False)
     geo = fw.geo
     if x.numel() == 0:
-        zeros = torch.zeros(geo.S, device=x.device, dtype=fw.mean.dtype)
+        zeros = torch.zeros(geo.S, device=x.device, dtype=fw.acc)
         return zeros, zeros.clone(), 0
     plan = tuning.plan_tiles(geo, "forward", x.device, x.dtype, allow_fused=False)
     part_sum, part_m2, pivot = _launch_stats(fw, plan)
-    m2 = torch.empty_like(fw.mean)
+    m2 = torch.empty_like(fw.centre)
     launch(bn_merge_kernel, (tuning.cdiv(geo.S, _FINALIZE_BLOCK),), (
-        part_sum, part_m2, pivot, fw.mean, m2, geo.S, plan.n_parts, plan.n_b_parts, plan.A,
+        part_sum, part_m2, pivot, fw.centre, m2, geo.S, plan.n_parts, plan.n_b_parts, plan.A,
         plan.a_chunk, plan.b_count, plan.b_chunk),
         dict(BLOCK_C=_FINALIZE_BLOCK, BLOCK_P=finalize_parts(plan.n_parts)))
-    return fw.mean, m2, geo.R
+    return fw.centre, m2, geo.R
 
 
 def _restore(computed: torch.Tensor, allocated: torch.Tensor, prep: Prepared) -> torch.Tensor:
@@ -616,28 +631,45 @@ def _start_backward(dy, x, residual, axes, groups, training, relu, need_dx, need
     return _Backward(prep, residual is not None, _needs_int64(prep.geometry), dx, dres, write_dres)
 
 
-def _launch_grad_reduce(bw: _Backward, plan, mean, scale, shift, relu, finalize=None,
+@dataclass
+class _Saved:
+    """What the forward left for backward (``ForwardResult``) and the parameters, in the order the
+    backward kernels take them: Centre (None: x's pivots), Offset (None: 0), Rstd, Weight, Bias
+    (the ReLU mask only, else None), GScale, GShift (training only)."""
+
+    centre: Optional[torch.Tensor]
+    offset: Optional[torch.Tensor]
+    rstd: torch.Tensor
+    weight: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    gscale: Optional[torch.Tensor]
+    gshift: Optional[torch.Tensor]
+
+    def args(self) -> tuple:
+        return (self.centre, self.offset, self.rstd, self.weight, self.bias, self.gscale,
+                self.gshift)
+
+
+def _launch_grad_reduce(bw: _Backward, plan, saved: _Saved, relu, finalize=None,
                         memo: Optional[dict] = None):
     """Partial sums of dy and dy * (x - centre) per part and statistic channel. With
-    ``finalize`` = (rstd, gscale, gshift, dweight, dbias, training) the kernel's last programs
-    also write the dx coefficients and the parameter gradients: returns (coef_b, coef_c) then."""
+    ``finalize`` = (dweight, dbias, training) the kernel's last programs also write the dx
+    coefficients and the parameter gradients: returns (coef_b, coef_c) then."""
     geo = bw.geo
     (xs, dys, zs, _, _), (st_x, st_dy, st_z, _, _) = bw.views()
     training = True
     if finalize is None:
-        part_dy = torch.empty((plan.n_parts, geo.S), device=xs.device, dtype=mean.dtype)
+        part_dy = torch.empty((plan.n_parts, geo.S), device=xs.device, dtype=saved.rstd.dtype)
         part_dyx = torch.empty_like(part_dy)
-        tail = (None,) * 9
+        tail = (None,) * 6  # Counter, CoefB, CoefC, DWeight, DBias, n
         coefs = None
     else:
-        rstd, gscale, gshift, dweight, dbias, training = finalize
-        if not training:  # the pre-gamma affine (renorm, adjustment) exists in training only
-            gscale = gshift = None
+        dweight, dbias, training = finalize
         # parts and the dx coefficients live until the dx kernel of this call has read them
-        part_dy, part_dyx, *coefs = scratch(memo, "grad_parts", xs.device, mean.dtype,
+        part_dy, part_dyx, *coefs = scratch(memo, "grad_parts", xs.device, saved.rstd.dtype,
                                             ((plan.n_parts, geo.S),) * 2 + ((geo.S,),) * 2)
-        tail = (arrival_counters(xs.device, plan.n_channel_tiles), rstd, gscale, gshift, *coefs,
-                dweight, dbias, geo.R)
+        tail = (arrival_counters(xs.device, plan.n_channel_tiles), *coefs, dweight, dbias, geo.R)
+    head = (xs, dys, zs, *saved.args())
     st = _memo_get(memo, "grad_reduce")
     if st is None:
         st = _memo_put(memo, "grad_reduce", _Static(
@@ -646,35 +678,33 @@ def _launch_grad_reduce(bw: _Backward, plan, mean, scale, shift, relu, finalize=
                 HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, RELU=relu,
                 TRAINING=training, BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B,
                 BLOCK_C=_finalize_width(geo), BLOCK_P=finalize_parts(plan.n_parts)),
-            (geo, plan, bw.int64, relu, training, _dtypes((xs, dys, zs, mean, *tail[:-1]))),
+            (geo, plan, bw.int64, relu, training, _dtypes((*head, *tail[:-1]))),
             plan.num_warps, memo))
-    launch(bn_backward_reduce_kernel, plan.grid, (
-        xs, dys, zs, mean, scale, shift, part_dy, part_dyx, *st.ints, *tail),
-        st.constexprs, num_warps=st.num_warps, key=st.key)
+    launch(bn_backward_reduce_kernel, plan.grid, (*head, part_dy, part_dyx, *st.ints, *tail),
+           st.constexprs, num_warps=st.num_warps, key=st.key)
     return coefs if finalize is not None else (part_dy, part_dyx)
 
 
-def _launch_grad_finalize(bw: _Backward, part_dy, part_dyx, mean, rstd, scale, gscale, gshift,
-                          dweight, dbias, training, count: Optional[torch.Tensor]):
+def _launch_grad_finalize(bw: _Backward, part_dy, part_dyx, saved: _Saved, dweight, dbias,
+                          training, count: Optional[torch.Tensor]):
     geo = bw.geo
-    coef_b = torch.empty_like(scale)
-    coef_c = torch.empty_like(scale)
-    if not training:  # the pre-gamma affine (renorm, adjustment) exists in training only
-        gscale = gshift = None
+    coef_b = torch.empty_like(saved.rstd)
+    coef_c = torch.empty_like(saved.rstd)
     launch(bn_backward_finalize_kernel, (tuning.cdiv(geo.K, _FINALIZE_BLOCK),), (
-        part_dy, part_dyx, mean, rstd, scale, gscale, gshift, coef_b, coef_c, dweight, dbias,
-        count, geo.K, geo.G, part_dy.shape[0], geo.R),
+        part_dy, part_dyx, saved.offset, saved.rstd, saved.weight, saved.gscale, saved.gshift,
+        coef_b, coef_c, dweight, dbias, count, geo.K, geo.G, part_dy.shape[0], geo.R),
         dict(TRAINING=training, BLOCK_C=_FINALIZE_BLOCK, BLOCK_P=finalize_parts(part_dy.shape[0])))
     return coef_b, coef_c
 
 
-def _launch_grad_apply(bw: _Backward, mean, scale, shift, coef_b, coef_c, training, relu,
+def _launch_grad_apply(bw: _Backward, saved: _Saved, coef_b, coef_c, training, relu,
                        plan: Optional[tuning.TilePlan] = None, memo: Optional[dict] = None):
     """dx (and the residual's gradient); ``plan``: the reduction pass's, walked backwards (its
     last reads are still in L2), else the apply plan."""
     geo = bw.geo
     (xs, dys, zs, dxs, dzs), (st_x, st_dy, st_z, st_dx, st_dz) = bw.views()
     ap = plan or tuning.plan_tiles(geo, "apply", xs.device, xs.dtype)
+    head = (xs, dys, zs, dxs, dzs, *saved.args())
     st = _memo_get(memo, "grad_apply")
     if st is None:
         st = _memo_put(memo, "grad_apply", _Static(
@@ -682,21 +712,20 @@ def _launch_grad_apply(bw: _Backward, mean, scale, shift, coef_b, coef_c, traini
              ap.n_b_parts, *st_x, *st_dy, *st_z, *st_dx, *st_dz), dict(
                 HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, RELU=relu,
                 TRAINING=training, BLOCK_A=ap.BLOCK_A, BLOCK_B=ap.BLOCK_B),
-            (geo, ap, bw.int64, relu, training, _dtypes((xs, dys, zs, dxs, dzs, mean))),
-            ap.num_warps, memo))
-    launch(bn_backward_apply_kernel, ap.grid, (
-        xs, dys, zs, dxs, dzs, mean, scale, shift, coef_b, coef_c, *st.ints),
-        st.constexprs, num_warps=st.num_warps, key=st.key)
+            (geo, ap, bw.int64, relu, training, _dtypes(head)), ap.num_warps, memo))
+    launch(bn_backward_apply_kernel, ap.grid, (*head, coef_b, coef_c, *st.ints), st.constexprs,
+           num_warps=st.num_warps, key=st.key)
 
 
 def bn_backward(
     dy: torch.Tensor,
     x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
     residual: Optional[torch.Tensor],
-    mean: torch.Tensor,
+    centre: Optional[torch.Tensor],
+    offset: Optional[torch.Tensor],
     rstd: torch.Tensor,
-    scale: torch.Tensor,
-    shift: torch.Tensor,
     gscale: Optional[torch.Tensor],
     gshift: Optional[torch.Tensor],
     *,
@@ -713,28 +742,36 @@ def bn_backward(
     memo: Optional[dict] = None,
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor],
            Optional[torch.Tensor]]:
-    """Gradients (dx, dweight, dbias, dresidual) from the saved forward coefficients.
+    """Gradients (dx, dweight, dbias, dresidual) from the forward's ``ForwardResult`` (centre,
+    offset, rstd, gscale, gshift) and its parameters (contiguous [K]); ``bias`` is read only with
+    ``relu`` (the recomputed mask) and may be None otherwise.
 
     Sync BN: ``all_reduce(t)`` sums a [2, S] tensor (sum dy, sum dy*(x - centre)) over processes in
     place and ``global_count`` [1] is the element count per channel over all processes; dweight
     and dbias stay local (as torch.nn.SyncBatchNorm's), dx uses the global sums.
+    Only ``need_dresidual`` (with ``relu``): the ReLU gate alone, dresidual = dy where the
+    recomputed pre-activation is > 0 (one pass, no reduction; functional._ReluGateFunction).
     memo: the layer's plan of the forward (``call_memo``), or None; the backward keeps its own
     under dy's layout and the gradients asked for.
     """
     if memo is not None:
-        memo = backward_memo(memo, dy, need_dx, need_dweight, need_dbias, need_dresidual)
+        memo = backward_memo(memo, dy, relu, residual is not None, need_dx, need_dweight,
+                             need_dbias, need_dresidual)
     bw = _start_backward(dy, x, residual, axes, groups, training, relu, need_dx, need_dresidual,
                          memo)
     geo = bw.geo
-    acc = mean.dtype
+    acc = rstd.dtype
     dweight = torch.empty(geo.K, device=x.device, dtype=acc) if need_dweight else None
     dbias = torch.empty(geo.K, device=x.device, dtype=acc) if need_dbias else None
+    if not training:  # the pre-gamma affine (renorm, adjustment) exists in training only
+        gscale = gshift = None
+    saved = _Saved(centre, offset, rstd, weight, bias if relu else None, gscale, gshift)
     sync = all_reduce is not None
     plan = _memo_get(memo, "backward_plan") or _memo_put(memo, "backward_plan", tuning.plan_tiles(
         geo, "backward", x.device, x.dtype, allow_fused=not sync))
     if plan.fused and x.numel():
         (xs, dys, zs, dxs, dzs), strides = bw.views()
-        g_scale, g_shift = (gscale, gshift) if training else (None, None)
+        head = (xs, dys, zs, dxs, dzs, *saved.args(), dweight, dbias)
         st = _memo_get(memo, "fused_backward")
         if st is None:
             st = _memo_put(memo, "fused_backward", _Static(
@@ -742,37 +779,35 @@ def bn_backward(
                  *(s for st in strides for s in (st[0], st[1], st[3]))),
                 dict(CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, RELU=relu, TRAINING=training,
                      BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B),
-                (geo, plan, bw.int64, relu, training,
-                 _dtypes((xs, dys, zs, dxs, dzs, mean, g_scale, dweight, dbias))),
-                plan.num_warps, memo))
-        launch(bn_fused_backward_kernel, plan.grid, (
-            xs, dys, zs, dxs, dzs, mean, rstd, scale, shift, g_scale, g_shift, dweight, dbias,
-            *st.ints), st.constexprs, num_warps=st.num_warps, key=st.key)
-    elif not sync and persistent.backward(bw, mean, rstd, scale, shift, gscale, gshift, dweight,
-                                          dbias, training, relu):
+                (geo, plan, bw.int64, relu, training, _dtypes(head)), plan.num_warps, memo))
+        launch(bn_fused_backward_kernel, plan.grid, (*head, *st.ints), st.constexprs,
+               num_warps=st.num_warps, key=st.key)
+    elif not (need_dx or need_dweight or need_dbias):  # the ReLU gate alone (functional's
+        if bw.write_dres and x.numel():             # _ReluGateFunction): no reduction
+            _launch_grad_apply(bw, saved, saved.rstd, saved.rstd, training, relu)  # coefs unused
+    elif not sync and persistent.backward(bw, saved, dweight, dbias, training, relu):
         pass  # opt-in persistent single pass (TRITON_BN_PERSISTENT=1; persistent.py) ran
     else:
         if x.numel() and not sync:  # the reduction's last programs finalize
-            coef_b, coef_c = _launch_grad_reduce(bw, plan, mean, scale, shift, relu, (
-                rstd, gscale, gshift, dweight, dbias, training), memo)
+            coef_b, coef_c = _launch_grad_reduce(bw, plan, saved, relu, (dweight, dbias, training),
+                                                 memo)
         elif x.numel():
-            part_dy, part_dyx = _launch_grad_reduce(bw, plan, mean, scale, shift, relu)
+            part_dy, part_dyx = _launch_grad_reduce(bw, plan, saved, relu)
         else:
             part_dy = torch.zeros((1, geo.S), device=x.device, dtype=acc)
             part_dyx = torch.zeros_like(part_dy)
         if sync:
             # local parameter gradients first, then the dx coefficients from the global sums
-            _launch_grad_finalize(bw, part_dy, part_dyx, mean, rstd, scale, gscale, gshift, dweight,
-                                  dbias, training, None)
+            _launch_grad_finalize(bw, part_dy, part_dyx, saved, dweight, dbias, training, None)
             sums = torch.stack([part_dy.sum(0), part_dyx.sum(0)])
             all_reduce(sums)
-            coef_b, coef_c = _launch_grad_finalize(bw, sums[0:1], sums[1:2], mean, rstd, scale, gscale,
-                                                   gshift, None, None, training, global_count)
+            coef_b, coef_c = _launch_grad_finalize(bw, sums[0:1], sums[1:2], saved, None, None,
+                                                   training, global_count)
         elif not x.numel():
-            coef_b, coef_c = _launch_grad_finalize(bw, part_dy, part_dyx, mean, rstd, scale, gscale,
-                                                   gshift, dweight, dbias, training, None)
+            coef_b, coef_c = _launch_grad_finalize(bw, part_dy, part_dyx, saved, dweight, dbias,
+                                                   training, None)
         if (need_dx or bw.write_dres) and x.numel():
-            _launch_grad_apply(bw, mean, scale, shift, coef_b, coef_c, training, relu, plan, memo)
+            _launch_grad_apply(bw, saved, coef_b, coef_c, training, relu, plan, memo)
         if memo is not None and x.numel() and not sync and bw.prep.inverse_perm is None:
             memo["planned_backward"] = PlannedBackward(bw, plan, training, need_dweight,
                                                        need_dbias, memo)
@@ -783,9 +818,12 @@ def bn_backward(
     return dx, dweight, dbias, dres
 
 
-def backward_memo(memo: dict, dy: torch.Tensor, *needs: bool) -> dict:
-    """The part of a layer's memo for backward calls with dy's layout and these gradients."""
-    key = (dy.stride(), dy.dtype, *needs)
+def backward_memo(memo: dict, dy: torch.Tensor, relu: bool, has_residual: bool, *needs: bool
+                  ) -> dict:
+    """The part of a layer's memo for backward calls with dy's layout, the ReLU and residual as
+    this node sees them (a gated node, functional._ReluGateFunction, sees neither) and these
+    gradients."""
+    key = (dy.stride(), dy.dtype, relu, has_residual, *needs)
     sub = memo.get(key)
     if sub is None:
         sub = memo[key] = {}
@@ -806,7 +844,7 @@ class PlannedForward:
     def __init__(self, fw: _Forward, plan: tuning.TilePlan, hyper, flags: dict, gaffine: bool,
                  memo: dict) -> None:
         geo = fw.geo
-        self.S, self.K, self.acc, self.gaffine = geo.S, geo.K, fw.mean.dtype, gaffine
+        self.S, self.K, self.acc, self.gaffine = geo.S, geo.K, fw.acc, gaffine
         self.grid, self.memo = plan.grid, memo
         if plan.fused:
             self.launches = (memo["fused_forward"],)
@@ -821,13 +859,11 @@ class PlannedForward:
             self.counters = plan.n_channel_tiles + 1
 
     def run(self, x, weight, bias, residual, running_mean, running_var, num_batches_tracked):
-        """(y, mean, rstd, scale, shift, gscale, gshift), as ``bn_forward``'s ForwardResult."""
+        """(y, centre, offset, rstd, gscale, gshift), as ``bn_forward``'s ForwardResult."""
         device, acc, S = x.device, self.acc, self.S
         y = torch.empty_like(x, memory_format=torch.preserve_format)
-        mean = torch.empty(2 * S, device=device, dtype=acc)
+        offset = torch.empty(S, device=device, dtype=acc)
         rstd = torch.empty(S, device=device, dtype=acc)
-        scale = torch.empty(S, device=device, dtype=acc)
-        shift = torch.empty(S, device=device, dtype=acc)
         gscale = gshift = None
         if self.gaffine:
             gscale = torch.empty(self.K, device=device, dtype=acc)
@@ -838,19 +874,20 @@ class PlannedForward:
             st = self.launches[0]
             counter = arrival_counters(device, 1) if self.counters else None
             launch(bn_fused_forward_kernel, self.grid, (
-                x, y, residual, mean, rstd, scale, shift, *tensors, *self.head, counter, *st.ints),
+                x, y, residual, offset, rstd, *tensors, *self.head, counter, *st.ints),
                 st.constexprs, num_warps=st.num_warps, key=st.key)
         else:
             stats, apply = self.launches
             part_sum, part_m2 = scratch(self.memo, "stats_parts", device, acc, self.parts)
             launch(bn_stats_kernel, self.grid, (
-                x, part_sum, part_m2, mean, *stats.ints, arrival_counters(device, self.counters),
-                mean, rstd, scale, shift, *tensors, *self.head),
+                x, part_sum, part_m2, None, *stats.ints, arrival_counters(device, self.counters),
+                offset, rstd, *tensors, *self.head),
                 stats.constexprs, num_warps=stats.num_warps, key=stats.key)
             launch(bn_apply_kernel, self.grid, (
-                x, y, residual, mean, scale, shift, rstd, None, None, None, None, *apply.ints,
-                *self.tail), apply.constexprs, num_warps=apply.num_warps, key=apply.key)
-        return y, mean, rstd, scale, shift, gscale, gshift
+                x, y, residual, None, offset, rstd, weight, bias, gscale, gshift, None, None,
+                *apply.ints, *self.tail), apply.constexprs, num_warps=apply.num_warps,
+                key=apply.key)
+        return y, None, offset, rstd, gscale, gshift
 
 
 class PlannedBackward:
@@ -858,8 +895,8 @@ class PlannedBackward:
     earlier call through ``bn_backward`` (kept in the layer's memo, ``backward_memo``): ``run``
     allocates the gradients and launches what bn_backward launched, with the same arguments."""
 
-    __slots__ = ("K", "grid", "memo", "launches", "need_dweight", "need_dbias",
-                 "training", "scratch_shapes", "counters", "R")
+    __slots__ = ("K", "grid", "memo", "launches", "need_dweight", "need_dbias", "training",
+                 "scratch_shapes", "counters", "R")
 
     def __init__(self, bw: _Backward, plan: tuning.TilePlan, training: bool, need_dweight: bool,
                  need_dbias: bool, memo: dict) -> None:
@@ -873,10 +910,10 @@ class PlannedBackward:
             self.scratch_shapes = ((plan.n_parts, geo.S),) * 2 + ((geo.S,),) * 2
             self.counters = plan.n_channel_tiles
 
-    def run(self, dy, x, residual, mean, rstd, scale, shift, gscale, gshift, need_dx: bool,
-            need_dresidual: bool, relu: bool):
+    def run(self, dy, x, weight, bias, residual, centre, offset, rstd, gscale, gshift,
+            need_dx: bool, need_dresidual: bool, relu: bool):
         """(dx, dweight, dbias, dresidual), as ``bn_backward``."""
-        device, acc = x.device, mean.dtype
+        device, acc = x.device, rstd.dtype
         dx = torch.empty_like(x, memory_format=torch.preserve_format) if need_dx else None
         dres = None
         if need_dresidual:
@@ -886,22 +923,22 @@ class PlannedBackward:
         dbias = torch.empty(self.K, device=device, dtype=acc) if self.need_dbias else None
         if not self.training:  # the pre-gamma affine (renorm, adjustment) exists in training only
             gscale = gshift = None
+        saved = (centre, offset, rstd, weight, bias if relu else None, gscale, gshift)
         if len(self.launches) == 1:
             st = self.launches[0]
             launch(bn_fused_backward_kernel, self.grid, (
-                x, dy, residual, dx, dres_out, mean, rstd, scale, shift, gscale, gshift, dweight,
-                dbias, *st.ints), st.constexprs, num_warps=st.num_warps, key=st.key)
+                x, dy, residual, dx, dres_out, *saved, dweight, dbias, *st.ints),
+                st.constexprs, num_warps=st.num_warps, key=st.key)
         else:
             reduce, apply = self.launches
             part_dy, part_dyx, coef_b, coef_c = scratch(self.memo, "grad_parts", device, acc,
                                                         self.scratch_shapes)
             launch(bn_backward_reduce_kernel, self.grid, (
-                x, dy, residual, mean, scale, shift, part_dy, part_dyx, *reduce.ints,
-                arrival_counters(device, self.counters), rstd, gscale, gshift, coef_b, coef_c,
-                dweight, dbias, self.R), reduce.constexprs, num_warps=reduce.num_warps,
-                key=reduce.key)
+                x, dy, residual, *saved, part_dy, part_dyx, *reduce.ints,
+                arrival_counters(device, self.counters), coef_b, coef_c, dweight, dbias, self.R),
+                reduce.constexprs, num_warps=reduce.num_warps, key=reduce.key)
             if apply is not None:
                 launch(bn_backward_apply_kernel, self.grid, (
-                    x, dy, residual, dx, dres_out, mean, scale, shift, coef_b, coef_c,
-                    *apply.ints), apply.constexprs, num_warps=apply.num_warps, key=apply.key)
+                    x, dy, residual, dx, dres_out, *saved, coef_b, coef_c, *apply.ints),
+                    apply.constexprs, num_warps=apply.num_warps, key=apply.key)
         return dx, dweight, dbias, dres

@@ -223,11 +223,11 @@ def forward(fw, state, relu: bool) -> bool:
     t = p.tiles
 
     def args():
-        part_sum = torch.empty((t.n_parts, geo.S), device=fw.x.device, dtype=fw.mean.dtype)
+        part_sum = torch.empty((t.n_parts, geo.S), device=fw.x.device, dtype=fw.acc)
         part_m2 = torch.empty_like(part_sum)
         xs, ys, zs, st_x, st_y, st_z = fw.views()
-        return (xs, ys, zs, part_sum, part_m2, barrier_counter(fw.x.device), fw.mean, fw.rstd,
-                fw.scale, fw.shift, *tensors, geo.R1, geo.K, t.A, t.B, t.a_chunk, t.b_chunk,
+        return (xs, ys, zs, part_sum, part_m2, barrier_counter(fw.x.device), fw.offset, fw.rstd,
+                *tensors, geo.R1, geo.K, t.A, t.B, t.a_chunk, t.b_chunk,
                 t.b_count, t.n_channel_tiles, t.n_b_parts, hyper,
                 st_x[0], st_x[1], st_x[3], st_y[0], st_y[1], st_y[3], st_z[0], st_z[1], st_z[3])
 
@@ -243,11 +243,10 @@ def forward(fw, state, relu: bool) -> bool:
     return ran
 
 
-def backward(bw, mean, rstd, scale, shift, gscale, gshift, dweight, dbias, training: bool,
-             relu: bool) -> bool:
-    """Runs the persistent training backward of ``bw`` (ops._Backward) when requested and
-    possible (not for sync BN: the caller asks only without it); False leaves it to the split
-    path."""
+def backward(bw, saved, dweight, dbias, training: bool, relu: bool) -> bool:
+    """Runs the persistent training backward of ``bw`` (ops._Backward; ``saved``: ops._Saved)
+    when requested and possible (not for sync BN: the caller asks only without it); False leaves
+    it to the split path."""
     x = bw.prep.tensors[0]
     if not requested() or not training or x.numel() == 0:
         return False
@@ -259,17 +258,18 @@ def backward(bw, mean, rstd, scale, shift, gscale, gshift, dweight, dbias, train
     (xs, dys, zs, dxs, dzs), strides = bw.views()
 
     def args():
-        part_dy = torch.empty((t.n_parts, geo.S), device=x.device, dtype=mean.dtype)
+        part_dy = torch.empty((t.n_parts, geo.S), device=x.device, dtype=saved.rstd.dtype)
         part_dyx = torch.empty_like(part_dy)
-        return (xs, dys, zs, dxs, dzs, part_dy, part_dyx, barrier_counter(x.device), mean, rstd,
-                scale, shift, gscale, gshift, dweight, dbias, geo.R1, geo.K, t.A, t.B, t.a_chunk,
+        return (xs, dys, zs, dxs, dzs, part_dy, part_dyx, barrier_counter(x.device),
+                *saved.args(), dweight, dbias, geo.R1, geo.K, t.A, t.B, t.a_chunk,
                 t.b_chunk, t.n_channel_tiles, t.n_b_parts, geo.R,
                 *(s for st in strides for s in (st[0], st[1], st[3])))
 
     kw = dict(CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, RELU=relu, BLOCK_A=t.BLOCK_A,
               BLOCK_B=t.BLOCK_B, BLOCK_P=BLOCK_P, num_warps=t.num_warps)
     key = ("backward", geo, x.dtype, x.device, bw.int64, relu, bw.has_residual,
-           tuple(a is None for a in (zs, dxs, dzs, gscale, gshift, dweight, dbias)), p)
+           tuple(None if a is None else a.dtype
+                 for a in (zs, dxs, dzs, *saved.args(), dweight, dbias)), p)
     return _run(bn_persistent_backward_kernel, key, t.grid, args, kw)
 
 

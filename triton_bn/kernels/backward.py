@@ -1,7 +1,7 @@
 """Backward kernels: channel sums of dy and dy*(x - mean), their finalize, dx, and a single pass.
 
-With x_hat = (x - mean) * rstd and y = act(x_hat * M + T [+ residual]) (M = gamma * a * r, saved
-as Scale = rstd * M), the gradients are
+With x_hat = (x - mean) * rstd and y = act(x_hat * M + T [+ residual]) (M = gamma * a * r,
+Scale = rstd * M), the gradients are
     dbeta  = sum(g),     dgamma = sum(g * (x_hat * a * r + a * d + b_adj)),  g = dy masked by act'
     training:  dx = Scale * (g - sum(g) / n - x_hat * sum(g * x_hat) / n)     (per ghost group)
     inference: dx = Scale * g
@@ -13,6 +13,12 @@ they sum dy * (x - c) and fold the offset in per channel:
     sum(g * (x - mean)) = sum(g * (x - c)) - o * sum(g),
     dx = Scale * g + CoefB * (x - c) + (CoefC - CoefB * o),
 and CoefC as stored is the latter bracket.
+
+The forward leaves only o (or, without a pivot, the centre: inference, sync BN) and rstd per
+statistic channel, and with renorm or adjustment the pre-gamma affine a * r, a * d + b_adj per
+parameter channel. Each kernel's per-channel prologue reloads c (x's pivot, ``load_centre``)
+and recomputes Scale and the shift of the ReLU mask from them and gamma, beta
+(``channel_coefficients``) exactly as the forward computed them.
 """
 
 import triton
@@ -20,12 +26,13 @@ import triton.language as tl
 
 from .common import (
     channel_block,
+    channel_coefficients,
     finalize_tile,
     given,
     last_tile,
     last_to_arrive,
+    load_centre,
     load_channel_values,
-    load_coefficients,
     program_ranges,
     relu_keep,
     rows_aligned,
@@ -145,25 +152,30 @@ def store_param_grads(c, c_mask, sum_dy, sum_dy_xhat, GScale, GShift, DWeight, D
         tl.store(DBias + c, sum_dy, mask=c_mask)
 
 
-@triton.heuristics({**given(HAS_RESIDUAL="Residual", FINALIZE="Counter", HAS_GAFFINE="GScale",
-                            WRITE_DW="DWeight", WRITE_DB="DBias"),
+@triton.heuristics({**given(HAS_RESIDUAL="Residual", HAS_CENTRE="Centre", HAS_OFFSET="Offset",
+                            HAS_WEIGHT="Weight", HAS_BIAS="Bias", HAS_GAFFINE="GScale",
+                            FINALIZE="Counter", WRITE_DW="DWeight", WRITE_DB="DBias"),
                     "ROWS_FLAT": rows_flat("x", "dy", "z"),
                     "ALIGN": rows_aligned("x", "dy", "z")})
 @triton.jit
 def bn_backward_reduce_kernel(
     X, DY, Residual,               # activation, upstream gradient, residual (RELU mask only)
-    Mean, Scale, Shift,            # [S] fp32 forward coefficients (Mean: its first S, the centres)
+    Centre,                        # [S] the forward's centres (HAS_CENTRE), else x's pivots
+    Offset, Rstd,                  # [S] fp32 forward statistics: mean - centre (HAS_OFFSET), 1/std
+    Weight, Bias, GScale, GShift,  # [K] gamma, beta (RELU only), pre-gamma affine (HAS_GAFFINE)
     PartSumDy, PartSumDyXmu,       # [n_parts, S] fp32 out
     R1, K, S, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts,
     stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
     stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k,
     stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
     Counter,                       # [n_channel_tiles] int32 zeros (FINALIZE); left zeros
-    Rstd, GScale, GShift, CoefB, CoefC, DWeight, DBias, n,  # as bn_backward_finalize_kernel
+    CoefB, CoefC, DWeight, DBias, n,  # as bn_backward_finalize_kernel
     HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, ROWS_FLAT: tl.constexpr,
     ALIGN: tl.constexpr, FINALIZE: tl.constexpr, TRAINING: tl.constexpr,
-    HAS_GAFFINE: tl.constexpr, WRITE_DW: tl.constexpr, WRITE_DB: tl.constexpr,
+    HAS_CENTRE: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_GAFFINE: tl.constexpr, WRITE_DW: tl.constexpr,
+    WRITE_DB: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """A part's sums of dy and dy * (x - centre) per statistic channel. Each lane accumulates
@@ -173,7 +185,7 @@ def bn_backward_reduce_kernel(
     tile (of the grid, with ghost batches) to store its part then adds the tile's parts and writes
     CoefB, CoefC, dgamma and dbeta (finalize_grad_channels), as bn_stats_kernel does forward: one
     launch instead of two."""
-    ACC = Scale.dtype.element_ty
+    ACC = Rstd.dtype.element_ty
     part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
         tl.program_id(0), n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST,
         INT64, ALIGN)
@@ -181,7 +193,11 @@ def bn_backward_reduce_kernel(
     acc_dy_xmu = tl.zeros([BLOCK_A, BLOCK_B], ACC)
     for b0 in range(b_begin, b_end, BLOCK_B):
         bc, bc_mask = channel_block(b0, b_end, s_fixed, S, BLOCK_B, CHANNELS_FAST)
-        mean, scale, shift = load_coefficients(Mean, Scale, Shift, bc, bc_mask, ACC, CHANNELS_FAST)
+        mean = load_centre(Centre, X, bc, bc_mask, K, stride_x_g, stride_x_k, ACC, HAS_CENTRE,
+                           HAS_GROUPS, CHANNELS_FAST)
+        scale, shift = channel_coefficients(Offset, Rstd, Weight, Bias, GScale, GShift, bc, bc_mask,
+                                            K, ACC, HAS_OFFSET, HAS_WEIGHT, HAS_BIAS, HAS_GAFFINE,
+                                            HAS_GROUPS, CHANNELS_FAST)
         a_full = a_begin
         if CHANNELS_FAST:
             # a whole channel tile: its full row tiles need no mask, only the last one does
@@ -242,24 +258,25 @@ def bn_backward_reduce_kernel(
         if last_to_arrive(Counter, slot, expected):
             for c0 in range(c_begin, c_end, BLOCK_C):
                 c = c0 + tl.arange(0, BLOCK_C)
-                finalize_grad_channels(c, c < c_end, PartSumDy, PartSumDyXmu, Mean, Rstd, Scale,
+                finalize_grad_channels(c, c < c_end, PartSumDy, PartSumDyXmu, Offset, Rstd, Weight,
                                        GScale, GShift, CoefB, CoefC, DWeight, DBias, K, S // K,
-                                       n_parts, n, ACC, TRAINING, HAS_GAFFINE, WRITE_DW, WRITE_DB,
-                                       BLOCK_C, BLOCK_P)
+                                       n_parts, n, ACC, TRAINING, HAS_OFFSET, HAS_WEIGHT,
+                                       HAS_GAFFINE, WRITE_DW, WRITE_DB, BLOCK_C, BLOCK_P)
 
 
 @triton.jit
 def finalize_grad_channels(
     c, c_mask,                     # parameter channels (a vector) and their mask
-    PartSumDy, PartSumDyXmu, Mean, Rstd, Scale, GScale, GShift, CoefB, CoefC, DWeight, DBias,
+    PartSumDy, PartSumDyXmu, Offset, Rstd, Weight, GScale, GShift, CoefB, CoefC, DWeight, DBias,
     K, G, n_parts, n,
-    ACC: tl.constexpr, TRAINING: tl.constexpr, HAS_GAFFINE: tl.constexpr,
+    ACC: tl.constexpr, TRAINING: tl.constexpr, HAS_OFFSET: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_GAFFINE: tl.constexpr,
     WRITE_DW: tl.constexpr, WRITE_DB: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """Adds the parts' sums of parameter channels c BLOCK_P parts at a time as a tree (tl.sum of
     a [BLOCK_P, BLOCK_C] tile), the blocks in order (deterministic); writes CoefB, CoefC and the
     parameter gradients. Part loads bypass L1 (other programs of this launch may have written
-    them, see last_to_arrive)."""
+    them, see last_to_arrive). Scale = rstd * [gscale] * [gamma], as channel_coefficients."""
     S = G * K
     total_dy = tl.zeros([BLOCK_C], ACC)
     total_dy_xhat = tl.zeros([BLOCK_C], ACC)
@@ -275,9 +292,16 @@ def finalize_grad_channels(
                                      cache_modifier=".cg"), 0)
             sum_dy_xmu += tl.sum(tl.load(PartSumDyXmu + offs, mask=tile_mask, other=0.0,
                                          cache_modifier=".cg"), 0)
-        offset = tl.load(Mean + S + s, mask=c_mask, other=0.0)
+        offset = tl.zeros([BLOCK_C], ACC)
+        if HAS_OFFSET:
+            offset = tl.load(Offset + s, mask=c_mask, other=0.0)
         rstd = tl.load(Rstd + s, mask=c_mask, other=0.0)
-        scale = tl.load(Scale + s, mask=c_mask, other=0.0)
+        multiplier = tl.full([BLOCK_C], 1.0, ACC)
+        if HAS_GAFFINE:
+            multiplier = tl.load(GScale + c, mask=c_mask, other=0.0).to(ACC)
+        if HAS_WEIGHT:
+            multiplier = multiplier * tl.load(Weight + c, mask=c_mask, other=0.0).to(ACC)
+        scale = rstd * multiplier
         sum_dy_xhat, coef_b, coef_c = channel_grad_terms(sum_dy, sum_dy_xmu, offset, rstd, scale, n,
                                                          TRAINING)
         tl.store(CoefB + s, coef_b, mask=c_mask)
@@ -288,39 +312,45 @@ def finalize_grad_channels(
                       HAS_GAFFINE, WRITE_DW, WRITE_DB)
 
 
-@triton.heuristics(given(N_FROM_PTR="Count", HAS_GAFFINE="GScale", WRITE_DW="DWeight",
-    WRITE_DB="DBias"))
+@triton.heuristics(given(N_FROM_PTR="Count", HAS_OFFSET="Offset", HAS_WEIGHT="Weight",
+    HAS_GAFFINE="GScale", WRITE_DW="DWeight", WRITE_DB="DBias"))
 @triton.jit
 def bn_backward_finalize_kernel(
     PartSumDy, PartSumDyXmu,       # [n_parts, S] fp32 partial sums of dy and dy * (x - centre)
-    Mean,                          # [2 * S] forward centres, then offsets
-    Rstd, Scale,                   # [S] fp32 forward coefficients
+    Offset, Rstd,                  # [S] fp32 forward statistics: mean - centre (HAS_OFFSET), 1/std
+    Weight,                        # [K] gamma (HAS_WEIGHT)
     GScale, GShift,                # [K] fp32 pre-gamma affine (HAS_GAFFINE)
     CoefB, CoefC,                  # [S] fp32 out: dx coefficients
     DWeight, DBias,                # [K] fp32 out
     Count,                         # [1] elements per statistic channel, read when N_FROM_PTR
     K, G, n_parts, n,
-    N_FROM_PTR: tl.constexpr, TRAINING: tl.constexpr, HAS_GAFFINE: tl.constexpr,
-    WRITE_DW: tl.constexpr, WRITE_DB: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    N_FROM_PTR: tl.constexpr, TRAINING: tl.constexpr, HAS_OFFSET: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_GAFFINE: tl.constexpr, WRITE_DW: tl.constexpr,
+    WRITE_DB: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """One program per BLOCK_C parameter channels (finalize_grad_channels): the separate finalize
     of synchronized batch norm (local gradients, then the dx coefficients from global sums)."""
     if N_FROM_PTR:
         n = tl.load(Count)
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    finalize_grad_channels(c, c < K, PartSumDy, PartSumDyXmu, Mean, Rstd, Scale, GScale, GShift,
-                           CoefB, CoefC, DWeight, DBias, K, G, n_parts, n,
-                           Scale.dtype.element_ty, TRAINING, HAS_GAFFINE, WRITE_DW, WRITE_DB,
-                           BLOCK_C, BLOCK_P)
+    finalize_grad_channels(c, c < K, PartSumDy, PartSumDyXmu, Offset, Rstd, Weight, GScale,
+                           GShift, CoefB, CoefC, DWeight, DBias, K, G, n_parts, n,
+                           Rstd.dtype.element_ty, TRAINING, HAS_OFFSET, HAS_WEIGHT, HAS_GAFFINE,
+                           WRITE_DW, WRITE_DB, BLOCK_C, BLOCK_P)
 
 
-@triton.heuristics({**given(HAS_RESIDUAL="Residual", WRITE_DX="DX", WRITE_DRESIDUAL="DResidual"),
+@triton.heuristics({**given(HAS_RESIDUAL="Residual", HAS_CENTRE="Centre", HAS_OFFSET="Offset",
+                            HAS_WEIGHT="Weight", HAS_BIAS="Bias", HAS_GAFFINE="GScale",
+                            WRITE_DX="DX", WRITE_DRESIDUAL="DResidual"),
                     "ROWS_FLAT": rows_flat("x", "dy", "z", "dx", "dz"),
                     "ALIGN": rows_aligned("x", "dy", "z", "dx", "dz")})
 @triton.jit
 def bn_backward_apply_kernel(
     X, DY, Residual, DX, DResidual,
-    Mean, Scale, Shift, CoefB, CoefC,   # [S] fp32 (Mean: its first S, the centres)
+    Centre,                        # [S] the forward's centres (HAS_CENTRE), else x's pivots
+    Offset, Rstd,                  # [S] fp32 forward statistics: mean - centre (HAS_OFFSET), 1/std
+    Weight, Bias, GScale, GShift,  # [K] gamma, beta (RELU only), pre-gamma affine (HAS_GAFFINE)
+    CoefB, CoefC,                  # [S] fp32 dx coefficients (finalize_grad_channels)
     R1, K, S, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts,
     stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
     stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k,
@@ -329,10 +359,12 @@ def bn_backward_apply_kernel(
     stride_dz_r0, stride_dz_r1, stride_dz_g, stride_dz_k,
     HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, TRAINING: tl.constexpr,
+    HAS_CENTRE: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_GAFFINE: tl.constexpr,
     WRITE_DX: tl.constexpr, WRITE_DRESIDUAL: tl.constexpr, ROWS_FLAT: tl.constexpr,
     ALIGN: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
-    ACC = Scale.dtype.element_ty
+    ACC = Rstd.dtype.element_ty
     part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
         tl.program_id(0), n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST,
         INT64, ALIGN)
@@ -342,7 +374,11 @@ def bn_backward_apply_kernel(
     for j in range(0, n_b):
         b0 = b_last - j * BLOCK_B
         bc, bc_mask = channel_block(b0, b_end, s_fixed, S, BLOCK_B, CHANNELS_FAST)
-        mean, scale, shift = load_coefficients(Mean, Scale, Shift, bc, bc_mask, ACC, CHANNELS_FAST)
+        mean = load_centre(Centre, X, bc, bc_mask, K, stride_x_g, stride_x_k, ACC, HAS_CENTRE,
+                           HAS_GROUPS, CHANNELS_FAST)
+        scale, shift = channel_coefficients(Offset, Rstd, Weight, Bias, GScale, GShift, bc, bc_mask,
+                                            K, ACC, HAS_OFFSET, HAS_WEIGHT, HAS_BIAS, HAS_GAFFINE,
+                                            HAS_GROUPS, CHANNELS_FAST)
         coef_b = load_channel_values(CoefB, bc, bc_mask, bc, ACC, CHANNELS_FAST)
         coef_c = load_channel_values(CoefC, bc, bc_mask, bc, ACC, CHANNELS_FAST)
         a_full = a_begin
@@ -482,14 +518,16 @@ def grad_apply_pointers(X, DY, Residual, DX, DResidual, a0, b, s_fixed, R1, K,
     return x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs
 
 
-@triton.heuristics(given(HAS_RESIDUAL="Residual", HAS_GAFFINE="GScale", WRITE_DW="DWeight",
+@triton.heuristics(given(HAS_RESIDUAL="Residual", HAS_CENTRE="Centre", HAS_OFFSET="Offset",
+    HAS_WEIGHT="Weight", HAS_BIAS="Bias", HAS_GAFFINE="GScale", WRITE_DW="DWeight",
     WRITE_DB="DBias", WRITE_DX="DX", WRITE_DRESIDUAL="DResidual"))
 @triton.jit
 def bn_fused_backward_kernel(
     X, DY, Residual, DX, DResidual,
-    Mean,                          # [2 * K] forward centres, then offsets
-    Rstd, Scale, Shift,            # [K] fp32 forward coefficients
-    GScale, GShift, DWeight, DBias,
+    Centre,                        # [K] the forward's centres (HAS_CENTRE), else x's pivots
+    Offset, Rstd,                  # [K] fp32 forward statistics: mean - centre (HAS_OFFSET), 1/std
+    Weight, Bias, GScale, GShift,  # [K] gamma, beta (RELU only), pre-gamma affine (HAS_GAFFINE)
+    DWeight, DBias,                # [K] out
     R1, K, A, B, n,
     stride_x_r0, stride_x_r1, stride_x_k,
     stride_dy_r0, stride_dy_r1, stride_dy_k,
@@ -498,12 +536,13 @@ def bn_fused_backward_kernel(
     stride_dz_r0, stride_dz_r1, stride_dz_k,
     CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, TRAINING: tl.constexpr,
-    HAS_GAFFINE: tl.constexpr, WRITE_DW: tl.constexpr, WRITE_DB: tl.constexpr,
-    WRITE_DX: tl.constexpr, WRITE_DRESIDUAL: tl.constexpr,
+    HAS_CENTRE: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_GAFFINE: tl.constexpr, WRITE_DW: tl.constexpr,
+    WRITE_DB: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DRESIDUAL: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """Single pass (G == 1): x and dy of this program's channels are read once."""
-    ACC = Scale.dtype.element_ty
+    ACC = Rstd.dtype.element_ty
     _, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
         tl.program_id(0), tl.num_programs(0), 1, A, B, A, B, BLOCK_B, CHANNELS_FAST,
         INT64 and not CHANNELS_FAST, 1)  # channels fast: one part, channel tiles << 2**31
@@ -514,11 +553,15 @@ def bn_fused_backward_kernel(
     else:
         c = s_fixed
         c_mask = s_fixed < K
-    mean = load_channel_values(Mean, c, c_mask, c, ACC, CHANNELS_FAST)  # the centre
-    offset = load_channel_values(Mean + K, c, c_mask, c, ACC, CHANNELS_FAST)
+    mean = load_centre(Centre, X, c, c_mask, K, 0, stride_x_k, ACC, HAS_CENTRE, False,
+                       CHANNELS_FAST)
     rstd = load_channel_values(Rstd, c, c_mask, c, ACC, CHANNELS_FAST)
-    scale = load_channel_values(Scale, c, c_mask, c, ACC, CHANNELS_FAST)
-    shift = load_channel_values(Shift, c, c_mask, c, ACC, CHANNELS_FAST)
+    offset = tl.zeros_like(rstd)
+    if HAS_OFFSET:
+        offset = load_channel_values(Offset, c, c_mask, c, ACC, CHANNELS_FAST)
+    scale, shift = channel_coefficients(Offset, Rstd, Weight, Bias, GScale, GShift, c, c_mask, K,
+                                        ACC, HAS_OFFSET, HAS_WEIGHT, HAS_BIAS, HAS_GAFFINE, False,
+                                        CHANNELS_FAST)
     x, dy = load_x_and_gated_dy(
         X, DY, Residual, a, b, s_fixed, mask, mean, scale, shift, R1, K,
         stride_x_r0, stride_x_r1, 0, stride_x_k, stride_dy_r0, stride_dy_r1, 0, stride_dy_k,

@@ -271,13 +271,60 @@ def channel_block(b0, b_end, s_fixed, S, BLOCK_B: tl.constexpr, CHANNELS_FAST: t
 
 
 @triton.jit
-def load_coefficients(Mean, Scale, Shift, bc, bc_mask, ACC: tl.constexpr,
-                      CHANNELS_FAST: tl.constexpr):
-    """The forward's (mean, scale, shift) of the statistic channels bc, broadcastable to a tile."""
-    mean = load_channel_values(Mean, bc, bc_mask, bc, ACC, CHANNELS_FAST)
-    scale = load_channel_values(Scale, bc, bc_mask, bc, ACC, CHANNELS_FAST)
-    shift = load_channel_values(Shift, bc, bc_mask, bc, ACC, CHANNELS_FAST)
-    return mean, scale, shift
+def load_centre(Centre, X, bc, bc_mask, K, stride_x_g, stride_x_k, ACC: tl.constexpr,
+                HAS_CENTRE: tl.constexpr, HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr):
+    """The centre c that the kernels subtract from x (y = (x - c) * scale + shift) of the
+    statistic channels bc, broadcastable to a tile: the saved Centre (inference: the running
+    mean; sync BN: the batch mean), or else x's pivot, the centre of every other training
+    forward, which backward reloads from the saved x instead of keeping a copy."""
+    if HAS_CENTRE:
+        return load_channel_values(Centre, bc, bc_mask, bc, ACC, CHANNELS_FAST)
+    elif HAS_GROUPS:  # load_pivot's element, its group and channel found in 32 bits (a 64-bit
+        s = bc.to(tl.int32)  # division is a subroutine); channel indices are small
+        g = s // K
+        offs = g.to(tl.int64) * stride_x_g + (s - g * K).to(tl.int64) * stride_x_k
+        if CHANNELS_FAST:
+            return tl.load(X + offs, mask=bc_mask, other=0.0).to(ACC)[None, :]
+        else:
+            return tl.load(X + offs).to(ACC)
+    else:
+        return load_pivot(X, bc, bc_mask, bc, K, stride_x_g, stride_x_k, ACC, False,
+                          CHANNELS_FAST)
+
+
+@triton.jit
+def channel_coefficients(Offset, Rstd, Weight, Bias, GScale, GShift, bc, bc_mask, K,
+                         ACC: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, HAS_GAFFINE: tl.constexpr,
+                         HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr):
+    """(scale, shift) of the statistic channels bc, y = (x - centre) * scale + shift, from the
+    saved offset (absent: 0) and rstd and the parameters (parameter channel k = bc % K), in the
+    forward's order of operations (channel_affine_and_update, then the finalize), so that they
+    are the forward's bit for bit, and so is the ReLU mask backward recomputes with them:
+
+        multiplier = [gscale] * [gamma],   base = [gshift] * [gamma] + [beta],
+        scale = rstd * multiplier,         shift = base - offset * scale.
+
+    Without a ReLU the shift is unused (its loads are dead code; callers pass Bias = None)."""
+    k = bc
+    if HAS_GROUPS:  # in 32 bits: channel indices are small (a 64-bit remainder is a subroutine)
+        k = bc.to(tl.int32) % K
+    rstd = load_channel_values(Rstd, bc, bc_mask, bc, ACC, CHANNELS_FAST)
+    multiplier = tl.full(rstd.shape, 1.0, ACC)
+    shift = tl.zeros(rstd.shape, ACC)
+    if HAS_GAFFINE:
+        multiplier = load_channel_values(GScale, k, bc_mask, k, ACC, CHANNELS_FAST)
+        shift = load_channel_values(GShift, k, bc_mask, k, ACC, CHANNELS_FAST)
+    if HAS_WEIGHT:
+        w = load_channel_values(Weight, k, bc_mask, k, ACC, CHANNELS_FAST)
+        multiplier = multiplier * w
+        shift = shift * w
+    if HAS_BIAS:
+        shift += load_channel_values(Bias, k, bc_mask, k, ACC, CHANNELS_FAST)
+    scale = rstd * multiplier
+    if HAS_OFFSET:
+        shift = shift - load_channel_values(Offset, bc, bc_mask, bc, ACC, CHANNELS_FAST) * scale
+    return scale, shift
 
 
 @triton.jit

@@ -3,8 +3,7 @@
 Training, large reductions (two launches, x read twice):
     bn_stats_kernel     -> fp32 partial (sum, M2) per (part, statistic channel), of x - pivot;
                            the last program of a channel tile to finish merges its parts in a
-                           fixed order (finalize_channels): centre, offset, rstd, scale, shift;
-                           running stats
+                           fixed order (finalize_channels): offset, rstd; running stats
     bn_apply_kernel     -> y = act((x - centre) * scale + shift [+ residual])
 Synchronized batch norm merges every process's moments in bn_finalize_kernel (same helper).
 Training, reductions that fit on chip: bn_fused_forward_kernel reads x once and writes y.
@@ -14,13 +13,21 @@ The per-channel maths after the statistics (renorm r/d and clipping, adjustment,
 running-statistic update in either momentum convention) is one helper, ``channel_affine_and_update``,
 used by the finalize and the single-pass kernels alike.
 
-Centre and offset. The batch mean is kept as two numbers per channel, ``Mean[:S]`` = the centre c
-(the channel's pivot sample, or the running mean in inference) and ``Mean[S:]`` = the offset
-o = mean - c, small and accurate. Every kernel subtracts the centre, which is exact for data near
-it, and folds the offset into its per-channel coefficients:
+Centre and offset. In training the batch mean is kept as two numbers per channel: the centre c,
+the channel's pivot sample (x's first element, see load_pivot), and ``Offset`` o = mean - c, small
+and accurate. Every kernel subtracts the centre, which is exact for data near it, and folds the
+offset into its per-channel coefficients:
     y = (x - mean) * scale + shift = (x - c) * scale + (shift - o * scale)
-so Shift holds shift - o * scale. Data such as 1000 + 0.01 * noise then keep their digits in y and
-in the gradients instead of losing them to a mean rounded at 1000.
+Data such as 1000 + 0.01 * noise then keep their digits in y and in the gradients instead of losing
+them to a mean rounded at 1000. The centre is not stored: every kernel reloads it from x
+(load_centre). Where there is no pivot, the centre is the mean itself, stored in ``Centre``, and
+the offset is 0: inference (the running mean) and sync BN (the merged batch mean).
+
+What a forward leaves for backward is thus 8 bytes per statistic channel in fp32, as torch's
+mean and invstd: (offset, rstd), or (centre, rstd); and with renorm or the Keras adjustment the
+pre-gamma affine (GScale, GShift) per parameter channel. scale and shift are recomputed from them
+and the parameters by every kernel that needs them (channel_coefficients), in the forward's order
+of operations: the same bits, so the ReLU mask backward recomputes is the forward's.
 """
 
 import triton
@@ -30,12 +37,14 @@ from .common import (
     apply_activation,
     chan_merge,
     channel_block,
+    channel_coefficients,
+    channel_offset,
     finalize_tile,
     given,
     last_tile,
     last_to_arrive,
+    load_centre,
     load_channel_values,
-    load_coefficients,
     load_pivot,
     mean_from_sum,
     program_ranges,
@@ -217,20 +226,21 @@ def lane_sums(X, shift, a_begin, a_end, b_begin, b_end, s_fixed, R1, K,
 
 
 @triton.heuristics({"ROWS_FLAT": rows_flat("x"), "ALIGN": rows_aligned("x"),
-                    **given(FINALIZE="Counter", HAS_WEIGHT="Weight", HAS_BIAS="Bias",
-                            HAS_ADJUST="AdjScale", SAVE_GAFFINE="GScale")})
+                    **given(STORE_PIVOT="Pivot", FINALIZE="Counter", HAS_WEIGHT="Weight",
+                            HAS_BIAS="Bias", HAS_ADJUST="AdjScale", SAVE_GAFFINE="GScale")})
 @triton.jit
 def bn_stats_kernel(
     X,                    # activation, addressed through its strides
     PartSum, PartM2,      # [n_parts, S] out: per-part sum of (x - Pivot) and M2 of each channel
-    Pivot,                # [S] out: the sample each channel's sums are taken relative to
+    Pivot,                # [S] out (STORE_PIVOT): the sample each channel's sums are relative to
     R1, K, S, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts,
     stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
     Counter,              # [n_channel_tiles + 1] int32 zeros (FINALIZE); left zeros
-    Mean, Rstd, Scale, Shift, Weight, Bias, AdjScale, AdjBias, GScale, GShift,  # as bn_finalize_kernel
+    Offset, Rstd,         # [S] out (FINALIZE): batch mean - pivot, 1/std
+    Weight, Bias, AdjScale, AdjBias, GScale, GShift,  # as bn_finalize_kernel
     RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd, Hyper,
     HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
-    ROWS_FLAT: tl.constexpr, ALIGN: tl.constexpr,
+    ROWS_FLAT: tl.constexpr, ALIGN: tl.constexpr, STORE_PIVOT: tl.constexpr,
     FINALIZE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_ADJUST: tl.constexpr, RENORM: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
     UNBIASED: tl.constexpr, CUMULATIVE: tl.constexpr, SAVE_GAFFINE: tl.constexpr,
@@ -250,7 +260,7 @@ def bn_stats_kernel(
     mean, and takes M2 from those sums (the two-pass algorithm; rare, and read from L2).
 
     With FINALIZE the program that stores a channel tile's last part (``last_to_arrive``) then
-    merges that tile's parts and writes its coefficients and running statistics, as
+    merges that tile's parts and writes its offsets, rstd and running statistics, as
     bn_finalize_kernel would: one launch instead of two. Ghost batches (a parameter channel's groups
     lie in different tiles) wait for the last program of the whole grid instead, which finalizes
     every channel. COUNT_BATCH: the last tile to finalize adds this batch to NumBatches (after
@@ -297,12 +307,12 @@ def bn_stats_kernel(
         b = b_begin + tl.arange(0, BLOCK_B)
         tl.store(PartSum + part * S + b, total, mask=b < b_end)
         tl.store(PartM2 + part * S + b, m2, mask=b < b_end)
-        if part == 0:
+        if STORE_PIVOT and part == 0:
             tl.store(Pivot + b, tl.reshape(pivot, [BLOCK_B]), mask=b < b_end)
     else:
         tl.store(PartSum + part * S + s_fixed, total)
         tl.store(PartM2 + part * S + s_fixed, m2)
-        if part == 0:
+        if STORE_PIVOT and part == 0:
             tl.store(Pivot + s_fixed, pivot)
     if FINALIZE:
         slot, expected, c_begin, c_end, n_parts = finalize_tile(
@@ -315,11 +325,11 @@ def bn_stats_kernel(
             for c0 in range(c_begin, c_end, BLOCK_C):
                 c = c0 + tl.arange(0, BLOCK_C)
                 finalize_channels(
-                    c, c < c_end, PartSum, PartM2, PartSum, Pivot, Mean, Rstd, Scale, Shift,
-                    Weight, Bias, AdjScale, AdjBias, GScale, GShift,
+                    c, c < c_end, PartSum, PartM2, PartSum, X, stride_x_g, stride_x_k, Offset,
+                    Rstd, Weight, Bias, AdjScale, AdjBias, GScale, GShift,
                     RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd,
                     K, S // K, n_parts, n_b_parts, A, a_chunk, b_count, b_chunk, Hyper,
-                    ACC, False, True, HAS_WEIGHT, HAS_BIAS, HAS_ADJUST, RENORM, UPDATE_RUNNING,
+                    ACC, False, True, HAS_GROUPS, HAS_WEIGHT, HAS_BIAS, HAS_ADJUST, RENORM, UPDATE_RUNNING,
                     UNBIASED, CUMULATIVE, SAVE_GAFFINE, COUNT_BATCH, BLOCK_C, BLOCK_P)
             if COUNT_BATCH:
                 if HAS_GROUPS:  # the only finalizing program
@@ -397,20 +407,26 @@ def count_batch(NumBatches):
 @triton.jit
 def finalize_channels(
     c, c_mask,                     # parameter channels (a vector) and their mask
-    PartStat, PartM2, PartCount, Pivot, Mean, Rstd, Scale, Shift,
+    PartStat, PartM2, PartCount,
+    X, stride_x_g, stride_x_k,     # HAS_PIVOT: the parts are of x - pivot (x's first element)
+    Stat,                          # [S] out: the offsets (HAS_PIVOT), else the means (centres)
+    Rstd,                          # [S] out
     Weight, Bias, AdjScale, AdjBias, GScale, GShift,
     RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd,
     K, G, n_parts, n_b_parts, A, a_chunk, B_count, b_chunk, Hyper,
     ACC: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PIVOT: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADJUST: tl.constexpr,
+    HAS_GROUPS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADJUST: tl.constexpr,
     RENORM: tl.constexpr, UPDATE_RUNNING: tl.constexpr, UNBIASED: tl.constexpr,
     CUMULATIVE: tl.constexpr, SAVE_GAFFINE: tl.constexpr, COUNT_BATCH: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """Merges the parts of parameter channels c (merge_parts) and writes their centre, offset,
-    Rstd, Scale and Shift; updates the running statistics. With ghost batches (G > 1) each group is
-    normalized by its own statistics while the running statistics and renorm r/d use the mean over
-    groups of the means and biased variances."""
+    """Merges the parts of parameter channels c (merge_parts) and writes, per statistic channel,
+    Rstd and either the offset of the mean from x's pivot (HAS_PIVOT: the parts are of x - pivot)
+    or the mean itself (the parts are of x: sync BN's merged moments), which is then the centre
+    the kernels subtract; updates the running statistics (and GScale / GShift). With ghost batches
+    (G > 1) each group is normalized by its own statistics while the running statistics and renorm
+    r/d use the mean over groups of the means and biased variances. scale and shift are not
+    stored: the kernels recompute them (channel_coefficients)."""
     S = G * K
     eps = tl.load(Hyper)
     sum_mean = tl.zeros([BLOCK_C], ACC)
@@ -424,44 +440,32 @@ def finalize_channels(
         var = m2 / tl.maximum(n, 1.0)
         offset = total / tl.maximum(n, 1.0)
         centre = tl.zeros_like(offset)
-        if HAS_PIVOT:
-            centre = tl.load(Pivot + s, mask=c_mask, other=0.0, cache_modifier=".cg")
-        tl.store(Mean + s, centre, mask=c_mask)
-        tl.store(Mean + S + s, offset, mask=c_mask)
+        if HAS_PIVOT:  # the pivot, as load_pivot reads it (64-bit offsets: s * stride can pass 2**31)
+            pivot_offs = channel_offset(s.to(tl.int64), K, stride_x_g, stride_x_k, HAS_GROUPS)
+            centre = tl.load(X + pivot_offs, mask=c_mask, other=0.0).to(ACC)
+        tl.store(Stat + s, offset, mask=c_mask)
         tl.store(Rstd + s, 1.0 / sqrt_rn(var + eps), mask=c_mask)
         sum_mean += mean_from_sum(centre, total, n)
         sum_var += var
-    multiplier, shift = channel_affine_and_update(
+    channel_affine_and_update(
         c, c_mask, sum_mean / G, sum_var / G, n, Weight, Bias, AdjScale, AdjBias, GScale, GShift,
         RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd, Hyper,
         HAS_WEIGHT, HAS_BIAS, HAS_ADJUST, RENORM, UPDATE_RUNNING, UNBIASED, CUMULATIVE, SAVE_GAFFINE,
         COUNT_BATCH)
-    # Rstd and the offset were stored above by other threads than may read them back below: a
-    # block barrier makes those global stores visible (the same threads own the same channels
-    # today, but nothing in Triton's layout rules promises it)
-    tl.debug_barrier()
-    for g in range(G):
-        s = g * K + c
-        scale = tl.load(Rstd + s, mask=c_mask, other=0.0) * multiplier
-        tl.store(Scale + s, scale, mask=c_mask)
-        tl.store(Shift + s, shift - tl.load(Mean + S + s, mask=c_mask, other=0.0) * scale,
-                 mask=c_mask)
 
 
-@triton.heuristics(given(HAS_COUNTS="PartCount", HAS_PIVOT="Pivot", HAS_WEIGHT="Weight",
-    HAS_BIAS="Bias", HAS_ADJUST="AdjScale", SAVE_GAFFINE="GScale"))
+@triton.heuristics(given(HAS_COUNTS="PartCount", HAS_WEIGHT="Weight", HAS_BIAS="Bias",
+    HAS_ADJUST="AdjScale", SAVE_GAFFINE="GScale"))
 @triton.jit
 def bn_finalize_kernel(
     PartStat, PartM2,              # [n_parts, S] partial statistics (see merge_parts)
     PartCount,                     # [n_parts] element count of each part (HAS_COUNTS)
-    Pivot,                         # [S] the parts are of x - Pivot (HAS_PIVOT), else of x
-    Mean,                          # [2 * S] out: S centres (the pivots), S offsets = batch mean - centre
-    Rstd, Scale, Shift,            # [S] out: 1/std; y = (x - centre) * Scale + Shift
+    Centre, Rstd,                  # [S] out: the batch mean (the centre the kernels subtract), 1/std
     Weight, Bias, AdjScale, AdjBias, GScale, GShift,
     RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd,
     K, G, n_parts, n_b_parts, A, a_chunk, B_count, b_chunk,
     Hyper,                         # [6] see HYPER_FIELDS
-    HAS_COUNTS: tl.constexpr, HAS_PIVOT: tl.constexpr,
+    HAS_COUNTS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADJUST: tl.constexpr,
     RENORM: tl.constexpr, UPDATE_RUNNING: tl.constexpr, UNBIASED: tl.constexpr,
     CUMULATIVE: tl.constexpr, SAVE_GAFFINE: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -471,11 +475,11 @@ def bn_finalize_kernel(
     synchronized batch norm, whose parts are every process's moments."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     finalize_channels(
-        c, c < K, PartStat, PartM2, PartCount, Pivot, Mean, Rstd, Scale, Shift,
+        c, c < K, PartStat, PartM2, PartCount, None, 0, 0, Centre, Rstd,
         Weight, Bias, AdjScale, AdjBias, GScale, GShift,
         RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd,
         K, G, n_parts, n_b_parts, A, a_chunk, B_count, b_chunk, Hyper,
-        PartStat.dtype.element_ty, HAS_COUNTS, HAS_PIVOT, HAS_WEIGHT, HAS_BIAS, HAS_ADJUST,
+        PartStat.dtype.element_ty, HAS_COUNTS, False, False, HAS_WEIGHT, HAS_BIAS, HAS_ADJUST,
         RENORM, UPDATE_RUNNING, UNBIASED, CUMULATIVE, SAVE_GAFFINE, False, BLOCK_C, BLOCK_P)
 
 
@@ -502,30 +506,37 @@ def apply_tile(X, Y, Residual, a0, b0, a_end, b_end, s_fixed, mean, scale, shift
     tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=mask, cache_modifier=".cs")
 
 
-@triton.heuristics({**given(HAS_RESIDUAL="Residual", FROM_RUNNING="RunMean", HAS_WEIGHT="Weight",
-                            KEEP_COEFFS="Rstd",
-    HAS_BIAS="Bias"), "ROWS_FLAT": rows_flat("x", "y", "z"), "ALIGN": rows_aligned("x", "y", "z")})
+@triton.heuristics({**given(HAS_RESIDUAL="Residual", HAS_CENTRE="Centre", HAS_OFFSET="Offset",
+                            KEEP_STATS="Rstd", HAS_WEIGHT="Weight", HAS_BIAS="Bias",
+                            HAS_GAFFINE="GScale", FROM_RUNNING="RunMean"),
+                    "ROWS_FLAT": rows_flat("x", "y", "z"), "ALIGN": rows_aligned("x", "y", "z")})
 @triton.jit
 def bn_apply_kernel(
     X, Y, Residual,                # activation in, output, optional residual added before the act.
-    Mean,                          # [2 * S] centres, offsets (out when FROM_RUNNING, if kept)
-    Scale, Shift,                  # [S] fp32 coefficients (likewise)
-    Rstd,                          # [S] fp32 (out when FROM_RUNNING; None: nothing kept)
-    RunMean, RunVar, Weight, Bias,  # [K] for FROM_RUNNING (inference)
+    Centre,                        # [S] centres (HAS_CENTRE; out when FROM_RUNNING), else x's pivots
+    Offset,                        # [S] batch mean - centre (HAS_OFFSET), else 0
+    Rstd,                          # [S] 1/std (out when FROM_RUNNING; None there: nothing kept)
+    Weight, Bias,                  # [K] gamma, beta
+    GScale, GShift,                # [K] the pre-gamma affine (HAS_GAFFINE: renorm, adjustment)
+    RunMean, RunVar,               # [K] for FROM_RUNNING (inference)
     R1, K, S, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts,
     Hyper,                         # [6] see HYPER_FIELDS (eps, for FROM_RUNNING)
     stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
     stride_y_r0, stride_y_r1, stride_y_g, stride_y_k,
     stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
     HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, FROM_RUNNING: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, KEEP_COEFFS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, HAS_CENTRE: tl.constexpr,
+    HAS_OFFSET: tl.constexpr, KEEP_STATS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_GAFFINE: tl.constexpr, FROM_RUNNING: tl.constexpr,
     ROWS_FLAT: tl.constexpr, ALIGN: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
+    """y = act((x - centre) * scale + shift [+ residual]): training, from the finalized
+    statistics (scale and shift recomputed, channel_coefficients); inference (FROM_RUNNING), from
+    the running statistics, keeping the running mean (the centre) and rstd for backward."""
     if FROM_RUNNING:
         ACC = Hyper.dtype.element_ty
     else:
-        ACC = Scale.dtype.element_ty
+        ACC = Rstd.dtype.element_ty
     part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
         tl.program_id(0), n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST,
         INT64, ALIGN)
@@ -540,23 +551,20 @@ def bn_apply_kernel(
         shift = tl.zeros_like(scale)
         if HAS_BIAS:
             shift += load_channel_values(Bias, bc, bc_mask, bc, ACC, CHANNELS_FAST)
-        # the coefficients backward needs; the centre is the running mean, the offset 0
-        if KEEP_COEFFS and part == 0:
+        # what backward needs: the centre is the running mean (the offset 0), and rstd
+        if KEEP_STATS and part == 0:
             if CHANNELS_FAST:
-                tl.store(Mean + bc[None, :], mean, mask=bc_mask[None, :])
-                tl.store(Mean + S + bc[None, :], tl.zeros_like(mean), mask=bc_mask[None, :])
+                tl.store(Centre + bc[None, :], mean, mask=bc_mask[None, :])
                 tl.store(Rstd + bc[None, :], rstd, mask=bc_mask[None, :])
-                tl.store(Scale + bc[None, :], scale, mask=bc_mask[None, :])
-                tl.store(Shift + bc[None, :], shift, mask=bc_mask[None, :])
             else:
-                tl.store(Mean + bc, mean)
-                tl.store(Mean + S + bc, tl.zeros_like(mean))
+                tl.store(Centre + bc, mean)
                 tl.store(Rstd + bc, rstd)
-                tl.store(Scale + bc, scale)
-                tl.store(Shift + bc, shift)
     else:
-        mean, scale, shift = load_coefficients(Mean, Scale, Shift, bc, bc_mask, ACC,
-                                               CHANNELS_FAST)
+        mean = load_centre(Centre, X, bc, bc_mask, K, stride_x_g, stride_x_k, ACC, HAS_CENTRE,
+                           HAS_GROUPS, CHANNELS_FAST)
+        scale, shift = channel_coefficients(Offset, Rstd, Weight, Bias, GScale, GShift, bc, bc_mask,
+                                            K, ACC, HAS_OFFSET, HAS_WEIGHT, HAS_BIAS, HAS_GAFFINE,
+                                            HAS_GROUPS, CHANNELS_FAST)
     # backwards, in reverse order of bn_stats_kernel's walk of the same partition (training):
     # the tiles it read last are still in L2
     a_last, n_a = last_tile(a_begin, a_end, BLOCK_A)
@@ -577,8 +585,7 @@ def bn_apply_kernel(
 @triton.jit
 def bn_fused_forward_kernel(
     X, Y, Residual,
-    Mean,                          # [2 * K] out: centres (the pivots), offsets = batch mean - centre
-    Rstd, Scale, Shift,            # [K] fp32 out; y = (x - centre) * Scale + Shift
+    Offset, Rstd,                  # [K] fp32 out: batch mean - centre (x's pivot), 1/std
     Weight, Bias, AdjScale, AdjBias, GScale, GShift,
     RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd,
     R1, K, A, B,
@@ -596,7 +603,7 @@ def bn_fused_forward_kernel(
 ):
     """Single pass: the whole reduced slice of this program's channels is one tile in registers
     (no ghost batches here: G == 1)."""
-    ACC = Mean.dtype.element_ty
+    ACC = Offset.dtype.element_ty
     _, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
         tl.program_id(0), tl.num_programs(0), 1, A, B, A, B, BLOCK_B, CHANNELS_FAST,
         INT64 and not CHANNELS_FAST, 1)  # channels fast: one part, channel tiles << 2**31
@@ -627,12 +634,9 @@ def bn_fused_forward_kernel(
         if last_to_arrive(Counter, 0, tl.num_programs(0)):
             count_batch(NumBatches)
     scale = rstd * multiplier
-    shift = shift - offset * scale  # y = (x - centre) * scale + shift
-    tl.store(Mean + c, centre, mask=c_mask)
-    tl.store(Mean + K + c, offset, mask=c_mask)  # Mean is [2 * K] (G == 1)
+    shift = shift - offset * scale  # y = (x - centre) * scale + shift, as channel_coefficients
+    tl.store(Offset + c, offset, mask=c_mask)
     tl.store(Rstd + c, rstd, mask=c_mask)
-    tl.store(Scale + c, scale, mask=c_mask)
-    tl.store(Shift + c, shift, mask=c_mask)
     if CHANNELS_FAST:
         scale = scale[None, :]
         shift = shift[None, :]

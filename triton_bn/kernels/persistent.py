@@ -9,8 +9,8 @@ bn_persistent_forward_kernel, one launch of co-resident programs (a cooperative 
     3. every program merges all parts of its channels in the same fixed order (merge_parts:
        deterministic, no float atomics, the same result in every program), derives the
        coefficients with channel_affine_and_update and normalizes the tile still in registers;
-       y is written once. Only the part-0 program of a channel writes Mean/Rstd/Scale/Shift
-       and updates the running statistics (exactly one writer per channel).
+       y is written once. Only the part-0 program of a channel writes Offset/Rstd and updates
+       the running statistics (exactly one writer per channel).
 Bytes moved: x read once, y written once (2 per element, against 3 on the split path).
 bn_persistent_backward_kernel does the same with x and dy (sums of dy and dy * (x - centre)
 through the barrier; 3 bytes per element moved against 5).
@@ -33,8 +33,9 @@ from .backward import channel_grad_terms, load_x_and_gated_dy, store_param_grads
 from .common import (
     apply_activation,
     chan_merge,
+    channel_coefficients,
     given,
-    load_channel_values,
+    load_centre,
     load_pivot,
     mean_from_sum,
     program_ranges,
@@ -81,8 +82,7 @@ def bn_persistent_forward_kernel(
     X, Y, Residual,                # activation in, output, optional residual added before the act.
     PartSum, PartM2,               # [n_parts, K] fixed slots: each part's sum of x - pivot and M2
     Bar,                           # [1] int32 barrier counter (self-resetting, see grid_barrier)
-    Mean,                          # [2 * K] out: centres (the pivots), offsets = batch mean - centre
-    Rstd, Scale, Shift,            # [K] out; y = (x - centre) * Scale + Shift
+    Offset, Rstd,                  # [K] out: batch mean - centre (x's pivot), 1/std
     Weight, Bias, AdjScale, AdjBias, GScale, GShift,
     RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd,
     R1, K, A, B, a_chunk, b_chunk, B_count, n_channel_tiles, n_b_parts,
@@ -101,7 +101,7 @@ def bn_persistent_forward_kernel(
 ):
     """No ghost batches (G == 1, S == K) and no renorm (RENORM == 0); a_chunk == BLOCK_A and,
     reduction fast, b_chunk == BLOCK_B: a program's share is exactly one tile."""
-    ACC = Mean.dtype.element_ty
+    ACC = Offset.dtype.element_ty
     pid = tl.program_id(0)
     part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
         pid, n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST, INT64, 1)
@@ -160,13 +160,10 @@ def bn_persistent_forward_kernel(
                 HAS_WEIGHT, HAS_BIAS, HAS_ADJUST, RENORM, False, UNBIASED, CUMULATIVE, False,
                 COUNT_BATCH)
         scale = rstd * multiplier
-        shift = shift - offset * scale  # y = (x - centre) * scale + shift
+        shift = shift - offset * scale  # y = (x - centre) * scale + shift, as channel_coefficients
         if part == 0:
-            tl.store(Mean + c, centre, mask=c_mask)
-            tl.store(Mean + K + c, offset, mask=c_mask)
+            tl.store(Offset + c, offset, mask=c_mask)
             tl.store(Rstd + c, rstd, mask=c_mask)
-            tl.store(Scale + c, scale, mask=c_mask)
-            tl.store(Shift + c, shift, mask=c_mask)
         if CHANNELS_FAST:
             scale = scale[None, :]
             shift = shift[None, :]
@@ -199,16 +196,18 @@ def sum_parts(PartA, PartB, c, c_mask, S, n_parts, ACC: tl.constexpr, BLOCK_C: t
     return total_a, total_b
 
 
-@triton.heuristics(given(HAS_RESIDUAL="Residual", HAS_GAFFINE="GScale", WRITE_DW="DWeight",
+@triton.heuristics(given(HAS_RESIDUAL="Residual", HAS_CENTRE="Centre", HAS_OFFSET="Offset",
+    HAS_WEIGHT="Weight", HAS_BIAS="Bias", HAS_GAFFINE="GScale", WRITE_DW="DWeight",
     WRITE_DB="DBias", WRITE_DX="DX", WRITE_DRESIDUAL="DResidual"))
 @triton.jit
 def bn_persistent_backward_kernel(
     X, DY, Residual, DX, DResidual,
     PartSumDy, PartSumDyXc,        # [n_parts, K] fixed slots: each part's sums of g and g * (x - c)
     Bar,                           # [1] int32 barrier counter (see grid_barrier)
-    Mean,                          # [2 * K] forward centres, then offsets
-    Rstd, Scale, Shift,            # [K] fp32 forward coefficients
-    GScale, GShift, DWeight, DBias,
+    Centre,                        # [K] the forward's centres (HAS_CENTRE), else x's pivots
+    Offset, Rstd,                  # [K] fp32 forward statistics: mean - centre (HAS_OFFSET), 1/std
+    Weight, Bias, GScale, GShift,  # [K] gamma, beta (RELU only), pre-gamma affine (HAS_GAFFINE)
+    DWeight, DBias,                # [K] out
     R1, K, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts, n,
     stride_x_r0, stride_x_r1, stride_x_k,
     stride_dy_r0, stride_dy_r1, stride_dy_k,
@@ -217,8 +216,9 @@ def bn_persistent_backward_kernel(
     stride_dz_r0, stride_dz_r1, stride_dz_k,
     CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
-    HAS_GAFFINE: tl.constexpr, WRITE_DW: tl.constexpr, WRITE_DB: tl.constexpr,
-    WRITE_DX: tl.constexpr, WRITE_DRESIDUAL: tl.constexpr,
+    HAS_CENTRE: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_GAFFINE: tl.constexpr, WRITE_DW: tl.constexpr,
+    WRITE_DB: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DRESIDUAL: tl.constexpr,
     PHASE: tl.constexpr,           # as in bn_persistent_forward_kernel
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
@@ -227,7 +227,7 @@ def bn_persistent_backward_kernel(
     slots, waits at the grid barrier, adds every part's sums in a fixed order and writes dx (and
     the residual's gradient) from the tiles in registers; the part-0 program of a channel writes
     dgamma and dbeta. The maths is bn_fused_backward_kernel's (see backward.py)."""
-    ACC = Scale.dtype.element_ty
+    ACC = Rstd.dtype.element_ty
     pid = tl.program_id(0)
     part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
         pid, n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST, INT64, 1)
@@ -241,9 +241,11 @@ def bn_persistent_backward_kernel(
         c = s_fixed + tl.arange(0, 1)  # the channel as a vector (sum_parts), and as a scalar
         c_mask = c < K
         cs = s_fixed
-    mean = load_channel_values(Mean, cs, c_mask, cs, ACC, CHANNELS_FAST)  # the centre
-    scale = load_channel_values(Scale, cs, c_mask, cs, ACC, CHANNELS_FAST)
-    shift = load_channel_values(Shift, cs, c_mask, cs, ACC, CHANNELS_FAST)
+    mean = load_centre(Centre, X, cs, c_mask, K, 0, stride_x_k, ACC, HAS_CENTRE, False,
+                       CHANNELS_FAST)
+    scale, shift = channel_coefficients(Offset, Rstd, Weight, Bias, GScale, GShift, cs, c_mask, K,
+                                        ACC, HAS_OFFSET, HAS_WEIGHT, HAS_BIAS, HAS_GAFFINE, False,
+                                        CHANNELS_FAST)
     x, g = load_x_and_gated_dy(
         X, DY, Residual, a, b, s_fixed, mask, mean, scale, shift, R1, K,
         stride_x_r0, stride_x_r1, 0, stride_x_k, stride_dy_r0, stride_dy_r1, 0, stride_dy_k,
@@ -269,9 +271,16 @@ def bn_persistent_backward_kernel(
         else:
             sum_dy, sum_dy_xc = sum_parts(PartSumDy, PartSumDyXc, c, c_mask, K, n_parts, ACC, 1,
                                           BLOCK_P)
-        offset = tl.load(Mean + K + c, mask=c_mask, other=0.0).to(ACC)
         rstd = tl.load(Rstd + c, mask=c_mask, other=0.0).to(ACC)
-        scale_c = tl.load(Scale + c, mask=c_mask, other=0.0).to(ACC)
+        offset = tl.zeros_like(rstd)
+        if HAS_OFFSET:
+            offset = tl.load(Offset + c, mask=c_mask, other=0.0).to(ACC)
+        multiplier = tl.full(rstd.shape, 1.0, ACC)  # Scale / rstd, as channel_coefficients
+        if HAS_GAFFINE:
+            multiplier = tl.load(GScale + c, mask=c_mask, other=0.0).to(ACC)
+        if HAS_WEIGHT:
+            multiplier = multiplier * tl.load(Weight + c, mask=c_mask, other=0.0).to(ACC)
+        scale_c = rstd * multiplier
         sum_dy_xhat, coef_b, coef_c = channel_grad_terms(sum_dy, sum_dy_xc, offset, rstd, scale_c,
                                                          n, True)
         if part == 0:  # one writer per channel
