@@ -390,7 +390,8 @@ def _plan_tiles(geo: Geometry, kind: str, device: torch.device, dtype: torch.dty
         # backward tiles of 128 channels: 64 x 128 on 8 warps, 32 elements per thread like
         # 64 x 64 on 4 (32 x 128 on 4 warps spilled 16 B on sm_90; on 8 its loops were longer
         # per element), unless the warps are tuned or forced (the tuner and the sweeps set both)
-        wide_backward = kind == "backward" and block_b >= 128 and kn.num_warps is None
+        wide_backward = (kind == "backward" and block_b >= 128 and kn.num_warps is None
+                         and dtype != torch.float64)
         block_a = max(1, min(next_pow2(A), (2 if wide_backward else 1) * tile // block_b))
         n_channel_tiles = cdiv(B, block_b)
         b_tiles = 1
@@ -422,13 +423,14 @@ def _plan_tiles(geo: Geometry, kind: str, device: torch.device, dtype: torch.dty
     # per thread; at 32 the fp32 loops were longer per element). Channels fast, 32 elements per
     # thread (4 warps; 8 for the wide tiles above): the loops carry pointers and read whole
     # tiles unmasked, and a tile's fixed cost (addresses, loop) is spread over twice the
-    # elements of 16 per thread, with no spill on sm_90 (perf/README.md, issue #10).
+    # elements of 16 per thread, with no spill on sm_90 (perf/README.md, issue #10). float64
+    # keeps 16 per thread (at 32 its synchronized reduction spilled 68 B on sm_90, triton 3.9).
     if kn.num_warps:
         warps = kn.num_warps
     elif wide_backward:
         warps = 8
     else:
         warps = 8 if (kind == "backward" and block_a * block_b >= 4096
-                      and not geo.channels_fast) else 4
+                      and (not geo.channels_fast or dtype == torch.float64)) else 4
     return TilePlan(False, block_a, block_b, A, B, a_chunk, b_chunk, n_channel_tiles, n_a, n_b,
                     warps)
