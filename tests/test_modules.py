@@ -388,3 +388,39 @@ def test_planned_residual_relu_calls_match_torch(fused):
             for a, b in zip(*grads):
                 assert_close(a, b, **F32)
             _assert_same_state(ours, ref)
+
+
+def test_planned_backward_with_another_thread_between_its_launches(monkeypatch):
+    """A layer's split backward writes its dx coefficients to scratch in one launch and reads them
+    in the next; another host thread's backward running between the two (its own layer, its own
+    coefficients) must not clobber them (ops.scratch keeps a buffer per thread)."""
+    import threading
+
+    from triton_bn import ops, tuning
+
+    torch.manual_seed(2)
+    main, other = (_pair(BatchNorm2d, nn.BatchNorm2d, 6) for _ in range(2))
+    x, dy = torch.randn(4, 6, 5, 3) * 2 + 1, torch.randn(4, 6, 5, 3)
+    x2, dy2 = torch.randn(4, 6, 5, 3) - 3, torch.randn(4, 6, 5, 3) * 5
+    launch, fired = ops.launch, []
+
+    def launch_then_other_thread(kernel, *args, **kwargs):
+        launch(kernel, *args, **kwargs)
+        if kernel is ops.bn_backward_reduce_kernel and threading.current_thread() is \
+                threading.main_thread() and not fired:
+            fired.append(1)
+            t = threading.Thread(target=lambda: _step(other[0], x2, dy2))
+            t.start()
+            t.join()
+
+    with tuning.override(force_fused=False, parts=3):
+        for m in (main[0], other[0]):  # plan both layers (first and second calls)
+            for _ in range(2):
+                _step(m, x, dy)
+        monkeypatch.setattr(ops, "launch", launch_then_other_thread)
+        y, dx = _step(main[0], x, dy)
+    assert fired
+    for _ in range(3):
+        y_ref, dx_ref = _step(main[1], x, dy)
+    assert_close(y, y_ref, **F32)
+    assert_close(dx, dx_ref, **F32)

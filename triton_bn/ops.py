@@ -8,6 +8,7 @@ wrapped as ``torch.library`` custom operators as they are. The autograd wiring i
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -364,19 +365,22 @@ def scratch(memo: Optional[dict], name: str, device: torch.device, dtype: torch.
             shapes: tuple) -> tuple:
     """Uninitialized tensors of ``shapes`` that one call's kernels write and read before the call
     returns (a split reduction's parts, the dx coefficients), carved from one buffer per device,
-    stream and dtype. Kernels of one stream run one after another, so every layer can use the
-    same buffer: it is as large as the largest call's need, not a sum over layers. A layer's
+    stream, dtype and host thread. Kernels of one stream run one after another, so every layer can
+    use the same buffer: it is as large as the largest call's need, not a sum over layers. A layer's
     ``memo`` keeps its views (no allocation per call). While a CUDA graph is being captured the
     tensors are the graph's own (not shared)."""
     if _capturing(device):
         return tuple(torch.empty(sh, device=device, dtype=dtype) for sh in shapes)
-    key = (*_stream_key(device), dtype)
+    # and one per thread: two host threads could interleave one call's launches with another's
+    key = (*_stream_key(device), dtype, threading.get_ident())
     buf = _SCRATCH.get(key)
     cached = _memo_get(memo, name)
     if cached is not None and cached[0] is buf:
         return cached[1]
     sizes = [-(-math.prod(sh) // _SCRATCH_ALIGN) * _SCRATCH_ALIGN for sh in shapes]
     if buf is None or buf.numel() < sum(sizes):
+        if len(_SCRATCH) > 64:  # threads come and go: drop the buffers (the memos' views stay valid)
+            _SCRATCH.clear()
         buf = _SCRATCH[key] = torch.empty(sum(sizes), device=device, dtype=dtype)
     views, start = [], 0
     for sh, n in zip(shapes, sizes):
