@@ -365,6 +365,12 @@ def bn_backward_apply_kernel(
     ALIGN: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     ACC = Rstd.dtype.element_ty
+    # each tensor's strides (rows r0, r1, ghost group, channel) as one value for the helpers
+    st_x = (stride_x_r0, stride_x_r1, stride_x_g, stride_x_k)
+    st_dy = (stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k)
+    st_z = (stride_z_r0, stride_z_r1, stride_z_g, stride_z_k)
+    st_dx = (stride_dx_r0, stride_dx_r1, stride_dx_g, stride_dx_k)
+    st_dz = (stride_dz_r0, stride_dz_r1, stride_dz_g, stride_dz_k)
     part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
         tl.program_id(0), n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST,
         INT64, ALIGN)
@@ -392,13 +398,8 @@ def bn_backward_apply_kernel(
                 if a_full < a_end:
                     x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs = grad_apply_pointers(
                         X, DY, Residual, DX, DResidual, a_full, b, s_fixed, R1, K,
-                        stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
-                        stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k,
-                        stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
-                        stride_dx_r0, stride_dx_r1, stride_dx_g, stride_dx_k,
-                        stride_dz_r0, stride_dz_r1, stride_dz_g, stride_dz_k,
-                        HAS_GROUPS, CHANNELS_FAST, INT64, HAS_RESIDUAL, WRITE_DX,
-                        WRITE_DRESIDUAL, ROWS_FLAT, ALIGN, BLOCK_A)
+                        st_x, st_dy, st_z, st_dx, st_dz, HAS_GROUPS, CHANNELS_FAST, INT64,
+                        HAS_RESIDUAL, WRITE_DX, WRITE_DRESIDUAL, ROWS_FLAT, ALIGN, BLOCK_A)
                     grad_apply_tile(x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs, mask, mean, scale,
                                     shift, coef_b, coef_c, ACC, HAS_RESIDUAL, RELU, TRAINING,
                                     WRITE_DX, WRITE_DRESIDUAL)
@@ -407,13 +408,8 @@ def bn_backward_apply_kernel(
                 if ROWS_FLAT:  # pointers carried from tile to tile: one add per vector
                     x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs = grad_apply_pointers(
                         X, DY, Residual, DX, DResidual, a_full - BLOCK_A, b, s_fixed, R1, K,
-                        stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
-                        stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k,
-                        stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
-                        stride_dx_r0, stride_dx_r1, stride_dx_g, stride_dx_k,
-                        stride_dz_r0, stride_dz_r1, stride_dz_g, stride_dz_k,
-                        HAS_GROUPS, CHANNELS_FAST, INT64, HAS_RESIDUAL, WRITE_DX,
-                        WRITE_DRESIDUAL, ROWS_FLAT, ALIGN, BLOCK_A)
+                        st_x, st_dy, st_z, st_dx, st_dz, HAS_GROUPS, CHANNELS_FAST, INT64,
+                        HAS_RESIDUAL, WRITE_DX, WRITE_DRESIDUAL, ROWS_FLAT, ALIGN, BLOCK_A)
                     for _i in range(0, n_whole):
                         grad_apply_tile(x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs, whole, mean,
                                         scale, shift, coef_b, coef_c, ACC, HAS_RESIDUAL, RELU,
@@ -430,13 +426,8 @@ def bn_backward_apply_kernel(
                     for i in range(0, n_whole):
                         x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs = grad_apply_pointers(
                             X, DY, Residual, DX, DResidual, a_full - BLOCK_A - i * BLOCK_A, b,
-                            s_fixed, R1, K, stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
-                            stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k,
-                            stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
-                            stride_dx_r0, stride_dx_r1, stride_dx_g, stride_dx_k,
-                            stride_dz_r0, stride_dz_r1, stride_dz_g, stride_dz_k,
-                            HAS_GROUPS, CHANNELS_FAST, INT64, HAS_RESIDUAL, WRITE_DX,
-                            WRITE_DRESIDUAL, ROWS_FLAT, ALIGN, BLOCK_A)
+                            s_fixed, R1, K, st_x, st_dy, st_z, st_dx, st_dz, HAS_GROUPS, CHANNELS_FAST, INT64,
+                            HAS_RESIDUAL, WRITE_DX, WRITE_DRESIDUAL, ROWS_FLAT, ALIGN, BLOCK_A)
                         grad_apply_tile(x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs, whole, mean,
                                         scale, shift, coef_b, coef_c, ACC, HAS_RESIDUAL, RELU,
                                         TRAINING, WRITE_DX, WRITE_DRESIDUAL)
@@ -448,13 +439,8 @@ def bn_backward_apply_kernel(
                                               BLOCK_B, INT64)
             x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs = grad_apply_pointers(
                 X, DY, Residual, DX, DResidual, a_last - i * BLOCK_A, b, s_fixed, R1, K,
-                stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
-                stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k,
-                stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
-                stride_dx_r0, stride_dx_r1, stride_dx_g, stride_dx_k,
-                stride_dz_r0, stride_dz_r1, stride_dz_g, stride_dz_k,
-                HAS_GROUPS, CHANNELS_FAST, INT64, HAS_RESIDUAL, WRITE_DX,
-                WRITE_DRESIDUAL, ROWS_FLAT, ALIGN, BLOCK_A)
+                st_x, st_dy, st_z, st_dx, st_dz, HAS_GROUPS, CHANNELS_FAST, INT64,
+                HAS_RESIDUAL, WRITE_DX, WRITE_DRESIDUAL, ROWS_FLAT, ALIGN, BLOCK_A)
             grad_apply_tile(x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs, mask, mean, scale, shift,
                             coef_b, coef_c, ACC, HAS_RESIDUAL, RELU, TRAINING, WRITE_DX,
                             WRITE_DRESIDUAL)
@@ -483,11 +469,7 @@ def grad_apply_tile(x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs, mask, mean, scale
 
 @triton.jit
 def grad_apply_pointers(X, DY, Residual, DX, DResidual, a0, b, s_fixed, R1, K,
-                        stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
-                        stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k,
-                        stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
-                        stride_dx_r0, stride_dx_r1, stride_dx_g, stride_dx_k,
-                        stride_dz_r0, stride_dz_r1, stride_dz_g, stride_dz_k,
+                        st_x, st_dy, st_z, st_dx, st_dz,
                         HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr,
                         INT64: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                         WRITE_DX: tl.constexpr, WRITE_DRESIDUAL: tl.constexpr,
@@ -495,26 +477,24 @@ def grad_apply_pointers(X, DY, Residual, DX, DResidual, a0, b, s_fixed, R1, K,
     """tile_pointers of x, dy, the residual, dx and the residual's gradient for the tile of rows
     a0 + [0, BLOCK_A) and columns b (an absent tensor's: x's, never used; a function cannot
     return None)."""
-    x_ptrs = tile_pointers(X, a0, b, s_fixed, R1, K, stride_x_r0, stride_x_r1, stride_x_g,
-                           stride_x_k, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN, INT64, BLOCK_A)
-    dy_ptrs = tile_pointers(DY, a0, b, s_fixed, R1, K, stride_dy_r0, stride_dy_r1, stride_dy_g,
-                            stride_dy_k, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN, INT64,
-                            BLOCK_A)
+    x_ptrs = tile_pointers(X, a0, b, s_fixed, R1, K, st_x[0], st_x[1], st_x[2], st_x[3],
+                           HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN, INT64, BLOCK_A)
+    dy_ptrs = tile_pointers(DY, a0, b, s_fixed, R1, K, st_dy[0], st_dy[1], st_dy[2], st_dy[3],
+                            HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN, INT64, BLOCK_A)
     z_ptrs = x_ptrs
     if HAS_RESIDUAL:
-        z_ptrs = tile_pointers(Residual, a0, b, s_fixed, R1, K, stride_z_r0, stride_z_r1,
-                               stride_z_g, stride_z_k, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT,
-                               ALIGN, INT64, BLOCK_A)
+        z_ptrs = tile_pointers(Residual, a0, b, s_fixed, R1, K, st_z[0], st_z[1], st_z[2],
+                               st_z[3], HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN, INT64, BLOCK_A)
     dx_ptrs = x_ptrs
     if WRITE_DX:
-        dx_ptrs = tile_pointers(DX, a0, b, s_fixed, R1, K, stride_dx_r0, stride_dx_r1,
-                                stride_dx_g, stride_dx_k, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT,
-                                ALIGN, INT64, BLOCK_A)
+        dx_ptrs = tile_pointers(DX, a0, b, s_fixed, R1, K, st_dx[0], st_dx[1], st_dx[2],
+                                st_dx[3], HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN, INT64,
+                                BLOCK_A)
     dz_ptrs = x_ptrs
     if WRITE_DRESIDUAL:
-        dz_ptrs = tile_pointers(DResidual, a0, b, s_fixed, R1, K, stride_dz_r0, stride_dz_r1,
-                                stride_dz_g, stride_dz_k, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT,
-                                ALIGN, INT64, BLOCK_A)
+        dz_ptrs = tile_pointers(DResidual, a0, b, s_fixed, R1, K, st_dz[0], st_dz[1], st_dz[2],
+                                st_dz[3], HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN, INT64,
+                                BLOCK_A)
     return x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs
 
 
