@@ -98,10 +98,10 @@ def test_custom_ops_pass_opcheck():
     """Schemas (with the mutated buffers), fake implementations and AOT dispatch."""
     args, kwargs = _forward_args(True)
     torch.library.opcheck(torch.ops.triton_bn.bn_forward.default, args, kwargs)
-    y, centre, offset, rstd, gscale, gshift = torch.ops.triton_bn.bn_forward(*args, **kwargs)
+    y, centre, offset, rstd, pre_scale, pre_shift = torch.ops.triton_bn.bn_forward(*args, **kwargs)
     assert centre.numel() == 0  # training: the centre is x's pivot, not stored
     x, w, b, residual = args[0], args[1], args[2], torch.randn_like(args[0])
-    bargs = (torch.randn_like(y), x, w, b, residual, None, offset, rstd, gscale, gshift)
+    bargs = (torch.randn_like(y), x, w, b, residual, None, offset, rstd, pre_scale, pre_shift)
     bkwargs = {"axes": [1], "groups": 1, "training": True, "relu": True, "need_dx": True,
                "need_dweight": True, "need_dbias": False, "need_dresidual": True}
     torch.library.opcheck(torch.ops.triton_bn.bn_backward.default, bargs, bkwargs)

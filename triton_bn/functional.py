@@ -92,7 +92,7 @@ class NormConfig:
 def _forward(x, weight, bias, residual, adj_scale, adj_bias, running_mean, running_var,
              num_batches_tracked, renorm_mean, renorm_stddev, moving_stddev, cfg: NormConfig,
              sync, keep_stats: bool = True, memo: Optional[dict] = None):
-    """(y, centre, offset, rstd, gscale, gshift, global_count) from the kernels (or the custom
+    """(y, centre, offset, rstd, pre_scale, pre_shift, global_count) from the kernels (or the custom
     operators while tracing; see ``ops.ForwardResult``: centre is None where it is x's pivot,
     offset None where it is 0); the statistics are None for an empty, unsynchronized input."""
     if x.numel() == 0 and sync is None:
@@ -107,19 +107,19 @@ def _forward(x, weight, bias, residual, adj_scale, adj_bias, running_mean, runni
           "renorm_momentum": cfg.renorm_momentum, "rmin": cfg.rmin, "rmax": cfg.rmax,
           "dmax": cfg.dmax, "relu": cfg.relu, "count_batch": cfg.count_batch}
     if _traced(x):
-        y, centre, offset, rstd, gscale, gshift = torch.ops.triton_bn.bn_forward(
+        y, centre, offset, rstd, pre_scale, pre_shift = torch.ops.triton_bn.bn_forward(
             x, weight, bias, residual, adj_scale, adj_bias, *state, axes=list(cfg.axes), **kw)
-        has_g = cfg.training and ops.saves_gaffine(cfg.renorm, adj_scale is not None)
-        gscale, gshift = (gscale, gshift) if has_g else (None, None)
+        has_pre_affine = cfg.training and ops.saves_pre_affine(cfg.renorm, adj_scale is not None)
+        pre_scale, pre_shift = (pre_scale, pre_shift) if has_pre_affine else (None, None)
         centre, offset = (None, offset) if cfg.training else (centre, None)
-        return y, centre, offset, rstd, gscale, gshift, None
+        return y, centre, offset, rstd, pre_scale, pre_shift, None
     global_moments = global_count = None
     if sync is not None:
         global_moments = sync.exchange(x, cfg.axes, cfg.groups)
         global_count = global_moments[2].sum().reshape(1)
     r = ops.bn_forward(x, weight, bias, *state, adj_scale, adj_bias, residual, axes=cfg.axes,
                        global_moments=global_moments, keep_stats=keep_stats, memo=memo, **kw)
-    return r.y, r.centre, r.offset, r.rstd, r.gscale, r.gshift, global_count
+    return r.y, r.centre, r.offset, r.rstd, r.pre_scale, r.pre_shift, global_count
 
 
 def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
@@ -145,7 +145,7 @@ def _backward(ctx, dy: torch.Tensor) -> tuple:
     need_x, need_w, need_b, need_z = ctx.needs_input_grad[:4]
     need_z = need_z and not ctx.gated  # else the gate node gives the residual's gradient
     saved = ctx.saved_tensors
-    x, weight, bias, residual, centre, offset, rstd, gscale, gshift = saved
+    x, weight, bias, residual, centre, offset, rstd, pre_scale, pre_shift = saved
     cfg = ctx.cfg
     if rstd is None:  # empty input: every gradient is zero
         w_like = weight if weight is not None else dy.new_empty(0)
@@ -247,12 +247,12 @@ def _relu_mask(v: _Views, saved, cfg, acc):
     """Where the fused ReLU passed its input, recomputed as the kernels do (``kernels.common.
     channel_coefficients``): y = (x - centre) * scale + shift, the shift holding the offset's
     share."""
-    x, weight, bias, residual, centre, offset, rstd, gscale, gshift = saved
+    x, weight, bias, residual, centre, offset, rstd, pre_scale, pre_shift = saved
     with torch.no_grad():
         multiplier = torch.ones((), dtype=acc, device=x.device)
         shift = torch.zeros((), dtype=acc, device=x.device)
-        if cfg.training and gscale is not None:
-            multiplier, shift = v.param(gscale, acc), v.param(gshift, acc)
+        if cfg.training and pre_scale is not None:
+            multiplier, shift = v.param(pre_scale, acc), v.param(pre_shift, acc)
         if weight is not None:
             w = v.param(weight, acc)
             multiplier, shift = multiplier * w, shift * w
@@ -272,7 +272,7 @@ def _torch_backward(dy, saved, cfg: NormConfig, recompute: bool, needs) -> tuple
     from x so that the gradients are differentiable functions of x (double backward); the
     renorm r, d and the adjustment stay constants, as in the forward."""
     need_x, need_w, need_b, need_z = needs
-    x, weight, bias, residual, centre, offset, rstd, gscale, gshift = saved
+    x, weight, bias, residual, centre, offset, rstd, pre_scale, pre_shift = saved
     acc = rstd.dtype
     v = _Views(x, cfg)
     xa, g = v.act(x, acc), v.act(dy, acc)
@@ -285,8 +285,8 @@ def _torch_backward(dy, saved, cfg: NormConfig, recompute: bool, needs) -> tuple
         xhat = (xa - m) * r
     else:
         xhat, r = v.xhat(x, centre, offset, rstd, acc)
-    gs = v.param(gscale, acc) if cfg.training else None
-    gh = v.param(gshift, acc) if cfg.training else None
+    gs = v.param(pre_scale, acc) if cfg.training else None
+    gh = v.param(pre_shift, acc) if cfg.training else None
     dw = db = dx = None
     if need_b:
         db = g.sum(dim=v.red_all)
@@ -309,7 +309,7 @@ def _torch_backward(dy, saved, cfg: NormConfig, recompute: bool, needs) -> tuple
 def _jvp(ctx, tx, tw, tb, tz) -> torch.Tensor:
     """Forward-mode derivative of y from the input tangents (r, d and the adjustment constant)."""
     saved = ctx.saved_tensors
-    x, weight, bias, residual, centre, offset, rstd, gscale, gshift = saved
+    x, weight, bias, residual, centre, offset, rstd, pre_scale, pre_shift = saved
     cfg = ctx.cfg
     if rstd is None:
         return torch.zeros_like(x)
@@ -319,8 +319,8 @@ def _jvp(ctx, tx, tw, tb, tz) -> torch.Tensor:
     acc = rstd.dtype
     v = _Views(x, cfg)
     xhat, r = v.xhat(x, centre, offset, rstd, acc)
-    gs = v.param(gscale, acc) if cfg.training else None
-    gh = v.param(gshift, acc) if cfg.training else None
+    gs = v.param(pre_scale, acc) if cfg.training else None
+    gh = v.param(pre_shift, acc) if cfg.training else None
     t = torch.zeros_like(xhat)
     if tx is not None:
         ta = v.act(tx, acc)
@@ -351,7 +351,7 @@ def _save(ctx, inputs, outs, sync, gated: bool = False, memo: Optional[dict] = N
     this one the gated gradient: the batch norm's backward alone here (no ReLU, no residual)."""
     x, weight, bias, residual = inputs[:4]
     cfg = inputs[12]
-    _, centre, offset, rstd, gscale, gshift, global_count = outs
+    _, centre, offset, rstd, pre_scale, pre_shift, global_count = outs
     if gated:
         cfg, residual = dataclasses.replace(cfg, relu=False), None
     ctx.cfg, ctx.sync, ctx.global_count, ctx.gated = cfg, sync, global_count, gated
@@ -359,7 +359,7 @@ def _save(ctx, inputs, outs, sync, gated: bool = False, memo: Optional[dict] = N
     ctx.param_dtypes = (weight.dtype if weight is not None else None,
                         bias.dtype if bias is not None else None)
     ctx.bias_shape = bias.shape if bias is not None else (0,)
-    saved = (x, weight, bias if cfg.relu else None, residual, centre, offset, rstd, gscale, gshift)
+    saved = (x, weight, bias if cfg.relu else None, residual, centre, offset, rstd, pre_scale, pre_shift)
     ctx.save_for_backward(*saved)
     return saved
 
@@ -459,8 +459,8 @@ class _ReluGateFunction(torch.autograd.Function):
     ``BatchNormFunction.gate_residual = False`` keeps the single node."""
 
     @staticmethod
-    def forward(ctx, y, residual, x, weight, bias, centre, offset, rstd, gscale, gshift, cfg):
-        ctx.save_for_backward(x, weight, bias, residual, centre, offset, rstd, gscale, gshift)
+    def forward(ctx, y, residual, x, weight, bias, centre, offset, rstd, pre_scale, pre_shift, cfg):
+        ctx.save_for_backward(x, weight, bias, residual, centre, offset, rstd, pre_scale, pre_shift)
         ctx.cfg = cfg
         return y
 

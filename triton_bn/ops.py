@@ -170,8 +170,8 @@ class ForwardResult:
     #                                 the running mean (inference), the batch mean (sync BN)
     offset: Optional[torch.Tensor]  # [S] batch mean - pivot (training without sync), else None: 0
     rstd: Optional[torch.Tensor]  # [S] (None: keep_stats=False, nothing kept)
-    gscale: Optional[torch.Tensor]  # [K] pre-gamma affine (renorm r * adjustment), or None
-    gshift: Optional[torch.Tensor]
+    pre_scale: Optional[torch.Tensor]  # [K] pre-gamma affine (renorm r * adjustment), or None
+    pre_shift: Optional[torch.Tensor]
 
 
 def saves_centre(training: bool, sync: bool) -> bool:
@@ -179,8 +179,8 @@ def saves_centre(training: bool, sync: bool) -> bool:
     return not training or sync
 
 
-def saves_gaffine(renorm: int, has_adjust: bool) -> bool:
-    """Whether a training forward keeps the pre-gamma affine (gscale, gshift) for backward."""
+def saves_pre_affine(renorm: int, has_adjust: bool) -> bool:
+    """Whether a training forward keeps the pre-gamma affine (pre_scale, pre_shift) for backward."""
     return renorm != RENORM_NONE or has_adjust
 
 
@@ -248,9 +248,9 @@ class _Forward(_Call):
         z, st_z = (t[2], st[2]) if self.has_residual else (None, st[0])
         return t[0], t[1], z, st[0], st[1], st_z
 
-    def result(self, gscale=None, gshift=None) -> ForwardResult:
+    def result(self, pre_scale=None, pre_shift=None) -> ForwardResult:
         return ForwardResult(_restore(self.prep.tensors[1], self.y, self.prep), self.centre,
-                             self.offset, self.rstd, gscale, gshift)
+                             self.offset, self.rstd, pre_scale, pre_shift)
 
 
 def _start_forward(x: torch.Tensor, residual: Optional[torch.Tensor], axes, groups: int,
@@ -283,7 +283,7 @@ def _dtypes(tensors) -> tuple:
     return tuple([None if t is None else t.dtype for t in tensors])
 
 
-def _launch_apply(fw: _Forward, relu: bool, weight=None, bias=None, gscale=None, gshift=None,
+def _launch_apply(fw: _Forward, relu: bool, weight=None, bias=None, pre_scale=None, pre_shift=None,
                   running_mean=None, running_var=None, eps: float = 0.0,
                   plan: Optional[tuning.TilePlan] = None, memo: Optional[dict] = None) -> None:
     """y from the statistics in ``fw`` and the parameters; with ``running_mean`` (inference)
@@ -295,7 +295,7 @@ def _launch_apply(fw: _Forward, relu: bool, weight=None, bias=None, gscale=None,
     plan = plan or tuning.plan_tiles(geo, "apply", fw.x.device, fw.x.dtype)
     from_running = running_mean is not None
     hyper = hyper_tensor(fw.x.device, fw.acc, eps) if from_running else None
-    tensors = (xs, ys, zs, fw.centre, fw.offset, fw.rstd, weight, bias, gscale, gshift,
+    tensors = (xs, ys, zs, fw.centre, fw.offset, fw.rstd, weight, bias, pre_scale, pre_shift,
                running_mean, running_var)
     st = _memo_get(memo, "apply")
     if st is None:
@@ -408,13 +408,13 @@ def _state_args(fw: _Forward, weight, bias, running_mean, running_var, num_batch
                 renorm_mean, renorm_stddev, moving_stddev, adj_scale, adj_bias, *, eps, momentum,
                 cumulative, unbiased, update_running, renorm, renorm_momentum, rmin, rmax, dmax,
                 count_batch, memo: Optional[dict] = None):
-    """(tensor args, hyper-parameter tensor, constexpr flags, gscale, gshift) shared by the
+    """(tensor args, hyper-parameter tensor, constexpr flags, pre_scale, pre_shift) shared by the
     finalize and the single-pass kernels."""
     K = fw.geo.K
-    save_gaffine = saves_gaffine(renorm, adj_scale is not None)
-    gscale = torch.empty(K, device=fw.x.device, dtype=fw.acc) if save_gaffine else None
-    gshift = torch.empty_like(gscale) if save_gaffine else None
-    tensors = (weight, bias, adj_scale, adj_bias, gscale, gshift, running_mean, running_var,
+    save_pre_affine = saves_pre_affine(renorm, adj_scale is not None)
+    pre_scale = torch.empty(K, device=fw.x.device, dtype=fw.acc) if save_pre_affine else None
+    pre_shift = torch.empty_like(pre_scale) if save_pre_affine else None
+    tensors = (weight, bias, adj_scale, adj_bias, pre_scale, pre_shift, running_mean, running_var,
                num_batches_tracked, renorm_mean, renorm_stddev, moving_stddev)
     cached = _memo_get(memo, "state")
     if cached is None:
@@ -426,7 +426,7 @@ def _state_args(fw: _Forward, weight, bias, running_mean, running_var, num_batch
         if not _capturing(fw.x.device):  # a tensor made during a capture is the graph's
             _memo_put(memo, "state", cached)
     hyper, flags = cached
-    return tensors, hyper, flags, gscale, gshift
+    return tensors, hyper, flags, pre_scale, pre_shift
 
 
 def _launch_sync_finalize(fw: _Forward, part_mean, part_m2, part_count, state) -> None:
@@ -500,18 +500,18 @@ def bn_forward(
                         update_running=update_running, renorm=renorm,
                         renorm_momentum=renorm_momentum, rmin=rmin, rmax=rmax, dmax=dmax,
                         count_batch=count_batch, memo=memo)
-    tensors, hyper, flags, gscale, gshift = state
+    tensors, hyper, flags, pre_scale, pre_shift = state
     geo = fw.geo
     if global_moments is not None:
         _launch_sync_finalize(fw, *global_moments, state)
         if x.numel():
-            _launch_apply(fw, relu, weight, bias, gscale, gshift)
-        return fw.result(gscale, gshift)
+            _launch_apply(fw, relu, weight, bias, pre_scale, pre_shift)
+        return fw.result(pre_scale, pre_shift)
     plan = _memo_get(memo, "forward_plan") or _memo_put(
         memo, "forward_plan", tuning.plan_tiles(geo, "forward", x.device, x.dtype))
     # opt-in persistent single pass (TRITON_BN_PERSISTENT=1; persistent.py): False -> split path
     if not plan.fused and persistent.forward(fw, state, relu):
-        return fw.result(gscale, gshift)
+        return fw.result(pre_scale, pre_shift)
     if plan.fused:
         xs, ys, zs, st_x, st_y, st_z = fw.views()
         st = _memo_get(memo, "fused_forward")
@@ -529,12 +529,12 @@ def bn_forward(
             st.constexprs, num_warps=st.num_warps, key=st.key)
     else:
         _launch_stats(fw, plan, state, memo)  # its last programs finalize
-        _launch_apply(fw, relu, weight, bias, gscale, gshift, plan=plan, memo=memo)
+        _launch_apply(fw, relu, weight, bias, pre_scale, pre_shift, plan=plan, memo=memo)
     if memo is not None and x.numel() and fw.prep.inverse_perm is None \
             and tensors[2] is None and tensors[3] is None and tensors[9] is None \
             and tensors[10] is None and tensors[11] is None:  # no adjustment, no Keras renorm state
-        memo["planned_forward"] = PlannedForward(fw, plan, hyper, flags, gscale is not None, memo)
-    return fw.result(gscale, gshift)
+        memo["planned_forward"] = PlannedForward(fw, plan, hyper, flags, pre_scale is not None, memo)
+    return fw.result(pre_scale, pre_shift)
 
 
 class InferencePlan:
@@ -589,7 +589,7 @@ def local_moments(x: torch.Tensor, axes: tuple[int, ...], groups: int = 1
     m2 = torch.empty_like(fw.centre)
     launch(bn_merge_kernel, (tuning.cdiv(geo.S, _FINALIZE_BLOCK),), (
         part_sum, part_m2, pivot, fw.centre, m2, geo.S, plan.n_parts, plan.n_b_parts, plan.A,
-        plan.a_chunk, plan.b_count, plan.b_chunk),
+        plan.a_chunk, plan.b_extent, plan.b_chunk),
         dict(BLOCK_C=_FINALIZE_BLOCK, BLOCK_P=finalize_parts(plan.n_parts)))
     return fw.centre, m2, geo.R
 
@@ -639,19 +639,19 @@ def _start_backward(dy, x, residual, axes, groups, training, relu, need_dx, need
 class _Saved:
     """What the forward left for backward (``ForwardResult``) and the parameters, in the order the
     backward kernels take them: Centre (None: x's pivots), Offset (None: 0), Rstd, Weight, Bias
-    (the ReLU mask only, else None), GScale, GShift (training only)."""
+    (the ReLU mask only, else None), PreScale, PreShift (training only)."""
 
     centre: Optional[torch.Tensor]
     offset: Optional[torch.Tensor]
     rstd: torch.Tensor
     weight: Optional[torch.Tensor]
     bias: Optional[torch.Tensor]
-    gscale: Optional[torch.Tensor]
-    gshift: Optional[torch.Tensor]
+    pre_scale: Optional[torch.Tensor]
+    pre_shift: Optional[torch.Tensor]
 
     def args(self) -> tuple:
-        return (self.centre, self.offset, self.rstd, self.weight, self.bias, self.gscale,
-                self.gshift)
+        return (self.centre, self.offset, self.rstd, self.weight, self.bias, self.pre_scale,
+                self.pre_shift)
 
 
 def _launch_grad_reduce(bw: _Backward, plan, saved: _Saved, relu, finalize=None,
@@ -695,7 +695,7 @@ def _launch_grad_finalize(bw: _Backward, part_dy, part_dyx, saved: _Saved, dweig
     coef_b = torch.empty_like(saved.rstd)
     coef_c = torch.empty_like(saved.rstd)
     launch(bn_backward_finalize_kernel, (tuning.cdiv(geo.K, _FINALIZE_BLOCK),), (
-        part_dy, part_dyx, saved.offset, saved.rstd, saved.weight, saved.gscale, saved.gshift,
+        part_dy, part_dyx, saved.offset, saved.rstd, saved.weight, saved.pre_scale, saved.pre_shift,
         coef_b, coef_c, dweight, dbias, count, geo.K, geo.G, part_dy.shape[0], geo.R),
         dict(TRAINING=training, BLOCK_C=_FINALIZE_BLOCK, BLOCK_P=finalize_parts(part_dy.shape[0])))
     return coef_b, coef_c
@@ -730,8 +730,8 @@ def bn_backward(
     centre: Optional[torch.Tensor],
     offset: Optional[torch.Tensor],
     rstd: torch.Tensor,
-    gscale: Optional[torch.Tensor],
-    gshift: Optional[torch.Tensor],
+    pre_scale: Optional[torch.Tensor],
+    pre_shift: Optional[torch.Tensor],
     *,
     axes: tuple[int, ...] = (1,),
     groups: int = 1,
@@ -747,7 +747,7 @@ def bn_backward(
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor],
            Optional[torch.Tensor]]:
     """Gradients (dx, dweight, dbias, dresidual) from the forward's ``ForwardResult`` (centre,
-    offset, rstd, gscale, gshift) and its parameters (contiguous [K]); ``bias`` is read only with
+    offset, rstd, pre_scale, pre_shift) and its parameters (contiguous [K]); ``bias`` is read only with
     ``relu`` (the recomputed mask) and may be None otherwise.
 
     Sync BN: ``all_reduce(t)`` sums a [2, S] tensor (sum dy, sum dy*(x - centre)) over processes in
@@ -768,8 +768,8 @@ def bn_backward(
     dweight = torch.empty(geo.K, device=x.device, dtype=acc) if need_dweight else None
     dbias = torch.empty(geo.K, device=x.device, dtype=acc) if need_dbias else None
     if not training:  # the pre-gamma affine (renorm, adjustment) exists in training only
-        gscale = gshift = None
-    saved = _Saved(centre, offset, rstd, weight, bias if relu else None, gscale, gshift)
+        pre_scale = pre_shift = None
+    saved = _Saved(centre, offset, rstd, weight, bias if relu else None, pre_scale, pre_shift)
     sync = all_reduce is not None
     plan = _memo_get(memo, "backward_plan") or _memo_put(memo, "backward_plan", tuning.plan_tiles(
         geo, "backward", x.device, x.dtype, allow_fused=not sync))
@@ -842,13 +842,13 @@ class PlannedForward:
     two argument lists launch for launch). No adjustment, no Keras renorm state, no copied
     layout, not synchronized: those calls keep taking bn_forward."""
 
-    __slots__ = ("S", "K", "acc", "gaffine", "grid", "memo", "launches", "head", "tail",
+    __slots__ = ("S", "K", "acc", "pre_affine", "grid", "memo", "launches", "head", "tail",
                  "parts", "counters")
 
-    def __init__(self, fw: _Forward, plan: tuning.TilePlan, hyper, flags: dict, gaffine: bool,
+    def __init__(self, fw: _Forward, plan: tuning.TilePlan, hyper, flags: dict, pre_affine: bool,
                  memo: dict) -> None:
         geo = fw.geo
-        self.S, self.K, self.acc, self.gaffine = geo.S, geo.K, fw.acc, gaffine
+        self.S, self.K, self.acc, self.pre_affine = geo.S, geo.K, fw.acc, pre_affine
         self.grid, self.memo = plan.grid, memo
         if plan.fused:
             self.launches = (memo["fused_forward"],)
@@ -863,16 +863,16 @@ class PlannedForward:
             self.counters = plan.n_channel_tiles + 1
 
     def run(self, x, weight, bias, residual, running_mean, running_var, num_batches_tracked):
-        """(y, centre, offset, rstd, gscale, gshift), as ``bn_forward``'s ForwardResult."""
+        """(y, centre, offset, rstd, pre_scale, pre_shift), as ``bn_forward``'s ForwardResult."""
         device, acc, S = x.device, self.acc, self.S
         y = torch.empty_like(x, memory_format=torch.preserve_format)
         offset = torch.empty(S, device=device, dtype=acc)
         rstd = torch.empty(S, device=device, dtype=acc)
-        gscale = gshift = None
-        if self.gaffine:
-            gscale = torch.empty(self.K, device=device, dtype=acc)
-            gshift = torch.empty(self.K, device=device, dtype=acc)
-        tensors = (weight, bias, None, None, gscale, gshift, running_mean, running_var,
+        pre_scale = pre_shift = None
+        if self.pre_affine:
+            pre_scale = torch.empty(self.K, device=device, dtype=acc)
+            pre_shift = torch.empty(self.K, device=device, dtype=acc)
+        tensors = (weight, bias, None, None, pre_scale, pre_shift, running_mean, running_var,
                    num_batches_tracked, None, None, None)
         if len(self.launches) == 1:
             st = self.launches[0]
@@ -888,10 +888,10 @@ class PlannedForward:
                 offset, rstd, *tensors, *self.head),
                 stats.constexprs, num_warps=stats.num_warps, key=stats.key)
             launch(bn_apply_kernel, self.grid, (
-                x, y, residual, None, offset, rstd, weight, bias, gscale, gshift, None, None,
+                x, y, residual, None, offset, rstd, weight, bias, pre_scale, pre_shift, None, None,
                 *apply.ints, *self.tail), apply.constexprs, num_warps=apply.num_warps,
                 key=apply.key)
-        return y, None, offset, rstd, gscale, gshift
+        return y, None, offset, rstd, pre_scale, pre_shift
 
 
 class PlannedBackward:
@@ -914,7 +914,7 @@ class PlannedBackward:
             self.scratch_shapes = ((plan.n_parts, geo.S),) * 2 + ((geo.S,),) * 2
             self.counters = plan.n_channel_tiles
 
-    def run(self, dy, x, weight, bias, residual, centre, offset, rstd, gscale, gshift,
+    def run(self, dy, x, weight, bias, residual, centre, offset, rstd, pre_scale, pre_shift,
             need_dx: bool, need_dresidual: bool, relu: bool):
         """(dx, dweight, dbias, dresidual), as ``bn_backward``."""
         device, acc = x.device, rstd.dtype
@@ -926,8 +926,8 @@ class PlannedBackward:
         dweight = torch.empty(self.K, device=device, dtype=acc) if self.need_dweight else None
         dbias = torch.empty(self.K, device=device, dtype=acc) if self.need_dbias else None
         if not self.training:  # the pre-gamma affine (renorm, adjustment) exists in training only
-            gscale = gshift = None
-        saved = (centre, offset, rstd, weight, bias if relu else None, gscale, gshift)
+            pre_scale = pre_shift = None
+        saved = (centre, offset, rstd, weight, bias if relu else None, pre_scale, pre_shift)
         if len(self.launches) == 1:
             st = self.launches[0]
             launch(bn_fused_backward_kernel, self.grid, (

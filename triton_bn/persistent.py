@@ -228,7 +228,7 @@ def forward(fw, state, relu: bool) -> bool:
         xs, ys, zs, st_x, st_y, st_z = fw.views()
         return (xs, ys, zs, part_sum, part_m2, barrier_counter(fw.x.device), fw.offset, fw.rstd,
                 *tensors, geo.R1, geo.K, t.A, t.B, t.a_chunk, t.b_chunk,
-                t.b_count, t.n_channel_tiles, t.n_b_parts, hyper,
+                t.b_extent, t.n_channel_tiles, t.n_b_parts, hyper,
                 st_x[0], st_x[1], st_x[3], st_y[0], st_y[1], st_y[3], st_z[0], st_z[1], st_z[3])
 
     kw = dict(CHANNELS_FAST=geo.channels_fast, INT64=fw.int64, RELU=relu, BLOCK_A=t.BLOCK_A,

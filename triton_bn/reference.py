@@ -93,8 +93,8 @@ def reference_batch_norm(
     batch_var = (var.mean(dim=1) if groups > 1 else var).reshape(K)
     batch_std = torch.sqrt(batch_var + eps)
 
-    g_scale = torch.ones(K, dtype=torch.float64, device=x.device)
-    g_shift = torch.zeros(K, dtype=torch.float64, device=x.device)
+    pre_scale = torch.ones(K, dtype=torch.float64, device=x.device)
+    pre_shift = torch.zeros(K, dtype=torch.float64, device=x.device)
     if renorm is not None:
         if renorm.get("style", "keras") == "keras":
             ref_mean = _f64(renorm["mean"])
@@ -109,12 +109,12 @@ def reference_batch_norm(
             r = torch.clamp(r, max=renorm["rmax"])
         if renorm.get("dmax") is not None:
             d = torch.clamp(d, -renorm["dmax"], renorm["dmax"])
-        g_scale, g_shift = r, d
+        pre_scale, pre_shift = r, d
     if adjustment is not None:
         a_scale, a_bias = (_f64(a).detach().reshape(K) for a in adjustment)
-        g_shift = g_shift * a_scale + a_bias
-        g_scale = g_scale * a_scale
-    y = x_hat * g_scale.reshape(view) + g_shift.reshape(view)
+        pre_shift = pre_shift * a_scale + a_bias
+        pre_scale = pre_scale * a_scale
+    y = x_hat * pre_scale.reshape(view) + pre_shift.reshape(view)
     if weight is not None:
         y = y * _f64(weight).reshape(view)
     if bias is not None:

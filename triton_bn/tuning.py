@@ -68,7 +68,7 @@ class TilePlan:
         return self.n_a_parts * self.n_b_parts
 
     @property
-    def b_count(self) -> int:
+    def b_extent(self) -> int:
         """Reduction extent along b (1 in the channels-fast orientation)."""
         return 1 if self.n_b_parts == 1 and self.b_chunk == 1 else self.B
 

@@ -46,7 +46,7 @@ with no block barrier in between also fails (``compiler.unsynced_reloads``: a ra
 interpreter, one program at a time, cannot show). Flags in the table: pointer dtypes
 (x / statistics), BLOCK_A x BLOCK_B (or BLOCK_C), warps, then the constexprs that are set (CF = channels
 fast, RES = residual, W / B = weight / bias, UPD = running update, UNB = unbiased, CUM = cumulative
-momentum, GAFF = renorm / adjustment affine, DX / DW / DB / DRES = gradients written, ...).
+momentum, PREAFF = renorm / adjustment affine, DX / DW / DB / DRES = gradients written, ...).
 The compiled kernels go to a fresh temporary Triton cache (``--cache-dir`` to keep / reuse one).
 
 ``--ptx-stats`` adds, per specialization, the global loads and stores of its PTX by form (static

@@ -13,9 +13,9 @@ from .scenarios import scenarios, tile_sweep
 
 SHORT = {"CHANNELS_FAST": "CF", "HAS_GROUPS": "GROUPS", "HAS_RESIDUAL": "RES", "HAS_WEIGHT": "W",
          "HAS_BIAS": "B", "HAS_ADJUST": "ADJ", "UPDATE_RUNNING": "UPD", "UNBIASED": "UNB",
-         "CUMULATIVE": "CUM", "SAVE_GAFFINE": "GAFF", "FROM_RUNNING": "RUNNING",
+         "CUMULATIVE": "CUM", "SAVE_PRE_AFFINE": "PREAFF", "FROM_RUNNING": "RUNNING",
          "HAS_COUNTS": "COUNTS", "HAS_PIVOT": "PIVOT",
-         "TRAINING": "TRAIN", "HAS_GAFFINE": "GAFF", "WRITE_DW": "DW", "WRITE_DB": "DB",
+         "TRAINING": "TRAIN", "HAS_PRE_AFFINE": "PREAFF", "WRITE_DW": "DW", "WRITE_DB": "DB",
          "WRITE_DX": "DX", "ROWS_FLAT": "FLAT", "WRITE_DRESIDUAL": "DRES", "N_FROM_PTR": "NPTR"}
 DT = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "fp64": "f64", "i64": "i64", "i32": "i32"}
 

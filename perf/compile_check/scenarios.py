@@ -67,8 +67,8 @@ def scenarios(quick: bool, resnet50: bool = False):
         if not backward:
             return
         dy = torch.empty_like(x)
-        ops.bn_backward(dy, x, st.get("weight"), st.get("bias"), z, r.centre, r.offset, r.rstd, r.gscale,
-                        r.gshift, axes=axes,
+        ops.bn_backward(dy, x, st.get("weight"), st.get("bias"), z, r.centre, r.offset, r.rstd, r.pre_scale,
+                        r.pre_shift, axes=axes,
                         groups=groups, training=training, relu=relu, need_dx=need_dx,
                         need_dweight=need_dw and weight, need_dbias=need_db and bias,
                         need_dresidual=need_dres,

@@ -139,21 +139,21 @@ def channel_grad_terms(sum_dy, sum_dy_xc, offset, rstd, scale, n, TRAINING: tl.c
 
 
 @triton.jit
-def store_param_grads(c, c_mask, sum_dy, sum_dy_xhat, GScale, GShift, DWeight, DBias,
-                      HAS_GAFFINE: tl.constexpr, WRITE_DW: tl.constexpr, WRITE_DB: tl.constexpr):
+def store_param_grads(c, c_mask, sum_dy, sum_dy_xhat, PreScale, PreShift, DWeight, DBias,
+                      HAS_PRE_AFFINE: tl.constexpr, WRITE_DW: tl.constexpr, WRITE_DB: tl.constexpr):
     """dgamma = sum(dy * (x_hat * a * r + a * d + b_adj)), dbeta = sum(dy)."""
     if WRITE_DW:
         dw = sum_dy_xhat
-        if HAS_GAFFINE:
-            dw = (sum_dy_xhat * tl.load(GScale + c, mask=c_mask, other=0.0)
-                  + sum_dy * tl.load(GShift + c, mask=c_mask, other=0.0))
+        if HAS_PRE_AFFINE:
+            dw = (sum_dy_xhat * tl.load(PreScale + c, mask=c_mask, other=0.0)
+                  + sum_dy * tl.load(PreShift + c, mask=c_mask, other=0.0))
         tl.store(DWeight + c, dw, mask=c_mask)
     if WRITE_DB:
         tl.store(DBias + c, sum_dy, mask=c_mask)
 
 
 @triton.heuristics({**given(HAS_RESIDUAL="Residual", HAS_CENTRE="Centre", HAS_OFFSET="Offset",
-                            HAS_WEIGHT="Weight", HAS_BIAS="Bias", HAS_GAFFINE="GScale",
+                            HAS_WEIGHT="Weight", HAS_BIAS="Bias", HAS_PRE_AFFINE="PreScale",
                             FINALIZE="Counter", WRITE_DW="DWeight", WRITE_DB="DBias"),
                     "ROWS_FLAT": rows_flat("x", "dy", "z"),
                     "ALIGN": rows_aligned("x", "dy", "z")})
@@ -162,7 +162,7 @@ def bn_backward_reduce_kernel(
     X, DY, Residual,               # activation, upstream gradient, residual (RELU mask only)
     Centre,                        # [S] the forward's centres (HAS_CENTRE), else x's pivots
     Offset, Rstd,                  # [S] fp32 forward statistics: mean - centre (HAS_OFFSET), 1/std
-    Weight, Bias, GScale, GShift,  # [K] gamma, beta (RELU only), pre-gamma affine (HAS_GAFFINE)
+    Weight, Bias, PreScale, PreShift,  # [K] gamma, beta (RELU only), pre-gamma affine (HAS_PRE_AFFINE)
     PartSumDy, PartSumDyXmu,       # [n_parts, S] fp32 out
     R1, K, S, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts,
     stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
@@ -174,7 +174,7 @@ def bn_backward_reduce_kernel(
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, ROWS_FLAT: tl.constexpr,
     ALIGN: tl.constexpr, FINALIZE: tl.constexpr, TRAINING: tl.constexpr,
     HAS_CENTRE: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_GAFFINE: tl.constexpr, WRITE_DW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_PRE_AFFINE: tl.constexpr, WRITE_DW: tl.constexpr,
     WRITE_DB: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
@@ -195,8 +195,8 @@ def bn_backward_reduce_kernel(
         bc, bc_mask = channel_block(b0, b_end, s_fixed, S, BLOCK_B, CHANNELS_FAST)
         mean = load_centre(Centre, X, bc, bc_mask, K, stride_x_g, stride_x_k, ACC, HAS_CENTRE,
                            HAS_GROUPS, CHANNELS_FAST)
-        scale, shift = channel_coefficients(Offset, Rstd, Weight, Bias, GScale, GShift, bc, bc_mask,
-                                            K, ACC, HAS_OFFSET, HAS_WEIGHT, HAS_BIAS, HAS_GAFFINE,
+        scale, shift = channel_coefficients(Offset, Rstd, Weight, Bias, PreScale, PreShift, bc, bc_mask,
+                                            K, ACC, HAS_OFFSET, HAS_WEIGHT, HAS_BIAS, HAS_PRE_AFFINE,
                                             HAS_GROUPS, CHANNELS_FAST)
         a_full = a_begin
         if CHANNELS_FAST:
@@ -259,24 +259,24 @@ def bn_backward_reduce_kernel(
             for c0 in range(c_begin, c_end, BLOCK_C):
                 c = c0 + tl.arange(0, BLOCK_C)
                 finalize_grad_channels(c, c < c_end, PartSumDy, PartSumDyXmu, Offset, Rstd, Weight,
-                                       GScale, GShift, CoefB, CoefC, DWeight, DBias, K, S // K,
+                                       PreScale, PreShift, CoefB, CoefC, DWeight, DBias, K, S // K,
                                        n_parts, n, ACC, TRAINING, HAS_OFFSET, HAS_WEIGHT,
-                                       HAS_GAFFINE, WRITE_DW, WRITE_DB, BLOCK_C, BLOCK_P)
+                                       HAS_PRE_AFFINE, WRITE_DW, WRITE_DB, BLOCK_C, BLOCK_P)
 
 
 @triton.jit
 def finalize_grad_channels(
     c, c_mask,                     # parameter channels (a vector) and their mask
-    PartSumDy, PartSumDyXmu, Offset, Rstd, Weight, GScale, GShift, CoefB, CoefC, DWeight, DBias,
+    PartSumDy, PartSumDyXmu, Offset, Rstd, Weight, PreScale, PreShift, CoefB, CoefC, DWeight, DBias,
     K, G, n_parts, n,
     ACC: tl.constexpr, TRAINING: tl.constexpr, HAS_OFFSET: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_GAFFINE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_PRE_AFFINE: tl.constexpr,
     WRITE_DW: tl.constexpr, WRITE_DB: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """Adds the parts' sums of parameter channels c BLOCK_P parts at a time as a tree (tl.sum of
     a [BLOCK_P, BLOCK_C] tile), the blocks in order (deterministic); writes CoefB, CoefC and the
     parameter gradients. Part loads bypass L1 (other programs of this launch may have written
-    them, see last_to_arrive). Scale = rstd * [gscale] * [gamma], as channel_coefficients."""
+    them, see last_to_arrive). Scale = rstd * [pre_scale] * [gamma], as channel_coefficients."""
     S = G * K
     total_dy = tl.zeros([BLOCK_C], ACC)
     total_dy_xhat = tl.zeros([BLOCK_C], ACC)
@@ -297,8 +297,8 @@ def finalize_grad_channels(
             offset = tl.load(Offset + s, mask=c_mask, other=0.0)
         rstd = tl.load(Rstd + s, mask=c_mask, other=0.0)
         multiplier = tl.full([BLOCK_C], 1.0, ACC)
-        if HAS_GAFFINE:
-            multiplier = tl.load(GScale + c, mask=c_mask, other=0.0).to(ACC)
+        if HAS_PRE_AFFINE:
+            multiplier = tl.load(PreScale + c, mask=c_mask, other=0.0).to(ACC)
         if HAS_WEIGHT:
             multiplier = multiplier * tl.load(Weight + c, mask=c_mask, other=0.0).to(ACC)
         scale = rstd * multiplier
@@ -308,24 +308,24 @@ def finalize_grad_channels(
         tl.store(CoefC + s, coef_c, mask=c_mask)
         total_dy += sum_dy
         total_dy_xhat += sum_dy_xhat
-    store_param_grads(c, c_mask, total_dy, total_dy_xhat, GScale, GShift, DWeight, DBias,
-                      HAS_GAFFINE, WRITE_DW, WRITE_DB)
+    store_param_grads(c, c_mask, total_dy, total_dy_xhat, PreScale, PreShift, DWeight, DBias,
+                      HAS_PRE_AFFINE, WRITE_DW, WRITE_DB)
 
 
 @triton.heuristics(given(N_FROM_PTR="Count", HAS_OFFSET="Offset", HAS_WEIGHT="Weight",
-    HAS_GAFFINE="GScale", WRITE_DW="DWeight", WRITE_DB="DBias"))
+    HAS_PRE_AFFINE="PreScale", WRITE_DW="DWeight", WRITE_DB="DBias"))
 @triton.jit
 def bn_backward_finalize_kernel(
     PartSumDy, PartSumDyXmu,       # [n_parts, S] fp32 partial sums of dy and dy * (x - centre)
     Offset, Rstd,                  # [S] fp32 forward statistics: mean - centre (HAS_OFFSET), 1/std
     Weight,                        # [K] gamma (HAS_WEIGHT)
-    GScale, GShift,                # [K] fp32 pre-gamma affine (HAS_GAFFINE)
+    PreScale, PreShift,                # [K] fp32 pre-gamma affine (HAS_PRE_AFFINE)
     CoefB, CoefC,                  # [S] fp32 out: dx coefficients
     DWeight, DBias,                # [K] fp32 out
     Count,                         # [1] elements per statistic channel, read when N_FROM_PTR
     K, G, n_parts, n,
     N_FROM_PTR: tl.constexpr, TRAINING: tl.constexpr, HAS_OFFSET: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_GAFFINE: tl.constexpr, WRITE_DW: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_PRE_AFFINE: tl.constexpr, WRITE_DW: tl.constexpr,
     WRITE_DB: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """One program per BLOCK_C parameter channels (finalize_grad_channels): the separate finalize
@@ -333,14 +333,14 @@ def bn_backward_finalize_kernel(
     if N_FROM_PTR:
         n = tl.load(Count)
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    finalize_grad_channels(c, c < K, PartSumDy, PartSumDyXmu, Offset, Rstd, Weight, GScale,
-                           GShift, CoefB, CoefC, DWeight, DBias, K, G, n_parts, n,
-                           Rstd.dtype.element_ty, TRAINING, HAS_OFFSET, HAS_WEIGHT, HAS_GAFFINE,
+    finalize_grad_channels(c, c < K, PartSumDy, PartSumDyXmu, Offset, Rstd, Weight, PreScale,
+                           PreShift, CoefB, CoefC, DWeight, DBias, K, G, n_parts, n,
+                           Rstd.dtype.element_ty, TRAINING, HAS_OFFSET, HAS_WEIGHT, HAS_PRE_AFFINE,
                            WRITE_DW, WRITE_DB, BLOCK_C, BLOCK_P)
 
 
 @triton.heuristics({**given(HAS_RESIDUAL="Residual", HAS_CENTRE="Centre", HAS_OFFSET="Offset",
-                            HAS_WEIGHT="Weight", HAS_BIAS="Bias", HAS_GAFFINE="GScale",
+                            HAS_WEIGHT="Weight", HAS_BIAS="Bias", HAS_PRE_AFFINE="PreScale",
                             WRITE_DX="DX", WRITE_DRESIDUAL="DResidual"),
                     "ROWS_FLAT": rows_flat("x", "dy", "z", "dx", "dz"),
                     "ALIGN": rows_aligned("x", "dy", "z", "dx", "dz")})
@@ -349,7 +349,7 @@ def bn_backward_apply_kernel(
     X, DY, Residual, DX, DResidual,
     Centre,                        # [S] the forward's centres (HAS_CENTRE), else x's pivots
     Offset, Rstd,                  # [S] fp32 forward statistics: mean - centre (HAS_OFFSET), 1/std
-    Weight, Bias, GScale, GShift,  # [K] gamma, beta (RELU only), pre-gamma affine (HAS_GAFFINE)
+    Weight, Bias, PreScale, PreShift,  # [K] gamma, beta (RELU only), pre-gamma affine (HAS_PRE_AFFINE)
     CoefB, CoefC,                  # [S] fp32 dx coefficients (finalize_grad_channels)
     R1, K, S, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts,
     stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
@@ -360,7 +360,7 @@ def bn_backward_apply_kernel(
     HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, TRAINING: tl.constexpr,
     HAS_CENTRE: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_GAFFINE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_PRE_AFFINE: tl.constexpr,
     WRITE_DX: tl.constexpr, WRITE_DRESIDUAL: tl.constexpr, ROWS_FLAT: tl.constexpr,
     ALIGN: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
@@ -382,8 +382,8 @@ def bn_backward_apply_kernel(
         bc, bc_mask = channel_block(b0, b_end, s_fixed, S, BLOCK_B, CHANNELS_FAST)
         mean = load_centre(Centre, X, bc, bc_mask, K, stride_x_g, stride_x_k, ACC, HAS_CENTRE,
                            HAS_GROUPS, CHANNELS_FAST)
-        scale, shift = channel_coefficients(Offset, Rstd, Weight, Bias, GScale, GShift, bc, bc_mask,
-                                            K, ACC, HAS_OFFSET, HAS_WEIGHT, HAS_BIAS, HAS_GAFFINE,
+        scale, shift = channel_coefficients(Offset, Rstd, Weight, Bias, PreScale, PreShift, bc, bc_mask,
+                                            K, ACC, HAS_OFFSET, HAS_WEIGHT, HAS_BIAS, HAS_PRE_AFFINE,
                                             HAS_GROUPS, CHANNELS_FAST)
         coef_b = load_channel_values(CoefB, bc, bc_mask, bc, ACC, CHANNELS_FAST)
         coef_c = load_channel_values(CoefC, bc, bc_mask, bc, ACC, CHANNELS_FAST)
@@ -499,14 +499,14 @@ def grad_apply_pointers(X, DY, Residual, DX, DResidual, a0, b, s_fixed, R1, K,
 
 
 @triton.heuristics(given(HAS_RESIDUAL="Residual", HAS_CENTRE="Centre", HAS_OFFSET="Offset",
-    HAS_WEIGHT="Weight", HAS_BIAS="Bias", HAS_GAFFINE="GScale", WRITE_DW="DWeight",
+    HAS_WEIGHT="Weight", HAS_BIAS="Bias", HAS_PRE_AFFINE="PreScale", WRITE_DW="DWeight",
     WRITE_DB="DBias", WRITE_DX="DX", WRITE_DRESIDUAL="DResidual"))
 @triton.jit
 def bn_fused_backward_kernel(
     X, DY, Residual, DX, DResidual,
     Centre,                        # [K] the forward's centres (HAS_CENTRE), else x's pivots
     Offset, Rstd,                  # [K] fp32 forward statistics: mean - centre (HAS_OFFSET), 1/std
-    Weight, Bias, GScale, GShift,  # [K] gamma, beta (RELU only), pre-gamma affine (HAS_GAFFINE)
+    Weight, Bias, PreScale, PreShift,  # [K] gamma, beta (RELU only), pre-gamma affine (HAS_PRE_AFFINE)
     DWeight, DBias,                # [K] out
     R1, K, A, B, n,
     stride_x_r0, stride_x_r1, stride_x_k,
@@ -517,7 +517,7 @@ def bn_fused_backward_kernel(
     CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, TRAINING: tl.constexpr,
     HAS_CENTRE: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_GAFFINE: tl.constexpr, WRITE_DW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_PRE_AFFINE: tl.constexpr, WRITE_DW: tl.constexpr,
     WRITE_DB: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DRESIDUAL: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
@@ -539,8 +539,8 @@ def bn_fused_backward_kernel(
     offset = tl.zeros_like(rstd)
     if HAS_OFFSET:
         offset = load_channel_values(Offset, c, c_mask, c, ACC, CHANNELS_FAST)
-    scale, shift = channel_coefficients(Offset, Rstd, Weight, Bias, GScale, GShift, c, c_mask, K,
-                                        ACC, HAS_OFFSET, HAS_WEIGHT, HAS_BIAS, HAS_GAFFINE, False,
+    scale, shift = channel_coefficients(Offset, Rstd, Weight, Bias, PreScale, PreShift, c, c_mask, K,
+                                        ACC, HAS_OFFSET, HAS_WEIGHT, HAS_BIAS, HAS_PRE_AFFINE, False,
                                         CHANNELS_FAST)
     x, dy = load_x_and_gated_dy(
         X, DY, Residual, a, b, s_fixed, mask, mean, scale, shift, R1, K,
@@ -559,8 +559,8 @@ def bn_fused_backward_kernel(
         sum_dy_xmu = tl.sum(sum_dy_xmu, 0)
         sum_dy_xhat, coef_b, coef_c = channel_grad_terms(sum_dy, sum_dy_xmu, offset, rstd, scale, n,
                                                          TRAINING)
-    store_param_grads(c, c_mask, sum_dy, sum_dy_xhat, GScale, GShift, DWeight, DBias,
-                      HAS_GAFFINE, WRITE_DW, WRITE_DB)
+    store_param_grads(c, c_mask, sum_dy, sum_dy_xhat, PreScale, PreShift, DWeight, DBias,
+                      HAS_PRE_AFFINE, WRITE_DW, WRITE_DB)
     if CHANNELS_FAST:
         coef_b = coef_b[None, :]
         coef_c = coef_c[None, :]

@@ -293,16 +293,16 @@ def load_centre(Centre, X, bc, bc_mask, K, stride_x_g, stride_x_k, ACC: tl.const
 
 
 @triton.jit
-def channel_coefficients(Offset, Rstd, Weight, Bias, GScale, GShift, bc, bc_mask, K,
+def channel_coefficients(Offset, Rstd, Weight, Bias, PreScale, PreShift, bc, bc_mask, K,
                          ACC: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                         HAS_BIAS: tl.constexpr, HAS_GAFFINE: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, HAS_PRE_AFFINE: tl.constexpr,
                          HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr):
     """(scale, shift) of the statistic channels bc, y = (x - centre) * scale + shift, from the
     saved offset (absent: 0) and rstd and the parameters (parameter channel k = bc % K), in the
     forward's order of operations (channel_affine_and_update, then the finalize), so that they
     are the forward's bit for bit, and so is the ReLU mask backward recomputes with them:
 
-        multiplier = [gscale] * [gamma],   base = [gshift] * [gamma] + [beta],
+        multiplier = [pre_scale] * [gamma],   base = [pre_shift] * [gamma] + [beta],
         scale = rstd * multiplier,         shift = base - offset * scale.
 
     Without a ReLU the shift is unused (its loads are dead code; callers pass Bias = None)."""
@@ -312,9 +312,9 @@ def channel_coefficients(Offset, Rstd, Weight, Bias, GScale, GShift, bc, bc_mask
     rstd = load_channel_values(Rstd, bc, bc_mask, bc, ACC, CHANNELS_FAST)
     multiplier = tl.full(rstd.shape, 1.0, ACC)
     shift = tl.zeros(rstd.shape, ACC)
-    if HAS_GAFFINE:
-        multiplier = load_channel_values(GScale, k, bc_mask, k, ACC, CHANNELS_FAST)
-        shift = load_channel_values(GShift, k, bc_mask, k, ACC, CHANNELS_FAST)
+    if HAS_PRE_AFFINE:
+        multiplier = load_channel_values(PreScale, k, bc_mask, k, ACC, CHANNELS_FAST)
+        shift = load_channel_values(PreShift, k, bc_mask, k, ACC, CHANNELS_FAST)
     if HAS_WEIGHT:
         w = load_channel_values(Weight, k, bc_mask, k, ACC, CHANNELS_FAST)
         multiplier = multiplier * w

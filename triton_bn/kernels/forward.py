@@ -25,7 +25,7 @@ the offset is 0: inference (the running mean) and sync BN (the merged batch mean
 
 What a forward leaves for backward is thus 8 bytes per statistic channel in fp32, as torch's
 mean and invstd: (offset, rstd), or (centre, rstd); and with renorm or the Keras adjustment the
-pre-gamma affine (GScale, GShift) per parameter channel. scale and shift are recomputed from them
+pre-gamma affine (PreScale, PreShift) per parameter channel. scale and shift are recomputed from them
 and the parameters by every kernel that needs them (channel_coefficients), in the forward's order
 of operations: the same bits, so the ReLU mask backward recomputes is the forward's.
 """
@@ -81,7 +81,7 @@ def channel_affine_and_update(
     batch_mean, batch_var, n,      # fp32 batch statistics of those channels (biased variance), count
     Weight, Bias,                  # [K] gamma, beta (when HAS_WEIGHT / HAS_BIAS)
     AdjScale, AdjBias,             # [K] Keras adjustment (when HAS_ADJUST)
-    GScale, GShift,                # [K] out: the pre-gamma affine (a*r, a*d + b_adj) for backward
+    PreScale, PreShift,                # [K] out: the pre-gamma affine (a*r, a*d + b_adj) for backward
     RunMean, RunVar,               # [K] running / moving mean and variance, updated in place
     NumBatches,                    # [1] int64 batches seen (CUMULATIVE momentum; COUNT_BATCH)
     RenormMean, RenormStd,         # [K] Keras renorm_mean / renorm_stddev, updated in place
@@ -89,7 +89,7 @@ def channel_affine_and_update(
     Hyper,                         # [6] eps, momentum, renorm_momentum, rmin, rmax, dmax (ACC dtype)
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADJUST: tl.constexpr,
     RENORM: tl.constexpr, UPDATE_RUNNING: tl.constexpr, UNBIASED: tl.constexpr,
-    CUMULATIVE: tl.constexpr, SAVE_GAFFINE: tl.constexpr, COUNT_BATCH: tl.constexpr,
+    CUMULATIVE: tl.constexpr, SAVE_PRE_AFFINE: tl.constexpr, COUNT_BATCH: tl.constexpr,
 ):
     """Returns (multiplier, shift) with y = x_hat * multiplier + shift, and updates the state.
 
@@ -100,8 +100,8 @@ def channel_affine_and_update(
     A channel that saw no element (n == 0: every process of sync BN empty) keeps its state.
     """
     eps, momentum, renorm_momentum, rmin, rmax, dmax = load_hyper(Hyper)
-    g_scale = tl.full(batch_mean.shape, 1.0, batch_mean.dtype)
-    g_shift = tl.zeros(batch_mean.shape, batch_mean.dtype)
+    pre_scale = tl.full(batch_mean.shape, 1.0, batch_mean.dtype)
+    pre_shift = tl.zeros(batch_mean.shape, batch_mean.dtype)
     batch_std = sqrt_rn(batch_var + eps)
     if RENORM != RENORM_NONE:
         # Batch renormalization (Ioffe 2017): y = (x_hat * r + d) * gamma + beta with
@@ -123,18 +123,18 @@ def channel_affine_and_update(
         r = tl.where(r > rmax, rmax, r)
         d = tl.where(d < -dmax, -dmax, d)
         d = tl.where(d > dmax, dmax, d)
-        g_scale = r
-        g_shift = d
+        pre_scale = r
+        pre_shift = d
     if HAS_ADJUST:
         adj_scale = tl.load(AdjScale + c, mask=c_mask, other=1.0).to(batch_mean.dtype)
         adj_bias = tl.load(AdjBias + c, mask=c_mask, other=0.0).to(batch_mean.dtype)
-        g_shift = g_shift * adj_scale + adj_bias
-        g_scale = g_scale * adj_scale
-    if SAVE_GAFFINE:
-        tl.store(GScale + c, g_scale, mask=c_mask)
-        tl.store(GShift + c, g_shift, mask=c_mask)
-    multiplier = g_scale
-    shift = g_shift
+        pre_shift = pre_shift * adj_scale + adj_bias
+        pre_scale = pre_scale * adj_scale
+    if SAVE_PRE_AFFINE:
+        tl.store(PreScale + c, pre_scale, mask=c_mask)
+        tl.store(PreShift + c, pre_shift, mask=c_mask)
+    multiplier = pre_scale
+    shift = pre_shift
     if HAS_WEIGHT:
         w = tl.load(Weight + c, mask=c_mask, other=1.0).to(batch_mean.dtype)
         multiplier = multiplier * w
@@ -227,7 +227,7 @@ def lane_sums(X, shift, a_begin, a_end, b_begin, b_end, s_fixed, R1, K,
 
 @triton.heuristics({"ROWS_FLAT": rows_flat("x"), "ALIGN": rows_aligned("x"),
                     **given(STORE_PIVOT="Pivot", FINALIZE="Counter", HAS_WEIGHT="Weight",
-                            HAS_BIAS="Bias", HAS_ADJUST="AdjScale", SAVE_GAFFINE="GScale")})
+                            HAS_BIAS="Bias", HAS_ADJUST="AdjScale", SAVE_PRE_AFFINE="PreScale")})
 @triton.jit
 def bn_stats_kernel(
     X,                    # activation, addressed through its strides
@@ -237,13 +237,13 @@ def bn_stats_kernel(
     stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
     Counter,              # [n_channel_tiles + 1] int32 zeros (FINALIZE); left zeros
     Offset, Rstd,         # [S] out (FINALIZE): batch mean - pivot, 1/std
-    Weight, Bias, AdjScale, AdjBias, GScale, GShift,  # as bn_finalize_kernel
+    Weight, Bias, AdjScale, AdjBias, PreScale, PreShift,  # as bn_finalize_kernel
     RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd, Hyper,
     HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
     ROWS_FLAT: tl.constexpr, ALIGN: tl.constexpr, STORE_PIVOT: tl.constexpr,
     FINALIZE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_ADJUST: tl.constexpr, RENORM: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
-    UNBIASED: tl.constexpr, CUMULATIVE: tl.constexpr, SAVE_GAFFINE: tl.constexpr,
+    UNBIASED: tl.constexpr, CUMULATIVE: tl.constexpr, SAVE_PRE_AFFINE: tl.constexpr,
     COUNT_BATCH: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
@@ -318,19 +318,19 @@ def bn_stats_kernel(
         slot, expected, c_begin, c_end, n_parts = finalize_tile(
             tl.program_id(0), n_channel_tiles, b_begin, b_end, s_fixed, K, HAS_GROUPS,
             CHANNELS_FAST)
-        b_count = B
+        b_extent = B
         if CHANNELS_FAST:
-            b_count = 1
+            b_extent = 1
         if last_to_arrive(Counter, slot, expected):
             for c0 in range(c_begin, c_end, BLOCK_C):
                 c = c0 + tl.arange(0, BLOCK_C)
                 finalize_channels(
                     c, c < c_end, PartSum, PartM2, PartSum, X, stride_x_g, stride_x_k, Offset,
-                    Rstd, Weight, Bias, AdjScale, AdjBias, GScale, GShift,
+                    Rstd, Weight, Bias, AdjScale, AdjBias, PreScale, PreShift,
                     RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd,
-                    K, S // K, n_parts, n_b_parts, A, a_chunk, b_count, b_chunk, Hyper,
+                    K, S // K, n_parts, n_b_parts, A, a_chunk, b_extent, b_chunk, Hyper,
                     ACC, False, True, HAS_GROUPS, HAS_WEIGHT, HAS_BIAS, HAS_ADJUST, RENORM, UPDATE_RUNNING,
-                    UNBIASED, CUMULATIVE, SAVE_GAFFINE, COUNT_BATCH, BLOCK_C, BLOCK_P)
+                    UNBIASED, CUMULATIVE, SAVE_PRE_AFFINE, COUNT_BATCH, BLOCK_C, BLOCK_P)
             if COUNT_BATCH:
                 if HAS_GROUPS:  # the only finalizing program
                     count_batch(NumBatches)
@@ -411,19 +411,19 @@ def finalize_channels(
     X, stride_x_g, stride_x_k,     # HAS_PIVOT: the parts are of x - pivot (x's first element)
     Stat,                          # [S] out: the offsets (HAS_PIVOT), else the means (centres)
     Rstd,                          # [S] out
-    Weight, Bias, AdjScale, AdjBias, GScale, GShift,
+    Weight, Bias, AdjScale, AdjBias, PreScale, PreShift,
     RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd,
     K, G, n_parts, n_b_parts, A, a_chunk, B_count, b_chunk, Hyper,
     ACC: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PIVOT: tl.constexpr,
     HAS_GROUPS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADJUST: tl.constexpr,
     RENORM: tl.constexpr, UPDATE_RUNNING: tl.constexpr, UNBIASED: tl.constexpr,
-    CUMULATIVE: tl.constexpr, SAVE_GAFFINE: tl.constexpr, COUNT_BATCH: tl.constexpr,
+    CUMULATIVE: tl.constexpr, SAVE_PRE_AFFINE: tl.constexpr, COUNT_BATCH: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """Merges the parts of parameter channels c (merge_parts) and writes, per statistic channel,
     Rstd and either the offset of the mean from x's pivot (HAS_PIVOT: the parts are of x - pivot)
     or the mean itself (the parts are of x: sync BN's merged moments), which is then the centre
-    the kernels subtract; updates the running statistics (and GScale / GShift). With ghost batches
+    the kernels subtract; updates the running statistics (and PreScale / PreShift). With ghost batches
     (G > 1) each group is normalized by its own statistics while the running statistics and renorm
     r/d use the mean over groups of the means and biased variances. scale and shift are not
     stored: the kernels recompute them (channel_coefficients)."""
@@ -448,27 +448,27 @@ def finalize_channels(
         sum_mean += mean_from_sum(centre, total, n)
         sum_var += var
     channel_affine_and_update(
-        c, c_mask, sum_mean / G, sum_var / G, n, Weight, Bias, AdjScale, AdjBias, GScale, GShift,
+        c, c_mask, sum_mean / G, sum_var / G, n, Weight, Bias, AdjScale, AdjBias, PreScale, PreShift,
         RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd, Hyper,
-        HAS_WEIGHT, HAS_BIAS, HAS_ADJUST, RENORM, UPDATE_RUNNING, UNBIASED, CUMULATIVE, SAVE_GAFFINE,
+        HAS_WEIGHT, HAS_BIAS, HAS_ADJUST, RENORM, UPDATE_RUNNING, UNBIASED, CUMULATIVE, SAVE_PRE_AFFINE,
         COUNT_BATCH)
 
 
 @triton.heuristics(given(HAS_COUNTS="PartCount", HAS_WEIGHT="Weight", HAS_BIAS="Bias",
-    HAS_ADJUST="AdjScale", SAVE_GAFFINE="GScale"))
+    HAS_ADJUST="AdjScale", SAVE_PRE_AFFINE="PreScale"))
 @triton.jit
 def bn_finalize_kernel(
     PartStat, PartM2,              # [n_parts, S] partial statistics (see merge_parts)
     PartCount,                     # [n_parts] element count of each part (HAS_COUNTS)
     Centre, Rstd,                  # [S] out: the batch mean (the centre the kernels subtract), 1/std
-    Weight, Bias, AdjScale, AdjBias, GScale, GShift,
+    Weight, Bias, AdjScale, AdjBias, PreScale, PreShift,
     RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd,
     K, G, n_parts, n_b_parts, A, a_chunk, B_count, b_chunk,
     Hyper,                         # [6] see HYPER_FIELDS
     HAS_COUNTS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADJUST: tl.constexpr,
     RENORM: tl.constexpr, UPDATE_RUNNING: tl.constexpr, UNBIASED: tl.constexpr,
-    CUMULATIVE: tl.constexpr, SAVE_GAFFINE: tl.constexpr, BLOCK_C: tl.constexpr,
+    CUMULATIVE: tl.constexpr, SAVE_PRE_AFFINE: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
     """One program per BLOCK_C parameter channels (finalize_channels): the separate finalize of
@@ -476,11 +476,11 @@ def bn_finalize_kernel(
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     finalize_channels(
         c, c < K, PartStat, PartM2, PartCount, None, 0, 0, Centre, Rstd,
-        Weight, Bias, AdjScale, AdjBias, GScale, GShift,
+        Weight, Bias, AdjScale, AdjBias, PreScale, PreShift,
         RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd,
         K, G, n_parts, n_b_parts, A, a_chunk, B_count, b_chunk, Hyper,
         PartStat.dtype.element_ty, HAS_COUNTS, False, False, HAS_WEIGHT, HAS_BIAS, HAS_ADJUST,
-        RENORM, UPDATE_RUNNING, UNBIASED, CUMULATIVE, SAVE_GAFFINE, False, BLOCK_C, BLOCK_P)
+        RENORM, UPDATE_RUNNING, UNBIASED, CUMULATIVE, SAVE_PRE_AFFINE, False, BLOCK_C, BLOCK_P)
 
 
 @triton.jit
@@ -508,7 +508,7 @@ def apply_tile(X, Y, Residual, a0, b0, a_end, b_end, s_fixed, mean, scale, shift
 
 @triton.heuristics({**given(HAS_RESIDUAL="Residual", HAS_CENTRE="Centre", HAS_OFFSET="Offset",
                             KEEP_STATS="Rstd", HAS_WEIGHT="Weight", HAS_BIAS="Bias",
-                            HAS_GAFFINE="GScale", FROM_RUNNING="RunMean"),
+                            HAS_PRE_AFFINE="PreScale", FROM_RUNNING="RunMean"),
                     "ROWS_FLAT": rows_flat("x", "y", "z"), "ALIGN": rows_aligned("x", "y", "z")})
 @triton.jit
 def bn_apply_kernel(
@@ -517,7 +517,7 @@ def bn_apply_kernel(
     Offset,                        # [S] batch mean - centre (HAS_OFFSET), else 0
     Rstd,                          # [S] 1/std (out when FROM_RUNNING; None there: nothing kept)
     Weight, Bias,                  # [K] gamma, beta
-    GScale, GShift,                # [K] the pre-gamma affine (HAS_GAFFINE: renorm, adjustment)
+    PreScale, PreShift,                # [K] the pre-gamma affine (HAS_PRE_AFFINE: renorm, adjustment)
     RunMean, RunVar,               # [K] for FROM_RUNNING (inference)
     R1, K, S, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts,
     Hyper,                         # [6] see HYPER_FIELDS (eps, for FROM_RUNNING)
@@ -527,7 +527,7 @@ def bn_apply_kernel(
     HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, HAS_CENTRE: tl.constexpr,
     HAS_OFFSET: tl.constexpr, KEEP_STATS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_GAFFINE: tl.constexpr, FROM_RUNNING: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_PRE_AFFINE: tl.constexpr, FROM_RUNNING: tl.constexpr,
     ROWS_FLAT: tl.constexpr, ALIGN: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """y = act((x - centre) * scale + shift [+ residual]): training, from the finalized
@@ -562,8 +562,8 @@ def bn_apply_kernel(
     else:
         mean = load_centre(Centre, X, bc, bc_mask, K, stride_x_g, stride_x_k, ACC, HAS_CENTRE,
                            HAS_GROUPS, CHANNELS_FAST)
-        scale, shift = channel_coefficients(Offset, Rstd, Weight, Bias, GScale, GShift, bc, bc_mask,
-                                            K, ACC, HAS_OFFSET, HAS_WEIGHT, HAS_BIAS, HAS_GAFFINE,
+        scale, shift = channel_coefficients(Offset, Rstd, Weight, Bias, PreScale, PreShift, bc, bc_mask,
+                                            K, ACC, HAS_OFFSET, HAS_WEIGHT, HAS_BIAS, HAS_PRE_AFFINE,
                                             HAS_GROUPS, CHANNELS_FAST)
     # backwards, in reverse order of bn_stats_kernel's walk of the same partition (training):
     # the tiles it read last are still in L2
@@ -581,12 +581,12 @@ def bn_apply_kernel(
 
 
 @triton.heuristics(given(HAS_RESIDUAL="Residual", HAS_WEIGHT="Weight", HAS_BIAS="Bias",
-    HAS_ADJUST="AdjScale", SAVE_GAFFINE="GScale"))
+    HAS_ADJUST="AdjScale", SAVE_PRE_AFFINE="PreScale"))
 @triton.jit
 def bn_fused_forward_kernel(
     X, Y, Residual,
     Offset, Rstd,                  # [K] fp32 out: batch mean - centre (x's pivot), 1/std
-    Weight, Bias, AdjScale, AdjBias, GScale, GShift,
+    Weight, Bias, AdjScale, AdjBias, PreScale, PreShift,
     RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd,
     R1, K, A, B,
     Hyper,                         # [6] see HYPER_FIELDS
@@ -598,7 +598,7 @@ def bn_fused_forward_kernel(
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADJUST: tl.constexpr,
     RENORM: tl.constexpr, UPDATE_RUNNING: tl.constexpr, UNBIASED: tl.constexpr,
-    CUMULATIVE: tl.constexpr, SAVE_GAFFINE: tl.constexpr, COUNT_BATCH: tl.constexpr,
+    CUMULATIVE: tl.constexpr, SAVE_PRE_AFFINE: tl.constexpr, COUNT_BATCH: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """Single pass: the whole reduced slice of this program's channels is one tile in registers
@@ -626,9 +626,9 @@ def bn_fused_forward_kernel(
     var = m2 / tl.maximum(n, 1.0)
     rstd = 1.0 / sqrt_rn(var + tl.load(Hyper))
     multiplier, shift = channel_affine_and_update(
-        c, c_mask, mean_from_sum(centre, total, n), var, n, Weight, Bias, AdjScale, AdjBias, GScale, GShift,
+        c, c_mask, mean_from_sum(centre, total, n), var, n, Weight, Bias, AdjScale, AdjBias, PreScale, PreShift,
         RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd, Hyper,
-        HAS_WEIGHT, HAS_BIAS, HAS_ADJUST, RENORM, UPDATE_RUNNING, UNBIASED, CUMULATIVE, SAVE_GAFFINE,
+        HAS_WEIGHT, HAS_BIAS, HAS_ADJUST, RENORM, UPDATE_RUNNING, UNBIASED, CUMULATIVE, SAVE_PRE_AFFINE,
         COUNT_BATCH)
     if COUNT_BATCH:  # after this program's read of NumBatches (CUMULATIVE) above
         if last_to_arrive(Counter, 0, tl.num_programs(0)):

@@ -76,14 +76,14 @@ def grid_barrier(Bar, pid, n_programs, SPIN: tl.constexpr):
 
 
 @triton.heuristics(given(HAS_RESIDUAL="Residual", HAS_WEIGHT="Weight", HAS_BIAS="Bias",
-    HAS_ADJUST="AdjScale", SAVE_GAFFINE="GScale"))
+    HAS_ADJUST="AdjScale", SAVE_PRE_AFFINE="PreScale"))
 @triton.jit
 def bn_persistent_forward_kernel(
     X, Y, Residual,                # activation in, output, optional residual added before the act.
     PartSum, PartM2,               # [n_parts, K] fixed slots: each part's sum of x - pivot and M2
     Bar,                           # [1] int32 barrier counter (self-resetting, see grid_barrier)
     Offset, Rstd,                  # [K] out: batch mean - centre (x's pivot), 1/std
-    Weight, Bias, AdjScale, AdjBias, GScale, GShift,
+    Weight, Bias, AdjScale, AdjBias, PreScale, PreShift,
     RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd,
     R1, K, A, B, a_chunk, b_chunk, B_count, n_channel_tiles, n_b_parts,
     Hyper,                         # [6] see forward.HYPER_FIELDS
@@ -94,7 +94,7 @@ def bn_persistent_forward_kernel(
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADJUST: tl.constexpr,
     RENORM: tl.constexpr, UPDATE_RUNNING: tl.constexpr, UNBIASED: tl.constexpr,
-    CUMULATIVE: tl.constexpr, SAVE_GAFFINE: tl.constexpr,
+    CUMULATIVE: tl.constexpr, SAVE_PRE_AFFINE: tl.constexpr,
     COUNT_BATCH: tl.constexpr,     # NumBatches is counted after the launch (persistent.forward)
     PHASE: tl.constexpr,           # 0: whole kernel with the barrier; 1 / 2: before / after it
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -149,13 +149,13 @@ def bn_persistent_forward_kernel(
         mean = mean_from_sum(centre, total, n)
         if part == 0:  # the one program per channel that writes the per-channel outputs
             multiplier, shift = channel_affine_and_update(
-                c, c_mask, mean, var, n, Weight, Bias, AdjScale, AdjBias, GScale, GShift,
+                c, c_mask, mean, var, n, Weight, Bias, AdjScale, AdjBias, PreScale, PreShift,
                 RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd, Hyper,
                 HAS_WEIGHT, HAS_BIAS, HAS_ADJUST, RENORM, UPDATE_RUNNING, UNBIASED, CUMULATIVE,
-                SAVE_GAFFINE, COUNT_BATCH)
+                SAVE_PRE_AFFINE, COUNT_BATCH)
         else:
             multiplier, shift = channel_affine_and_update(
-                c, c_mask, mean, var, n, Weight, Bias, AdjScale, AdjBias, GScale, GShift,
+                c, c_mask, mean, var, n, Weight, Bias, AdjScale, AdjBias, PreScale, PreShift,
                 RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd, Hyper,
                 HAS_WEIGHT, HAS_BIAS, HAS_ADJUST, RENORM, False, UNBIASED, CUMULATIVE, False,
                 COUNT_BATCH)
@@ -197,7 +197,7 @@ def sum_parts(PartA, PartB, c, c_mask, S, n_parts, ACC: tl.constexpr, BLOCK_C: t
 
 
 @triton.heuristics(given(HAS_RESIDUAL="Residual", HAS_CENTRE="Centre", HAS_OFFSET="Offset",
-    HAS_WEIGHT="Weight", HAS_BIAS="Bias", HAS_GAFFINE="GScale", WRITE_DW="DWeight",
+    HAS_WEIGHT="Weight", HAS_BIAS="Bias", HAS_PRE_AFFINE="PreScale", WRITE_DW="DWeight",
     WRITE_DB="DBias", WRITE_DX="DX", WRITE_DRESIDUAL="DResidual"))
 @triton.jit
 def bn_persistent_backward_kernel(
@@ -206,7 +206,7 @@ def bn_persistent_backward_kernel(
     Bar,                           # [1] int32 barrier counter (see grid_barrier)
     Centre,                        # [K] the forward's centres (HAS_CENTRE), else x's pivots
     Offset, Rstd,                  # [K] fp32 forward statistics: mean - centre (HAS_OFFSET), 1/std
-    Weight, Bias, GScale, GShift,  # [K] gamma, beta (RELU only), pre-gamma affine (HAS_GAFFINE)
+    Weight, Bias, PreScale, PreShift,  # [K] gamma, beta (RELU only), pre-gamma affine (HAS_PRE_AFFINE)
     DWeight, DBias,                # [K] out
     R1, K, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts, n,
     stride_x_r0, stride_x_r1, stride_x_k,
@@ -217,7 +217,7 @@ def bn_persistent_backward_kernel(
     CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     HAS_CENTRE: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_GAFFINE: tl.constexpr, WRITE_DW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_PRE_AFFINE: tl.constexpr, WRITE_DW: tl.constexpr,
     WRITE_DB: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DRESIDUAL: tl.constexpr,
     PHASE: tl.constexpr,           # as in bn_persistent_forward_kernel
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -243,8 +243,8 @@ def bn_persistent_backward_kernel(
         cs = s_fixed
     mean = load_centre(Centre, X, cs, c_mask, K, 0, stride_x_k, ACC, HAS_CENTRE, False,
                        CHANNELS_FAST)
-    scale, shift = channel_coefficients(Offset, Rstd, Weight, Bias, GScale, GShift, cs, c_mask, K,
-                                        ACC, HAS_OFFSET, HAS_WEIGHT, HAS_BIAS, HAS_GAFFINE, False,
+    scale, shift = channel_coefficients(Offset, Rstd, Weight, Bias, PreScale, PreShift, cs, c_mask, K,
+                                        ACC, HAS_OFFSET, HAS_WEIGHT, HAS_BIAS, HAS_PRE_AFFINE, False,
                                         CHANNELS_FAST)
     x, g = load_x_and_gated_dy(
         X, DY, Residual, a, b, s_fixed, mask, mean, scale, shift, R1, K,
@@ -276,16 +276,16 @@ def bn_persistent_backward_kernel(
         if HAS_OFFSET:
             offset = tl.load(Offset + c, mask=c_mask, other=0.0).to(ACC)
         multiplier = tl.full(rstd.shape, 1.0, ACC)  # Scale / rstd, as channel_coefficients
-        if HAS_GAFFINE:
-            multiplier = tl.load(GScale + c, mask=c_mask, other=0.0).to(ACC)
+        if HAS_PRE_AFFINE:
+            multiplier = tl.load(PreScale + c, mask=c_mask, other=0.0).to(ACC)
         if HAS_WEIGHT:
             multiplier = multiplier * tl.load(Weight + c, mask=c_mask, other=0.0).to(ACC)
         scale_c = rstd * multiplier
         sum_dy_xhat, coef_b, coef_c = channel_grad_terms(sum_dy, sum_dy_xc, offset, rstd, scale_c,
                                                          n, True)
         if part == 0:  # one writer per channel
-            store_param_grads(c, c_mask, sum_dy, sum_dy_xhat, GScale, GShift, DWeight, DBias,
-                              HAS_GAFFINE, WRITE_DW, WRITE_DB)
+            store_param_grads(c, c_mask, sum_dy, sum_dy_xhat, PreScale, PreShift, DWeight, DBias,
+                              HAS_PRE_AFFINE, WRITE_DW, WRITE_DB)
         if CHANNELS_FAST:
             coef_b = coef_b[None, :]
             coef_c = coef_c[None, :]
