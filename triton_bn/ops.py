@@ -125,14 +125,13 @@ class LaunchKey:
 
 class _Static:
     """The part of one kernel launch that a call signature fixes: the integer arguments (sizes,
-    chunking, strides), the constexprs, the launch key and the warps."""
+    chunking, strides), the constexprs, the launch key (hashed once) and the warps."""
 
     __slots__ = ("ints", "constexprs", "key", "num_warps")
 
-    def __init__(self, ints: tuple, constexprs: dict, key: tuple, num_warps: int,
-                 memo: Optional[dict]) -> None:
+    def __init__(self, ints: tuple, constexprs: dict, key: tuple, num_warps: int) -> None:
         self.ints, self.constexprs, self.num_warps = ints, constexprs, num_warps
-        self.key = LaunchKey(key) if memo is not None else key
+        self.key = LaunchKey(key)
 
 
 def call_memo(root: dict) -> dict:
@@ -304,7 +303,7 @@ def _launch_apply(fw: _Forward, relu: bool, weight=None, bias=None, pre_scale=No
              plan.n_channel_tiles, plan.n_b_parts), dict(
                 HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=fw.int64, RELU=relu,
                 BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B),
-            (geo, plan, fw.int64, relu, hyper is None, _dtypes(tensors)), plan.num_warps, memo))
+            (geo, plan, fw.int64, relu, hyper is None, _dtypes(tensors)), plan.num_warps))
     launch(bn_apply_kernel, plan.grid, (*tensors, *st.ints, hyper, *st_x, *st_y, *st_z),
            st.constexprs, num_warps=st.num_warps, key=st.key)
 
@@ -340,7 +339,7 @@ def _launch_stats(fw: _Forward, plan: tuning.TilePlan, state=None, memo: Optiona
                 BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B, BLOCK_C=_finalize_width(geo),
                 BLOCK_P=finalize_parts(plan.n_parts)),
             (geo, plan, fw.int64, tuple(flags.values()), xs.dtype, pivot is None,
-             _dtypes(finalize)), plan.num_warps, memo))
+             _dtypes(finalize)), plan.num_warps))
     launch(bn_stats_kernel, plan.grid, (xs, part_sum, part_m2, pivot, *st.ints, *finalize),
            st.constexprs, num_warps=st.num_warps, key=st.key)
     return part_sum, part_m2, pivot
@@ -521,7 +520,7 @@ def bn_forward(
                 dict(CHANNELS_FAST=geo.channels_fast, INT64=fw.int64, RELU=relu, **flags,
                      BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B),
                 (geo, plan, fw.int64, relu, tuple(flags.values()),
-                 _dtypes((xs, ys, zs, *tensors))), plan.num_warps, memo))
+                 _dtypes((xs, ys, zs, *tensors))), plan.num_warps))
         launch(bn_fused_forward_kernel, plan.grid, (
             xs, ys, zs, fw.offset, fw.rstd, *tensors,
             geo.R1, geo.K, plan.A, plan.B, hyper,
@@ -683,7 +682,7 @@ def _launch_grad_reduce(bw: _Backward, plan, saved: _Saved, relu, finalize=None,
                 TRAINING=training, BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B,
                 BLOCK_C=_finalize_width(geo), BLOCK_P=finalize_parts(plan.n_parts)),
             (geo, plan, bw.int64, relu, training, _dtypes((*head, *tail[:-1]))),
-            plan.num_warps, memo))
+            plan.num_warps))
     launch(bn_backward_reduce_kernel, plan.grid, (*head, part_dy, part_dyx, *st.ints, *tail),
            st.constexprs, num_warps=st.num_warps, key=st.key)
     return coefs if finalize is not None else (part_dy, part_dyx)
@@ -716,7 +715,7 @@ def _launch_grad_apply(bw: _Backward, saved: _Saved, coef_b, coef_c, training, r
              ap.n_b_parts, *st_x, *st_dy, *st_z, *st_dx, *st_dz), dict(
                 HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, RELU=relu,
                 TRAINING=training, BLOCK_A=ap.BLOCK_A, BLOCK_B=ap.BLOCK_B),
-            (geo, ap, bw.int64, relu, training, _dtypes(head)), ap.num_warps, memo))
+            (geo, ap, bw.int64, relu, training, _dtypes(head)), ap.num_warps))
     launch(bn_backward_apply_kernel, ap.grid, (*head, coef_b, coef_c, *st.ints), st.constexprs,
            num_warps=st.num_warps, key=st.key)
 
@@ -783,7 +782,7 @@ def bn_backward(
                  *(s for st in strides for s in (st[0], st[1], st[3]))),
                 dict(CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, RELU=relu, TRAINING=training,
                      BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B),
-                (geo, plan, bw.int64, relu, training, _dtypes(head)), plan.num_warps, memo))
+                (geo, plan, bw.int64, relu, training, _dtypes(head)), plan.num_warps))
         launch(bn_fused_backward_kernel, plan.grid, (*head, *st.ints), st.constexprs,
                num_warps=st.num_warps, key=st.key)
     elif not (need_dx or need_dweight or need_dbias):  # the ReLU gate alone (functional's
