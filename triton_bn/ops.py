@@ -655,22 +655,22 @@ class _Saved:
 
 def _launch_grad_reduce(bw: _Backward, plan, saved: _Saved, relu, finalize=None,
                         memo: Optional[dict] = None):
-    """Partial sums of dy and dy * (x - centre) per part and statistic channel. With
-    ``finalize`` = (dweight, dbias, training) the kernel's last programs also write the dx
-    coefficients and the parameter gradients: returns (coef_b, coef_c) then."""
+    """Partial sums of g, g * (x - m) and x - m (m: the saved mean) per part and statistic
+    channel, [3, n_parts, S]. With ``finalize`` = (dweight, dbias, training) the kernel's last
+    programs also write the dx coefficients and the parameter gradients: returns (coef_b,
+    coef_c) then."""
     geo = bw.geo
     (xs, dys, zs, _, _), (st_x, st_dy, st_z, _, _) = bw.views()
     training = True
     if finalize is None:
-        part_dy = torch.empty((plan.n_parts, geo.S), device=xs.device, dtype=saved.rstd.dtype)
-        part_dyx = torch.empty_like(part_dy)
+        parts = torch.empty(grad_parts_shape(plan, geo), device=xs.device, dtype=saved.rstd.dtype)
         tail = (None,) * 6  # Counter, CoefB, CoefC, DWeight, DBias, n
         coefs = None
     else:
         dweight, dbias, training = finalize
         # parts and the dx coefficients live until the dx kernel of this call has read them
-        part_dy, part_dyx, *coefs = scratch(memo, "grad_parts", xs.device, saved.rstd.dtype,
-                                            ((plan.n_parts, geo.S),) * 2 + ((geo.S,),) * 2)
+        parts, *coefs = scratch(memo, "grad_parts", xs.device, saved.rstd.dtype,
+                                (grad_parts_shape(plan, geo),) + ((geo.S,),) * 2)
         tail = (arrival_counters(xs.device, plan.n_channel_tiles), *coefs, dweight, dbias, geo.R)
     head = (xs, dys, zs, *saved.args())
     st = _memo_get(memo, "grad_reduce")
@@ -683,20 +683,26 @@ def _launch_grad_reduce(bw: _Backward, plan, saved: _Saved, relu, finalize=None,
                 BLOCK_C=_finalize_width(geo), BLOCK_P=finalize_parts(plan.n_parts)),
             (geo, plan, bw.int64, relu, training, _dtypes((*head, *tail[:-1]))),
             plan.num_warps))
-    launch(bn_backward_reduce_kernel, plan.grid, (*head, part_dy, part_dyx, *st.ints, *tail),
+    launch(bn_backward_reduce_kernel, plan.grid, (*head, parts, *st.ints, *tail),
            st.constexprs, num_warps=st.num_warps, key=st.key)
-    return coefs if finalize is not None else (part_dy, part_dyx)
+    return coefs if finalize is not None else parts
 
 
-def _launch_grad_finalize(bw: _Backward, part_dy, part_dyx, saved: _Saved, dweight, dbias,
-                          training, count: Optional[torch.Tensor]):
+def grad_parts_shape(plan, geo) -> tuple:
+    """The backward reduction's partial sums: g, g * (x - m), x - m per part and channel."""
+    return (3, plan.n_parts, geo.S)
+
+
+def _launch_grad_finalize(bw: _Backward, parts, saved: _Saved, dweight, dbias, training,
+                          count: Optional[torch.Tensor]):
+    """parts: [2 or 3, n_parts, S] (the third row read only with a saved offset)."""
     geo = bw.geo
     coef_b = torch.empty_like(saved.rstd)
     coef_c = torch.empty_like(saved.rstd)
     launch(bn_backward_finalize_kernel, (tuning.cdiv(geo.K, _FINALIZE_BLOCK),), (
-        part_dy, part_dyx, saved.offset, saved.rstd, saved.weight, saved.pre_scale, saved.pre_shift,
-        coef_b, coef_c, dweight, dbias, count, geo.K, geo.G, part_dy.shape[0], geo.R),
-        dict(TRAINING=training, BLOCK_C=_FINALIZE_BLOCK, BLOCK_P=finalize_parts(part_dy.shape[0])))
+        parts, saved.offset, saved.rstd, saved.weight, saved.pre_scale, saved.pre_shift,
+        coef_b, coef_c, dweight, dbias, count, geo.K, geo.G, parts.shape[1], geo.R),
+        dict(TRAINING=training, BLOCK_C=_FINALIZE_BLOCK, BLOCK_P=finalize_parts(parts.shape[1])))
     return coef_b, coef_c
 
 
@@ -795,20 +801,20 @@ def bn_backward(
             coef_b, coef_c = _launch_grad_reduce(bw, plan, saved, relu, (dweight, dbias, training),
                                                  memo)
         elif x.numel():
-            part_dy, part_dyx = _launch_grad_reduce(bw, plan, saved, relu)
+            parts = _launch_grad_reduce(bw, plan, saved, relu)
         else:
-            part_dy = torch.zeros((1, geo.S), device=x.device, dtype=acc)
-            part_dyx = torch.zeros_like(part_dy)
+            parts = torch.zeros((3, 1, geo.S), device=x.device, dtype=acc)
         if sync:
             # local parameter gradients first, then the dx coefficients from the global sums
-            _launch_grad_finalize(bw, part_dy, part_dyx, saved, dweight, dbias, training, None)
-            sums = torch.stack([part_dy.sum(0), part_dyx.sum(0)])
+            # (about the saved global mean, taken as exact: no third row, no offset)
+            _launch_grad_finalize(bw, parts, saved, dweight, dbias, training, None)
+            sums = parts[:2].sum(1, keepdim=True)
             all_reduce(sums)
-            coef_b, coef_c = _launch_grad_finalize(bw, sums[0:1], sums[1:2], saved, None, None,
-                                                   training, global_count)
+            coef_b, coef_c = _launch_grad_finalize(bw, sums, saved, None, None, training,
+                                                   global_count)
         elif not x.numel():
-            coef_b, coef_c = _launch_grad_finalize(bw, part_dy, part_dyx, saved, dweight, dbias,
-                                                   training, None)
+            coef_b, coef_c = _launch_grad_finalize(bw, parts, saved, dweight, dbias, training,
+                                                   None)
         if (need_dx or bw.write_dres) and x.numel():
             _launch_grad_apply(bw, saved, coef_b, coef_c, training, relu, plan, memo)
         if memo is not None and x.numel() and not sync and bw.prep.inverse_perm is None:
@@ -910,7 +916,7 @@ class PlannedBackward:
             self.launches = (memo["fused_backward"],)
         else:
             self.launches = (memo["grad_reduce"], memo.get("grad_apply"))
-            self.scratch_shapes = ((plan.n_parts, geo.S),) * 2 + ((geo.S,),) * 2
+            self.scratch_shapes = (grad_parts_shape(plan, geo),) + ((geo.S,),) * 2
             self.counters = plan.n_channel_tiles
 
     def run(self, dy, x, weight, bias, residual, centre, offset, rstd, pre_scale, pre_shift,
@@ -934,10 +940,10 @@ class PlannedBackward:
                 st.constexprs, num_warps=st.num_warps, key=st.key)
         else:
             reduce, apply = self.launches
-            part_dy, part_dyx, coef_b, coef_c = scratch(self.memo, "grad_parts", device, acc,
-                                                        self.scratch_shapes)
+            parts, coef_b, coef_c = scratch(self.memo, "grad_parts", device, acc,
+                                            self.scratch_shapes)
             launch(bn_backward_reduce_kernel, self.grid, (
-                x, dy, residual, *saved, part_dy, part_dyx, *reduce.ints,
+                x, dy, residual, *saved, parts, *reduce.ints,
                 arrival_counters(device, self.counters), coef_b, coef_c, dweight, dbias, self.R),
                 reduce.constexprs, num_warps=reduce.num_warps, key=reduce.key)
             if apply is not None:

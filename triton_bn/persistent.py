@@ -258,9 +258,8 @@ def backward(bw, saved, dweight, dbias, training: bool, relu: bool) -> bool:
     (xs, dys, zs, dxs, dzs), strides = bw.views()
 
     def args():
-        part_dy = torch.empty((t.n_parts, geo.S), device=x.device, dtype=saved.rstd.dtype)
-        part_dyx = torch.empty_like(part_dy)
-        return (xs, dys, zs, dxs, dzs, part_dy, part_dyx, barrier_counter(x.device),
+        parts = torch.empty((3, t.n_parts, geo.S), device=x.device, dtype=saved.rstd.dtype)
+        return (xs, dys, zs, dxs, dzs, parts, barrier_counter(x.device),
                 *saved.args(), dweight, dbias, geo.R1, geo.K, t.A, t.B, t.a_chunk,
                 t.b_chunk, t.n_channel_tiles, t.n_b_parts, geo.R,
                 *(s for st in strides for s in (st[0], st[1], st[3])))

@@ -100,7 +100,7 @@ def describe(jf, data: dict) -> str:
             parts.append(f"{SHORT.get(n, n)}={v}")
     sig = data["signature"]
     first_ptr = next((sig[n] for n in names if str(sig.get(n, "")).startswith("*")), "?")
-    acc_ptr = next((sig[n] for n in ("Mean", "PartMean", "Scale", "PartSumDy") if n in sig
+    acc_ptr = next((sig[n] for n in ("Mean", "PartMean", "Scale", "Parts") if n in sig
                     and str(sig[n]).startswith("*")), "?")
     dt = f"{DT.get(first_ptr[1:], first_ptr[1:])}/{DT.get(acc_ptr[1:], acc_ptr[1:])}"
     head = f"{dt} {'x'.join(blocks)} w{data['options'].get('num_warps', '?')}"

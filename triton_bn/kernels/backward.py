@@ -8,11 +8,22 @@ Scale = rstd * M), the gradients are
 so dx = Scale * g + CoefB * (x - mean) + CoefC with two per-channel coefficients. The ReLU mask is
 recomputed from x (and the residual), never stored.
 
-The kernels subtract the forward's centre c (see forward.py: mean = c + o, o the small offset), so
-they sum dy * (x - c) and fold the offset in per channel:
-    sum(g * (x - mean)) = sum(g * (x - c)) - o * sum(g),
-    dx = Scale * g + CoefB * (x - c) + (CoefC - CoefB * o),
-and CoefC as stored is the latter bracket.
+The forward subtracts a centre c (see forward.py: mean = c + o, o the offset from x's pivot).
+dgamma needs sum(g * (x - mu)) with the exact batch mean mu, and it is sensitive to the mean's
+error: d/dmu = -sum(g), large when g has a mean of its own. The fp32 offset o carries an error of
+about eps * |o|, and |o| (the pivot's distance from the mean) is about one standard deviation, so
+the reductions do not sum about c (sum(g * (x - c)) = sum(g * (x - mu)) + (mu - c) * sum(g)
+would then cancel most of its digits) nor stop at m = c + o in fp32 (``batch_mean``): they sum
+g, g * (x - m) and x - m, and with r = sum(x - m) / n = mu - m (a small, centred sum, exact
+to far below eps * |o|)
+    sum(g * (x - mu)) = sum(g * (x - m)) - r * sum(g).
+On an H200 the sums about c made fp32 dgamma 5-8x less accurate than PyTorch's at 100k values
+per channel. The dx kernels subtract m too (x - m is exact near m; m itself is c + o rounded,
+which can differ from c + o by half an ulp of the data: 3e-5 at 1000), and fold r into the
+constant:
+    dx = Scale * g + CoefB * (x - m) + (CoefC - CoefB * r),
+and CoefC as stored is the latter bracket. The ReLU mask is the forward's, recomputed from
+x - c.
 
 The forward leaves only o (or, without a pivot, the centre: inference, sync BN) and rstd per
 statistic channel, and with renorm or adjustment the pre-gamma affine a * r, a * d + b_adj per
@@ -25,6 +36,7 @@ import triton
 import triton.language as tl
 
 from .common import (
+    batch_mean,
     channel_block,
     channel_coefficients,
     finalize_tile,
@@ -85,27 +97,32 @@ def load_x_and_gated_dy(X, DY, Residual, a, b, s_fixed, mask, mean, scale, shift
 
 
 @triton.jit
-def reduce_tile(x_ptrs, dy_ptrs, z_ptrs, mask, mean, scale, shift, acc_dy, acc_dy_xmu,
-                ACC: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr):
-    """Adds a tile's g and g * (x - centre) to the per-lane accumulators (a whole tile: mask a
-    constant true, which the compiler drops)."""
-    x, dy, keep = load_x_dy_keep(x_ptrs, dy_ptrs, z_ptrs, mask, mean, scale, shift, ACC,
+def reduce_tile(x_ptrs, dy_ptrs, z_ptrs, mask, pivot, mean, scale, shift, acc_dy, acc_dy_xm,
+                acc_xm, ACC: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+                SUM_XM: tl.constexpr):
+    """Adds a tile's g, g * (x - m) and (SUM_XM) x - m to the per-lane accumulators (a whole
+    tile: mask a constant true, which the compiler drops; x is 0 where masked off, and so is
+    x - m there only with SUM_XM's mask). pivot: the forward's centre, for the ReLU mask."""
+    x, dy, keep = load_x_dy_keep(x_ptrs, dy_ptrs, z_ptrs, mask, pivot, scale, shift, ACC,
                                  HAS_RESIDUAL, RELU, "evict_last")
+    xm = x - mean
     acc_dy = tl.where(keep, acc_dy + dy, acc_dy)
-    acc_dy_xmu = tl.where(keep, acc_dy_xmu + dy * (x - mean), acc_dy_xmu)
-    return acc_dy, acc_dy_xmu
+    acc_dy_xm = tl.where(keep, acc_dy_xm + dy * xm, acc_dy_xm)
+    if SUM_XM:
+        acc_xm = tl.where(mask, acc_xm + xm, acc_xm)
+    return acc_dy, acc_dy_xm, acc_xm
 
 
 @triton.jit
 def reduce_tile_at(X, DY, Residual, a0, b0, a_end, b_end, s_fixed, MASKED: tl.constexpr,
-                   mean, scale, shift, acc_dy, acc_dy_xmu, R1, K,
+                   pivot, mean, scale, shift, acc_dy, acc_dy_xm, acc_xm, R1, K,
                    stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
                    stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k,
                    stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
                    ACC: tl.constexpr, HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr,
                    INT64: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
-                   ROWS_FLAT: tl.constexpr, ALIGN: tl.constexpr, BLOCK_A: tl.constexpr,
-                   BLOCK_B: tl.constexpr):
+                   ROWS_FLAT: tl.constexpr, ALIGN: tl.constexpr, SUM_XM: tl.constexpr,
+                   BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
     """reduce_tile of the tile at (a0, b0). MASKED: False for a whole tile."""
     a, b, b_mask, mask = tile_indices(a0, b0, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
     if not MASKED:
@@ -120,18 +137,26 @@ def reduce_tile_at(X, DY, Residual, a0, b0, a_end, b_end, s_fixed, MASKED: tl.co
                       stride_x_k, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN, INT64, BLOCK_A),
         tile_pointers(DY, a0, b, s_fixed, R1, K, stride_dy_r0, stride_dy_r1, stride_dy_g,
                       stride_dy_k, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN, INT64, BLOCK_A),
-        z_ptrs, mask, mean, scale, shift, acc_dy, acc_dy_xmu, ACC, HAS_RESIDUAL, RELU)
+        z_ptrs, mask, pivot, mean, scale, shift, acc_dy, acc_dy_xm, acc_xm, ACC, HAS_RESIDUAL,
+        RELU, SUM_XM)
 
 
 @triton.jit
-def channel_grad_terms(sum_dy, sum_dy_xc, offset, rstd, scale, n, TRAINING: tl.constexpr):
-    """From one statistic channel's sums of dy and dy * (x - centre): (sum of dy * x_hat, CoefB,
-    CoefC) with dx = Scale * dy + CoefB * (x - centre) + CoefC."""
-    sum_dy_xhat = (sum_dy_xc - offset * sum_dy) * rstd
+def channel_grad_terms(sum_dy, sum_dy_xm, sum_xm, rstd, scale, n, TRAINING: tl.constexpr):
+    """From one statistic channel's sums of g, g * (x - m) and x - m (m: the saved mean,
+    batch_mean; the last sum 0 where the saved mean is exact, as a sync BN's global mean is
+    taken to be): (sum of g * x_hat, CoefB, CoefC) with dx = Scale * g + CoefB * (x - m) + CoefC.
+    With r = sum(x - m) / n = mu - m,
+
+        sum(g * x_hat) = rstd * (sum(g * (x - m)) - r * sum(g)),
+        CoefB = -Scale * rstd * sum(g * x_hat) / n,
+        CoefC = -Scale * sum(g) / n - CoefB * r."""
+    inv_n = 1.0 / tl.maximum(tl.cast(n, sum_dy.dtype) + tl.zeros_like(sum_dy), 1.0)  # n: an int
+    r = sum_xm * inv_n
+    sum_dy_xhat = (sum_dy_xm - r * sum_dy) * rstd
     if TRAINING:
-        inv_n = 1.0 / tl.maximum(tl.cast(n, sum_dy.dtype) + tl.zeros_like(sum_dy), 1.0)  # n: an int
         coef_b = -scale * rstd * sum_dy_xhat * inv_n
-        coef_c = -scale * sum_dy * inv_n - coef_b * offset
+        coef_c = -scale * sum_dy * inv_n - coef_b * r
     else:
         coef_b = tl.zeros_like(sum_dy)
         coef_c = tl.zeros_like(sum_dy)
@@ -163,7 +188,7 @@ def bn_backward_reduce_kernel(
     Centre,                        # [S] the forward's centres (HAS_CENTRE), else x's pivots
     Offset, Rstd,                  # [S] fp32 forward statistics: mean - centre (HAS_OFFSET), 1/std
     Weight, Bias, PreScale, PreShift,  # [K] gamma, beta (RELU only), pre-gamma affine (HAS_PRE_AFFINE)
-    PartSumDy, PartSumDyXmu,       # [n_parts, S] fp32 out
+    Parts,                         # [3, n_parts, S] fp32 out: sums of g, g * (x - m), x - m
     R1, K, S, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts,
     stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
     stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k,
@@ -190,11 +215,13 @@ def bn_backward_reduce_kernel(
         tl.program_id(0), n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST,
         INT64, ALIGN)
     acc_dy = tl.zeros([BLOCK_A, BLOCK_B], ACC)
-    acc_dy_xmu = tl.zeros([BLOCK_A, BLOCK_B], ACC)
+    acc_dy_xm = tl.zeros([BLOCK_A, BLOCK_B], ACC)
+    acc_xm = tl.zeros([BLOCK_A, BLOCK_B], ACC)  # HAS_OFFSET only (see the module docstring)
     for b0 in range(b_begin, b_end, BLOCK_B):
         bc, bc_mask = channel_block(b0, b_end, s_fixed, S, BLOCK_B, CHANNELS_FAST)
-        mean = load_centre(Centre, X, bc, bc_mask, K, stride_x_g, stride_x_k, ACC, HAS_CENTRE,
-                           HAS_GROUPS, CHANNELS_FAST)
+        pivot = load_centre(Centre, X, bc, bc_mask, K, stride_x_g, stride_x_k, ACC, HAS_CENTRE,
+                            HAS_GROUPS, CHANNELS_FAST)
+        mean = batch_mean(pivot, Offset, bc, bc_mask, ACC, HAS_OFFSET, CHANNELS_FAST)
         scale, shift = channel_coefficients(Offset, Rstd, Weight, Bias, PreScale, PreShift, bc, bc_mask,
                                             K, ACC, HAS_OFFSET, HAS_WEIGHT, HAS_BIAS, HAS_PRE_AFFINE,
                                             HAS_GROUPS, CHANNELS_FAST)
@@ -218,39 +245,38 @@ def bn_backward_reduce_kernel(
                                            stride_z_r1, stride_z_g, stride_z_k, HAS_GROUPS,
                                            CHANNELS_FAST, ROWS_FLAT, ALIGN, INT64, BLOCK_A)
                 for _a0 in range(a_begin, a_full, BLOCK_A):
-                    acc_dy, acc_dy_xmu = reduce_tile(x_ptrs, dy_ptrs, z_ptrs, whole, mean, scale,
-                                                     shift, acc_dy, acc_dy_xmu, ACC,
-                                                     HAS_RESIDUAL, RELU)
+                    acc_dy, acc_dy_xm, acc_xm = reduce_tile(
+                        x_ptrs, dy_ptrs, z_ptrs, whole, pivot, mean, scale, shift, acc_dy,
+                        acc_dy_xm, acc_xm, ACC, HAS_RESIDUAL, RELU, HAS_OFFSET)
                     x_ptrs += BLOCK_A * stride_x_r1
                     dy_ptrs += BLOCK_A * stride_dy_r1
                     if HAS_RESIDUAL:
                         z_ptrs += BLOCK_A * stride_z_r1
             else:
                 for a0 in range(a_begin, a_full, BLOCK_A):
-                    acc_dy, acc_dy_xmu = reduce_tile_at(
-                        X, DY, Residual, a0, b0, a_end, b_end, s_fixed, False, mean, scale,
-                        shift, acc_dy, acc_dy_xmu, R1, K,
+                    acc_dy, acc_dy_xm, acc_xm = reduce_tile_at(
+                        X, DY, Residual, a0, b0, a_end, b_end, s_fixed, False, pivot, mean, scale,
+                        shift, acc_dy, acc_dy_xm, acc_xm, R1, K,
                         stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
                         stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k,
                         stride_z_r0, stride_z_r1, stride_z_g, stride_z_k, ACC, HAS_GROUPS,
-                        CHANNELS_FAST, INT64, HAS_RESIDUAL, RELU, ROWS_FLAT, ALIGN, BLOCK_A,
-                        BLOCK_B)
+                        CHANNELS_FAST, INT64, HAS_RESIDUAL, RELU, ROWS_FLAT, ALIGN, HAS_OFFSET,
+                        BLOCK_A, BLOCK_B)
         for a0 in range(a_full, a_end, BLOCK_A):
-            acc_dy, acc_dy_xmu = reduce_tile_at(
-                X, DY, Residual, a0, b0, a_end, b_end, s_fixed, True, mean, scale, shift,
-                acc_dy, acc_dy_xmu, R1, K, stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
+            acc_dy, acc_dy_xm, acc_xm = reduce_tile_at(
+                X, DY, Residual, a0, b0, a_end, b_end, s_fixed, True, pivot, mean, scale, shift,
+                acc_dy, acc_dy_xm, acc_xm, R1, K, stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
                 stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k,
                 stride_z_r0, stride_z_r1, stride_z_g, stride_z_k, ACC, HAS_GROUPS,
-                CHANNELS_FAST, INT64, HAS_RESIDUAL, RELU, ROWS_FLAT, ALIGN, BLOCK_A, BLOCK_B)
-    sum_dy = tl.sum(acc_dy, 0)
-    sum_dy_xmu = tl.sum(acc_dy_xmu, 0)
-    if CHANNELS_FAST:
-        b = b_begin + tl.arange(0, BLOCK_B)
-        tl.store(PartSumDy + part * S + b, sum_dy, mask=b < b_end)
-        tl.store(PartSumDyXmu + part * S + b, sum_dy_xmu, mask=b < b_end)
-    else:
-        tl.store(PartSumDy + part * S + s_fixed, tl.sum(sum_dy, 0))
-        tl.store(PartSumDyXmu + part * S + s_fixed, tl.sum(sum_dy_xmu, 0))
+                CHANNELS_FAST, INT64, HAS_RESIDUAL, RELU, ROWS_FLAT, ALIGN, HAS_OFFSET, BLOCK_A,
+                BLOCK_B)
+    row = tl.num_programs(0) // n_channel_tiles * S  # Parts' second index: n_parts
+    store_part_sum(Parts + part * S, acc_dy, b_begin, b_end, s_fixed, CHANNELS_FAST, BLOCK_B)
+    store_part_sum(Parts + row + part * S, acc_dy_xm, b_begin, b_end, s_fixed, CHANNELS_FAST,
+                   BLOCK_B)
+    if HAS_OFFSET:
+        store_part_sum(Parts + 2 * row + part * S, acc_xm, b_begin, b_end, s_fixed,
+                       CHANNELS_FAST, BLOCK_B)
     if FINALIZE:
         slot, expected, c_begin, c_end, n_parts = finalize_tile(
             tl.program_id(0), n_channel_tiles, b_begin, b_end, s_fixed, K, HAS_GROUPS,
@@ -258,16 +284,28 @@ def bn_backward_reduce_kernel(
         if last_to_arrive(Counter, slot, expected):
             for c0 in range(c_begin, c_end, BLOCK_C):
                 c = c0 + tl.arange(0, BLOCK_C)
-                finalize_grad_channels(c, c < c_end, PartSumDy, PartSumDyXmu, Offset, Rstd, Weight,
+                finalize_grad_channels(c, c < c_end, Parts, Offset, Rstd, Weight,
                                        PreScale, PreShift, CoefB, CoefC, DWeight, DBias, K, S // K,
                                        n_parts, n, ACC, TRAINING, HAS_OFFSET, HAS_WEIGHT,
                                        HAS_PRE_AFFINE, WRITE_DW, WRITE_DB, BLOCK_C, BLOCK_P)
 
 
 @triton.jit
+def store_part_sum(Row, acc, b_begin, b_end, s_fixed, CHANNELS_FAST: tl.constexpr,
+                   BLOCK_B: tl.constexpr):
+    """A program's per-lane accumulator, added over its lanes, to its slot of a Parts row."""
+    total = tl.sum(acc, 0)
+    if CHANNELS_FAST:
+        b = b_begin + tl.arange(0, BLOCK_B)
+        tl.store(Row + b, total, mask=b < b_end)
+    else:
+        tl.store(Row + s_fixed, tl.sum(total, 0))
+
+
+@triton.jit
 def finalize_grad_channels(
     c, c_mask,                     # parameter channels (a vector) and their mask
-    PartSumDy, PartSumDyXmu, Offset, Rstd, Weight, PreScale, PreShift, CoefB, CoefC, DWeight, DBias,
+    Parts, Offset, Rstd, Weight, PreScale, PreShift, CoefB, CoefC, DWeight, DBias,
     K, G, n_parts, n,
     ACC: tl.constexpr, TRAINING: tl.constexpr, HAS_OFFSET: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_PRE_AFFINE: tl.constexpr,
@@ -283,18 +321,20 @@ def finalize_grad_channels(
     for g in range(G):
         s = g * K + c
         sum_dy = tl.zeros([BLOCK_C], ACC)
-        sum_dy_xmu = tl.zeros([BLOCK_C], ACC)
+        sum_dy_xm = tl.zeros([BLOCK_C], ACC)
+        sum_xm = tl.zeros([BLOCK_C], ACC)
+        row = tl.cast(n_parts, tl.int64) * S  # Parts' rows: g, g * (x - m), x - m
         for p0 in range(0, n_parts, BLOCK_P):
             p = tl.cast(p0, tl.int64) + tl.arange(0, BLOCK_P).to(tl.int64)
             tile_mask = (p < n_parts)[:, None] & c_mask[None, :]
             offs = p[:, None] * S + s[None, :]
-            sum_dy += tl.sum(tl.load(PartSumDy + offs, mask=tile_mask, other=0.0,
+            sum_dy += tl.sum(tl.load(Parts + offs, mask=tile_mask, other=0.0,
                                      cache_modifier=".cg"), 0)
-            sum_dy_xmu += tl.sum(tl.load(PartSumDyXmu + offs, mask=tile_mask, other=0.0,
+            sum_dy_xm += tl.sum(tl.load(Parts + row + offs, mask=tile_mask, other=0.0,
+                                        cache_modifier=".cg"), 0)
+            if HAS_OFFSET:
+                sum_xm += tl.sum(tl.load(Parts + 2 * row + offs, mask=tile_mask, other=0.0,
                                          cache_modifier=".cg"), 0)
-        offset = tl.zeros([BLOCK_C], ACC)
-        if HAS_OFFSET:
-            offset = tl.load(Offset + s, mask=c_mask, other=0.0)
         rstd = tl.load(Rstd + s, mask=c_mask, other=0.0)
         multiplier = tl.full([BLOCK_C], 1.0, ACC)
         if HAS_PRE_AFFINE:
@@ -302,7 +342,7 @@ def finalize_grad_channels(
         if HAS_WEIGHT:
             multiplier = multiplier * tl.load(Weight + c, mask=c_mask, other=0.0).to(ACC)
         scale = rstd * multiplier
-        sum_dy_xhat, coef_b, coef_c = channel_grad_terms(sum_dy, sum_dy_xmu, offset, rstd, scale, n,
+        sum_dy_xhat, coef_b, coef_c = channel_grad_terms(sum_dy, sum_dy_xm, sum_xm, rstd, scale, n,
                                                          TRAINING)
         tl.store(CoefB + s, coef_b, mask=c_mask)
         tl.store(CoefC + s, coef_c, mask=c_mask)
@@ -316,7 +356,7 @@ def finalize_grad_channels(
     HAS_PRE_AFFINE="PreScale", WRITE_DW="DWeight", WRITE_DB="DBias"))
 @triton.jit
 def bn_backward_finalize_kernel(
-    PartSumDy, PartSumDyXmu,       # [n_parts, S] fp32 partial sums of dy and dy * (x - centre)
+    Parts,                         # [2 or 3, n_parts, S] fp32 partial sums (bn_backward_reduce_kernel)
     Offset, Rstd,                  # [S] fp32 forward statistics: mean - centre (HAS_OFFSET), 1/std
     Weight,                        # [K] gamma (HAS_WEIGHT)
     PreScale, PreShift,                # [K] fp32 pre-gamma affine (HAS_PRE_AFFINE)
@@ -333,7 +373,7 @@ def bn_backward_finalize_kernel(
     if N_FROM_PTR:
         n = tl.load(Count)
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    finalize_grad_channels(c, c < K, PartSumDy, PartSumDyXmu, Offset, Rstd, Weight, PreScale,
+    finalize_grad_channels(c, c < K, Parts, Offset, Rstd, Weight, PreScale,
                            PreShift, CoefB, CoefC, DWeight, DBias, K, G, n_parts, n,
                            Rstd.dtype.element_ty, TRAINING, HAS_OFFSET, HAS_WEIGHT, HAS_PRE_AFFINE,
                            WRITE_DW, WRITE_DB, BLOCK_C, BLOCK_P)
@@ -380,13 +420,17 @@ def bn_backward_apply_kernel(
     for j in range(0, n_b):
         b0 = b_last - j * BLOCK_B
         bc, bc_mask = channel_block(b0, b_end, s_fixed, S, BLOCK_B, CHANNELS_FAST)
-        mean = load_centre(Centre, X, bc, bc_mask, K, stride_x_g, stride_x_k, ACC, HAS_CENTRE,
-                           HAS_GROUPS, CHANNELS_FAST)
+        pivot = load_centre(Centre, X, bc, bc_mask, K, stride_x_g, stride_x_k, ACC, HAS_CENTRE,
+                            HAS_GROUPS, CHANNELS_FAST)
         scale, shift = channel_coefficients(Offset, Rstd, Weight, Bias, PreScale, PreShift, bc, bc_mask,
                                             K, ACC, HAS_OFFSET, HAS_WEIGHT, HAS_BIAS, HAS_PRE_AFFINE,
                                             HAS_GROUPS, CHANNELS_FAST)
         coef_b = load_channel_values(CoefB, bc, bc_mask, bc, ACC, CHANNELS_FAST)
         coef_c = load_channel_values(CoefC, bc, bc_mask, bc, ACC, CHANNELS_FAST)
+        # t = CoefB * (x - m) + CoefC = CoefB * (x - c) + (CoefC - CoefB * (m - c)): one
+        # subtraction per element, the one the ReLU mask needs anyway (m - c: per channel)
+        coef_c -= coef_b * (batch_mean(pivot, Offset, bc, bc_mask, ACC, HAS_OFFSET,
+                                       CHANNELS_FAST) - pivot)
         a_full = a_begin
         if CHANNELS_FAST:
             # a whole channel tile: its last row tile (the reduction's last) first, masked, then
@@ -400,9 +444,9 @@ def bn_backward_apply_kernel(
                         X, DY, Residual, DX, DResidual, a_full, b, s_fixed, R1, K,
                         st_x, st_dy, st_z, st_dx, st_dz, HAS_GROUPS, CHANNELS_FAST, INT64,
                         HAS_RESIDUAL, WRITE_DX, WRITE_DRESIDUAL, ROWS_FLAT, ALIGN, BLOCK_A)
-                    grad_apply_tile(x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs, mask, mean, scale,
-                                    shift, coef_b, coef_c, ACC, HAS_RESIDUAL, RELU, TRAINING,
-                                    WRITE_DX, WRITE_DRESIDUAL)
+                    grad_apply_tile(x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs, mask, pivot,
+                                    scale, shift, coef_b, coef_c, ACC, HAS_RESIDUAL, RELU,
+                                    TRAINING, WRITE_DX, WRITE_DRESIDUAL)
                 whole = tl.full([BLOCK_A, BLOCK_B], 1, tl.int1)
                 n_whole = (a_full - a_begin) // BLOCK_A
                 if ROWS_FLAT:  # pointers carried from tile to tile: one add per vector
@@ -411,7 +455,7 @@ def bn_backward_apply_kernel(
                         st_x, st_dy, st_z, st_dx, st_dz, HAS_GROUPS, CHANNELS_FAST, INT64,
                         HAS_RESIDUAL, WRITE_DX, WRITE_DRESIDUAL, ROWS_FLAT, ALIGN, BLOCK_A)
                     for _i in range(0, n_whole):
-                        grad_apply_tile(x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs, whole, mean,
+                        grad_apply_tile(x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs, whole, pivot,
                                         scale, shift, coef_b, coef_c, ACC, HAS_RESIDUAL, RELU,
                                         TRAINING, WRITE_DX, WRITE_DRESIDUAL)
                         x_ptrs -= BLOCK_A * stride_x_r1
@@ -428,7 +472,7 @@ def bn_backward_apply_kernel(
                             X, DY, Residual, DX, DResidual, a_full - BLOCK_A - i * BLOCK_A, b,
                             s_fixed, R1, K, st_x, st_dy, st_z, st_dx, st_dz, HAS_GROUPS, CHANNELS_FAST, INT64,
                             HAS_RESIDUAL, WRITE_DX, WRITE_DRESIDUAL, ROWS_FLAT, ALIGN, BLOCK_A)
-                        grad_apply_tile(x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs, whole, mean,
+                        grad_apply_tile(x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs, whole, pivot,
                                         scale, shift, coef_b, coef_c, ACC, HAS_RESIDUAL, RELU,
                                         TRAINING, WRITE_DX, WRITE_DRESIDUAL)
                 a_full = a_end  # done
@@ -441,26 +485,27 @@ def bn_backward_apply_kernel(
                 X, DY, Residual, DX, DResidual, a_last - i * BLOCK_A, b, s_fixed, R1, K,
                 st_x, st_dy, st_z, st_dx, st_dz, HAS_GROUPS, CHANNELS_FAST, INT64,
                 HAS_RESIDUAL, WRITE_DX, WRITE_DRESIDUAL, ROWS_FLAT, ALIGN, BLOCK_A)
-            grad_apply_tile(x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs, mask, mean, scale, shift,
-                            coef_b, coef_c, ACC, HAS_RESIDUAL, RELU, TRAINING, WRITE_DX,
+            grad_apply_tile(x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs, mask, pivot, scale,
+                            shift, coef_b, coef_c, ACC, HAS_RESIDUAL, RELU, TRAINING, WRITE_DX,
                             WRITE_DRESIDUAL)
 
 @triton.jit
-def grad_apply_tile(x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs, mask, mean, scale, shift, coef_b,
+def grad_apply_tile(x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs, mask, pivot, scale, shift, coef_b,
                     coef_c, ACC: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
                     TRAINING: tl.constexpr, WRITE_DX: tl.constexpr,
                     WRITE_DRESIDUAL: tl.constexpr):
-    """dx = keep ? Scale * dy + t : t with t = CoefB * (x - centre) + CoefC (0 in inference),
-    and the residual's gradient keep ? dy : 0, of one tile. The select of a value computed
-    either way becomes a predicated multiply-add (no select per element)."""
-    x, dy, keep = load_x_dy_keep(x_ptrs, dy_ptrs, z_ptrs, mask, mean, scale, shift, ACC,
+    """dx = keep ? Scale * dy + t : t with t = CoefB * (x - pivot) + CoefC (0 in inference; CoefC
+    as folded by the caller), and the residual's gradient keep ? dy : 0, of one tile (keep: the
+    ReLU mask, recomputed from x - pivot). The select of a value computed either way becomes a
+    predicated multiply-add (no select per element)."""
+    x, dy, keep = load_x_dy_keep(x_ptrs, dy_ptrs, z_ptrs, mask, pivot, scale, shift, ACC,
                                  HAS_RESIDUAL, RELU, "evict_first")
     if WRITE_DRESIDUAL:
         tl.store(dz_ptrs, tl.where(keep, dy, 0.0).to(dz_ptrs.dtype.element_ty), mask=mask,
                  cache_modifier=".cs")
     if WRITE_DX:
         if TRAINING:
-            t = coef_b * (x - mean) + coef_c
+            t = coef_b * (x - pivot) + coef_c
             dx = tl.where(keep, scale * dy + t, t)
         else:
             dx = tl.where(keep, scale * dy, 0.0)
@@ -533,31 +578,33 @@ def bn_fused_backward_kernel(
     else:
         c = s_fixed
         c_mask = s_fixed < K
-    mean = load_centre(Centre, X, c, c_mask, K, 0, stride_x_k, ACC, HAS_CENTRE, False,
-                       CHANNELS_FAST)
+    pivot = load_centre(Centre, X, c, c_mask, K, 0, stride_x_k, ACC, HAS_CENTRE, False,
+                        CHANNELS_FAST)
+    mean = batch_mean(pivot, Offset, c, c_mask, ACC, HAS_OFFSET, CHANNELS_FAST)
     rstd = load_channel_values(Rstd, c, c_mask, c, ACC, CHANNELS_FAST)
-    offset = tl.zeros_like(rstd)
-    if HAS_OFFSET:
-        offset = load_channel_values(Offset, c, c_mask, c, ACC, CHANNELS_FAST)
     scale, shift = channel_coefficients(Offset, Rstd, Weight, Bias, PreScale, PreShift, c, c_mask, K,
                                         ACC, HAS_OFFSET, HAS_WEIGHT, HAS_BIAS, HAS_PRE_AFFINE, False,
                                         CHANNELS_FAST)
     x, dy = load_x_and_gated_dy(
-        X, DY, Residual, a, b, s_fixed, mask, mean, scale, shift, R1, K,
+        X, DY, Residual, a, b, s_fixed, mask, pivot, scale, shift, R1, K,
         stride_x_r0, stride_x_r1, 0, stride_x_k, stride_dy_r0, stride_dy_r1, 0, stride_dy_k,
         stride_z_r0, stride_z_r1, 0, stride_z_k, ACC, False, CHANNELS_FAST, HAS_RESIDUAL, RELU,
         False, "", 1)
-    xmu = tl.where(mask, x - mean, 0.0)
+    xm = tl.where(mask, x - mean, 0.0)
     sum_dy = tl.sum(dy, 0)
-    sum_dy_xmu = tl.sum(dy * xmu, 0)
+    sum_dy_xm = tl.sum(dy * xm, 0)
+    sum_xm = tl.zeros_like(sum_dy)
+    if HAS_OFFSET:
+        sum_xm = tl.sum(xm, 0)
     if CHANNELS_FAST:
         sum_dy_xhat, coef_b, coef_c = channel_grad_terms(
-            sum_dy, sum_dy_xmu, offset.reshape([BLOCK_B]), rstd.reshape([BLOCK_B]),
-            scale.reshape([BLOCK_B]), n, TRAINING)
+            sum_dy, sum_dy_xm, sum_xm, rstd.reshape([BLOCK_B]), scale.reshape([BLOCK_B]), n,
+            TRAINING)
     else:
         sum_dy = tl.sum(sum_dy, 0)
-        sum_dy_xmu = tl.sum(sum_dy_xmu, 0)
-        sum_dy_xhat, coef_b, coef_c = channel_grad_terms(sum_dy, sum_dy_xmu, offset, rstd, scale, n,
+        sum_dy_xm = tl.sum(sum_dy_xm, 0)
+        sum_xm = tl.sum(sum_xm, 0)
+        sum_dy_xhat, coef_b, coef_c = channel_grad_terms(sum_dy, sum_dy_xm, sum_xm, rstd, scale, n,
                                                          TRAINING)
     store_param_grads(c, c_mask, sum_dy, sum_dy_xhat, PreScale, PreShift, DWeight, DBias,
                       HAS_PRE_AFFINE, WRITE_DW, WRITE_DB)
@@ -569,7 +616,7 @@ def bn_fused_backward_kernel(
                                False, CHANNELS_FAST, False, 1)
         tl.store(DResidual + dz_offs, dy.to(DResidual.dtype.element_ty), mask=mask)
     if WRITE_DX:
-        dx = scale * dy + coef_b * xmu + coef_c
+        dx = scale * dy + coef_b * xm + coef_c
         dx_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dx_r0, stride_dx_r1, 0, stride_dx_k,
                                False, CHANNELS_FAST, False, 1)
         tl.store(DX + dx_offs, dx.to(DX.dtype.element_ty), mask=mask)

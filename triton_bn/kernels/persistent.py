@@ -32,6 +32,7 @@ import triton.language as tl
 from .backward import channel_grad_terms, load_x_and_gated_dy, store_param_grads
 from .common import (
     apply_activation,
+    batch_mean,
     chan_merge,
     channel_coefficients,
     given,
@@ -180,20 +181,25 @@ def bn_persistent_forward_kernel(
 
 
 @triton.jit
-def sum_parts(PartA, PartB, c, c_mask, S, n_parts, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
-              BLOCK_P: tl.constexpr):
-    """Sums of two [n_parts, S] partial arrays over the parts for channels c, in a fixed order:
-    BLOCK_P parts at a time as a tree (tl.sum), the blocks one after another (as
-    bn_backward_finalize_kernel does), so every program gets the same bits."""
+def sum_parts(Parts, c, c_mask, S, n_parts, THIRD: tl.constexpr, ACC: tl.constexpr,
+              BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Sums over the parts of the first two rows of a [3, n_parts, S] partial array, and of the
+    third with THIRD (else 0), for channels c, in a fixed order: BLOCK_P parts at a time as
+    a tree (tl.sum), the blocks one after another (as bn_backward_finalize_kernel does), so every
+    program gets the same bits."""
+    row = tl.cast(n_parts, tl.int64) * S
     total_a = tl.zeros([BLOCK_C], ACC)
     total_b = tl.zeros([BLOCK_C], ACC)
+    total_c = tl.zeros([BLOCK_C], ACC)
     for p0 in range(0, n_parts, BLOCK_P):
         p = tl.cast(p0, tl.int64) + tl.arange(0, BLOCK_P).to(tl.int64)
         tile_mask = (p < n_parts)[:, None] & c_mask[None, :]
         offs = p[:, None] * S + c[None, :]
-        total_a += tl.sum(tl.load(PartA + offs, mask=tile_mask, other=0.0), 0)
-        total_b += tl.sum(tl.load(PartB + offs, mask=tile_mask, other=0.0), 0)
-    return total_a, total_b
+        total_a += tl.sum(tl.load(Parts + offs, mask=tile_mask, other=0.0), 0)
+        total_b += tl.sum(tl.load(Parts + row + offs, mask=tile_mask, other=0.0), 0)
+        if THIRD:
+            total_c += tl.sum(tl.load(Parts + 2 * row + offs, mask=tile_mask, other=0.0), 0)
+    return total_a, total_b, total_c
 
 
 @triton.heuristics(given(HAS_RESIDUAL="Residual", HAS_CENTRE="Centre", HAS_OFFSET="Offset",
@@ -202,7 +208,7 @@ def sum_parts(PartA, PartB, c, c_mask, S, n_parts, ACC: tl.constexpr, BLOCK_C: t
 @triton.jit
 def bn_persistent_backward_kernel(
     X, DY, Residual, DX, DResidual,
-    PartSumDy, PartSumDyXc,        # [n_parts, K] fixed slots: each part's sums of g and g * (x - c)
+    Parts,                         # [3, n_parts, K] fixed slots: each part's sums of g, g * (x - m), x - m
     Bar,                           # [1] int32 barrier counter (see grid_barrier)
     Centre,                        # [K] the forward's centres (HAS_CENTRE), else x's pivots
     Offset, Rstd,                  # [K] fp32 forward statistics: mean - centre (HAS_OFFSET), 1/std
@@ -223,7 +229,7 @@ def bn_persistent_backward_kernel(
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """Training backward (G == 1), x and dy read once: each program holds its tile of x and g
-    (dy gated by the fused ReLU), writes its channel sums of g and g * (x - centre) to its fixed
+    (dy gated by the fused ReLU), writes its channel sums of g and g * (x - mean) to its fixed
     slots, waits at the grid barrier, adds every part's sums in a fixed order and writes dx (and
     the residual's gradient) from the tiles in registers; the part-0 program of a channel writes
     dgamma and dbeta. The maths is bn_fused_backward_kernel's (see backward.py)."""
@@ -241,47 +247,45 @@ def bn_persistent_backward_kernel(
         c = s_fixed + tl.arange(0, 1)  # the channel as a vector (sum_parts), and as a scalar
         c_mask = c < K
         cs = s_fixed
-    mean = load_centre(Centre, X, cs, c_mask, K, 0, stride_x_k, ACC, HAS_CENTRE, False,
-                       CHANNELS_FAST)
+    pivot = load_centre(Centre, X, cs, c_mask, K, 0, stride_x_k, ACC, HAS_CENTRE, False,
+                        CHANNELS_FAST)
+    mean = batch_mean(pivot, Offset, cs, c_mask, ACC, HAS_OFFSET, CHANNELS_FAST)  # sums about it
     scale, shift = channel_coefficients(Offset, Rstd, Weight, Bias, PreScale, PreShift, cs, c_mask, K,
                                         ACC, HAS_OFFSET, HAS_WEIGHT, HAS_BIAS, HAS_PRE_AFFINE, False,
                                         CHANNELS_FAST)
     x, g = load_x_and_gated_dy(
-        X, DY, Residual, a, b, s_fixed, mask, mean, scale, shift, R1, K,
+        X, DY, Residual, a, b, s_fixed, mask, pivot, scale, shift, R1, K,
         stride_x_r0, stride_x_r1, 0, stride_x_k, stride_dy_r0, stride_dy_r1, 0, stride_dy_k,
         stride_z_r0, stride_z_r1, 0, stride_z_k, ACC, False, CHANNELS_FAST, HAS_RESIDUAL, RELU,
         False, "", 1)
-    xc = tl.where(mask, x - mean, 0.0)
+    xm = tl.where(mask, x - mean, 0.0)
+    # the sums' rows: x - m only where m has an error (see backward.py's docstring)
 
     if PHASE != 2:  # 1. this part's sums to its fixed slots
-        part_dy = tl.sum(g, 0)
-        part_dy_xc = tl.sum(g * xc, 0)
-        if CHANNELS_FAST:
-            tl.store(PartSumDy + part * K + c, part_dy, mask=c_mask)
-            tl.store(PartSumDyXc + part * K + c, part_dy_xc, mask=c_mask)
-        else:
-            tl.store(PartSumDy + part * K + s_fixed, tl.sum(part_dy, 0))
-            tl.store(PartSumDyXc + part * K + s_fixed, tl.sum(part_dy_xc, 0))
+        sums = (tl.sum(g, 0), tl.sum(g * xm, 0), tl.sum(xm, 0))
+        row = n_parts * K
+        for q in tl.static_range(3 if HAS_OFFSET else 2):
+            if CHANNELS_FAST:
+                tl.store(Parts + q * row + part * K + c, sums[q], mask=c_mask)
+            else:
+                tl.store(Parts + q * row + part * K + s_fixed, tl.sum(sums[q], 0))
     if PHASE == 0:  # 2. wait for every part
         grid_barrier(Bar, pid, tl.num_programs(0), True)
     if PHASE != 1:  # 3. add the parts in a fixed order; dx from the tiles in registers
         if CHANNELS_FAST:
-            sum_dy, sum_dy_xc = sum_parts(PartSumDy, PartSumDyXc, c, c_mask, K, n_parts, ACC,
-                                          BLOCK_B, BLOCK_P)
+            sum_dy, sum_dy_xm, sum_xm = sum_parts(Parts, c, c_mask, K, n_parts, HAS_OFFSET, ACC,
+                                                  BLOCK_B, BLOCK_P)
         else:
-            sum_dy, sum_dy_xc = sum_parts(PartSumDy, PartSumDyXc, c, c_mask, K, n_parts, ACC, 1,
-                                          BLOCK_P)
+            sum_dy, sum_dy_xm, sum_xm = sum_parts(Parts, c, c_mask, K, n_parts, HAS_OFFSET, ACC, 1,
+                                                  BLOCK_P)
         rstd = tl.load(Rstd + c, mask=c_mask, other=0.0).to(ACC)
-        offset = tl.zeros_like(rstd)
-        if HAS_OFFSET:
-            offset = tl.load(Offset + c, mask=c_mask, other=0.0).to(ACC)
         multiplier = tl.full(rstd.shape, 1.0, ACC)  # Scale / rstd, as channel_coefficients
         if HAS_PRE_AFFINE:
             multiplier = tl.load(PreScale + c, mask=c_mask, other=0.0).to(ACC)
         if HAS_WEIGHT:
             multiplier = multiplier * tl.load(Weight + c, mask=c_mask, other=0.0).to(ACC)
         scale_c = rstd * multiplier
-        sum_dy_xhat, coef_b, coef_c = channel_grad_terms(sum_dy, sum_dy_xc, offset, rstd, scale_c,
+        sum_dy_xhat, coef_b, coef_c = channel_grad_terms(sum_dy, sum_dy_xm, sum_xm, rstd, scale_c,
                                                          n, True)
         if part == 0:  # one writer per channel
             store_param_grads(c, c_mask, sum_dy, sum_dy_xhat, PreScale, PreShift, DWeight, DBias,
@@ -297,7 +301,7 @@ def bn_persistent_backward_kernel(
                                    stride_dz_k, False, CHANNELS_FAST, False, 1)
             tl.store(DResidual + dz_offs, g.to(DResidual.dtype.element_ty), mask=mask)
         if WRITE_DX:
-            dx = scale * g + coef_b * xc + coef_c
+            dx = scale * g + coef_b * xm + coef_c
             dx_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dx_r0, stride_dx_r1, 0,
                                    stride_dx_k, False, CHANNELS_FAST, False, 1)
             tl.store(DX + dx_offs, dx.to(DX.dtype.element_ty), mask=mask)
