@@ -432,6 +432,8 @@ def persistent_checks(args, device, gen, emit) -> int:
         if cuda:
             real_cap = persistent.capacity
             persistent.capacity = lambda compiled, dev: 1 << 30
+            known = dict(persistent._CAPACITY)  # the check above cached the real capacity
+            persistent._CAPACITY.clear()
             try:
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
@@ -446,6 +448,8 @@ def persistent_checks(args, device, gen, emit) -> int:
                        f"{type(exc).__name__}: {exc}")
             finally:
                 persistent.capacity = real_cap
+                persistent._CAPACITY.clear()
+                persistent._CAPACITY.update(known)
     return n_fail
 
 
