@@ -21,6 +21,7 @@ from .kernels.backward import (
     bn_backward_finalize_kernel,
     bn_backward_reduce_kernel,
     bn_fused_backward_kernel,
+    grad_parts_shape,
 )
 from .kernels.forward import (
     HYPER_FIELDS,
@@ -304,7 +305,7 @@ def _launch_apply(fw: _Forward, relu: bool, weight=None, bias=None, pre_scale=No
                 HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=fw.int64, RELU=relu,
                 BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B),
             (geo, plan, fw.int64, relu, hyper is None, _dtypes(tensors)), plan.num_warps))
-    launch(bn_apply_kernel, plan.grid, (*tensors, *st.ints, hyper, *st_x, *st_y, *st_z),
+    launch(bn_apply_kernel, plan.grid, (*tensors, *st.ints, hyper, st_x, st_y, st_z),
            st.constexprs, num_warps=st.num_warps, key=st.key)
 
 
@@ -334,7 +335,7 @@ def _launch_stats(fw: _Forward, plan: tuning.TilePlan, state=None, memo: Optiona
     if st is None:
         st = _memo_put(memo, "stats", _Static(
             (geo.R1, geo.K, geo.S, plan.A, plan.B, plan.a_chunk, plan.b_chunk,
-             plan.n_channel_tiles, plan.n_b_parts, *st_x), dict(
+             plan.n_channel_tiles, plan.n_b_parts, st_x), dict(
                 HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=fw.int64, **flags,
                 BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B, BLOCK_C=_finalize_width(geo),
                 BLOCK_P=finalize_parts(plan.n_parts)),
@@ -516,7 +517,7 @@ def bn_forward(
         st = _memo_get(memo, "fused_forward")
         if st is None:
             st = _memo_put(memo, "fused_forward", _Static(
-                (st_x[0], st_x[1], st_x[3], st_y[0], st_y[1], st_y[3], st_z[0], st_z[1], st_z[3]),
+                (st_x, st_y, st_z),
                 dict(CHANNELS_FAST=geo.channels_fast, INT64=fw.int64, RELU=relu, **flags,
                      BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B),
                 (geo, plan, fw.int64, relu, tuple(flags.values()),
@@ -563,7 +564,7 @@ class InferencePlan:
         self.ints = (geo.R1, geo.K, geo.S, plan.A, plan.B, plan.a_chunk, plan.b_chunk,
                      plan.n_channel_tiles, plan.n_b_parts)
         st = geo.strides
-        self.strides = st[0] + st[1] + (st[2] if residual is not None else st[0])
+        self.strides = (st[0], st[1], st[2] if residual is not None else st[0])
 
     def run(self, x, residual, weight, bias, running_mean, running_var) -> torch.Tensor:
         y = torch.empty_like(x, memory_format=torch.preserve_format)
@@ -663,21 +664,21 @@ def _launch_grad_reduce(bw: _Backward, plan, saved: _Saved, relu, finalize=None,
     (xs, dys, zs, _, _), (st_x, st_dy, st_z, _, _) = bw.views()
     training = True
     if finalize is None:
-        parts = torch.empty(grad_parts_shape(plan, geo), device=xs.device, dtype=saved.rstd.dtype)
+        parts = torch.empty(grad_parts_shape(plan.n_parts, geo.S), device=xs.device, dtype=saved.rstd.dtype)
         tail = (None,) * 6  # Counter, CoefB, CoefC, DWeight, DBias, n
         coefs = None
     else:
         dweight, dbias, training = finalize
         # parts and the dx coefficients live until the dx kernel of this call has read them
         parts, *coefs = scratch(memo, "grad_parts", xs.device, saved.rstd.dtype,
-                                (grad_parts_shape(plan, geo),) + ((geo.S,),) * 2)
+                                (grad_parts_shape(plan.n_parts, geo.S),) + ((geo.S,),) * 2)
         tail = (arrival_counters(xs.device, plan.n_channel_tiles), *coefs, dweight, dbias, geo.R)
     head = (xs, dys, zs, *saved.args())
     st = _memo_get(memo, "grad_reduce")
     if st is None:
         st = _memo_put(memo, "grad_reduce", _Static(
             (geo.R1, geo.K, geo.S, plan.A, plan.B, plan.a_chunk, plan.b_chunk,
-             plan.n_channel_tiles, plan.n_b_parts, *st_x, *st_dy, *st_z), dict(
+             plan.n_channel_tiles, plan.n_b_parts, st_x, st_dy, st_z), dict(
                 HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, RELU=relu,
                 TRAINING=training, BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B,
                 BLOCK_C=_finalize_width(geo), BLOCK_P=finalize_parts(plan.n_parts)),
@@ -686,11 +687,6 @@ def _launch_grad_reduce(bw: _Backward, plan, saved: _Saved, relu, finalize=None,
     launch(bn_backward_reduce_kernel, plan.grid, (*head, parts, *st.ints, *tail),
            st.constexprs, num_warps=st.num_warps, key=st.key)
     return coefs if finalize is not None else parts
-
-
-def grad_parts_shape(plan, geo) -> tuple:
-    """The backward reduction's partial sums: g, g * (x - m), x - m per part and channel."""
-    return (3, plan.n_parts, geo.S)
 
 
 def _launch_grad_finalize(bw: _Backward, parts, saved: _Saved, dweight, dbias, training,
@@ -718,7 +714,7 @@ def _launch_grad_apply(bw: _Backward, saved: _Saved, coef_b, coef_c, training, r
     if st is None:
         st = _memo_put(memo, "grad_apply", _Static(
             (geo.R1, geo.K, geo.S, ap.A, ap.B, ap.a_chunk, ap.b_chunk, ap.n_channel_tiles,
-             ap.n_b_parts, *st_x, *st_dy, *st_z, *st_dx, *st_dz), dict(
+             ap.n_b_parts, st_x, st_dy, st_z, st_dx, st_dz), dict(
                 HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, RELU=relu,
                 TRAINING=training, BLOCK_A=ap.BLOCK_A, BLOCK_B=ap.BLOCK_B),
             (geo, ap, bw.int64, relu, training, _dtypes(head)), ap.num_warps))
@@ -784,8 +780,7 @@ def bn_backward(
         st = _memo_get(memo, "fused_backward")
         if st is None:
             st = _memo_put(memo, "fused_backward", _Static(
-                (geo.R1, geo.K, plan.A, plan.B, geo.R,
-                 *(s for st in strides for s in (st[0], st[1], st[3]))),
+                (geo.R1, geo.K, plan.A, plan.B, geo.R, *strides),
                 dict(CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, RELU=relu, TRAINING=training,
                      BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B),
                 (geo, plan, bw.int64, relu, training, _dtypes(head)), plan.num_warps))
@@ -863,7 +858,7 @@ class PlannedForward:
             self.launches = (memo["stats"], memo["apply"])
             _, _, _, st_x, st_y, st_z = fw.views()
             self.head = (hyper,)
-            self.tail = (None, *st_x, *st_y, *st_z)  # the apply's hyper (None) and strides
+            self.tail = (None, st_x, st_y, st_z)  # the apply's hyper (None) and strides
             self.parts = ((plan.n_parts, geo.S),) * 2
             self.counters = plan.n_channel_tiles + 1
 
@@ -916,7 +911,7 @@ class PlannedBackward:
             self.launches = (memo["fused_backward"],)
         else:
             self.launches = (memo["grad_reduce"], memo.get("grad_apply"))
-            self.scratch_shapes = (grad_parts_shape(plan, geo),) + ((geo.S,),) * 2
+            self.scratch_shapes = (grad_parts_shape(plan.n_parts, geo.S),) + ((geo.S,),) * 2
             self.counters = plan.n_channel_tiles
 
     def run(self, dy, x, weight, bias, residual, centre, offset, rstd, pre_scale, pre_shift,

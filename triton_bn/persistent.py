@@ -31,6 +31,7 @@ from typing import Iterator, Optional
 import torch
 
 from . import tuning
+from .kernels.backward import grad_parts_shape
 from .kernels.persistent import bn_persistent_backward_kernel, bn_persistent_forward_kernel
 
 ENV = "TRITON_BN_PERSISTENT"
@@ -229,7 +230,7 @@ def forward(fw, state, relu: bool) -> bool:
         return (xs, ys, zs, part_sum, part_m2, barrier_counter(fw.x.device), fw.offset, fw.rstd,
                 *tensors, geo.R1, geo.K, t.A, t.B, t.a_chunk, t.b_chunk,
                 t.b_extent, t.n_channel_tiles, t.n_b_parts, hyper,
-                st_x[0], st_x[1], st_x[3], st_y[0], st_y[1], st_y[3], st_z[0], st_z[1], st_z[3])
+                st_x, st_y, st_z)
 
     kw = dict(CHANNELS_FAST=geo.channels_fast, INT64=fw.int64, RELU=relu, BLOCK_A=t.BLOCK_A,
               BLOCK_B=t.BLOCK_B, BLOCK_P=BLOCK_P, num_warps=t.num_warps, **flags)
@@ -258,11 +259,12 @@ def backward(bw, saved, dweight, dbias, training: bool, relu: bool) -> bool:
     (xs, dys, zs, dxs, dzs), strides = bw.views()
 
     def args():
-        parts = torch.empty((3, t.n_parts, geo.S), device=x.device, dtype=saved.rstd.dtype)
+        parts = torch.empty(grad_parts_shape(t.n_parts, geo.S), device=x.device,
+                            dtype=saved.rstd.dtype)
         return (xs, dys, zs, dxs, dzs, parts, barrier_counter(x.device),
                 *saved.args(), dweight, dbias, geo.R1, geo.K, t.A, t.B, t.a_chunk,
                 t.b_chunk, t.n_channel_tiles, t.n_b_parts, geo.R,
-                *(s for st in strides for s in (st[0], st[1], st[3])))
+                *strides)
 
     kw = dict(CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, RELU=relu, BLOCK_A=t.BLOCK_A,
               BLOCK_B=t.BLOCK_B, BLOCK_P=BLOCK_P, num_warps=t.num_warps)

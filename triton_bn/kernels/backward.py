@@ -56,6 +56,12 @@ from .common import (
 )
 
 
+def grad_parts_shape(n_parts: int, S: int) -> tuple:
+    """The reductions' partial sums (split and persistent): rows g, g * (x - m), x - m, then
+    part, then statistic channel."""
+    return (3, n_parts, S)
+
+
 @triton.jit
 def load_x_dy_keep(x_ptrs, dy_ptrs, z_ptrs, mask, mean, scale, shift, ACC: tl.constexpr,
                    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, EVICT: tl.constexpr):
@@ -71,23 +77,20 @@ def load_x_dy_keep(x_ptrs, dy_ptrs, z_ptrs, mask, mean, scale, shift, ACC: tl.co
 
 @triton.jit
 def load_x_and_gated_dy(X, DY, Residual, a, b, s_fixed, mask, mean, scale, shift, R1, K,
-                        stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
-                        stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k,
-                        stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
+                        stride_x, stride_dy, stride_z,
                         ACC: tl.constexpr, HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr,
                         HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
                         ROWS_FLAT: tl.constexpr, EVICT: tl.constexpr, ALIGN: tl.constexpr):
     """x and g (the gradient reaching the normalization: dy, zero where the fused ReLU was off,
     recomputed from x and the residual) of the tile a x b, in the accumulation dtype; g is 0
     where masked off."""
-    x_offs = tile_offsets(a, b, s_fixed, R1, K, stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
-                          HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN)
-    dy_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dy_r0, stride_dy_r1, stride_dy_g,
-                           stride_dy_k, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN)
+    x_offs = tile_offsets(a, b, s_fixed, R1, K, stride_x, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT,
+                          ALIGN)
+    dy_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dy, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT,
+                           ALIGN)
     z_ptrs = Residual
     if HAS_RESIDUAL:
-        z_ptrs = Residual + tile_offsets(a, b, s_fixed, R1, K, stride_z_r0, stride_z_r1,
-                                         stride_z_g, stride_z_k, HAS_GROUPS, CHANNELS_FAST,
+        z_ptrs = Residual + tile_offsets(a, b, s_fixed, R1, K, stride_z, HAS_GROUPS, CHANNELS_FAST,
                                          ROWS_FLAT, ALIGN)
     x, dy, keep = load_x_dy_keep(X + x_offs, DY + dy_offs, z_ptrs, mask, mean, scale, shift, ACC,
                                  HAS_RESIDUAL, RELU, EVICT)
@@ -116,9 +119,7 @@ def reduce_tile(x_ptrs, dy_ptrs, z_ptrs, mask, pivot, mean, scale, shift, acc_dy
 @triton.jit
 def reduce_tile_at(X, DY, Residual, a0, b0, a_end, b_end, s_fixed, MASKED: tl.constexpr,
                    pivot, mean, scale, shift, acc_dy, acc_dy_xm, acc_xm, R1, K,
-                   stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
-                   stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k,
-                   stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
+                   stride_x, stride_dy, stride_z,
                    ACC: tl.constexpr, HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr,
                    INT64: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
                    ROWS_FLAT: tl.constexpr, ALIGN: tl.constexpr, SUM_XM: tl.constexpr,
@@ -129,14 +130,13 @@ def reduce_tile_at(X, DY, Residual, a0, b0, a_end, b_end, s_fixed, MASKED: tl.co
         mask = tl.full([BLOCK_A, BLOCK_B], 1, tl.int1)
     z_ptrs = Residual
     if HAS_RESIDUAL:
-        z_ptrs = tile_pointers(Residual, a0, b, s_fixed, R1, K, stride_z_r0, stride_z_r1,
-                               stride_z_g, stride_z_k, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT,
-                               ALIGN, INT64, BLOCK_A)
+        z_ptrs = tile_pointers(Residual, a0, b, s_fixed, R1, K, stride_z, HAS_GROUPS,
+                               CHANNELS_FAST, ROWS_FLAT, ALIGN, INT64, BLOCK_A)
     return reduce_tile(
-        tile_pointers(X, a0, b, s_fixed, R1, K, stride_x_r0, stride_x_r1, stride_x_g,
-                      stride_x_k, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN, INT64, BLOCK_A),
-        tile_pointers(DY, a0, b, s_fixed, R1, K, stride_dy_r0, stride_dy_r1, stride_dy_g,
-                      stride_dy_k, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN, INT64, BLOCK_A),
+        tile_pointers(X, a0, b, s_fixed, R1, K, stride_x, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT,
+                      ALIGN, INT64, BLOCK_A),
+        tile_pointers(DY, a0, b, s_fixed, R1, K, stride_dy, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT,
+                      ALIGN, INT64, BLOCK_A),
         z_ptrs, mask, pivot, mean, scale, shift, acc_dy, acc_dy_xm, acc_xm, ACC, HAS_RESIDUAL,
         RELU, SUM_XM)
 
@@ -190,9 +190,7 @@ def bn_backward_reduce_kernel(
     Weight, Bias, PreScale, PreShift,  # [K] gamma, beta (RELU only), pre-gamma affine (HAS_PRE_AFFINE)
     Parts,                         # [3, n_parts, S] fp32 out: sums of g, g * (x - m), x - m
     R1, K, S, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts,
-    stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
-    stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k,
-    stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
+    stride_x, stride_dy, stride_z,
     Counter,                       # [n_channel_tiles] int32 zeros (FINALIZE); left zeros
     CoefB, CoefC, DWeight, DBias, n,  # as bn_backward_finalize_kernel
     HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
@@ -219,7 +217,7 @@ def bn_backward_reduce_kernel(
     acc_xm = tl.zeros([BLOCK_A, BLOCK_B], ACC)  # HAS_OFFSET only (see the module docstring)
     for b0 in range(b_begin, b_end, BLOCK_B):
         bc, bc_mask = channel_block(b0, b_end, s_fixed, S, BLOCK_B, CHANNELS_FAST)
-        pivot = load_centre(Centre, X, bc, bc_mask, K, stride_x_g, stride_x_k, ACC, HAS_CENTRE,
+        pivot = load_centre(Centre, X, bc, bc_mask, K, stride_x, ACC, HAS_CENTRE,
                             HAS_GROUPS, CHANNELS_FAST)
         mean = batch_mean(pivot, Offset, bc, bc_mask, ACC, HAS_OFFSET, CHANNELS_FAST)
         scale, shift = channel_coefficients(Offset, Rstd, Weight, Bias, PreScale, PreShift, bc, bc_mask,
@@ -233,41 +231,33 @@ def bn_backward_reduce_kernel(
             whole = tl.full([BLOCK_A, BLOCK_B], 1, tl.int1)
             if ROWS_FLAT:  # pointers carried from tile to tile: one add per vector and tensor
                 _, b, _, _ = tile_indices(a_begin, b0, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
-                x_ptrs = tile_pointers(X, a_begin, b, s_fixed, R1, K, stride_x_r0, stride_x_r1,
-                                       stride_x_g, stride_x_k, HAS_GROUPS, CHANNELS_FAST,
-                                       ROWS_FLAT, ALIGN, INT64, BLOCK_A)
-                dy_ptrs = tile_pointers(DY, a_begin, b, s_fixed, R1, K, stride_dy_r0,
-                                        stride_dy_r1, stride_dy_g, stride_dy_k, HAS_GROUPS,
+                x_ptrs = tile_pointers(X, a_begin, b, s_fixed, R1, K, stride_x, HAS_GROUPS,
+                                       CHANNELS_FAST, ROWS_FLAT, ALIGN, INT64, BLOCK_A)
+                dy_ptrs = tile_pointers(DY, a_begin, b, s_fixed, R1, K, stride_dy, HAS_GROUPS,
                                         CHANNELS_FAST, ROWS_FLAT, ALIGN, INT64, BLOCK_A)
                 z_ptrs = Residual
                 if HAS_RESIDUAL:
-                    z_ptrs = tile_pointers(Residual, a_begin, b, s_fixed, R1, K, stride_z_r0,
-                                           stride_z_r1, stride_z_g, stride_z_k, HAS_GROUPS,
+                    z_ptrs = tile_pointers(Residual, a_begin, b, s_fixed, R1, K, stride_z, HAS_GROUPS,
                                            CHANNELS_FAST, ROWS_FLAT, ALIGN, INT64, BLOCK_A)
                 for _a0 in range(a_begin, a_full, BLOCK_A):
                     acc_dy, acc_dy_xm, acc_xm = reduce_tile(
                         x_ptrs, dy_ptrs, z_ptrs, whole, pivot, mean, scale, shift, acc_dy,
                         acc_dy_xm, acc_xm, ACC, HAS_RESIDUAL, RELU, HAS_OFFSET)
-                    x_ptrs += BLOCK_A * stride_x_r1
-                    dy_ptrs += BLOCK_A * stride_dy_r1
+                    x_ptrs += BLOCK_A * stride_x[1]
+                    dy_ptrs += BLOCK_A * stride_dy[1]
                     if HAS_RESIDUAL:
-                        z_ptrs += BLOCK_A * stride_z_r1
+                        z_ptrs += BLOCK_A * stride_z[1]
             else:
                 for a0 in range(a_begin, a_full, BLOCK_A):
                     acc_dy, acc_dy_xm, acc_xm = reduce_tile_at(
                         X, DY, Residual, a0, b0, a_end, b_end, s_fixed, False, pivot, mean, scale,
-                        shift, acc_dy, acc_dy_xm, acc_xm, R1, K,
-                        stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
-                        stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k,
-                        stride_z_r0, stride_z_r1, stride_z_g, stride_z_k, ACC, HAS_GROUPS,
-                        CHANNELS_FAST, INT64, HAS_RESIDUAL, RELU, ROWS_FLAT, ALIGN, HAS_OFFSET,
+                        shift, acc_dy, acc_dy_xm, acc_xm, R1, K, stride_x, stride_dy, stride_z,
+                        ACC, HAS_GROUPS, CHANNELS_FAST, INT64, HAS_RESIDUAL, RELU, ROWS_FLAT, ALIGN, HAS_OFFSET,
                         BLOCK_A, BLOCK_B)
         for a0 in range(a_full, a_end, BLOCK_A):
             acc_dy, acc_dy_xm, acc_xm = reduce_tile_at(
                 X, DY, Residual, a0, b0, a_end, b_end, s_fixed, True, pivot, mean, scale, shift,
-                acc_dy, acc_dy_xm, acc_xm, R1, K, stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
-                stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k,
-                stride_z_r0, stride_z_r1, stride_z_g, stride_z_k, ACC, HAS_GROUPS,
+                acc_dy, acc_dy_xm, acc_xm, R1, K, stride_x, stride_dy, stride_z, ACC, HAS_GROUPS,
                 CHANNELS_FAST, INT64, HAS_RESIDUAL, RELU, ROWS_FLAT, ALIGN, HAS_OFFSET, BLOCK_A,
                 BLOCK_B)
     row = tl.num_programs(0) // n_channel_tiles * S  # Parts' second index: n_parts
@@ -392,11 +382,7 @@ def bn_backward_apply_kernel(
     Weight, Bias, PreScale, PreShift,  # [K] gamma, beta (RELU only), pre-gamma affine (HAS_PRE_AFFINE)
     CoefB, CoefC,                  # [S] fp32 dx coefficients (finalize_grad_channels)
     R1, K, S, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts,
-    stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
-    stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k,
-    stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
-    stride_dx_r0, stride_dx_r1, stride_dx_g, stride_dx_k,
-    stride_dz_r0, stride_dz_r1, stride_dz_g, stride_dz_k,
+    stride_x, stride_dy, stride_z, stride_dx, stride_dz,
     HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, TRAINING: tl.constexpr,
     HAS_CENTRE: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
@@ -405,12 +391,6 @@ def bn_backward_apply_kernel(
     ALIGN: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     ACC = Rstd.dtype.element_ty
-    # each tensor's strides (rows r0, r1, ghost group, channel) as one value for the helpers
-    st_x = (stride_x_r0, stride_x_r1, stride_x_g, stride_x_k)
-    st_dy = (stride_dy_r0, stride_dy_r1, stride_dy_g, stride_dy_k)
-    st_z = (stride_z_r0, stride_z_r1, stride_z_g, stride_z_k)
-    st_dx = (stride_dx_r0, stride_dx_r1, stride_dx_g, stride_dx_k)
-    st_dz = (stride_dz_r0, stride_dz_r1, stride_dz_g, stride_dz_k)
     part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
         tl.program_id(0), n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST,
         INT64, ALIGN)
@@ -420,7 +400,7 @@ def bn_backward_apply_kernel(
     for j in range(0, n_b):
         b0 = b_last - j * BLOCK_B
         bc, bc_mask = channel_block(b0, b_end, s_fixed, S, BLOCK_B, CHANNELS_FAST)
-        pivot = load_centre(Centre, X, bc, bc_mask, K, stride_x_g, stride_x_k, ACC, HAS_CENTRE,
+        pivot = load_centre(Centre, X, bc, bc_mask, K, stride_x, ACC, HAS_CENTRE,
                             HAS_GROUPS, CHANNELS_FAST)
         scale, shift = channel_coefficients(Offset, Rstd, Weight, Bias, PreScale, PreShift, bc, bc_mask,
                                             K, ACC, HAS_OFFSET, HAS_WEIGHT, HAS_BIAS, HAS_PRE_AFFINE,
@@ -442,8 +422,8 @@ def bn_backward_apply_kernel(
                 if a_full < a_end:
                     x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs = grad_apply_pointers(
                         X, DY, Residual, DX, DResidual, a_full, b, s_fixed, R1, K,
-                        st_x, st_dy, st_z, st_dx, st_dz, HAS_GROUPS, CHANNELS_FAST, INT64,
-                        HAS_RESIDUAL, WRITE_DX, WRITE_DRESIDUAL, ROWS_FLAT, ALIGN, BLOCK_A)
+                        stride_x, stride_dy, stride_z, stride_dx, stride_dz, HAS_GROUPS,
+                        CHANNELS_FAST, INT64, HAS_RESIDUAL, WRITE_DX, WRITE_DRESIDUAL, ROWS_FLAT, ALIGN, BLOCK_A)
                     grad_apply_tile(x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs, mask, pivot,
                                     scale, shift, coef_b, coef_c, ACC, HAS_RESIDUAL, RELU,
                                     TRAINING, WRITE_DX, WRITE_DRESIDUAL)
@@ -452,26 +432,27 @@ def bn_backward_apply_kernel(
                 if ROWS_FLAT:  # pointers carried from tile to tile: one add per vector
                     x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs = grad_apply_pointers(
                         X, DY, Residual, DX, DResidual, a_full - BLOCK_A, b, s_fixed, R1, K,
-                        st_x, st_dy, st_z, st_dx, st_dz, HAS_GROUPS, CHANNELS_FAST, INT64,
-                        HAS_RESIDUAL, WRITE_DX, WRITE_DRESIDUAL, ROWS_FLAT, ALIGN, BLOCK_A)
+                        stride_x, stride_dy, stride_z, stride_dx, stride_dz, HAS_GROUPS,
+                        CHANNELS_FAST, INT64, HAS_RESIDUAL, WRITE_DX, WRITE_DRESIDUAL, ROWS_FLAT, ALIGN, BLOCK_A)
                     for _i in range(0, n_whole):
                         grad_apply_tile(x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs, whole, pivot,
                                         scale, shift, coef_b, coef_c, ACC, HAS_RESIDUAL, RELU,
                                         TRAINING, WRITE_DX, WRITE_DRESIDUAL)
-                        x_ptrs -= BLOCK_A * stride_x_r1
-                        dy_ptrs -= BLOCK_A * stride_dy_r1
+                        x_ptrs -= BLOCK_A * stride_x[1]
+                        dy_ptrs -= BLOCK_A * stride_dy[1]
                         if HAS_RESIDUAL:
-                            z_ptrs -= BLOCK_A * stride_z_r1
+                            z_ptrs -= BLOCK_A * stride_z[1]
                         if WRITE_DX:
-                            dx_ptrs -= BLOCK_A * stride_dx_r1
+                            dx_ptrs -= BLOCK_A * stride_dx[1]
                         if WRITE_DRESIDUAL:
-                            dz_ptrs -= BLOCK_A * stride_dz_r1
+                            dz_ptrs -= BLOCK_A * stride_dz[1]
                 else:
                     for i in range(0, n_whole):
                         x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs = grad_apply_pointers(
                             X, DY, Residual, DX, DResidual, a_full - BLOCK_A - i * BLOCK_A, b,
-                            s_fixed, R1, K, st_x, st_dy, st_z, st_dx, st_dz, HAS_GROUPS, CHANNELS_FAST, INT64,
-                            HAS_RESIDUAL, WRITE_DX, WRITE_DRESIDUAL, ROWS_FLAT, ALIGN, BLOCK_A)
+                            s_fixed, R1, K, stride_x, stride_dy, stride_z, stride_dx, stride_dz,
+                            HAS_GROUPS, CHANNELS_FAST, INT64, HAS_RESIDUAL, WRITE_DX,
+                            WRITE_DRESIDUAL, ROWS_FLAT, ALIGN, BLOCK_A)
                         grad_apply_tile(x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs, whole, pivot,
                                         scale, shift, coef_b, coef_c, ACC, HAS_RESIDUAL, RELU,
                                         TRAINING, WRITE_DX, WRITE_DRESIDUAL)
@@ -483,8 +464,8 @@ def bn_backward_apply_kernel(
                                               BLOCK_B, INT64)
             x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs = grad_apply_pointers(
                 X, DY, Residual, DX, DResidual, a_last - i * BLOCK_A, b, s_fixed, R1, K,
-                st_x, st_dy, st_z, st_dx, st_dz, HAS_GROUPS, CHANNELS_FAST, INT64,
-                HAS_RESIDUAL, WRITE_DX, WRITE_DRESIDUAL, ROWS_FLAT, ALIGN, BLOCK_A)
+                stride_x, stride_dy, stride_z, stride_dx, stride_dz, HAS_GROUPS, CHANNELS_FAST,
+                INT64, HAS_RESIDUAL, WRITE_DX, WRITE_DRESIDUAL, ROWS_FLAT, ALIGN, BLOCK_A)
             grad_apply_tile(x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs, mask, pivot, scale,
                             shift, coef_b, coef_c, ACC, HAS_RESIDUAL, RELU, TRAINING, WRITE_DX,
                             WRITE_DRESIDUAL)
@@ -514,7 +495,7 @@ def grad_apply_tile(x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs, mask, pivot, scal
 
 @triton.jit
 def grad_apply_pointers(X, DY, Residual, DX, DResidual, a0, b, s_fixed, R1, K,
-                        st_x, st_dy, st_z, st_dx, st_dz,
+                        stride_x, stride_dy, stride_z, stride_dx, stride_dz,
                         HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr,
                         INT64: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                         WRITE_DX: tl.constexpr, WRITE_DRESIDUAL: tl.constexpr,
@@ -522,24 +503,22 @@ def grad_apply_pointers(X, DY, Residual, DX, DResidual, a0, b, s_fixed, R1, K,
     """tile_pointers of x, dy, the residual, dx and the residual's gradient for the tile of rows
     a0 + [0, BLOCK_A) and columns b (an absent tensor's: x's, never used; a function cannot
     return None)."""
-    x_ptrs = tile_pointers(X, a0, b, s_fixed, R1, K, st_x[0], st_x[1], st_x[2], st_x[3],
-                           HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN, INT64, BLOCK_A)
-    dy_ptrs = tile_pointers(DY, a0, b, s_fixed, R1, K, st_dy[0], st_dy[1], st_dy[2], st_dy[3],
-                            HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN, INT64, BLOCK_A)
+    x_ptrs = tile_pointers(X, a0, b, s_fixed, R1, K, stride_x, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT,
+                           ALIGN, INT64, BLOCK_A)
+    dy_ptrs = tile_pointers(DY, a0, b, s_fixed, R1, K, stride_dy, HAS_GROUPS, CHANNELS_FAST,
+                            ROWS_FLAT, ALIGN, INT64, BLOCK_A)
     z_ptrs = x_ptrs
     if HAS_RESIDUAL:
-        z_ptrs = tile_pointers(Residual, a0, b, s_fixed, R1, K, st_z[0], st_z[1], st_z[2],
-                               st_z[3], HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN, INT64, BLOCK_A)
+        z_ptrs = tile_pointers(Residual, a0, b, s_fixed, R1, K, stride_z, HAS_GROUPS, CHANNELS_FAST,
+                               ROWS_FLAT, ALIGN, INT64, BLOCK_A)
     dx_ptrs = x_ptrs
     if WRITE_DX:
-        dx_ptrs = tile_pointers(DX, a0, b, s_fixed, R1, K, st_dx[0], st_dx[1], st_dx[2],
-                                st_dx[3], HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN, INT64,
-                                BLOCK_A)
+        dx_ptrs = tile_pointers(DX, a0, b, s_fixed, R1, K, stride_dx, HAS_GROUPS, CHANNELS_FAST,
+                                ROWS_FLAT, ALIGN, INT64, BLOCK_A)
     dz_ptrs = x_ptrs
     if WRITE_DRESIDUAL:
-        dz_ptrs = tile_pointers(DResidual, a0, b, s_fixed, R1, K, st_dz[0], st_dz[1], st_dz[2],
-                                st_dz[3], HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN, INT64,
-                                BLOCK_A)
+        dz_ptrs = tile_pointers(DResidual, a0, b, s_fixed, R1, K, stride_dz, HAS_GROUPS,
+                                CHANNELS_FAST, ROWS_FLAT, ALIGN, INT64, BLOCK_A)
     return x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs
 
 
@@ -554,11 +533,7 @@ def bn_fused_backward_kernel(
     Weight, Bias, PreScale, PreShift,  # [K] gamma, beta (RELU only), pre-gamma affine (HAS_PRE_AFFINE)
     DWeight, DBias,                # [K] out
     R1, K, A, B, n,
-    stride_x_r0, stride_x_r1, stride_x_k,
-    stride_dy_r0, stride_dy_r1, stride_dy_k,
-    stride_z_r0, stride_z_r1, stride_z_k,
-    stride_dx_r0, stride_dx_r1, stride_dx_k,
-    stride_dz_r0, stride_dz_r1, stride_dz_k,
+    stride_x, stride_dy, stride_z, stride_dx, stride_dz,
     CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, TRAINING: tl.constexpr,
     HAS_CENTRE: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
@@ -578,7 +553,7 @@ def bn_fused_backward_kernel(
     else:
         c = s_fixed
         c_mask = s_fixed < K
-    pivot = load_centre(Centre, X, c, c_mask, K, 0, stride_x_k, ACC, HAS_CENTRE, False,
+    pivot = load_centre(Centre, X, c, c_mask, K, stride_x, ACC, HAS_CENTRE, False,
                         CHANNELS_FAST)
     mean = batch_mean(pivot, Offset, c, c_mask, ACC, HAS_OFFSET, CHANNELS_FAST)
     rstd = load_channel_values(Rstd, c, c_mask, c, ACC, CHANNELS_FAST)
@@ -587,8 +562,7 @@ def bn_fused_backward_kernel(
                                         CHANNELS_FAST)
     x, dy = load_x_and_gated_dy(
         X, DY, Residual, a, b, s_fixed, mask, pivot, scale, shift, R1, K,
-        stride_x_r0, stride_x_r1, 0, stride_x_k, stride_dy_r0, stride_dy_r1, 0, stride_dy_k,
-        stride_z_r0, stride_z_r1, 0, stride_z_k, ACC, False, CHANNELS_FAST, HAS_RESIDUAL, RELU,
+        stride_x, stride_dy, stride_z, ACC, False, CHANNELS_FAST, HAS_RESIDUAL, RELU,
         False, "", 1)
     xm = tl.where(mask, x - mean, 0.0)
     sum_dy = tl.sum(dy, 0)
@@ -612,11 +586,9 @@ def bn_fused_backward_kernel(
         coef_b = coef_b[None, :]
         coef_c = coef_c[None, :]
     if WRITE_DRESIDUAL:
-        dz_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dz_r0, stride_dz_r1, 0, stride_dz_k,
-                               False, CHANNELS_FAST, False, 1)
+        dz_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dz, False, CHANNELS_FAST, False, 1)
         tl.store(DResidual + dz_offs, dy.to(DResidual.dtype.element_ty), mask=mask)
     if WRITE_DX:
         dx = scale * dy + coef_b * xm + coef_c
-        dx_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dx_r0, stride_dx_r1, 0, stride_dx_k,
-                               False, CHANNELS_FAST, False, 1)
+        dx_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dx, False, CHANNELS_FAST, False, 1)
         tl.store(DX + dx_offs, dx.to(DX.dtype.element_ty), mask=mask)

@@ -101,12 +101,13 @@ def tile_moments(x, mask):
 
 
 @triton.jit
-def channel_offset(s, K, stride_g, stride_k, HAS_GROUPS: tl.constexpr):
-    """Element offset of statistic channel s = g * K + k (ghost group g, channel k)."""
+def channel_offset(s, K, strides, HAS_GROUPS: tl.constexpr):
+    """Element offset of statistic channel s = g * K + k (ghost group g, channel k) in a tensor of
+    ``strides`` = (r0, r1, g, k), one tuple per tensor in every kernel."""
     if HAS_GROUPS:
-        return (s // K) * stride_g + (s % K) * stride_k
+        return (s // K) * strides[2] + (s % K) * strides[3]
     else:
-        return s * stride_k
+        return s * strides[3]
 
 
 @triton.jit
@@ -145,7 +146,7 @@ def program_ranges(pid, n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk,
 
 def rows_flat(*tensors: str):
     """A ``@triton.heuristics`` value: whether, in every tensor named (by its strides'
-    suffix, e.g. "x" for stride_x_r0 / stride_x_r1), the channels-fast rows are one flat run:
+    argument's suffix, e.g. "x" for stride_x), the channels-fast rows are one flat run:
     a single r0 (A <= R1: the layout folds a channels_last batch into r1) or stride_r0 ==
     R1 * stride_r1. Then row a is at a * stride_r1, with no division by R1 in the loop
     (tile_offsets' ROWS_FLAT)."""
@@ -153,7 +154,7 @@ def rows_flat(*tensors: str):
         if not args["CHANNELS_FAST"]:
             return False  # unused: reduction-fast offsets need no division
         return args["A"] <= args["R1"] or all(
-            args[f"stride_{t}_r0"] == args["R1"] * args[f"stride_{t}_r1"] for t in tensors)
+            args[f"stride_{t}"][0] == args["R1"] * args[f"stride_{t}"][1] for t in tensors)
     return flat
 
 
@@ -170,9 +171,10 @@ def rows_aligned(*tensors: str):
             return 1
         values = [args["R1"], args["b_chunk"]]
         for t in tensors:
-            if args[f"stride_{t}_r1"] != 1:
+            r0, r1, g, k = args[f"stride_{t}"]
+            if r1 != 1:
                 return 1
-            values += [args[f"stride_{t}_{d}"] for d in ("r0", "g", "k")]
+            values += [r0, g, k]
         for p in (8, 4, 2):  # 16 bytes of the narrowest dtype (bf16 / fp16): 8 elements
             if p * args["X"].element_size() <= 16 and all(v % p == 0 for v in values):
                 return p
@@ -181,52 +183,52 @@ def rows_aligned(*tensors: str):
 
 
 @triton.jit
-def tile_offsets(a, b, s_fixed, R1, K, stride_r0, stride_r1, stride_g, stride_k,
-                 HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr,
-                 ROWS_FLAT: tl.constexpr, ALIGN: tl.constexpr):
-    """Element offsets of the tile a[:, None] x b[None, :] in one tensor (see module docstring).
-    ROWS_FLAT (rows_flat): stride_r0 == R1 * stride_r1, so the row a is at a * stride_r1.
+def tile_offsets(a, b, s_fixed, R1, K, strides, HAS_GROUPS: tl.constexpr,
+                 CHANNELS_FAST: tl.constexpr, ROWS_FLAT: tl.constexpr, ALIGN: tl.constexpr):
+    """Element offsets of the tile a[:, None] x b[None, :] in one tensor of ``strides`` = (r0, r1,
+    g, k) (see module docstring).
+    ROWS_FLAT (rows_flat): stride r0 == R1 * stride r1, so the row a is at a * stride r1.
     ALIGN (rows_aligned, reduction fast): the channel and row strides are multiples of ALIGN."""
+    stride_r0, stride_r1, stride_g, stride_k = strides
     if CHANNELS_FAST and ROWS_FLAT:
-        return a[:, None] * stride_r1 + channel_offset(b, K, stride_g, stride_k, HAS_GROUPS)[None, :]
+        return a[:, None] * stride_r1 + channel_offset(b, K, strides, HAS_GROUPS)[None, :]
     elif CHANNELS_FAST:
         row = (a // R1) * stride_r0 + (a % R1) * stride_r1
-        col = channel_offset(b, K, stride_g, stride_k, HAS_GROUPS)
+        col = channel_offset(b, K, strides, HAS_GROUPS)
         return row[:, None] + col[None, :]
     else:
         if ALIGN > 1:  # multiples of ALIGN (rows_aligned): say so to the compiler
             stride_g = (stride_g // ALIGN) * ALIGN
             stride_k = (stride_k // ALIGN) * ALIGN
             stride_r0 = (stride_r0 // ALIGN) * ALIGN
-        base = channel_offset(s_fixed, K, stride_g, stride_k, HAS_GROUPS)
+        base = channel_offset(s_fixed, K, (stride_r0, stride_r1, stride_g, stride_k), HAS_GROUPS)
         return base + a[:, None] * stride_r0 + b[None, :] * stride_r1
 
 
 @triton.jit
-def tile_pointers(Ptr, a0, b, s_fixed, R1, K, stride_r0, stride_r1, stride_g, stride_k,
-                  HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, ROWS_FLAT: tl.constexpr,
-                  ALIGN: tl.constexpr, INT64: tl.constexpr, BLOCK_A: tl.constexpr):
+def tile_pointers(Ptr, a0, b, s_fixed, R1, K, strides, HAS_GROUPS: tl.constexpr,
+                  CHANNELS_FAST: tl.constexpr, ROWS_FLAT: tl.constexpr, ALIGN: tl.constexpr,
+                  INT64: tl.constexpr, BLOCK_A: tl.constexpr):
     """Pointers to the tile of rows a0 + [0, BLOCK_A) and columns b of one tensor (tile_offsets).
-    Flat channels-fast rows: one base per tile (Ptr + a0 * stride_r1, a scalar) plus offsets
+    Flat channels-fast rows: one base per tile (Ptr + a0 * stride r1, a scalar) plus offsets
     that do not depend on a0, which the compiler keeps out of a loop over tiles: an address
     costs an add per vector instead of a recomputed offset per tensor, row and tile."""
     if CHANNELS_FAST and ROWS_FLAT:
         rows = tl.arange(0, BLOCK_A)
         if INT64:
             rows = rows.to(tl.int64)
-        return (Ptr + a0 * stride_r1) + tile_offsets(rows, b, s_fixed, R1, K, stride_r0,
-                                                     stride_r1, stride_g, stride_k, HAS_GROUPS,
-                                                     CHANNELS_FAST, ROWS_FLAT, ALIGN)
+        return (Ptr + a0 * strides[1]) + tile_offsets(rows, b, s_fixed, R1, K, strides, HAS_GROUPS,
+                                                      CHANNELS_FAST, ROWS_FLAT, ALIGN)
     else:
         a = a0 + tl.arange(0, BLOCK_A)
         if INT64:
             a = a.to(tl.int64)
-        return Ptr + tile_offsets(a, b, s_fixed, R1, K, stride_r0, stride_r1, stride_g, stride_k,
-                                  HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN)
+        return Ptr + tile_offsets(a, b, s_fixed, R1, K, strides, HAS_GROUPS, CHANNELS_FAST,
+                                  ROWS_FLAT, ALIGN)
 
 
 @triton.jit
-def load_pivot(X, b, b_mask, s_fixed, K, stride_g, stride_k, ACC: tl.constexpr,
+def load_pivot(X, b, b_mask, s_fixed, K, stride_x, ACC: tl.constexpr,
                HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr):
     """The first element (r0 = r1 = 0) of each channel, broadcastable against a tile. Moments are
     taken of x - pivot (the shifted-data algorithm) with one pivot per channel shared by every
@@ -234,10 +236,10 @@ def load_pivot(X, b, b_mask, s_fixed, K, stride_g, stride_k, ACC: tl.constexpr,
     back where precision matters: it stays the *centre* every kernel subtracts (x - centre is exact
     for x near the centre), and the small offset mean - centre is kept beside it (see forward.py)."""
     if CHANNELS_FAST:
-        offs = channel_offset(b, K, stride_g, stride_k, HAS_GROUPS)
+        offs = channel_offset(b, K, stride_x, HAS_GROUPS)
         return tl.load(X + offs, mask=b_mask, other=0.0).to(ACC)[None, :]
     else:
-        return tl.load(X + channel_offset(s_fixed, K, stride_g, stride_k, HAS_GROUPS)).to(ACC)
+        return tl.load(X + channel_offset(s_fixed, K, stride_x, HAS_GROUPS)).to(ACC)
 
 
 @triton.jit
@@ -271,7 +273,7 @@ def channel_block(b0, b_end, s_fixed, S, BLOCK_B: tl.constexpr, CHANNELS_FAST: t
 
 
 @triton.jit
-def load_centre(Centre, X, bc, bc_mask, K, stride_x_g, stride_x_k, ACC: tl.constexpr,
+def load_centre(Centre, X, bc, bc_mask, K, stride_x, ACC: tl.constexpr,
                 HAS_CENTRE: tl.constexpr, HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr):
     """The centre c that the kernels subtract from x (y = (x - c) * scale + shift) of the
     statistic channels bc, broadcastable to a tile: the saved Centre (inference: the running
@@ -282,13 +284,13 @@ def load_centre(Centre, X, bc, bc_mask, K, stride_x_g, stride_x_k, ACC: tl.const
     elif HAS_GROUPS:  # load_pivot's element, its group and channel found in 32 bits (a 64-bit
         s = bc.to(tl.int32)  # division is a subroutine); channel indices are small
         g = s // K
-        offs = g.to(tl.int64) * stride_x_g + (s - g * K).to(tl.int64) * stride_x_k
+        offs = g.to(tl.int64) * stride_x[2] + (s - g * K).to(tl.int64) * stride_x[3]
         if CHANNELS_FAST:
             return tl.load(X + offs, mask=bc_mask, other=0.0).to(ACC)[None, :]
         else:
             return tl.load(X + offs).to(ACC)
     else:
-        return load_pivot(X, bc, bc_mask, bc, K, stride_x_g, stride_x_k, ACC, False,
+        return load_pivot(X, bc, bc_mask, bc, K, stride_x, ACC, False,
                           CHANNELS_FAST)
 
 

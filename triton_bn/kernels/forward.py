@@ -176,14 +176,14 @@ def channel_affine_and_update(
 
 @triton.jit
 def shifted_tile(X, shift, a0, b0, a_end, b_end, s_fixed, R1, K,
-                 stride_x_r0, stride_x_r1, stride_x_g, stride_x_k, ACC: tl.constexpr,
+                 stride_x, ACC: tl.constexpr,
                  HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
                  ROWS_FLAT: tl.constexpr, ALIGN: tl.constexpr, SHIFT_IS_X: tl.constexpr,
                  BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
     """x - shift of the tile at (a0, b0), 0 where masked off. SHIFT_IS_X: the shift is a value of
     X (the pivot), so masked-off lanes load it and give 0 with no select."""
     a, b, b_mask, mask = tile_indices(a0, b0, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
-    offs = tile_offsets(a, b, s_fixed, R1, K, stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
+    offs = tile_offsets(a, b, s_fixed, R1, K, stride_x,
                         HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN)
     if SHIFT_IS_X:
         x = tl.load(X + offs, mask=mask, other=shift.to(X.dtype.element_ty),
@@ -196,7 +196,7 @@ def shifted_tile(X, shift, a0, b0, a_end, b_end, s_fixed, R1, K,
 
 @triton.jit
 def lane_sums(X, shift, a_begin, a_end, b_begin, b_end, s_fixed, R1, K,
-              stride_x_r0, stride_x_r1, stride_x_g, stride_x_k, ACC: tl.constexpr,
+              stride_x, ACC: tl.constexpr,
               HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
               ROWS_FLAT: tl.constexpr, ALIGN: tl.constexpr, SHIFT_IS_X: tl.constexpr,
               BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
@@ -208,16 +208,14 @@ def lane_sums(X, shift, a_begin, a_end, b_begin, b_end, s_fixed, R1, K,
     s2 = tl.zeros([BLOCK_A, BLOCK_B], ACC)
     if CHANNELS_FAST:
         for a0 in range(a_begin, a_end, BLOCK_A):
-            d = shifted_tile(X, shift, a0, b_begin, a_end, b_end, s_fixed, R1, K, stride_x_r0,
-                             stride_x_r1, stride_x_g, stride_x_k, ACC, HAS_GROUPS, CHANNELS_FAST,
-                             INT64, ROWS_FLAT, ALIGN, SHIFT_IS_X, BLOCK_A, BLOCK_B)
+            d = shifted_tile(X, shift, a0, b_begin, a_end, b_end, s_fixed, R1, K, stride_x, ACC,
+                             HAS_GROUPS, CHANNELS_FAST, INT64, ROWS_FLAT, ALIGN, SHIFT_IS_X, BLOCK_A, BLOCK_B)
             s1 += d
             s2 += d * d
     else:
         for b0 in range(b_begin, b_end, BLOCK_B):
             for a0 in range(a_begin, a_end, BLOCK_A):
-                d = shifted_tile(X, shift, a0, b0, a_end, b_end, s_fixed, R1, K, stride_x_r0,
-                                 stride_x_r1, stride_x_g, stride_x_k, ACC, HAS_GROUPS,
+                d = shifted_tile(X, shift, a0, b0, a_end, b_end, s_fixed, R1, K, stride_x, ACC, HAS_GROUPS,
                                  CHANNELS_FAST, INT64, ROWS_FLAT, ALIGN, SHIFT_IS_X, BLOCK_A,
                                  BLOCK_B)
                 s1 += d
@@ -234,7 +232,7 @@ def bn_stats_kernel(
     PartSum, PartM2,      # [n_parts, S] out: per-part sum of (x - Pivot) and M2 of each channel
     Pivot,                # [S] out (STORE_PIVOT): the sample each channel's sums are relative to
     R1, K, S, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts,
-    stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
+    stride_x,
     Counter,              # [n_channel_tiles + 1] int32 zeros (FINALIZE); left zeros
     Offset, Rstd,         # [S] out (FINALIZE): batch mean - pivot, 1/std
     Weight, Bias, AdjScale, AdjBias, PreScale, PreShift,  # as bn_finalize_kernel
@@ -270,11 +268,10 @@ def bn_stats_kernel(
         tl.program_id(0), n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST,
         INT64, ALIGN)
     b_first = b_begin + tl.arange(0, BLOCK_B)
-    pivot = load_pivot(X, b_first, b_first < b_end, s_fixed, K, stride_x_g, stride_x_k, ACC,
+    pivot = load_pivot(X, b_first, b_first < b_end, s_fixed, K, stride_x, ACC,
                        HAS_GROUPS, CHANNELS_FAST)
-    s1, s2 = lane_sums(X, pivot, a_begin, a_end, b_begin, b_end, s_fixed, R1, K, stride_x_r0,
-                       stride_x_r1, stride_x_g, stride_x_k, ACC, HAS_GROUPS, CHANNELS_FAST, INT64,
-                       ROWS_FLAT, ALIGN, True, BLOCK_A, BLOCK_B)
+    s1, s2 = lane_sums(X, pivot, a_begin, a_end, b_begin, b_end, s_fixed, R1, K, stride_x, ACC,
+                       HAS_GROUPS, CHANNELS_FAST, INT64, ROWS_FLAT, ALIGN, True, BLOCK_A, BLOCK_B)
     # elements per statistic channel in this part (the same for every channel of the program)
     n = ((a_end - a_begin) * (b_end - b_begin)).to(ACC)
     if CHANNELS_FAST:
@@ -294,7 +291,7 @@ def bn_stats_kernel(
         if CHANNELS_FAST:
             mean_d = mean_d[None, :]
         t1, t2 = lane_sums(X, pivot + mean_d, a_begin, a_end, b_begin, b_end, s_fixed, R1, K,
-                           stride_x_r0, stride_x_r1, stride_x_g, stride_x_k, ACC, HAS_GROUPS,
+                           stride_x, ACC, HAS_GROUPS,
                            CHANNELS_FAST, INT64, ROWS_FLAT, ALIGN, False, BLOCK_A, BLOCK_B)
         t1 = tl.sum(t1, 0)
         t2 = tl.sum(t2, 0)
@@ -325,7 +322,7 @@ def bn_stats_kernel(
             for c0 in range(c_begin, c_end, BLOCK_C):
                 c = c0 + tl.arange(0, BLOCK_C)
                 finalize_channels(
-                    c, c < c_end, PartSum, PartM2, PartSum, X, stride_x_g, stride_x_k, Offset,
+                    c, c < c_end, PartSum, PartM2, PartSum, X, stride_x, Offset,
                     Rstd, Weight, Bias, AdjScale, AdjBias, PreScale, PreShift,
                     RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd,
                     K, S // K, n_parts, n_b_parts, A, a_chunk, b_extent, b_chunk, Hyper,
@@ -408,7 +405,7 @@ def count_batch(NumBatches):
 def finalize_channels(
     c, c_mask,                     # parameter channels (a vector) and their mask
     PartStat, PartM2, PartCount,
-    X, stride_x_g, stride_x_k,     # HAS_PIVOT: the parts are of x - pivot (x's first element)
+    X, stride_x,                   # HAS_PIVOT: the parts are of x - pivot (x's first element)
     Stat,                          # [S] out: the offsets (HAS_PIVOT), else the means (centres)
     Rstd,                          # [S] out
     Weight, Bias, AdjScale, AdjBias, PreScale, PreShift,
@@ -441,7 +438,7 @@ def finalize_channels(
         offset = total / tl.maximum(n, 1.0)
         centre = tl.zeros_like(offset)
         if HAS_PIVOT:  # the pivot, as load_pivot reads it (64-bit offsets: s * stride can pass 2**31)
-            pivot_offs = channel_offset(s.to(tl.int64), K, stride_x_g, stride_x_k, HAS_GROUPS)
+            pivot_offs = channel_offset(s.to(tl.int64), K, stride_x, HAS_GROUPS)
             centre = tl.load(X + pivot_offs, mask=c_mask, other=0.0).to(ACC)
         tl.store(Stat + s, offset, mask=c_mask)
         tl.store(Rstd + s, 1.0 / sqrt_rn(var + eps), mask=c_mask)
@@ -475,7 +472,7 @@ def bn_finalize_kernel(
     synchronized batch norm, whose parts are every process's moments."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     finalize_channels(
-        c, c < K, PartStat, PartM2, PartCount, None, 0, 0, Centre, Rstd,
+        c, c < K, PartStat, PartM2, PartCount, None, (0, 0, 0, 0), Centre, Rstd,
         Weight, Bias, AdjScale, AdjBias, PreScale, PreShift,
         RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd,
         K, G, n_parts, n_b_parts, A, a_chunk, B_count, b_chunk, Hyper,
@@ -485,21 +482,16 @@ def bn_finalize_kernel(
 
 @triton.jit
 def apply_tile(X, Y, Residual, a0, b0, a_end, b_end, s_fixed, mean, scale, shift, R1, K,
-               stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
-               stride_y_r0, stride_y_r1, stride_y_g, stride_y_k,
-               stride_z_r0, stride_z_r1, stride_z_g, stride_z_k, ACC: tl.constexpr,
+               stride_x, stride_y, stride_z, ACC: tl.constexpr,
                HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
                HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, ROWS_FLAT: tl.constexpr,
                ALIGN: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
     """y = act((x - centre) * scale + shift [+ residual]) of the tile at (a0, b0). x and the
     residual are read for the last time (evict first); y is streamed out (.cs)."""
     a, b, b_mask, mask = tile_indices(a0, b0, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
-    x_offs = tile_offsets(a, b, s_fixed, R1, K, stride_x_r0, stride_x_r1, stride_x_g,
-                          stride_x_k, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN)
-    y_offs = tile_offsets(a, b, s_fixed, R1, K, stride_y_r0, stride_y_r1, stride_y_g,
-                          stride_y_k, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN)
-    z_offs = tile_offsets(a, b, s_fixed, R1, K, stride_z_r0, stride_z_r1, stride_z_g,
-                          stride_z_k, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN)
+    x_offs = tile_offsets(a, b, s_fixed, R1, K, stride_x, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN)
+    y_offs = tile_offsets(a, b, s_fixed, R1, K, stride_y, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN)
+    z_offs = tile_offsets(a, b, s_fixed, R1, K, stride_z, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN)
     x = tl.load(X + x_offs, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
     y = apply_activation((x - mean) * scale + shift, Residual, z_offs, mask,
                          HAS_RESIDUAL, RELU, "evict_first")
@@ -521,9 +513,7 @@ def bn_apply_kernel(
     RunMean, RunVar,               # [K] for FROM_RUNNING (inference)
     R1, K, S, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts,
     Hyper,                         # [6] see HYPER_FIELDS (eps, for FROM_RUNNING)
-    stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
-    stride_y_r0, stride_y_r1, stride_y_g, stride_y_k,
-    stride_z_r0, stride_z_r1, stride_z_g, stride_z_k,
+    stride_x, stride_y, stride_z,
     HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, HAS_CENTRE: tl.constexpr,
     HAS_OFFSET: tl.constexpr, KEEP_STATS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
@@ -560,7 +550,7 @@ def bn_apply_kernel(
                 tl.store(Centre + bc, mean)
                 tl.store(Rstd + bc, rstd)
     else:
-        mean = load_centre(Centre, X, bc, bc_mask, K, stride_x_g, stride_x_k, ACC, HAS_CENTRE,
+        mean = load_centre(Centre, X, bc, bc_mask, K, stride_x, ACC, HAS_CENTRE,
                            HAS_GROUPS, CHANNELS_FAST)
         scale, shift = channel_coefficients(Offset, Rstd, Weight, Bias, PreScale, PreShift, bc, bc_mask,
                                             K, ACC, HAS_OFFSET, HAS_WEIGHT, HAS_BIAS, HAS_PRE_AFFINE,
@@ -573,9 +563,7 @@ def bn_apply_kernel(
         for i in range(0, n_a):
             apply_tile(X, Y, Residual, a_last - i * BLOCK_A, b_last - j * BLOCK_B, a_end, b_end,
                        s_fixed, mean, scale, shift, R1, K,
-                       stride_x_r0, stride_x_r1, stride_x_g, stride_x_k,
-                       stride_y_r0, stride_y_r1, stride_y_g, stride_y_k,
-                       stride_z_r0, stride_z_r1, stride_z_g, stride_z_k, ACC, HAS_GROUPS,
+                       stride_x, stride_y, stride_z, ACC, HAS_GROUPS,
                        CHANNELS_FAST, INT64, HAS_RESIDUAL, RELU, ROWS_FLAT, ALIGN, BLOCK_A,
                        BLOCK_B)
 
@@ -591,9 +579,7 @@ def bn_fused_forward_kernel(
     R1, K, A, B,
     Hyper,                         # [6] see HYPER_FIELDS
     Counter,                       # [1] int32 zero (COUNT_BATCH); left zero
-    stride_x_r0, stride_x_r1, stride_x_k,
-    stride_y_r0, stride_y_r1, stride_y_k,
-    stride_z_r0, stride_z_r1, stride_z_k,
+    stride_x, stride_y, stride_z,
     CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADJUST: tl.constexpr,
@@ -608,9 +594,8 @@ def bn_fused_forward_kernel(
         tl.program_id(0), tl.num_programs(0), 1, A, B, A, B, BLOCK_B, CHANNELS_FAST,
         INT64 and not CHANNELS_FAST, 1)  # channels fast: one part, channel tiles << 2**31
     a, b, b_mask, mask = tile_indices(a_begin, b_begin, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
-    x_offs = tile_offsets(a, b, s_fixed, R1, K, stride_x_r0, stride_x_r1, 0, stride_x_k,
-                          False, CHANNELS_FAST, False, 1)
-    pivot = load_pivot(X, b, b_mask, s_fixed, K, 0, stride_x_k, ACC, False, CHANNELS_FAST)
+    x_offs = tile_offsets(a, b, s_fixed, R1, K, stride_x, False, CHANNELS_FAST, False, 1)
+    pivot = load_pivot(X, b, b_mask, s_fixed, K, stride_x, ACC, False, CHANNELS_FAST)
     centred = tl.load(X + x_offs, mask=mask, other=0.0).to(ACC) - pivot  # x - centre
     total, m2, n = tile_moments(centred, mask)
     if CHANNELS_FAST:
@@ -640,9 +625,7 @@ def bn_fused_forward_kernel(
     if CHANNELS_FAST:
         scale = scale[None, :]
         shift = shift[None, :]
-    y_offs = tile_offsets(a, b, s_fixed, R1, K, stride_y_r0, stride_y_r1, 0, stride_y_k,
-                          False, CHANNELS_FAST, False, 1)
-    z_offs = tile_offsets(a, b, s_fixed, R1, K, stride_z_r0, stride_z_r1, 0, stride_z_k,
-                          False, CHANNELS_FAST, False, 1)
+    y_offs = tile_offsets(a, b, s_fixed, R1, K, stride_y, False, CHANNELS_FAST, False, 1)
+    z_offs = tile_offsets(a, b, s_fixed, R1, K, stride_z, False, CHANNELS_FAST, False, 1)
     y = apply_activation(centred * scale + shift, Residual, z_offs, mask, HAS_RESIDUAL, RELU, "")
     tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=mask)

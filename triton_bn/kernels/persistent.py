@@ -88,9 +88,7 @@ def bn_persistent_forward_kernel(
     RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd,
     R1, K, A, B, a_chunk, b_chunk, B_count, n_channel_tiles, n_b_parts,
     Hyper,                         # [6] see forward.HYPER_FIELDS
-    stride_x_r0, stride_x_r1, stride_x_k,
-    stride_y_r0, stride_y_r1, stride_y_k,
-    stride_z_r0, stride_z_r1, stride_z_k,
+    stride_x, stride_y, stride_z,
     CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADJUST: tl.constexpr,
@@ -110,10 +108,9 @@ def bn_persistent_forward_kernel(
     a, b, b_mask, mask = tile_indices(a_begin, b_begin, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
     # the pivot is each channel's first element, the same in every part (see load_pivot)
     b_first = b_begin + tl.arange(0, BLOCK_B)
-    pivot = load_pivot(X, b_first, b_first < b_end, s_fixed, K, 0, stride_x_k, ACC, False,
+    pivot = load_pivot(X, b_first, b_first < b_end, s_fixed, K, stride_x, ACC, False,
                        CHANNELS_FAST)
-    x_offs = tile_offsets(a, b, s_fixed, R1, K, stride_x_r0, stride_x_r1, 0, stride_x_k,
-                          False, CHANNELS_FAST, False, 1)
+    x_offs = tile_offsets(a, b, s_fixed, R1, K, stride_x, False, CHANNELS_FAST, False, 1)
     centred = tl.load(X + x_offs, mask=mask, other=0.0).to(ACC) - pivot  # x - centre, kept
     if CHANNELS_FAST:
         c = b_first
@@ -171,10 +168,8 @@ def bn_persistent_forward_kernel(
         else:
             scale = tl.sum(scale, 0)  # the one channel's values as scalars
             shift = tl.sum(shift, 0)
-        y_offs = tile_offsets(a, b, s_fixed, R1, K, stride_y_r0, stride_y_r1, 0, stride_y_k,
-                              False, CHANNELS_FAST, False, 1)
-        z_offs = tile_offsets(a, b, s_fixed, R1, K, stride_z_r0, stride_z_r1, 0, stride_z_k,
-                              False, CHANNELS_FAST, False, 1)
+        y_offs = tile_offsets(a, b, s_fixed, R1, K, stride_y, False, CHANNELS_FAST, False, 1)
+        z_offs = tile_offsets(a, b, s_fixed, R1, K, stride_z, False, CHANNELS_FAST, False, 1)
         y = apply_activation(centred * scale + shift, Residual, z_offs, mask, HAS_RESIDUAL, RELU,
                              "")
         tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=mask)
@@ -215,11 +210,7 @@ def bn_persistent_backward_kernel(
     Weight, Bias, PreScale, PreShift,  # [K] gamma, beta (RELU only), pre-gamma affine (HAS_PRE_AFFINE)
     DWeight, DBias,                # [K] out
     R1, K, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts, n,
-    stride_x_r0, stride_x_r1, stride_x_k,
-    stride_dy_r0, stride_dy_r1, stride_dy_k,
-    stride_z_r0, stride_z_r1, stride_z_k,
-    stride_dx_r0, stride_dx_r1, stride_dx_k,
-    stride_dz_r0, stride_dz_r1, stride_dz_k,
+    stride_x, stride_dy, stride_z, stride_dx, stride_dz,
     CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     HAS_CENTRE: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
@@ -247,7 +238,7 @@ def bn_persistent_backward_kernel(
         c = s_fixed + tl.arange(0, 1)  # the channel as a vector (sum_parts), and as a scalar
         c_mask = c < K
         cs = s_fixed
-    pivot = load_centre(Centre, X, cs, c_mask, K, 0, stride_x_k, ACC, HAS_CENTRE, False,
+    pivot = load_centre(Centre, X, cs, c_mask, K, stride_x, ACC, HAS_CENTRE, False,
                         CHANNELS_FAST)
     mean = batch_mean(pivot, Offset, cs, c_mask, ACC, HAS_OFFSET, CHANNELS_FAST)  # sums about it
     scale, shift = channel_coefficients(Offset, Rstd, Weight, Bias, PreScale, PreShift, cs, c_mask, K,
@@ -255,8 +246,7 @@ def bn_persistent_backward_kernel(
                                         CHANNELS_FAST)
     x, g = load_x_and_gated_dy(
         X, DY, Residual, a, b, s_fixed, mask, pivot, scale, shift, R1, K,
-        stride_x_r0, stride_x_r1, 0, stride_x_k, stride_dy_r0, stride_dy_r1, 0, stride_dy_k,
-        stride_z_r0, stride_z_r1, 0, stride_z_k, ACC, False, CHANNELS_FAST, HAS_RESIDUAL, RELU,
+        stride_x, stride_dy, stride_z, ACC, False, CHANNELS_FAST, HAS_RESIDUAL, RELU,
         False, "", 1)
     xm = tl.where(mask, x - mean, 0.0)
     # the sums' rows: x - m only where m has an error (see backward.py's docstring)
@@ -297,11 +287,9 @@ def bn_persistent_backward_kernel(
             coef_b = tl.sum(coef_b, 0)
             coef_c = tl.sum(coef_c, 0)
         if WRITE_DRESIDUAL:
-            dz_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dz_r0, stride_dz_r1, 0,
-                                   stride_dz_k, False, CHANNELS_FAST, False, 1)
+            dz_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dz, False, CHANNELS_FAST, False, 1)
             tl.store(DResidual + dz_offs, g.to(DResidual.dtype.element_ty), mask=mask)
         if WRITE_DX:
             dx = scale * g + coef_b * xm + coef_c
-            dx_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dx_r0, stride_dx_r1, 0,
-                                   stride_dx_k, False, CHANNELS_FAST, False, 1)
+            dx_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dx, False, CHANNELS_FAST, False, 1)
             tl.store(DX + dx_offs, dx.to(DX.dtype.element_ty), mask=mask)
