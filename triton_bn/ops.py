@@ -300,8 +300,7 @@ def _launch_apply(fw: _Forward, relu: bool, weight=None, bias=None, pre_scale=No
     st = _memo_get(memo, "apply")
     if st is None:
         st = _memo_put(memo, "apply", _Static(
-            (geo.R1, geo.K, geo.S, plan.A, plan.B, plan.a_chunk, plan.b_chunk,
-             plan.n_channel_tiles, plan.n_b_parts), dict(
+            (plan.sizes(geo),), dict(
                 HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=fw.int64, RELU=relu,
                 BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B),
             (geo, plan, fw.int64, relu, hyper is None, _dtypes(tensors)), plan.num_warps))
@@ -334,8 +333,7 @@ def _launch_stats(fw: _Forward, plan: tuning.TilePlan, state=None, memo: Optiona
     st = _memo_get(memo, "stats")
     if st is None:
         st = _memo_put(memo, "stats", _Static(
-            (geo.R1, geo.K, geo.S, plan.A, plan.B, plan.a_chunk, plan.b_chunk,
-             plan.n_channel_tiles, plan.n_b_parts, st_x), dict(
+            (plan.sizes(geo), st_x), dict(
                 HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=fw.int64, **flags,
                 BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B, BLOCK_C=_finalize_width(geo),
                 BLOCK_P=finalize_parts(plan.n_parts)),
@@ -561,8 +559,7 @@ class InferencePlan:
                                INT64=_needs_int64(geo), RELU=relu, BLOCK_A=plan.BLOCK_A,
                                BLOCK_B=plan.BLOCK_B)
         self.num_warps = plan.num_warps
-        self.ints = (geo.R1, geo.K, geo.S, plan.A, plan.B, plan.a_chunk, plan.b_chunk,
-                     plan.n_channel_tiles, plan.n_b_parts)
+        self.ints = (plan.sizes(geo),)
         st = geo.strides
         self.strides = (st[0], st[1], st[2] if residual is not None else st[0])
 
@@ -677,8 +674,7 @@ def _launch_grad_reduce(bw: _Backward, plan, saved: _Saved, relu, finalize=None,
     st = _memo_get(memo, "grad_reduce")
     if st is None:
         st = _memo_put(memo, "grad_reduce", _Static(
-            (geo.R1, geo.K, geo.S, plan.A, plan.B, plan.a_chunk, plan.b_chunk,
-             plan.n_channel_tiles, plan.n_b_parts, st_x, st_dy, st_z), dict(
+            (plan.sizes(geo), st_x, st_dy, st_z), dict(
                 HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, RELU=relu,
                 TRAINING=training, BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B,
                 BLOCK_C=_finalize_width(geo), BLOCK_P=finalize_parts(plan.n_parts)),
@@ -713,8 +709,7 @@ def _launch_grad_apply(bw: _Backward, saved: _Saved, coef_b, coef_c, training, r
     st = _memo_get(memo, "grad_apply")
     if st is None:
         st = _memo_put(memo, "grad_apply", _Static(
-            (geo.R1, geo.K, geo.S, ap.A, ap.B, ap.a_chunk, ap.b_chunk, ap.n_channel_tiles,
-             ap.n_b_parts, st_x, st_dy, st_z, st_dx, st_dz), dict(
+            (ap.sizes(geo), st_x, st_dy, st_z, st_dx, st_dz), dict(
                 HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, RELU=relu,
                 TRAINING=training, BLOCK_A=ap.BLOCK_A, BLOCK_B=ap.BLOCK_B),
             (geo, ap, bw.int64, relu, training, _dtypes(head)), ap.num_warps))

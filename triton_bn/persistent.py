@@ -228,8 +228,7 @@ def forward(fw, state, relu: bool) -> bool:
         part_m2 = torch.empty_like(part_sum)
         xs, ys, zs, st_x, st_y, st_z = fw.views()
         return (xs, ys, zs, part_sum, part_m2, barrier_counter(fw.x.device), fw.offset, fw.rstd,
-                *tensors, geo.R1, geo.K, t.A, t.B, t.a_chunk, t.b_chunk,
-                t.b_extent, t.n_channel_tiles, t.n_b_parts, hyper,
+                *tensors, t.sizes(geo), t.b_extent, hyper,
                 st_x, st_y, st_z)
 
     kw = dict(CHANNELS_FAST=geo.channels_fast, INT64=fw.int64, RELU=relu, BLOCK_A=t.BLOCK_A,
@@ -262,9 +261,7 @@ def backward(bw, saved, dweight, dbias, training: bool, relu: bool) -> bool:
         parts = torch.empty(grad_parts_shape(t.n_parts, geo.S), device=x.device,
                             dtype=saved.rstd.dtype)
         return (xs, dys, zs, dxs, dzs, parts, barrier_counter(x.device),
-                *saved.args(), dweight, dbias, geo.R1, geo.K, t.A, t.B, t.a_chunk,
-                t.b_chunk, t.n_channel_tiles, t.n_b_parts, geo.R,
-                *strides)
+                *saved.args(), dweight, dbias, t.sizes(geo), geo.R, *strides)
 
     kw = dict(CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, RELU=relu, BLOCK_A=t.BLOCK_A,
               BLOCK_B=t.BLOCK_B, BLOCK_P=BLOCK_P, num_warps=t.num_warps)

@@ -72,6 +72,12 @@ class TilePlan:
         """Reduction extent along b (1 in the channels-fast orientation)."""
         return 1 if self.n_b_parts == 1 and self.b_chunk == 1 else self.B
 
+    def sizes(self, geo) -> tuple:
+        """The split kernels' ``sizes`` argument (kernels/common.SIZE_FIELDS) for this plan of
+        ``geo`` (a layout.Geometry)."""
+        return (geo.R1, geo.K, geo.S, self.A, self.B, self.a_chunk, self.b_chunk,
+                self.n_channel_tiles, self.n_b_parts)
+
 
 @dataclass(frozen=True)
 class Knobs:

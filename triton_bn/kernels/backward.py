@@ -189,7 +189,7 @@ def bn_backward_reduce_kernel(
     Offset, Rstd,                  # [S] fp32 forward statistics: mean - centre (HAS_OFFSET), 1/std
     Weight, Bias, PreScale, PreShift,  # [K] gamma, beta (RELU only), pre-gamma affine (HAS_PRE_AFFINE)
     Parts,                         # [3, n_parts, S] fp32 out: sums of g, g * (x - m), x - m
-    R1, K, S, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts,
+    sizes,                         # see common.SIZE_FIELDS
     stride_x, stride_dy, stride_z,
     Counter,                       # [n_channel_tiles] int32 zeros (FINALIZE); left zeros
     CoefB, CoefC, DWeight, DBias, n,  # as bn_backward_finalize_kernel
@@ -209,6 +209,7 @@ def bn_backward_reduce_kernel(
     CoefB, CoefC, dgamma and dbeta (finalize_grad_channels), as bn_stats_kernel does forward: one
     launch instead of two."""
     ACC = Rstd.dtype.element_ty
+    R1, K, S, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts = sizes
     part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
         tl.program_id(0), n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST,
         INT64, ALIGN)
@@ -381,7 +382,7 @@ def bn_backward_apply_kernel(
     Offset, Rstd,                  # [S] fp32 forward statistics: mean - centre (HAS_OFFSET), 1/std
     Weight, Bias, PreScale, PreShift,  # [K] gamma, beta (RELU only), pre-gamma affine (HAS_PRE_AFFINE)
     CoefB, CoefC,                  # [S] fp32 dx coefficients (finalize_grad_channels)
-    R1, K, S, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts,
+    sizes,                         # see common.SIZE_FIELDS
     stride_x, stride_dy, stride_z, stride_dx, stride_dz,
     HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, TRAINING: tl.constexpr,
@@ -391,6 +392,7 @@ def bn_backward_apply_kernel(
     ALIGN: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     ACC = Rstd.dtype.element_ty
+    R1, K, S, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts = sizes
     part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
         tl.program_id(0), n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST,
         INT64, ALIGN)

@@ -144,6 +144,15 @@ def program_ranges(pid, n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk,
     return part, a_begin, a_end, b_begin, b_end, s_fixed
 
 
+# a split kernel's ``sizes`` argument: the strided view's (R1, K, S) and its partition's (A, B,
+# a_chunk, b_chunk, n_channel_tiles, n_b_parts); see layout.Geometry and tuning.TilePlan
+SIZE_FIELDS = ("R1", "K", "S", "A", "B", "a_chunk", "b_chunk", "n_channel_tiles", "n_b_parts")
+
+
+def _size(args, name: str) -> int:
+    return args["sizes"][SIZE_FIELDS.index(name)]
+
+
 def rows_flat(*tensors: str):
     """A ``@triton.heuristics`` value: whether, in every tensor named (by its strides'
     argument's suffix, e.g. "x" for stride_x), the channels-fast rows are one flat run:
@@ -153,8 +162,9 @@ def rows_flat(*tensors: str):
     def flat(args) -> bool:
         if not args["CHANNELS_FAST"]:
             return False  # unused: reduction-fast offsets need no division
-        return args["A"] <= args["R1"] or all(
-            args[f"stride_{t}"][0] == args["R1"] * args[f"stride_{t}"][1] for t in tensors)
+        R1 = _size(args, "R1")
+        return _size(args, "A") <= R1 or all(
+            args[f"stride_{t}"][0] == R1 * args[f"stride_{t}"][1] for t in tensors)
     return flat
 
 
@@ -169,7 +179,7 @@ def rows_aligned(*tensors: str):
     def align(args) -> int:
         if args["CHANNELS_FAST"]:
             return 1
-        values = [args["R1"], args["b_chunk"]]
+        values = [_size(args, "R1"), _size(args, "b_chunk")]
         for t in tensors:
             r0, r1, g, k = args[f"stride_{t}"]
             if r1 != 1:

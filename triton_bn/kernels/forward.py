@@ -231,7 +231,7 @@ def bn_stats_kernel(
     X,                    # activation, addressed through its strides
     PartSum, PartM2,      # [n_parts, S] out: per-part sum of (x - Pivot) and M2 of each channel
     Pivot,                # [S] out (STORE_PIVOT): the sample each channel's sums are relative to
-    R1, K, S, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts,
+    sizes,                         # see common.SIZE_FIELDS
     stride_x,
     Counter,              # [n_channel_tiles + 1] int32 zeros (FINALIZE); left zeros
     Offset, Rstd,         # [S] out (FINALIZE): batch mean - pivot, 1/std
@@ -264,6 +264,7 @@ def bn_stats_kernel(
     every channel. COUNT_BATCH: the last tile to finalize adds this batch to NumBatches (after
     every tile has read it)."""
     ACC = PartSum.dtype.element_ty
+    R1, K, S, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts = sizes
     part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
         tl.program_id(0), n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST,
         INT64, ALIGN)
@@ -511,7 +512,7 @@ def bn_apply_kernel(
     Weight, Bias,                  # [K] gamma, beta
     PreScale, PreShift,                # [K] the pre-gamma affine (HAS_PRE_AFFINE: renorm, adjustment)
     RunMean, RunVar,               # [K] for FROM_RUNNING (inference)
-    R1, K, S, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts,
+    sizes,                         # see common.SIZE_FIELDS
     Hyper,                         # [6] see HYPER_FIELDS (eps, for FROM_RUNNING)
     stride_x, stride_y, stride_z,
     HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
@@ -527,6 +528,7 @@ def bn_apply_kernel(
         ACC = Hyper.dtype.element_ty
     else:
         ACC = Rstd.dtype.element_ty
+    R1, K, S, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts = sizes
     part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
         tl.program_id(0), n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST,
         INT64, ALIGN)

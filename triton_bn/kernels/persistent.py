@@ -86,7 +86,8 @@ def bn_persistent_forward_kernel(
     Offset, Rstd,                  # [K] out: batch mean - centre (x's pivot), 1/std
     Weight, Bias, AdjScale, AdjBias, PreScale, PreShift,
     RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd,
-    R1, K, A, B, a_chunk, b_chunk, B_count, n_channel_tiles, n_b_parts,
+    sizes,                         # see common.SIZE_FIELDS (S == K: no ghost batches)
+    B_count,
     Hyper,                         # [6] see forward.HYPER_FIELDS
     stride_x, stride_y, stride_z,
     CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
@@ -102,6 +103,7 @@ def bn_persistent_forward_kernel(
     reduction fast, b_chunk == BLOCK_B: a program's share is exactly one tile."""
     ACC = Offset.dtype.element_ty
     pid = tl.program_id(0)
+    R1, K, _, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts = sizes
     part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
         pid, n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST, INT64, 1)
     n_parts = tl.num_programs(0) // n_channel_tiles
@@ -209,7 +211,8 @@ def bn_persistent_backward_kernel(
     Offset, Rstd,                  # [K] fp32 forward statistics: mean - centre (HAS_OFFSET), 1/std
     Weight, Bias, PreScale, PreShift,  # [K] gamma, beta (RELU only), pre-gamma affine (HAS_PRE_AFFINE)
     DWeight, DBias,                # [K] out
-    R1, K, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts, n,
+    sizes,                         # see common.SIZE_FIELDS (S == K: no ghost batches)
+    n,
     stride_x, stride_dy, stride_z, stride_dx, stride_dz,
     CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
@@ -226,6 +229,7 @@ def bn_persistent_backward_kernel(
     dgamma and dbeta. The maths is bn_fused_backward_kernel's (see backward.py)."""
     ACC = Rstd.dtype.element_ty
     pid = tl.program_id(0)
+    R1, K, _, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts = sizes
     part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
         pid, n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST, INT64, 1)
     n_parts = tl.num_programs(0) // n_channel_tiles
