@@ -130,9 +130,55 @@ class _Static:
 
     __slots__ = ("ints", "constexprs", "key", "num_warps")
 
-    def __init__(self, ints: tuple, constexprs: dict, key: tuple, num_warps: int) -> None:
+    def __init__(self, ints: tuple, constexprs: dict, key, num_warps: int) -> None:
         self.ints, self.constexprs, self.num_warps = ints, constexprs, num_warps
         self.key = LaunchKey(key)
+
+    def launch(self, kernel, grid: tuple, per_call: tuple) -> None:
+        """kernel[grid](*per_call, *ints, **constexprs): every kernel takes the arguments that
+        change from call to call (tensors, the count n) first and the integers its call signature
+        fixes (sizes, strides) last."""
+        launch(kernel, grid, (*per_call, *self.ints), self.constexprs, num_warps=self.num_warps,
+               key=self.key)
+
+
+# Each kernel's per-call arguments, in its order, written once: bn_forward and bn_backward and
+# the planned calls (PlannedForward, PlannedBackward, InferencePlan) launch through these, by
+# keyword. ``state``: the 12 tensors of _state_args; ``saved``: the 7 of _Saved.args().
+
+def _run_stats(st: _Static, grid, *, x, part_sum, part_m2, pivot, counter, offset, rstd,
+               state, hyper) -> None:
+    st.launch(bn_stats_kernel, grid, (x, part_sum, part_m2, pivot, counter, offset, rstd, *state,
+                                      hyper))
+
+
+def _run_apply(st: _Static, grid, *, x, y, residual, centre, offset, rstd, weight, bias,
+               pre_scale, pre_shift, running_mean, running_var, hyper) -> None:
+    st.launch(bn_apply_kernel, grid, (x, y, residual, centre, offset, rstd, weight, bias, pre_scale,
+                                      pre_shift, running_mean, running_var, hyper))
+
+
+def _run_fused_forward(st: _Static, grid, *, x, y, residual, offset, rstd, state, hyper,
+                       counter) -> None:
+    st.launch(bn_fused_forward_kernel, grid, (x, y, residual, offset, rstd, *state, hyper, counter))
+
+
+def _run_grad_reduce(st: _Static, grid, *, x, dy, residual, saved, parts, counter, coef_b, coef_c,
+                     dweight, dbias, n) -> None:
+    st.launch(bn_backward_reduce_kernel, grid, (x, dy, residual, *saved, parts, counter, coef_b,
+                                                coef_c, dweight, dbias, n))
+
+
+def _run_grad_apply(st: _Static, grid, *, x, dy, residual, dx, dresidual, saved, coef_b,
+                    coef_c) -> None:
+    st.launch(bn_backward_apply_kernel, grid, (x, dy, residual, dx, dresidual, *saved, coef_b,
+                                               coef_c))
+
+
+def _run_fused_backward(st: _Static, grid, *, x, dy, residual, dx, dresidual, saved, dweight,
+                        dbias) -> None:
+    st.launch(bn_fused_backward_kernel, grid, (x, dy, residual, dx, dresidual, *saved, dweight,
+                                               dbias))
 
 
 def call_memo(root: dict) -> dict:
@@ -295,17 +341,18 @@ def _launch_apply(fw: _Forward, relu: bool, weight=None, bias=None, pre_scale=No
     plan = plan or tuning.plan_tiles(geo, "apply", fw.x.device, fw.x.dtype)
     from_running = running_mean is not None
     hyper = hyper_tensor(fw.x.device, fw.acc, eps) if from_running else None
-    tensors = (xs, ys, zs, fw.centre, fw.offset, fw.rstd, weight, bias, pre_scale, pre_shift,
-               running_mean, running_var)
     st = _memo_get(memo, "apply")
     if st is None:
+        tensors = (xs, ys, zs, fw.centre, fw.offset, fw.rstd, weight, bias, pre_scale, pre_shift,
+                   running_mean, running_var)
         st = _memo_put(memo, "apply", _Static(
-            (plan.sizes(geo),), dict(
+            (plan.sizes(geo), st_x, st_y, st_z), dict(
                 HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=fw.int64, RELU=relu,
                 BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B),
             (geo, plan, fw.int64, relu, hyper is None, _dtypes(tensors)), plan.num_warps))
-    launch(bn_apply_kernel, plan.grid, (*tensors, *st.ints, hyper, st_x, st_y, st_z),
-           st.constexprs, num_warps=st.num_warps, key=st.key)
+    _run_apply(st, plan.grid, x=xs, y=ys, residual=zs, centre=fw.centre, offset=fw.offset,
+               rstd=fw.rstd, weight=weight, bias=bias, pre_scale=pre_scale, pre_shift=pre_shift,
+               running_mean=running_mean, running_var=running_var, hyper=hyper)
 
 
 def _launch_stats(fw: _Forward, plan: tuning.TilePlan, state=None, memo: Optional[dict] = None
@@ -319,7 +366,8 @@ def _launch_stats(fw: _Forward, plan: tuning.TilePlan, state=None, memo: Optiona
         part_sum = torch.empty((plan.n_parts, geo.S), device=fw.x.device, dtype=fw.acc)
         part_m2 = torch.empty_like(part_sum)
         pivot = torch.empty(geo.S, device=fw.x.device, dtype=fw.acc)
-        finalize = (None,) * 16
+        counter = offset = rstd = hyper = None
+        tensors = (None,) * 12
         flags = dict(RENORM=RENORM_NONE, UPDATE_RUNNING=False, UNBIASED=False, CUMULATIVE=False,
                      COUNT_BATCH=False)
     else:
@@ -329,7 +377,7 @@ def _launch_stats(fw: _Forward, plan: tuning.TilePlan, state=None, memo: Optiona
                                     ((plan.n_parts, geo.S),) * 2)
         pivot = None  # the finalize reads the pivots from x
         counter = arrival_counters(fw.x.device, plan.n_channel_tiles + 1)
-        finalize = (counter, fw.offset, fw.rstd, *tensors, hyper)
+        offset, rstd = fw.offset, fw.rstd
     st = _memo_get(memo, "stats")
     if st is None:
         st = _memo_put(memo, "stats", _Static(
@@ -338,9 +386,9 @@ def _launch_stats(fw: _Forward, plan: tuning.TilePlan, state=None, memo: Optiona
                 BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B, BLOCK_C=_finalize_width(geo),
                 BLOCK_P=finalize_parts(plan.n_parts)),
             (geo, plan, fw.int64, tuple(flags.values()), xs.dtype, pivot is None,
-             _dtypes(finalize)), plan.num_warps))
-    launch(bn_stats_kernel, plan.grid, (xs, part_sum, part_m2, pivot, *st.ints, *finalize),
-           st.constexprs, num_warps=st.num_warps, key=st.key)
+             _dtypes((counter, offset, rstd, *tensors, hyper))), plan.num_warps))
+    _run_stats(st, plan.grid, x=xs, part_sum=part_sum, part_m2=part_m2, pivot=pivot,
+               counter=counter, offset=offset, rstd=rstd, state=tensors, hyper=hyper)
     return part_sum, part_m2, pivot
 
 
@@ -515,16 +563,14 @@ def bn_forward(
         st = _memo_get(memo, "fused_forward")
         if st is None:
             st = _memo_put(memo, "fused_forward", _Static(
-                (st_x, st_y, st_z),
+                (geo.R1, geo.K, plan.A, plan.B, st_x, st_y, st_z),
                 dict(CHANNELS_FAST=geo.channels_fast, INT64=fw.int64, RELU=relu, **flags,
                      BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B),
                 (geo, plan, fw.int64, relu, tuple(flags.values()),
                  _dtypes((xs, ys, zs, *tensors))), plan.num_warps))
-        launch(bn_fused_forward_kernel, plan.grid, (
-            xs, ys, zs, fw.offset, fw.rstd, *tensors,
-            geo.R1, geo.K, plan.A, plan.B, hyper,
-            arrival_counters(x.device, 1) if flags["COUNT_BATCH"] else None, *st.ints),
-            st.constexprs, num_warps=st.num_warps, key=st.key)
+        _run_fused_forward(st, plan.grid, x=xs, y=ys, residual=zs, offset=fw.offset, rstd=fw.rstd,
+                           state=tensors, hyper=hyper,
+                           counter=arrival_counters(x.device, 1) if flags["COUNT_BATCH"] else None)
     else:
         _launch_stats(fw, plan, state, memo)  # its last programs finalize
         _launch_apply(fw, relu, weight, bias, pre_scale, pre_shift, plan=plan, memo=memo)
@@ -541,7 +587,7 @@ class InferencePlan:
     that the slow path has validated; ``run`` then only allocates y and launches (the layers use
     it when nothing needs a gradient, see modules.py)."""
 
-    __slots__ = ("geo", "plan", "hyper", "relu", "constexprs", "num_warps", "ints", "strides")
+    __slots__ = ("grid", "hyper", "static")
 
     def __init__(self, x, residual, running_mean, eps: float, relu: bool) -> None:
         y = torch.empty_like(x, memory_format=torch.preserve_format)
@@ -549,26 +595,23 @@ class InferencePlan:
         geo = plan_geometry(x.shape, [t.stride() for t in active], (1,), 1)
         if geo is not None:
             geo = tuning.orient(geo, x.device)
-        self.geo = geo
         if geo is None or x.numel() == 0:
             raise ValueError("a layout that needs a copy, or an empty input: not planned")
-        self.plan = plan = tuning.plan_tiles(geo, "apply", x.device, x.dtype)
+        plan = tuning.plan_tiles(geo, "apply", x.device, x.dtype)
+        self.grid = plan.grid
         self.hyper = hyper_tensor(x.device, acc_dtype(x.dtype), eps)
-        self.relu = relu
-        self.constexprs = dict(HAS_GROUPS=False, CHANNELS_FAST=geo.channels_fast,
-                               INT64=_needs_int64(geo), RELU=relu, BLOCK_A=plan.BLOCK_A,
-                               BLOCK_B=plan.BLOCK_B)
-        self.num_warps = plan.num_warps
-        self.ints = (plan.sizes(geo),)
         st = geo.strides
-        self.strides = (st[0], st[1], st[2] if residual is not None else st[0])
+        # the key: this plan itself (its layer's call signature fixes every other argument)
+        self.static = _Static(
+            (plan.sizes(geo), st[0], st[1], st[2] if residual is not None else st[0]),
+            dict(HAS_GROUPS=False, CHANNELS_FAST=geo.channels_fast, INT64=_needs_int64(geo),
+                 RELU=relu, BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B), self, plan.num_warps)
 
     def run(self, x, residual, weight, bias, running_mean, running_var) -> torch.Tensor:
         y = torch.empty_like(x, memory_format=torch.preserve_format)
-        launch(bn_apply_kernel, self.plan.grid, (
-            x, y, residual, None, None, None, weight, bias, None, None, running_mean, running_var,
-            *self.ints, self.hyper, *self.strides), self.constexprs, key=self,
-            num_warps=self.num_warps)
+        _run_apply(self.static, self.grid, x=x, y=y, residual=residual, centre=None, offset=None,
+                   rstd=None, weight=weight, bias=bias, pre_scale=None, pre_shift=None,
+                   running_mean=running_mean, running_var=running_var, hyper=self.hyper)
         return y
 
 
@@ -661,16 +704,16 @@ def _launch_grad_reduce(bw: _Backward, plan, saved: _Saved, relu, finalize=None,
     (xs, dys, zs, _, _), (st_x, st_dy, st_z, _, _) = bw.views()
     training = True
     if finalize is None:
-        parts = torch.empty(grad_parts_shape(plan.n_parts, geo.S), device=xs.device, dtype=saved.rstd.dtype)
-        tail = (None,) * 6  # Counter, CoefB, CoefC, DWeight, DBias, n
-        coefs = None
+        parts = torch.empty(grad_parts_shape(plan.n_parts, geo.S), device=xs.device,
+                            dtype=saved.rstd.dtype)
+        counter = coefs = dweight = dbias = n = None
     else:
         dweight, dbias, training = finalize
         # parts and the dx coefficients live until the dx kernel of this call has read them
         parts, *coefs = scratch(memo, "grad_parts", xs.device, saved.rstd.dtype,
                                 (grad_parts_shape(plan.n_parts, geo.S),) + ((geo.S,),) * 2)
-        tail = (arrival_counters(xs.device, plan.n_channel_tiles), *coefs, dweight, dbias, geo.R)
-    head = (xs, dys, zs, *saved.args())
+        counter, n = arrival_counters(xs.device, plan.n_channel_tiles), geo.R
+    coef_b, coef_c = coefs or (None, None)
     st = _memo_get(memo, "grad_reduce")
     if st is None:
         st = _memo_put(memo, "grad_reduce", _Static(
@@ -678,10 +721,12 @@ def _launch_grad_reduce(bw: _Backward, plan, saved: _Saved, relu, finalize=None,
                 HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, RELU=relu,
                 TRAINING=training, BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B,
                 BLOCK_C=_finalize_width(geo), BLOCK_P=finalize_parts(plan.n_parts)),
-            (geo, plan, bw.int64, relu, training, _dtypes((*head, *tail[:-1]))),
+            (geo, plan, bw.int64, relu, training,
+             _dtypes((xs, dys, zs, *saved.args(), counter, coef_b, coef_c, dweight, dbias))),
             plan.num_warps))
-    launch(bn_backward_reduce_kernel, plan.grid, (*head, parts, *st.ints, *tail),
-           st.constexprs, num_warps=st.num_warps, key=st.key)
+    _run_grad_reduce(st, plan.grid, x=xs, dy=dys, residual=zs, saved=saved.args(), parts=parts,
+                     counter=counter, coef_b=coef_b, coef_c=coef_c, dweight=dweight, dbias=dbias,
+                     n=n)
     return coefs if finalize is not None else parts
 
 
@@ -705,16 +750,16 @@ def _launch_grad_apply(bw: _Backward, saved: _Saved, coef_b, coef_c, training, r
     geo = bw.geo
     (xs, dys, zs, dxs, dzs), (st_x, st_dy, st_z, st_dx, st_dz) = bw.views()
     ap = plan or tuning.plan_tiles(geo, "apply", xs.device, xs.dtype)
-    head = (xs, dys, zs, dxs, dzs, *saved.args())
     st = _memo_get(memo, "grad_apply")
     if st is None:
         st = _memo_put(memo, "grad_apply", _Static(
             (ap.sizes(geo), st_x, st_dy, st_z, st_dx, st_dz), dict(
                 HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, RELU=relu,
                 TRAINING=training, BLOCK_A=ap.BLOCK_A, BLOCK_B=ap.BLOCK_B),
-            (geo, ap, bw.int64, relu, training, _dtypes(head)), ap.num_warps))
-    launch(bn_backward_apply_kernel, ap.grid, (*head, coef_b, coef_c, *st.ints), st.constexprs,
-           num_warps=st.num_warps, key=st.key)
+            (geo, ap, bw.int64, relu, training, _dtypes((xs, dys, zs, dxs, dzs, *saved.args()))),
+            ap.num_warps))
+    _run_grad_apply(st, ap.grid, x=xs, dy=dys, residual=zs, dx=dxs, dresidual=dzs,
+                    saved=saved.args(), coef_b=coef_b, coef_c=coef_c)
 
 
 def bn_backward(
@@ -779,8 +824,8 @@ def bn_backward(
                 dict(CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, RELU=relu, TRAINING=training,
                      BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B),
                 (geo, plan, bw.int64, relu, training, _dtypes(head)), plan.num_warps))
-        launch(bn_fused_backward_kernel, plan.grid, (*head, *st.ints), st.constexprs,
-               num_warps=st.num_warps, key=st.key)
+        _run_fused_backward(st, plan.grid, x=xs, dy=dys, residual=zs, dx=dxs, dresidual=dzs,
+                            saved=saved.args(), dweight=dweight, dbias=dbias)
     elif not (need_dx or need_dweight or need_dbias):  # the ReLU gate alone (functional's
         if bw.write_dres and x.numel():             # _ReluGateFunction): no reduction
             _launch_grad_apply(bw, saved, saved.rstd, saved.rstd, training, relu)  # coefs unused
@@ -832,28 +877,24 @@ def backward_memo(memo: dict, dy: torch.Tensor, relu: bool, has_residual: bool, 
 class PlannedForward:
     """A training forward (split path or single pass) planned by an earlier call of its layer
     and call signature through ``bn_forward`` (it is kept in that layer's memo): ``run`` only
-    allocates what the call returns and launches the kernels bn_forward launched, with the same
-    arguments, built from the same memoized parts (tests/probes/direct_launch.py compares the
-    two argument lists launch for launch). No adjustment, no Keras renorm state, no copied
-    layout, not synchronized: those calls keep taking bn_forward."""
+    allocates what the call returns and launches the kernels bn_forward launched, through the same
+    ``_run_*`` functions with the same memoized ``_Static`` parts (tests/probes/direct_launch.py
+    compares the two argument lists launch for launch). No adjustment, no Keras renorm state, no
+    copied layout, not synchronized: those calls keep taking bn_forward."""
 
-    __slots__ = ("S", "K", "acc", "pre_affine", "grid", "memo", "launches", "head", "tail",
-                 "parts", "counters")
+    __slots__ = ("S", "K", "acc", "pre_affine", "grid", "memo", "launches", "hyper", "parts",
+                 "counters")
 
     def __init__(self, fw: _Forward, plan: tuning.TilePlan, hyper, flags: dict, pre_affine: bool,
                  memo: dict) -> None:
         geo = fw.geo
         self.S, self.K, self.acc, self.pre_affine = geo.S, geo.K, fw.acc, pre_affine
-        self.grid, self.memo = plan.grid, memo
+        self.grid, self.memo, self.hyper = plan.grid, memo, hyper
         if plan.fused:
             self.launches = (memo["fused_forward"],)
-            self.head = (geo.R1, geo.K, plan.A, plan.B, hyper)
             self.counters = 1 if flags["COUNT_BATCH"] else 0
         else:
             self.launches = (memo["stats"], memo["apply"])
-            _, _, _, st_x, st_y, st_z = fw.views()
-            self.head = (hyper,)
-            self.tail = (None, st_x, st_y, st_z)  # the apply's hyper (None) and strides
             self.parts = ((plan.n_parts, geo.S),) * 2
             self.counters = plan.n_channel_tiles + 1
 
@@ -867,25 +908,22 @@ class PlannedForward:
         if self.pre_affine:
             pre_scale = torch.empty(self.K, device=device, dtype=acc)
             pre_shift = torch.empty(self.K, device=device, dtype=acc)
-        tensors = (weight, bias, None, None, pre_scale, pre_shift, running_mean, running_var,
-                   num_batches_tracked, None, None, None)
+        state = (weight, bias, None, None, pre_scale, pre_shift, running_mean, running_var,
+                 num_batches_tracked, None, None, None)
         if len(self.launches) == 1:
-            st = self.launches[0]
             counter = arrival_counters(device, 1) if self.counters else None
-            launch(bn_fused_forward_kernel, self.grid, (
-                x, y, residual, offset, rstd, *tensors, *self.head, counter, *st.ints),
-                st.constexprs, num_warps=st.num_warps, key=st.key)
+            _run_fused_forward(self.launches[0], self.grid, x=x, y=y, residual=residual,
+                               offset=offset, rstd=rstd, state=state, hyper=self.hyper,
+                               counter=counter)
         else:
             stats, apply = self.launches
             part_sum, part_m2 = scratch(self.memo, "stats_parts", device, acc, self.parts)
-            launch(bn_stats_kernel, self.grid, (
-                x, part_sum, part_m2, None, *stats.ints, arrival_counters(device, self.counters),
-                offset, rstd, *tensors, *self.head),
-                stats.constexprs, num_warps=stats.num_warps, key=stats.key)
-            launch(bn_apply_kernel, self.grid, (
-                x, y, residual, None, offset, rstd, weight, bias, pre_scale, pre_shift, None, None,
-                *apply.ints, *self.tail), apply.constexprs, num_warps=apply.num_warps,
-                key=apply.key)
+            _run_stats(stats, self.grid, x=x, part_sum=part_sum, part_m2=part_m2, pivot=None,
+                       counter=arrival_counters(device, self.counters), offset=offset, rstd=rstd,
+                       state=state, hyper=self.hyper)
+            _run_apply(apply, self.grid, x=x, y=y, residual=residual, centre=None, offset=offset,
+                       rstd=rstd, weight=weight, bias=bias, pre_scale=pre_scale,
+                       pre_shift=pre_shift, running_mean=None, running_var=None, hyper=None)
         return y, None, offset, rstd, pre_scale, pre_shift
 
 
@@ -924,20 +962,16 @@ class PlannedBackward:
             pre_scale = pre_shift = None
         saved = (centre, offset, rstd, weight, bias if relu else None, pre_scale, pre_shift)
         if len(self.launches) == 1:
-            st = self.launches[0]
-            launch(bn_fused_backward_kernel, self.grid, (
-                x, dy, residual, dx, dres_out, *saved, dweight, dbias, *st.ints),
-                st.constexprs, num_warps=st.num_warps, key=st.key)
+            _run_fused_backward(self.launches[0], self.grid, x=x, dy=dy, residual=residual, dx=dx,
+                                dresidual=dres_out, saved=saved, dweight=dweight, dbias=dbias)
         else:
             reduce, apply = self.launches
             parts, coef_b, coef_c = scratch(self.memo, "grad_parts", device, acc,
                                             self.scratch_shapes)
-            launch(bn_backward_reduce_kernel, self.grid, (
-                x, dy, residual, *saved, parts, *reduce.ints,
-                arrival_counters(device, self.counters), coef_b, coef_c, dweight, dbias, self.R),
-                reduce.constexprs, num_warps=reduce.num_warps, key=reduce.key)
+            _run_grad_reduce(reduce, self.grid, x=x, dy=dy, residual=residual, saved=saved,
+                             parts=parts, counter=arrival_counters(device, self.counters),
+                             coef_b=coef_b, coef_c=coef_c, dweight=dweight, dbias=dbias, n=self.R)
             if apply is not None:
-                launch(bn_backward_apply_kernel, self.grid, (
-                    x, dy, residual, dx, dres_out, *saved, coef_b, coef_c, *apply.ints),
-                    apply.constexprs, num_warps=apply.num_warps, key=apply.key)
+                _run_grad_apply(apply, self.grid, x=x, dy=dy, residual=residual, dx=dx,
+                                dresidual=dres_out, saved=saved, coef_b=coef_b, coef_c=coef_c)
         return dx, dweight, dbias, dres

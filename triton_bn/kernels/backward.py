@@ -76,6 +76,25 @@ def load_x_dy_keep(x_ptrs, dy_ptrs, z_ptrs, mask, mean, scale, shift, ACC: tl.co
 
 
 @triton.jit
+def saved_channel_terms(X, Centre, Offset, Rstd, Weight, Bias, PreScale, PreShift, bc, bc_mask, K,
+                        stride_x, ACC: tl.constexpr, HAS_CENTRE: tl.constexpr,
+                        HAS_OFFSET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        HAS_PRE_AFFINE: tl.constexpr, HAS_GROUPS: tl.constexpr,
+                        CHANNELS_FAST: tl.constexpr):
+    """Every backward kernel's per-channel prologue, from what the forward saved: (c, m, scale,
+    shift) of the statistic channels bc, with c the forward's centre (load_centre), m = c + o the
+    saved mean the sums are taken about (batch_mean) and the forward's scale and shift
+    (channel_coefficients, for dx and the ReLU mask)."""
+    centre = load_centre(Centre, X, bc, bc_mask, K, stride_x, ACC, HAS_CENTRE, HAS_GROUPS,
+                         CHANNELS_FAST)
+    mean = batch_mean(centre, Offset, bc, bc_mask, ACC, HAS_OFFSET, CHANNELS_FAST)
+    scale, shift = channel_coefficients(Offset, Rstd, Weight, Bias, PreScale, PreShift, bc,
+                                        bc_mask, K, ACC, HAS_OFFSET, HAS_WEIGHT, HAS_BIAS,
+                                        HAS_PRE_AFFINE, HAS_GROUPS, CHANNELS_FAST)
+    return centre, mean, scale, shift
+
+
+@triton.jit
 def load_x_and_gated_dy(X, DY, Residual, a, b, s_fixed, mask, mean, scale, shift, R1, K,
                         stride_x, stride_dy, stride_z,
                         ACC: tl.constexpr, HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr,
@@ -189,10 +208,10 @@ def bn_backward_reduce_kernel(
     Offset, Rstd,                  # [S] fp32 forward statistics: mean - centre (HAS_OFFSET), 1/std
     Weight, Bias, PreScale, PreShift,  # [K] gamma, beta (RELU only), pre-gamma affine (HAS_PRE_AFFINE)
     Parts,                         # [3, n_parts, S] fp32 out: sums of g, g * (x - m), x - m
-    sizes,                         # see common.SIZE_FIELDS
-    stride_x, stride_dy, stride_z,
     Counter,                       # [n_channel_tiles] int32 zeros (FINALIZE); left zeros
     CoefB, CoefC, DWeight, DBias, n,  # as bn_backward_finalize_kernel
+    sizes,                         # see common.SIZE_FIELDS
+    stride_x, stride_dy, stride_z,  # each (r0, r1, g, k)
     HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, ROWS_FLAT: tl.constexpr,
     ALIGN: tl.constexpr, FINALIZE: tl.constexpr, TRAINING: tl.constexpr,
@@ -218,12 +237,9 @@ def bn_backward_reduce_kernel(
     acc_xm = tl.zeros([BLOCK_A, BLOCK_B], ACC)  # HAS_OFFSET only (see the module docstring)
     for b0 in range(b_begin, b_end, BLOCK_B):
         bc, bc_mask = channel_block(b0, b_end, s_fixed, S, BLOCK_B, CHANNELS_FAST)
-        pivot = load_centre(Centre, X, bc, bc_mask, K, stride_x, ACC, HAS_CENTRE,
-                            HAS_GROUPS, CHANNELS_FAST)
-        mean = batch_mean(pivot, Offset, bc, bc_mask, ACC, HAS_OFFSET, CHANNELS_FAST)
-        scale, shift = channel_coefficients(Offset, Rstd, Weight, Bias, PreScale, PreShift, bc, bc_mask,
-                                            K, ACC, HAS_OFFSET, HAS_WEIGHT, HAS_BIAS, HAS_PRE_AFFINE,
-                                            HAS_GROUPS, CHANNELS_FAST)
+        pivot, mean, scale, shift = saved_channel_terms(
+            X, Centre, Offset, Rstd, Weight, Bias, PreScale, PreShift, bc, bc_mask, K, stride_x, ACC,
+            HAS_CENTRE, HAS_OFFSET, HAS_WEIGHT, HAS_BIAS, HAS_PRE_AFFINE, HAS_GROUPS, CHANNELS_FAST)
         a_full = a_begin
         if CHANNELS_FAST:
             # a whole channel tile: its full row tiles need no mask, only the last one does
@@ -253,21 +269,16 @@ def bn_backward_reduce_kernel(
                     acc_dy, acc_dy_xm, acc_xm = reduce_tile_at(
                         X, DY, Residual, a0, b0, a_end, b_end, s_fixed, False, pivot, mean, scale,
                         shift, acc_dy, acc_dy_xm, acc_xm, R1, K, stride_x, stride_dy, stride_z,
-                        ACC, HAS_GROUPS, CHANNELS_FAST, INT64, HAS_RESIDUAL, RELU, ROWS_FLAT, ALIGN, HAS_OFFSET,
-                        BLOCK_A, BLOCK_B)
+                        ACC, HAS_GROUPS, CHANNELS_FAST, INT64, HAS_RESIDUAL, RELU, ROWS_FLAT, ALIGN,
+                        HAS_OFFSET, BLOCK_A, BLOCK_B)
         for a0 in range(a_full, a_end, BLOCK_A):
             acc_dy, acc_dy_xm, acc_xm = reduce_tile_at(
                 X, DY, Residual, a0, b0, a_end, b_end, s_fixed, True, pivot, mean, scale, shift,
                 acc_dy, acc_dy_xm, acc_xm, R1, K, stride_x, stride_dy, stride_z, ACC, HAS_GROUPS,
                 CHANNELS_FAST, INT64, HAS_RESIDUAL, RELU, ROWS_FLAT, ALIGN, HAS_OFFSET, BLOCK_A,
                 BLOCK_B)
-    row = tl.num_programs(0) // n_channel_tiles * S  # Parts' second index: n_parts
-    store_part_sum(Parts + part * S, acc_dy, b_begin, b_end, s_fixed, CHANNELS_FAST, BLOCK_B)
-    store_part_sum(Parts + row + part * S, acc_dy_xm, b_begin, b_end, s_fixed, CHANNELS_FAST,
-                   BLOCK_B)
-    if HAS_OFFSET:
-        store_part_sum(Parts + 2 * row + part * S, acc_xm, b_begin, b_end, s_fixed,
-                       CHANNELS_FAST, BLOCK_B)
+    store_part_sums(Parts, part, tl.num_programs(0) // n_channel_tiles, S, acc_dy, acc_dy_xm,
+                    acc_xm, b_begin, b_end, s_fixed, HAS_OFFSET, CHANNELS_FAST, BLOCK_B)
     if FINALIZE:
         slot, expected, c_begin, c_end, n_parts = finalize_tile(
             tl.program_id(0), n_channel_tiles, b_begin, b_end, s_fixed, K, HAS_GROUPS,
@@ -291,6 +302,34 @@ def store_part_sum(Row, acc, b_begin, b_end, s_fixed, CHANNELS_FAST: tl.constexp
         tl.store(Row + b, total, mask=b < b_end)
     else:
         tl.store(Row + s_fixed, tl.sum(total, 0))
+
+
+@triton.jit
+def store_part_sums(Parts, part, n_parts, S, g, g_xm, xm, b_begin, b_end, s_fixed,
+                    HAS_OFFSET: tl.constexpr, CHANNELS_FAST: tl.constexpr, BLOCK_B: tl.constexpr):
+    """A part's sums of g, g * (x - m) and (HAS_OFFSET) x - m, from per-lane tiles, to its slots of
+    Parts [3, n_parts, S] (grad_parts_shape)."""
+    row = n_parts * S
+    store_part_sum(Parts + part * S, g, b_begin, b_end, s_fixed, CHANNELS_FAST, BLOCK_B)
+    store_part_sum(Parts + row + part * S, g_xm, b_begin, b_end, s_fixed, CHANNELS_FAST, BLOCK_B)
+    if HAS_OFFSET:
+        store_part_sum(Parts + 2 * row + part * S, xm, b_begin, b_end, s_fixed, CHANNELS_FAST,
+                       BLOCK_B)
+
+
+@triton.jit
+def store_tile_grads(DX, DResidual, a, b, s_fixed, mask, R1, K, stride_dx, stride_dz, g, xm, scale,
+                     coef_b, coef_c, CHANNELS_FAST: tl.constexpr, WRITE_DX: tl.constexpr,
+                     WRITE_DRESIDUAL: tl.constexpr):
+    """A tile held in registers (the single-pass and persistent kernels): the residual's gradient
+    g and dx = Scale * g + CoefB * (x - m) + CoefC."""
+    if WRITE_DRESIDUAL:
+        dz_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dz, False, CHANNELS_FAST, False, 1)
+        tl.store(DResidual + dz_offs, g.to(DResidual.dtype.element_ty), mask=mask)
+    if WRITE_DX:
+        dx = scale * g + coef_b * xm + coef_c
+        dx_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dx, False, CHANNELS_FAST, False, 1)
+        tl.store(DX + dx_offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -383,7 +422,7 @@ def bn_backward_apply_kernel(
     Weight, Bias, PreScale, PreShift,  # [K] gamma, beta (RELU only), pre-gamma affine (HAS_PRE_AFFINE)
     CoefB, CoefC,                  # [S] fp32 dx coefficients (finalize_grad_channels)
     sizes,                         # see common.SIZE_FIELDS
-    stride_x, stride_dy, stride_z, stride_dx, stride_dz,
+    stride_x, stride_dy, stride_z, stride_dx, stride_dz,  # each (r0, r1, g, k)
     HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, TRAINING: tl.constexpr,
     HAS_CENTRE: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
@@ -402,17 +441,14 @@ def bn_backward_apply_kernel(
     for j in range(0, n_b):
         b0 = b_last - j * BLOCK_B
         bc, bc_mask = channel_block(b0, b_end, s_fixed, S, BLOCK_B, CHANNELS_FAST)
-        pivot = load_centre(Centre, X, bc, bc_mask, K, stride_x, ACC, HAS_CENTRE,
-                            HAS_GROUPS, CHANNELS_FAST)
-        scale, shift = channel_coefficients(Offset, Rstd, Weight, Bias, PreScale, PreShift, bc, bc_mask,
-                                            K, ACC, HAS_OFFSET, HAS_WEIGHT, HAS_BIAS, HAS_PRE_AFFINE,
-                                            HAS_GROUPS, CHANNELS_FAST)
+        pivot, mean, scale, shift = saved_channel_terms(
+            X, Centre, Offset, Rstd, Weight, Bias, PreScale, PreShift, bc, bc_mask, K, stride_x, ACC,
+            HAS_CENTRE, HAS_OFFSET, HAS_WEIGHT, HAS_BIAS, HAS_PRE_AFFINE, HAS_GROUPS, CHANNELS_FAST)
         coef_b = load_channel_values(CoefB, bc, bc_mask, bc, ACC, CHANNELS_FAST)
         coef_c = load_channel_values(CoefC, bc, bc_mask, bc, ACC, CHANNELS_FAST)
         # t = CoefB * (x - m) + CoefC = CoefB * (x - c) + (CoefC - CoefB * (m - c)): one
         # subtraction per element, the one the ReLU mask needs anyway (m - c: per channel)
-        coef_c -= coef_b * (batch_mean(pivot, Offset, bc, bc_mask, ACC, HAS_OFFSET,
-                                       CHANNELS_FAST) - pivot)
+        coef_c -= coef_b * (mean - pivot)
         a_full = a_begin
         if CHANNELS_FAST:
             # a whole channel tile: its last row tile (the reduction's last) first, masked, then
@@ -535,7 +571,7 @@ def bn_fused_backward_kernel(
     Weight, Bias, PreScale, PreShift,  # [K] gamma, beta (RELU only), pre-gamma affine (HAS_PRE_AFFINE)
     DWeight, DBias,                # [K] out
     R1, K, A, B, n,
-    stride_x, stride_dy, stride_z, stride_dx, stride_dz,
+    stride_x, stride_dy, stride_z, stride_dx, stride_dz,  # each (r0, r1, g, k)
     CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, TRAINING: tl.constexpr,
     HAS_CENTRE: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
@@ -555,13 +591,10 @@ def bn_fused_backward_kernel(
     else:
         c = s_fixed
         c_mask = s_fixed < K
-    pivot = load_centre(Centre, X, c, c_mask, K, stride_x, ACC, HAS_CENTRE, False,
-                        CHANNELS_FAST)
-    mean = batch_mean(pivot, Offset, c, c_mask, ACC, HAS_OFFSET, CHANNELS_FAST)
+    pivot, mean, scale, shift = saved_channel_terms(
+        X, Centre, Offset, Rstd, Weight, Bias, PreScale, PreShift, c, c_mask, K, stride_x, ACC,
+        HAS_CENTRE, HAS_OFFSET, HAS_WEIGHT, HAS_BIAS, HAS_PRE_AFFINE, False, CHANNELS_FAST)
     rstd = load_channel_values(Rstd, c, c_mask, c, ACC, CHANNELS_FAST)
-    scale, shift = channel_coefficients(Offset, Rstd, Weight, Bias, PreScale, PreShift, c, c_mask, K,
-                                        ACC, HAS_OFFSET, HAS_WEIGHT, HAS_BIAS, HAS_PRE_AFFINE, False,
-                                        CHANNELS_FAST)
     x, dy = load_x_and_gated_dy(
         X, DY, Residual, a, b, s_fixed, mask, pivot, scale, shift, R1, K,
         stride_x, stride_dy, stride_z, ACC, False, CHANNELS_FAST, HAS_RESIDUAL, RELU,
@@ -587,10 +620,5 @@ def bn_fused_backward_kernel(
     if CHANNELS_FAST:
         coef_b = coef_b[None, :]
         coef_c = coef_c[None, :]
-    if WRITE_DRESIDUAL:
-        dz_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dz, False, CHANNELS_FAST, False, 1)
-        tl.store(DResidual + dz_offs, dy.to(DResidual.dtype.element_ty), mask=mask)
-    if WRITE_DX:
-        dx = scale * dy + coef_b * xm + coef_c
-        dx_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dx, False, CHANNELS_FAST, False, 1)
-        tl.store(DX + dx_offs, dx.to(DX.dtype.element_ty), mask=mask)
+    store_tile_grads(DX, DResidual, a, b, s_fixed, mask, R1, K, stride_dx, stride_dz, dy, xm, scale,
+                     coef_b, coef_c, CHANNELS_FAST, WRITE_DX, WRITE_DRESIDUAL)

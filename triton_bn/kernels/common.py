@@ -401,15 +401,3 @@ def relu_keep(x, mean, scale, shift, z_ptrs, mask, HAS_RESIDUAL: tl.constexpr, R
     else:
         return tl.full(x.shape, 1, tl.int1)
 
-
-@triton.jit
-def relu_gate(dy, x, mean, scale, shift, Residual, res_offsets, mask,
-              HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, EVICT: tl.constexpr):
-    """The gradient reaching the normalization: dy, or dy where the recomputed pre-activation > 0."""
-    if RELU:
-        z_ptrs = Residual
-        if HAS_RESIDUAL:
-            z_ptrs = Residual + res_offsets
-        dy = tl.where(relu_keep(x, mean, scale, shift, z_ptrs, mask, HAS_RESIDUAL, RELU, EVICT),
-                      dy, 0.0)
-    return dy

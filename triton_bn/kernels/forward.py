@@ -231,12 +231,12 @@ def bn_stats_kernel(
     X,                    # activation, addressed through its strides
     PartSum, PartM2,      # [n_parts, S] out: per-part sum of (x - Pivot) and M2 of each channel
     Pivot,                # [S] out (STORE_PIVOT): the sample each channel's sums are relative to
-    sizes,                         # see common.SIZE_FIELDS
-    stride_x,
     Counter,              # [n_channel_tiles + 1] int32 zeros (FINALIZE); left zeros
     Offset, Rstd,         # [S] out (FINALIZE): batch mean - pivot, 1/std
     Weight, Bias, AdjScale, AdjBias, PreScale, PreShift,  # as bn_finalize_kernel
     RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd, Hyper,
+    sizes,                # see common.SIZE_FIELDS
+    stride_x,             # (r0, r1, g, k)
     HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
     ROWS_FLAT: tl.constexpr, ALIGN: tl.constexpr, STORE_PIVOT: tl.constexpr,
     FINALIZE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -512,9 +512,9 @@ def bn_apply_kernel(
     Weight, Bias,                  # [K] gamma, beta
     PreScale, PreShift,                # [K] the pre-gamma affine (HAS_PRE_AFFINE: renorm, adjustment)
     RunMean, RunVar,               # [K] for FROM_RUNNING (inference)
-    sizes,                         # see common.SIZE_FIELDS
     Hyper,                         # [6] see HYPER_FIELDS (eps, for FROM_RUNNING)
-    stride_x, stride_y, stride_z,
+    sizes,                         # see common.SIZE_FIELDS
+    stride_x, stride_y, stride_z,  # each (r0, r1, g, k)
     HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, HAS_CENTRE: tl.constexpr,
     HAS_OFFSET: tl.constexpr, KEEP_STATS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
@@ -578,10 +578,10 @@ def bn_fused_forward_kernel(
     Offset, Rstd,                  # [K] fp32 out: batch mean - centre (x's pivot), 1/std
     Weight, Bias, AdjScale, AdjBias, PreScale, PreShift,
     RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd,
-    R1, K, A, B,
     Hyper,                         # [6] see HYPER_FIELDS
     Counter,                       # [1] int32 zero (COUNT_BATCH); left zero
-    stride_x, stride_y, stride_z,
+    R1, K, A, B,
+    stride_x, stride_y, stride_z,  # each (r0, r1, g, k)
     CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADJUST: tl.constexpr,

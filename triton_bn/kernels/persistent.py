@@ -29,14 +29,18 @@ PHASE 1 up to the barrier (partials written), PHASE 2 after it (x loaded again, 
 import triton
 import triton.language as tl
 
-from .backward import channel_grad_terms, load_x_and_gated_dy, store_param_grads
+from .backward import (
+    channel_grad_terms,
+    load_x_and_gated_dy,
+    saved_channel_terms,
+    store_param_grads,
+    store_part_sums,
+    store_tile_grads,
+)
 from .common import (
     apply_activation,
-    batch_mean,
     chan_merge,
-    channel_coefficients,
     given,
-    load_centre,
     load_pivot,
     mean_from_sum,
     program_ranges,
@@ -76,6 +80,20 @@ def grid_barrier(Bar, pid, n_programs, SPIN: tl.constexpr):
     tl.debug_barrier()  # no thread reads partials before the poll succeeded
 
 
+@triton.jit
+def program_tile(sizes, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr, BLOCK_A: tl.constexpr,
+                 BLOCK_B: tl.constexpr):
+    """A persistent program's share of the tensor, exactly one tile: (part, number of parts, b
+    range, fixed channel, the tile's indices and mask; see program_ranges, tile_indices)."""
+    R1, K, _, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts = sizes
+    part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
+        tl.program_id(0), n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B,
+        CHANNELS_FAST, INT64, 1)
+    n_parts = tl.num_programs(0) // n_channel_tiles
+    a, b, b_mask, mask = tile_indices(a_begin, b_begin, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
+    return part, n_parts, b_begin, b_end, s_fixed, a, b, b_mask, mask
+
+
 @triton.heuristics(given(HAS_RESIDUAL="Residual", HAS_WEIGHT="Weight", HAS_BIAS="Bias",
     HAS_ADJUST="AdjScale", SAVE_PRE_AFFINE="PreScale"))
 @triton.jit
@@ -89,7 +107,7 @@ def bn_persistent_forward_kernel(
     sizes,                         # see common.SIZE_FIELDS (S == K: no ghost batches)
     B_count,
     Hyper,                         # [6] see forward.HYPER_FIELDS
-    stride_x, stride_y, stride_z,
+    stride_x, stride_y, stride_z,  # each (r0, r1, g, k)
     CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADJUST: tl.constexpr,
@@ -104,10 +122,8 @@ def bn_persistent_forward_kernel(
     ACC = Offset.dtype.element_ty
     pid = tl.program_id(0)
     R1, K, _, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts = sizes
-    part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
-        pid, n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST, INT64, 1)
-    n_parts = tl.num_programs(0) // n_channel_tiles
-    a, b, b_mask, mask = tile_indices(a_begin, b_begin, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
+    part, n_parts, b_begin, b_end, s_fixed, a, b, b_mask, mask = program_tile(
+        sizes, CHANNELS_FAST, INT64, BLOCK_A, BLOCK_B)
     # the pivot is each channel's first element, the same in every part (see load_pivot)
     b_first = b_begin + tl.arange(0, BLOCK_B)
     pivot = load_pivot(X, b_first, b_first < b_end, s_fixed, K, stride_x, ACC, False,
@@ -213,7 +229,7 @@ def bn_persistent_backward_kernel(
     DWeight, DBias,                # [K] out
     sizes,                         # see common.SIZE_FIELDS (S == K: no ghost batches)
     n,
-    stride_x, stride_dy, stride_z, stride_dx, stride_dz,
+    stride_x, stride_dy, stride_z, stride_dx, stride_dz,  # each (r0, r1, g, k)
     CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     HAS_CENTRE: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
@@ -230,10 +246,8 @@ def bn_persistent_backward_kernel(
     ACC = Rstd.dtype.element_ty
     pid = tl.program_id(0)
     R1, K, _, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts = sizes
-    part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
-        pid, n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST, INT64, 1)
-    n_parts = tl.num_programs(0) // n_channel_tiles
-    a, b, b_mask, mask = tile_indices(a_begin, b_begin, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
+    part, n_parts, b_begin, b_end, s_fixed, a, b, b_mask, mask = program_tile(
+        sizes, CHANNELS_FAST, INT64, BLOCK_A, BLOCK_B)
     if CHANNELS_FAST:
         c = b_begin + tl.arange(0, BLOCK_B)
         c_mask = c < b_end
@@ -242,12 +256,9 @@ def bn_persistent_backward_kernel(
         c = s_fixed + tl.arange(0, 1)  # the channel as a vector (sum_parts), and as a scalar
         c_mask = c < K
         cs = s_fixed
-    pivot = load_centre(Centre, X, cs, c_mask, K, stride_x, ACC, HAS_CENTRE, False,
-                        CHANNELS_FAST)
-    mean = batch_mean(pivot, Offset, cs, c_mask, ACC, HAS_OFFSET, CHANNELS_FAST)  # sums about it
-    scale, shift = channel_coefficients(Offset, Rstd, Weight, Bias, PreScale, PreShift, cs, c_mask, K,
-                                        ACC, HAS_OFFSET, HAS_WEIGHT, HAS_BIAS, HAS_PRE_AFFINE, False,
-                                        CHANNELS_FAST)
+    pivot, mean, scale, shift = saved_channel_terms(  # the sums are about the mean
+        X, Centre, Offset, Rstd, Weight, Bias, PreScale, PreShift, cs, c_mask, K, stride_x, ACC,
+        HAS_CENTRE, HAS_OFFSET, HAS_WEIGHT, HAS_BIAS, HAS_PRE_AFFINE, False, CHANNELS_FAST)
     x, g = load_x_and_gated_dy(
         X, DY, Residual, a, b, s_fixed, mask, pivot, scale, shift, R1, K,
         stride_x, stride_dy, stride_z, ACC, False, CHANNELS_FAST, HAS_RESIDUAL, RELU,
@@ -256,13 +267,8 @@ def bn_persistent_backward_kernel(
     # the sums' rows: x - m only where m has an error (see backward.py's docstring)
 
     if PHASE != 2:  # 1. this part's sums to its fixed slots
-        sums = (tl.sum(g, 0), tl.sum(g * xm, 0), tl.sum(xm, 0))
-        row = n_parts * K
-        for q in tl.static_range(3 if HAS_OFFSET else 2):
-            if CHANNELS_FAST:
-                tl.store(Parts + q * row + part * K + c, sums[q], mask=c_mask)
-            else:
-                tl.store(Parts + q * row + part * K + s_fixed, tl.sum(sums[q], 0))
+        store_part_sums(Parts, part, n_parts, K, g, g * xm, xm, b_begin, b_end, s_fixed, HAS_OFFSET,
+                        CHANNELS_FAST, BLOCK_B)
     if PHASE == 0:  # 2. wait for every part
         grid_barrier(Bar, pid, tl.num_programs(0), True)
     if PHASE != 1:  # 3. add the parts in a fixed order; dx from the tiles in registers
@@ -290,10 +296,5 @@ def bn_persistent_backward_kernel(
         else:
             coef_b = tl.sum(coef_b, 0)
             coef_c = tl.sum(coef_c, 0)
-        if WRITE_DRESIDUAL:
-            dz_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dz, False, CHANNELS_FAST, False, 1)
-            tl.store(DResidual + dz_offs, g.to(DResidual.dtype.element_ty), mask=mask)
-        if WRITE_DX:
-            dx = scale * g + coef_b * xm + coef_c
-            dx_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dx, False, CHANNELS_FAST, False, 1)
-            tl.store(DX + dx_offs, dx.to(DX.dtype.element_ty), mask=mask)
+        store_tile_grads(DX, DResidual, a, b, s_fixed, mask, R1, K, stride_dx, stride_dz, g, xm,
+                         scale, coef_b, coef_c, CHANNELS_FAST, WRITE_DX, WRITE_DRESIDUAL)
