@@ -168,12 +168,11 @@ def test_resnet50_report_columns_and_no_spills(tmp_path):
     for r in rows:
         where = f"{r['kernel']} [{r['flags']}]"
         assert r["ok"], f"{where}: {r['error']}"
-        # the training backward reduction's third accumulator (x - mean, the dgamma fix found on
-        # an H200, kernels/backward.py) spills 16 B in bf16 channels-fast 64 x 64 on 4 warps
-        # (2026-12-01): known, issue #10's next step; anything more fails
+        # (the training backward reduction's third accumulator, x - mean, spilled 16 B in bf16
+        # channels-fast 64 x 64 on 4 warps; 128 x 64 on 8 warps since, issue #10: none)
         train_reduce = (r["kernel"] == "bn_backward_reduce_kernel"
                         and " HAS_OFFSET " in f" {r['flags']} ")
-        assert r["spill_stores"] <= (16 if train_reduce else 0), f"{where} spills: {r}"
+        assert r["spill_stores"] == 0, f"{where} spills: {r}"
         assert r["n_regs"] and r["sass_instructions"] and r["sass_load_bytes"], where
         assert r["elements_per_thread"] > 0 and r["sass_barriers"] is not None, where
         assert r["instructions_per_element"] == pytest.approx(
@@ -182,13 +181,15 @@ def test_resnet50_report_columns_and_no_spills(tmp_path):
                            "bn_backward_apply_kernel"):  # the split path: a loop over tiles
             assert r["sass_loop"], where
         if r["flags"].startswith("bf16"):  # issue #10: <= 8 SASS instructions per element,
-            # but for the backward apply with the fused ReLU (9.2 on 2026-11-30, perf/README.md)
+            # but for the backward apply with the fused ReLU (9.2 on triton 3.9, 8.9 on 3.6,
+            # 128 x 64 on 8 warps, 2026-12-01, perf/README.md)
             relu = " RELU " in f" {r['flags']} "
             relu_dx = r["kernel"] == "bn_backward_apply_kernel" and relu
             # and the backward reduction with the ReLU, which subtracts the pivot (the mask) and
-            # the mean (the sums): 10.3 since the dgamma fix (2026-12-01; 8.0-8.8 before)
+            # the mean (the sums): 10.3 since the dgamma fix (2026-12-01; 8.0-8.8 before), 10.5
+            # on triton 3.9 and 10.6 on 3.6 at 128 x 64 on 8 warps (the spill's fix)
             relu_sums = train_reduce and relu
-            limit = 9.5 if relu_dx else 10.5 if relu_sums else 8.0
+            limit = 9.2 if relu_dx else 10.6 if relu_sums else 8.0
             assert r["instructions_per_element"] <= limit, where
     assert "instr/el" in output and "Finalize" in output
     assert finalize, output[-3000:]

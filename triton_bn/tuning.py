@@ -395,9 +395,13 @@ def _plan_tiles(geo: Geometry, kind: str, device: torch.device, dtype: torch.dty
         block_b = min(next_pow2(B), kn.max_block_channels)
         # backward tiles of 128 channels: 64 x 128 on 8 warps, 32 elements per thread like
         # 64 x 64 on 4 (32 x 128 on 4 warps spilled 16 B on sm_90; on 8 its loops were longer
-        # per element), unless the warps are tuned or forced (the tuner and the sweeps set both)
-        wide_backward = (kind == "backward" and block_b >= 128 and kn.num_warps is None
-                         and dtype != torch.float64)
+        # per element), unless the warps are tuned or forced (the tuner and the sweeps set both).
+        # bf16 tiles of 64 channels likewise, as 128 x 64 on 8 warps: at 64 x 64 on 4 the
+        # training sums' third accumulator spilled 16 B (ptxas stopped at 168 registers; issue
+        # #10). Not fp16 / fp32: at 128 x 64 on 8 warps ptxas stopped some of theirs at 128
+        # registers and spilled 4-8 B (fp16 residual + ReLU apply, fp32 int64 residual + ReLU).
+        wide_backward = (kind == "backward" and kn.num_warps is None and dtype != torch.float64
+                         and (block_b >= 128 or block_b == 64 and dtype == torch.bfloat16))
         block_a = max(1, min(next_pow2(A), (2 if wide_backward else 1) * tile // block_b))
         n_channel_tiles = cdiv(B, block_b)
         b_tiles = 1
