@@ -11,7 +11,11 @@ if "TRITON_INTERPRET" not in _os.environ:
     import torch as _torch
 
     if not _torch.cuda.is_available():
-        # No GPU: run the kernels in Triton's CPU interpreter (must be set before triton is imported).
+        # No GPU: run the kernels in Triton's CPU interpreter. Process-wide, before triton is
+        # imported: Triton decides interpreter or compiler when each function is decorated, and its
+        # own modules must agree with ours (tl.sum's combine functions are @jit, gluon asserts
+        # it); setting it only while our kernels import, then restoring it, broke both (tried).
+        # Never on a machine with a GPU, nor when the user has set TRITON_INTERPRET.
         _os.environ["TRITON_INTERPRET"] = "1"
 
 from .convert import convert_model  # noqa: E402
