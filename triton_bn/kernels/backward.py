@@ -55,6 +55,13 @@ from .common import (
     widen,
 )
 
+# the backward kernels' flags: which of the forward's saved tensors there are (common.given)...
+SAVED_FLAGS = given(HAS_RESIDUAL="Residual", HAS_CENTRE="Centre", HAS_OFFSET="Offset",
+                    HAS_WEIGHT="Weight", HAS_BIAS="Bias", HAS_PRE_AFFINE="PreScale")
+# ... and which gradients are asked for
+PARAM_GRAD_FLAGS = given(WRITE_DW="DWeight", WRITE_DB="DBias")
+INPUT_GRAD_FLAGS = given(WRITE_DX="DX", WRITE_DRESIDUAL="DResidual")
+
 
 def grad_parts_shape(n_parts: int, S: int) -> tuple:
     """The reductions' partial sums (split and persistent): rows g, g * (x - m), x - m, then
@@ -196,9 +203,7 @@ def store_param_grads(c, c_mask, sum_dy, sum_dy_xhat, PreScale, PreShift, DWeigh
         tl.store(DBias + c, sum_dy, mask=c_mask)
 
 
-@triton.heuristics({**given(HAS_RESIDUAL="Residual", HAS_CENTRE="Centre", HAS_OFFSET="Offset",
-                            HAS_WEIGHT="Weight", HAS_BIAS="Bias", HAS_PRE_AFFINE="PreScale",
-                            FINALIZE="Counter", WRITE_DW="DWeight", WRITE_DB="DBias"),
+@triton.heuristics({**SAVED_FLAGS, **PARAM_GRAD_FLAGS, **given(FINALIZE="Counter"),
                     "ROWS_FLAT": rows_flat("x", "dy", "z"),
                     "ALIGN": rows_aligned("x", "dy", "z")})
 @triton.jit
@@ -409,9 +414,7 @@ def bn_backward_finalize_kernel(
                            WRITE_DW, WRITE_DB, BLOCK_C, BLOCK_P)
 
 
-@triton.heuristics({**given(HAS_RESIDUAL="Residual", HAS_CENTRE="Centre", HAS_OFFSET="Offset",
-                            HAS_WEIGHT="Weight", HAS_BIAS="Bias", HAS_PRE_AFFINE="PreScale",
-                            WRITE_DX="DX", WRITE_DRESIDUAL="DResidual"),
+@triton.heuristics({**SAVED_FLAGS, **INPUT_GRAD_FLAGS,
                     "ROWS_FLAT": rows_flat("x", "dy", "z", "dx", "dz"),
                     "ALIGN": rows_aligned("x", "dy", "z", "dx", "dz")})
 @triton.jit
@@ -560,9 +563,7 @@ def grad_apply_pointers(X, DY, Residual, DX, DResidual, a0, b, s_fixed, R1, K,
     return x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs
 
 
-@triton.heuristics(given(HAS_RESIDUAL="Residual", HAS_CENTRE="Centre", HAS_OFFSET="Offset",
-    HAS_WEIGHT="Weight", HAS_BIAS="Bias", HAS_PRE_AFFINE="PreScale", WRITE_DW="DWeight",
-    WRITE_DB="DBias", WRITE_DX="DX", WRITE_DRESIDUAL="DResidual"))
+@triton.heuristics({**SAVED_FLAGS, **PARAM_GRAD_FLAGS, **INPUT_GRAD_FLAGS})
 @triton.jit
 def bn_fused_backward_kernel(
     X, DY, Residual, DX, DResidual,

@@ -175,51 +175,38 @@ def channel_affine_and_update(
 
 
 @triton.jit
-def shifted_tile(X, shift, a0, b0, a_end, b_end, s_fixed, R1, K,
-                 stride_x, ACC: tl.constexpr,
-                 HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
-                 ROWS_FLAT: tl.constexpr, ALIGN: tl.constexpr, SHIFT_IS_X: tl.constexpr,
-                 BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
-    """x - shift of the tile at (a0, b0), 0 where masked off. SHIFT_IS_X: the shift is a value of
-    X (the pivot), so masked-off lanes load it and give 0 with no select."""
-    a, b, b_mask, mask = tile_indices(a0, b0, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
-    offs = tile_offsets(a, b, s_fixed, R1, K, stride_x,
-                        HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN)
-    if SHIFT_IS_X:
-        x = tl.load(X + offs, mask=mask, other=shift.to(X.dtype.element_ty),
-                    eviction_policy="evict_last")  # bn_apply_kernel reads it again
-        return x.to(ACC) - shift
-    else:
-        x = tl.load(X + offs, mask=mask, other=0.0, eviction_policy="evict_last")
-        return tl.where(mask, x.to(ACC) - shift, 0.0)
-
-
-@triton.jit
-def lane_sums(X, shift, a_begin, a_end, b_begin, b_end, s_fixed, R1, K,
-              stride_x, ACC: tl.constexpr,
+def shifted_sums(X, shift, a_begin, a_end, b_begin, b_end, s_fixed, R1, K, stride_x, ACC: tl.constexpr,
               HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
               ROWS_FLAT: tl.constexpr, ALIGN: tl.constexpr, SHIFT_IS_X: tl.constexpr,
               BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
-    """Per lane (each element of a [BLOCK_A, BLOCK_B] tile, always the same statistic channel),
-    the sums of d and d * d, d = x - shift, over every tile of this program's ranges: three
-    arithmetic instructions per element, no reduction across lanes inside the loop. Channels
-    fast, the program's channels are one tile wide: one loop, over rows."""
+    """The sums of d and d * d per statistic channel, d = x - shift (0 where masked off), over
+    every tile of this program's ranges. Each lane (element of a [BLOCK_A, BLOCK_B] tile, always
+    the same statistic channel) accumulates its own: three arithmetic instructions per element,
+    no reduction across lanes inside the loop; the lanes are added once, at the end. Channels
+    fast, the program's channels are one tile wide: the outer loop runs once.
+    SHIFT_IS_X: the shift is a value of X (the pivot), so masked-off lanes load it and give 0
+    with no select."""
     s1 = tl.zeros([BLOCK_A, BLOCK_B], ACC)
     s2 = tl.zeros([BLOCK_A, BLOCK_B], ACC)
-    if CHANNELS_FAST:
+    for b0 in range(b_begin, b_end, BLOCK_B):
         for a0 in range(a_begin, a_end, BLOCK_A):
-            d = shifted_tile(X, shift, a0, b_begin, a_end, b_end, s_fixed, R1, K, stride_x, ACC,
-                             HAS_GROUPS, CHANNELS_FAST, INT64, ROWS_FLAT, ALIGN, SHIFT_IS_X, BLOCK_A, BLOCK_B)
+            a, b, b_mask, mask = tile_indices(a0, b0, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
+            offs = tile_offsets(a, b, s_fixed, R1, K, stride_x, HAS_GROUPS, CHANNELS_FAST,
+                                ROWS_FLAT, ALIGN)
+            if SHIFT_IS_X:
+                x = tl.load(X + offs, mask=mask, other=shift.to(X.dtype.element_ty),
+                            eviction_policy="evict_last")  # bn_apply_kernel reads it again
+                d = x.to(ACC) - shift
+            else:
+                x = tl.load(X + offs, mask=mask, other=0.0, eviction_policy="evict_last")
+                d = tl.where(mask, x.to(ACC) - shift, 0.0)
             s1 += d
             s2 += d * d
-    else:
-        for b0 in range(b_begin, b_end, BLOCK_B):
-            for a0 in range(a_begin, a_end, BLOCK_A):
-                d = shifted_tile(X, shift, a0, b0, a_end, b_end, s_fixed, R1, K, stride_x, ACC, HAS_GROUPS,
-                                 CHANNELS_FAST, INT64, ROWS_FLAT, ALIGN, SHIFT_IS_X, BLOCK_A,
-                                 BLOCK_B)
-                s1 += d
-                s2 += d * d
+    s1 = tl.sum(s1, 0)
+    s2 = tl.sum(s2, 0)
+    if not CHANNELS_FAST:  # one channel
+        s1 = tl.sum(s1, 0)
+        s2 = tl.sum(s2, 0)
     return s1, s2
 
 
@@ -249,7 +236,7 @@ def bn_stats_kernel(
 
     Every part of a channel shifts by the same sample, the pivot (its first), so the parts' sums
     stay small and merge without rounding at the data's offset. Each lane sums d = x - pivot and
-    d * d over all of the program's tiles (lane_sums); the lanes are added once, at the end, and
+    d * d over all of the program's tiles (shifted_sums); the lanes are added once, at the end, and
     M2 = sum(d * d) - sum(d)**2 / n. That subtraction loses about log2(sum(d * d) / M2) bits:
     nothing for data within a few standard deviations of the pivot (ill-conditioned data such as
     1000 + 0.01 * noise included: the pivot is one of them), but a pivot far out in the tail would
@@ -271,18 +258,14 @@ def bn_stats_kernel(
     b_first = b_begin + tl.arange(0, BLOCK_B)
     pivot = load_pivot(X, b_first, b_first < b_end, s_fixed, K, stride_x, ACC,
                        HAS_GROUPS, CHANNELS_FAST)
-    s1, s2 = lane_sums(X, pivot, a_begin, a_end, b_begin, b_end, s_fixed, R1, K, stride_x, ACC,
-                       HAS_GROUPS, CHANNELS_FAST, INT64, ROWS_FLAT, ALIGN, True, BLOCK_A, BLOCK_B)
+    total, sum_sq = shifted_sums(X, pivot, a_begin, a_end, b_begin, b_end, s_fixed, R1, K,
+                                 stride_x, ACC, HAS_GROUPS, CHANNELS_FAST, INT64, ROWS_FLAT, ALIGN,
+                                 True, BLOCK_A, BLOCK_B)
     # elements per statistic channel in this part (the same for every channel of the program)
     n = ((a_end - a_begin) * (b_end - b_begin)).to(ACC)
     if CHANNELS_FAST:
         n = (a_end - a_begin).to(ACC)
     n = tl.maximum(n, 1.0)
-    total = tl.sum(s1, 0)
-    sum_sq = tl.sum(s2, 0)
-    if not CHANNELS_FAST:
-        total = tl.sum(total, 0)
-        sum_sq = tl.sum(sum_sq, 0)
     m2 = sum_sq - total * (total / n)
     far = sum_sq > 64.0 * m2  # a pivot far from the mean: two passes
     if CHANNELS_FAST:
@@ -291,14 +274,9 @@ def bn_stats_kernel(
         mean_d = total / n
         if CHANNELS_FAST:
             mean_d = mean_d[None, :]
-        t1, t2 = lane_sums(X, pivot + mean_d, a_begin, a_end, b_begin, b_end, s_fixed, R1, K,
-                           stride_x, ACC, HAS_GROUPS,
-                           CHANNELS_FAST, INT64, ROWS_FLAT, ALIGN, False, BLOCK_A, BLOCK_B)
-        t1 = tl.sum(t1, 0)
-        t2 = tl.sum(t2, 0)
-        if not CHANNELS_FAST:
-            t1 = tl.sum(t1, 0)
-            t2 = tl.sum(t2, 0)
+        t1, t2 = shifted_sums(X, pivot + mean_d, a_begin, a_end, b_begin, b_end, s_fixed, R1, K,
+                              stride_x, ACC, HAS_GROUPS, CHANNELS_FAST, INT64, ROWS_FLAT, ALIGN,
+                              False, BLOCK_A, BLOCK_B)
         m2 = t2 - t1 * (t1 / n)
     m2 = tl.where(m2 < 0.0, 0.0, m2)  # rounding; a NaN stays a NaN
     if CHANNELS_FAST:

@@ -30,6 +30,9 @@ import triton
 import triton.language as tl
 
 from .backward import (
+    INPUT_GRAD_FLAGS,
+    PARAM_GRAD_FLAGS,
+    SAVED_FLAGS,
     channel_grad_terms,
     load_x_and_gated_dy,
     saved_channel_terms,
@@ -215,9 +218,7 @@ def sum_parts(Parts, c, c_mask, S, n_parts, THIRD: tl.constexpr, ACC: tl.constex
     return total_a, total_b, total_c
 
 
-@triton.heuristics(given(HAS_RESIDUAL="Residual", HAS_CENTRE="Centre", HAS_OFFSET="Offset",
-    HAS_WEIGHT="Weight", HAS_BIAS="Bias", HAS_PRE_AFFINE="PreScale", WRITE_DW="DWeight",
-    WRITE_DB="DBias", WRITE_DX="DX", WRITE_DRESIDUAL="DResidual"))
+@triton.heuristics({**SAVED_FLAGS, **PARAM_GRAD_FLAGS, **INPUT_GRAD_FLAGS})
 @triton.jit
 def bn_persistent_backward_kernel(
     X, DY, Residual, DX, DResidual,
