@@ -391,7 +391,7 @@ def apply_activation(pre, Residual, res_offsets, mask, HAS_RESIDUAL: tl.constexp
 def relu_keep(x, mean, scale, shift, z_ptrs, mask, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
               EVICT: tl.constexpr):
     """Where the fused ReLU passed the gradient: the recomputed pre-activation > 0, the forward's
-    expression (apply_tile, apply_activation) to the bit; z_ptrs: the residual's tile
+    expression (forward.apply_at, apply_activation) to the bit; z_ptrs: the residual's tile
     (HAS_RESIDUAL). All true without RELU (a constant the compiler folds)."""
     if RELU:
         pre = (x - mean) * scale + shift

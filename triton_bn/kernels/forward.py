@@ -54,6 +54,8 @@ from .common import (
     tile_indices,
     tile_moments,
     tile_offsets,
+    tile_pointers,
+    widen,
 )
 
 # values of the RENORM constexpr (global constexprs, so the kernels compare against the names;
@@ -460,21 +462,36 @@ def bn_finalize_kernel(
 
 
 @triton.jit
-def apply_tile(X, Y, Residual, a0, b0, a_end, b_end, s_fixed, mean, scale, shift, R1, K,
-               stride_x, stride_y, stride_z, ACC: tl.constexpr,
-               HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
-               HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, ROWS_FLAT: tl.constexpr,
-               ALIGN: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
-    """y = act((x - centre) * scale + shift [+ residual]) of the tile at (a0, b0). x and the
-    residual are read for the last time (evict first); y is streamed out (.cs)."""
-    a, b, b_mask, mask = tile_indices(a0, b0, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
-    x_offs = tile_offsets(a, b, s_fixed, R1, K, stride_x, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN)
-    y_offs = tile_offsets(a, b, s_fixed, R1, K, stride_y, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN)
-    z_offs = tile_offsets(a, b, s_fixed, R1, K, stride_z, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT, ALIGN)
-    x = tl.load(X + x_offs, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
-    y = apply_activation((x - mean) * scale + shift, Residual, z_offs, mask,
-                         HAS_RESIDUAL, RELU, "evict_first")
-    tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=mask, cache_modifier=".cs")
+def apply_at(x_ptrs, y_ptrs, z_ptrs, mask, mean, scale, shift, ACC: tl.constexpr,
+             HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr):
+    """y = act((x - centre) * scale + shift [+ residual]) of one tile, given its pointers (z_ptrs:
+    the residual's, HAS_RESIDUAL). x and the residual are read for the last time (evict first); y
+    is streamed out (.cs). A constant-true mask (a whole tile) costs nothing."""
+    x = widen(tl.load(x_ptrs, mask=mask, other=0.0, eviction_policy="evict_first"), ACC)
+    pre = (x - mean) * scale + shift
+    if HAS_RESIDUAL:
+        pre += widen(tl.load(z_ptrs, mask=mask, other=0.0, eviction_policy="evict_first"), ACC)
+    if RELU:
+        pre = tl.maximum(pre, 0.0)
+    tl.store(y_ptrs, pre.to(y_ptrs.dtype.element_ty), mask=mask, cache_modifier=".cs")
+
+
+@triton.jit
+def apply_pointers(X, Y, Residual, a0, b, s_fixed, R1, K, stride_x, stride_y, stride_z,
+                   HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
+                   HAS_RESIDUAL: tl.constexpr, ROWS_FLAT: tl.constexpr, ALIGN: tl.constexpr,
+                   BLOCK_A: tl.constexpr):
+    """tile_pointers of x, y and the residual (absent: x's, never read) for the rows a0 +
+    [0, BLOCK_A) and columns b."""
+    x_ptrs = tile_pointers(X, a0, b, s_fixed, R1, K, stride_x, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT,
+                           ALIGN, INT64, BLOCK_A)
+    y_ptrs = tile_pointers(Y, a0, b, s_fixed, R1, K, stride_y, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT,
+                           ALIGN, INT64, BLOCK_A)
+    z_ptrs = x_ptrs
+    if HAS_RESIDUAL:
+        z_ptrs = tile_pointers(Residual, a0, b, s_fixed, R1, K, stride_z, HAS_GROUPS,
+                               CHANNELS_FAST, ROWS_FLAT, ALIGN, INT64, BLOCK_A)
+    return x_ptrs, y_ptrs, z_ptrs
 
 
 @triton.heuristics({**given(HAS_RESIDUAL="Residual", HAS_CENTRE="Centre", HAS_OFFSET="Offset",
@@ -537,15 +554,45 @@ def bn_apply_kernel(
                                             HAS_GROUPS, CHANNELS_FAST)
     # backwards, in reverse order of bn_stats_kernel's walk of the same partition (training):
     # the tiles it read last are still in L2
-    a_last, n_a = last_tile(a_begin, a_end, BLOCK_A)
     b_last, n_b = last_tile(b_begin, b_end, BLOCK_B)
     for j in range(0, n_b):
+        b0 = b_last - j * BLOCK_B
+        a_full = a_begin
+        if CHANNELS_FAST and ROWS_FLAT:
+            # a whole channel tile: its last row tile first, masked, then the whole row tiles
+            # before it, unmasked, their pointers carried from tile to tile (one add per vector)
+            if b_end - b0 == BLOCK_B:
+                a_full = a_begin + (a_end - a_begin) // BLOCK_A * BLOCK_A
+                a, b, b_mask, mask = tile_indices(a_full, b0, a_end, b_end, BLOCK_A, BLOCK_B,
+                                                  INT64)
+                if a_full < a_end:
+                    x_ptrs, y_ptrs, z_ptrs = apply_pointers(
+                        X, Y, Residual, a_full, b, s_fixed, R1, K, stride_x, stride_y, stride_z,
+                        HAS_GROUPS, CHANNELS_FAST, INT64, HAS_RESIDUAL, ROWS_FLAT, ALIGN, BLOCK_A)
+                    apply_at(x_ptrs, y_ptrs, z_ptrs, mask, mean, scale, shift, ACC, HAS_RESIDUAL,
+                             RELU)
+                whole = tl.full([BLOCK_A, BLOCK_B], 1, tl.int1)
+                x_ptrs, y_ptrs, z_ptrs = apply_pointers(
+                    X, Y, Residual, a_full - BLOCK_A, b, s_fixed, R1, K, stride_x, stride_y,
+                    stride_z, HAS_GROUPS, CHANNELS_FAST, INT64, HAS_RESIDUAL, ROWS_FLAT, ALIGN,
+                    BLOCK_A)
+                for _i in range(0, (a_full - a_begin) // BLOCK_A):
+                    apply_at(x_ptrs, y_ptrs, z_ptrs, whole, mean, scale, shift, ACC, HAS_RESIDUAL,
+                             RELU)
+                    x_ptrs -= BLOCK_A * stride_x[1]
+                    y_ptrs -= BLOCK_A * stride_y[1]
+                    if HAS_RESIDUAL:
+                        z_ptrs -= BLOCK_A * stride_z[1]
+                a_full = a_end  # done
+        # otherwise (a partial channel tile, or reduction fast) every tile masked, backwards
+        a_last, n_a = last_tile(a_full, a_end, BLOCK_A)
         for i in range(0, n_a):
-            apply_tile(X, Y, Residual, a_last - i * BLOCK_A, b_last - j * BLOCK_B, a_end, b_end,
-                       s_fixed, mean, scale, shift, R1, K,
-                       stride_x, stride_y, stride_z, ACC, HAS_GROUPS,
-                       CHANNELS_FAST, INT64, HAS_RESIDUAL, RELU, ROWS_FLAT, ALIGN, BLOCK_A,
-                       BLOCK_B)
+            a, b, b_mask, mask = tile_indices(a_last - i * BLOCK_A, b0, a_end, b_end, BLOCK_A,
+                                              BLOCK_B, INT64)
+            x_ptrs, y_ptrs, z_ptrs = apply_pointers(
+                X, Y, Residual, a_last - i * BLOCK_A, b, s_fixed, R1, K, stride_x, stride_y,
+                stride_z, HAS_GROUPS, CHANNELS_FAST, INT64, HAS_RESIDUAL, ROWS_FLAT, ALIGN, BLOCK_A)
+            apply_at(x_ptrs, y_ptrs, z_ptrs, mask, mean, scale, shift, ACC, HAS_RESIDUAL, RELU)
 
 
 @triton.heuristics(given(HAS_RESIDUAL="Residual", HAS_WEIGHT="Weight", HAS_BIAS="Bias",
