@@ -558,9 +558,13 @@ def bn_apply_kernel(
     for j in range(0, n_b):
         b0 = b_last - j * BLOCK_B
         a_full = a_begin
-        if CHANNELS_FAST and ROWS_FLAT:
+        if CHANNELS_FAST and ROWS_FLAT and BLOCK_B >= 32 and not HAS_GROUPS and not FROM_RUNNING:
             # a whole channel tile: its last row tile first, masked, then the whole row tiles
-            # before it, unmasked, their pointers carried from tile to tile (one add per vector)
+            # before it, unmasked, their pointers carried from tile to tile (one add per vector).
+            # Rows of 32+ channels only: narrower ones hold a pointer per element, not per
+            # vector, and spilled (1024 x 4 fp32 with a residual: 156 B; ghost batches, int64:
+            # 8 B). Not in inference: triton 3.6 fails to compile it there ("operand does not
+            # dominate this use" in TritonGPURemoveLayoutConversions, 2026-12-01; 3.9 does).
             if b_end - b0 == BLOCK_B:
                 a_full = a_begin + (a_end - a_begin) // BLOCK_A * BLOCK_A
                 a, b, b_mask, mask = tile_indices(a_full, b0, a_end, b_end, BLOCK_A, BLOCK_B,
