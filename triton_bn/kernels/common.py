@@ -388,16 +388,26 @@ def apply_activation(pre, Residual, res_offsets, mask, HAS_RESIDUAL: tl.constexp
 
 
 @triton.jit
+def pre_activation(x, centre, scale, shift, z_ptrs, mask, HAS_RESIDUAL: tl.constexpr,
+                   EVICT: tl.constexpr):
+    """(x - centre) * scale + shift [+ the residual's tile at z_ptrs]: what the fused activation
+    sees, written once, so that the split forward's y (forward.apply_at) and the backward's
+    recomputed ReLU mask (relu_keep) agree to the bit."""
+    pre = (x - centre) * scale + shift
+    if HAS_RESIDUAL:
+        pre += widen(tl.load(z_ptrs, mask=mask, other=0.0, eviction_policy=EVICT), x.dtype)
+    return pre
+
+
+@triton.jit
 def relu_keep(x, mean, scale, shift, z_ptrs, mask, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
               EVICT: tl.constexpr):
-    """Where the fused ReLU passed the gradient: the recomputed pre-activation > 0, the forward's
-    expression (forward.apply_at, apply_activation) to the bit; z_ptrs: the residual's tile
-    (HAS_RESIDUAL). All true without RELU (a constant the compiler folds)."""
+    """Where the fused ReLU passed the gradient: the recomputed pre-activation > 0
+    (pre_activation, as the forward computed it; apply_activation in the single-pass and
+    persistent forwards, the same expression); z_ptrs: the residual's tile (HAS_RESIDUAL). All
+    true without RELU (a constant the compiler folds)."""
     if RELU:
-        pre = (x - mean) * scale + shift
-        if HAS_RESIDUAL:
-            pre += tl.load(z_ptrs, mask=mask, other=0.0, eviction_policy=EVICT).to(pre.dtype)
-        return pre > 0.0
+        return pre_activation(x, mean, scale, shift, z_ptrs, mask, HAS_RESIDUAL, EVICT) > 0.0
     else:
         return tl.full(x.shape, 1, tl.int1)
 

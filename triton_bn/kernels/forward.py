@@ -47,6 +47,7 @@ from .common import (
     load_channel_values,
     load_pivot,
     mean_from_sum,
+    pre_activation,
     program_ranges,
     rows_aligned,
     rows_flat,
@@ -468,9 +469,7 @@ def apply_at(x_ptrs, y_ptrs, z_ptrs, mask, mean, scale, shift, ACC: tl.constexpr
     the residual's, HAS_RESIDUAL). x and the residual are read for the last time (evict first); y
     is streamed out (.cs). A constant-true mask (a whole tile) costs nothing."""
     x = widen(tl.load(x_ptrs, mask=mask, other=0.0, eviction_policy="evict_first"), ACC)
-    pre = (x - mean) * scale + shift
-    if HAS_RESIDUAL:
-        pre += widen(tl.load(z_ptrs, mask=mask, other=0.0, eviction_policy="evict_first"), ACC)
+    pre = pre_activation(x, mean, scale, shift, z_ptrs, mask, HAS_RESIDUAL, "evict_first")
     if RELU:
         pre = tl.maximum(pre, 0.0)
     tl.store(y_ptrs, pre.to(y_ptrs.dtype.element_ty), mask=mask, cache_modifier=".cs")
