@@ -2,7 +2,10 @@
 
 Every case runs on both code paths: the single-pass kernels (``fused``) and the split reduction
 with one part (``split1``) or several parts (``split3``: small tiles so that even these small
-shapes are cut into several partial sums that the finalize kernel has to merge).
+shapes are cut into several partial sums that the finalize kernel has to merge). The statistics,
+accuracy and dtype tests also run the split reduction with enough parts (``tree``: 13 parts,
+merged 2 at a time) that its finalize takes two levels (kernels/common.py part_group) in the
+channels-fast layouts.
 """
 
 import math
@@ -19,8 +22,11 @@ PATHS = {
     "fused": {"force_fused": True},
     "split1": {"force_fused": False, "parts": 1},
     "split3": {"force_fused": False, "parts": 3, "tile": 32, "max_block_inner": 8, "max_block_channels": 2},
+    "tree": {"force_fused": False, "parts": 13, "tile": 32, "max_block_inner": 8,
+             "max_block_channels": 2, "finalize_parts": 2},
 }
-ALL_PATHS = list(PATHS)
+ALL_PATHS = ["fused", "split1", "split3"]
+TREE_PATHS = ALL_PATHS + ["tree"]  # and the two-level finalize
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -114,7 +120,7 @@ def case_id(c):
     return f"{'x'.join(map(str, shape))}-ax{axis}{f}".replace(" ", "")
 
 
-@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("path", TREE_PATHS)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_training_matches_reference_and_torch(case, path):
     shape, axis, fmt = case
@@ -191,7 +197,7 @@ def test_eval_matches_reference_and_torch(case):
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
-@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("path", TREE_PATHS)
 @pytest.mark.parametrize("fmt", [None, torch.channels_last], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_dtypes_training(dtype, fmt, path):
@@ -355,7 +361,7 @@ def _max_err(a, ref):
     return (a.double() - ref.double()).abs().max().item()
 
 
-@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("path", TREE_PATHS)
 @pytest.mark.parametrize("fmt", [None, torch.channels_last], ids=["nchw", "nhwc"])
 def test_ill_conditioned_no_worse_than_torch(fmt, path):
     """1000 + 0.01 * noise in float32: the error against float64 (computed from the same float32
@@ -387,7 +393,7 @@ def test_ill_conditioned_no_worse_than_torch(fmt, path):
         assert err_y < 1e-2 * yr.abs().max().item()
 
 
-@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("path", TREE_PATHS)
 @pytest.mark.parametrize("fmt", [None, torch.channels_last], ids=["nchw", "nhwc"])
 def test_ill_conditioned_keeps_its_digits(fmt, path):
     """1000 + 0.01 * noise in float32: the kernels subtract a sample of the channel (the centre)
@@ -413,7 +419,7 @@ def test_ill_conditioned_keeps_its_digits(fmt, path):
         assert rel < 1e-5, f"{name}: relative error {rel:.1e}"
 
 
-@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("path", TREE_PATHS)
 @pytest.mark.parametrize("fmt", [None, torch.channels_last], ids=["nchw", "nhwc"])
 def test_gradient_with_a_mean_keeps_dgamma(fmt, path):
     """dgamma = rstd * sum(dy * (x - mean)) moves by -rstd * sum(dy) per unit of error in the

@@ -363,6 +363,28 @@ def test_training_calls_reuse_their_plan_and_match_torch():
                     _assert_same_state(ours, ref)
 
 
+def test_planned_calls_with_a_two_level_finalize_match_torch():
+    """Channels-last training calls whose split reductions have enough parts (13, merged 2 at a
+    time) that the finalize takes two levels (kernels/common.py part_group): the planned launches
+    size the parts (a row per group after the parts) and the arrival counters for it. Step after
+    step against torch.nn.BatchNorm2d: output, gradients, running statistics and the count."""
+    from triton_bn import tuning
+
+    torch.manual_seed(2)
+    ours, ref = _pair(BatchNorm2d, nn.BatchNorm2d, 3)
+    with tuning.override(force_fused=False, parts=13, tile=32, max_block_channels=2,
+                         finalize_parts=2):
+        for _ in range(3):
+            x = (torch.randn(8, 3, 5, 5) * 3 + 1).contiguous(memory_format=CL)
+            dy = (torch.randn(8, 3, 5, 5) + 2).contiguous(memory_format=CL)
+            (y, dx), (y_ref, dx_ref) = (_step(m, x, dy) for m in (ours, ref))
+            assert_close(y, y_ref, **F32)
+            assert_close(dx, dx_ref, **F32)
+            assert_close(ours.weight.grad, ref.weight.grad, **F32)
+            assert_close(ours.bias.grad, ref.bias.grad, **F32)
+            _assert_same_state(ours, ref)
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["split", "single"])
 def test_planned_residual_relu_calls_match_torch(fused):
     """The planned launches with the fused residual + ReLU, call after call, against torch's

@@ -42,14 +42,66 @@ __all__ = ["bn_forward", "bn_backward", "local_moments", "InferencePlan", "RENOR
            "FLOAT_DTYPES", "ForwardResult", "saves_centre"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_FINALIZE_BLOCK = 32  # channels per finalize program
-_FINALIZE_PARTS = 32  # parts a finalize program merges as one tree (see kernels merge_parts)
+_FINALIZE_BLOCK = 32  # channels per program of the separate finalize kernels
+_FINALIZE_PARTS = 32  # parts a finalize merges at a time as one tree (see kernels merge_parts)
+_FINALIZE_LOAD = 16  # elements per thread of one finalize load of a wide channel tile
 
 
-def finalize_parts(n_parts: int) -> int:
-    """BLOCK_P of a finalize over n_parts parts: 32, or 8 for at most 8 parts, so that a merge is
-    ceil(n_parts / BLOCK_P) + log2(BLOCK_P) <= 2 log2(n_parts) + 4 dependent steps deep."""
-    return 8 if n_parts <= 8 else _FINALIZE_PARTS
+def finalize_parts(n_parts: int, block_c: int = 1, num_warps: int = 4) -> int:
+    """BLOCK_P of a finalize over n_parts parts, block_c channels at a time by num_warps warps:
+    8 for at most 8 parts (ceil(n_parts / 8) + 3 <= 2 log2(n_parts) + 4 steps), else 32 for up
+    to 32 channels; a whole channels-fast tile of more takes as many parts (16 to 128) as make a
+    load of _FINALIZE_LOAD elements per thread (and array), so that the loads in sequence,
+    ceil(n_parts / BLOCK_P), stay few without raising the registers of the kernel whose last
+    program finalizes ([32, 128] took bn_stats_kernel from 124 to 164 registers on sm_90,
+    [16, 128] keeps it at 128; 64 parts at a time spilled with ghost batches)."""
+    if n_parts <= 8:
+        return 8
+    if block_c <= _FINALIZE_BLOCK:
+        return _FINALIZE_PARTS
+    return min(128, max(16, _FINALIZE_LOAD * 32 * num_warps // block_c))
+
+
+def finalize_blocks(geo: Geometry, plan: tuning.TilePlan, kind: str, finalize: bool = True
+                    ) -> dict:
+    """BLOCK_C, BLOCK_P and GROUP_P of the finalize run by a split reduction's last program of a
+    channel tile (kind: "forward" statistics or "backward" sums; ``finalize``: else only the part
+    sums, merged by a separate kernel, and no groups).
+
+    Channels fast, the whole tile of BLOCK_B channels at once: in blocks of 32 the last program
+    walked a tile of 128 channels four times over, each walk ceil(n_parts / 32) loads in sequence
+    (52 at 392 parts, each an L2 round trip and then a tree of Chan merges, three divisions per
+    level; on an H200 the layers of 64 to 256 channels were 2-5x slower than torch). With more than 4 * BLOCK_P parts
+    the merge takes two levels (GROUP_P = BLOCK_P, kernels/common.py part_group): 2 to 4 loads in
+    sequence instead of up to 33. Not the statistics of 64-channel tiles: there the second level
+    took bn_stats_kernel from 114 to 141 registers on sm_90 (triton 3.9; 4 to 3 programs per SM,
+    where [16, 128] tiles stay at 113-128), and one level of [32, 64] is 17 loads at the most
+    (523 parts), within the issue's 2 log2(parts) + 4 steps. Ghost batches: the grid's last
+    program finalizes every channel, 32 at a time. Reduction fast: one channel per tile."""
+    if geo.G > 1:
+        block_c = _FINALIZE_BLOCK
+    elif geo.channels_fast:
+        block_c = plan.BLOCK_B
+    else:
+        block_c = 1
+    block_p = (tuning.current_policy().knob_overrides().get("finalize_parts")
+               or finalize_parts(plan.n_parts, block_c, plan.num_warps))
+    two_levels = (finalize and geo.channels_fast and geo.G == 1 and plan.n_parts > 4 * block_p
+                  and not (kind == "forward" and block_c == 64))
+    return dict(BLOCK_C=block_c, BLOCK_P=block_p, GROUP_P=block_p if two_levels else 0)
+
+
+def parts_rows(geo: Geometry, plan: tuning.TilePlan, kind: str, finalize: bool = True) -> int:
+    """Rows of a split reduction's parts (each plane): one per part, then one per group of a
+    two-level finalize (finalize_blocks)."""
+    group = finalize_blocks(geo, plan, kind, finalize)["GROUP_P"]
+    return plan.n_parts + (tuning.cdiv(plan.n_parts, group) if group else 0)
+
+
+def finalize_counters(geo: Geometry, plan: tuning.TilePlan, kind: str) -> int:
+    """Arrival counters of a finalizing split reduction (kernels/common.py last_to_arrive): one
+    per channel tile, one for the batch count, one per channel tile and group."""
+    return plan.n_channel_tiles * (1 + parts_rows(geo, plan, kind) - plan.n_parts) + 1
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -374,28 +426,22 @@ def _launch_stats(fw: _Forward, plan: tuning.TilePlan, state=None, memo: Optiona
         tensors, hyper, flags, _, _ = state
         # the parts live only until the kernel's last programs have merged them
         part_sum, part_m2 = scratch(memo, "stats_parts", fw.x.device, fw.acc,
-                                    ((plan.n_parts, geo.S),) * 2)
+                                    ((parts_rows(geo, plan, "forward"), geo.S),) * 2)
         pivot = None  # the finalize reads the pivots from x
-        counter = arrival_counters(fw.x.device, plan.n_channel_tiles + 1)
+        counter = arrival_counters(fw.x.device, finalize_counters(geo, plan, "forward"))
         offset, rstd = fw.offset, fw.rstd
     st = _memo_get(memo, "stats")
     if st is None:
         st = _memo_put(memo, "stats", _Static(
             (plan.sizes(geo), st_x), dict(
                 HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=fw.int64, **flags,
-                BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B, BLOCK_C=_finalize_width(geo),
-                BLOCK_P=finalize_parts(plan.n_parts)),
+                BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B,
+                **finalize_blocks(geo, plan, "forward", finalize=state is not None)),
             (geo, plan, fw.int64, tuple(flags.values()), xs.dtype, pivot is None,
              _dtypes((counter, offset, rstd, *tensors, hyper))), plan.num_warps))
     _run_stats(st, plan.grid, x=xs, part_sum=part_sum, part_m2=part_m2, pivot=pivot,
                counter=counter, offset=offset, rstd=rstd, state=tensors, hyper=hyper)
     return part_sum, part_m2, pivot
-
-
-def _finalize_width(geo: Geometry) -> int:
-    """Channels the stats kernel's finalize merges at a time: a reduction-fast tile without ghost
-    batches holds one channel (a wider block would only hold masked lanes in registers)."""
-    return _FINALIZE_BLOCK if geo.channels_fast or geo.G > 1 else 1
 
 
 _COUNTERS: dict = {}
@@ -711,8 +757,9 @@ def _launch_grad_reduce(bw: _Backward, plan, saved: _Saved, relu, finalize=None,
         dweight, dbias, training = finalize
         # parts and the dx coefficients live until the dx kernel of this call has read them
         parts, *coefs = scratch(memo, "grad_parts", xs.device, saved.rstd.dtype,
-                                (grad_parts_shape(plan.n_parts, geo.S),) + ((geo.S,),) * 2)
-        counter, n = arrival_counters(xs.device, plan.n_channel_tiles), geo.R
+                                (grad_parts_shape(parts_rows(geo, plan, "backward"), geo.S),)
+                                + ((geo.S,),) * 2)
+        counter, n = arrival_counters(xs.device, finalize_counters(geo, plan, "backward")), geo.R
     coef_b, coef_c = coefs or (None, None)
     st = _memo_get(memo, "grad_reduce")
     if st is None:
@@ -720,7 +767,7 @@ def _launch_grad_reduce(bw: _Backward, plan, saved: _Saved, relu, finalize=None,
             (plan.sizes(geo), st_x, st_dy, st_z), dict(
                 HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, RELU=relu,
                 TRAINING=training, BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B,
-                BLOCK_C=_finalize_width(geo), BLOCK_P=finalize_parts(plan.n_parts)),
+                **finalize_blocks(geo, plan, "backward", finalize=finalize is not None)),
             (geo, plan, bw.int64, relu, training,
              _dtypes((xs, dys, zs, *saved.args(), counter, coef_b, coef_c, dweight, dbias))),
             plan.num_warps))
@@ -895,8 +942,8 @@ class PlannedForward:
             self.counters = 1 if flags["COUNT_BATCH"] else 0
         else:
             self.launches = (memo["stats"], memo["apply"])
-            self.parts = ((plan.n_parts, geo.S),) * 2
-            self.counters = plan.n_channel_tiles + 1
+            self.parts = ((parts_rows(geo, plan, "forward"), geo.S),) * 2
+            self.counters = finalize_counters(geo, plan, "forward")
 
     def run(self, x, weight, bias, residual, running_mean, running_var, num_batches_tracked):
         """(y, centre, offset, rstd, pre_scale, pre_shift), as ``bn_forward``'s ForwardResult."""
@@ -944,8 +991,9 @@ class PlannedBackward:
             self.launches = (memo["fused_backward"],)
         else:
             self.launches = (memo["grad_reduce"], memo.get("grad_apply"))
-            self.scratch_shapes = (grad_parts_shape(plan.n_parts, geo.S),) + ((geo.S,),) * 2
-            self.counters = plan.n_channel_tiles
+            self.scratch_shapes = ((grad_parts_shape(parts_rows(geo, plan, "backward"), geo.S),)
+                                   + ((geo.S,),) * 2)
+            self.counters = finalize_counters(geo, plan, "backward")
 
     def run(self, dy, x, weight, bias, residual, centre, offset, rstd, pre_scale, pre_shift,
             need_dx: bool, need_dresidual: bool, relu: bool):

@@ -93,6 +93,9 @@ class Knobs:
     # every layout in the channels-fast orientation: one program per tile of channels instead of
     # one per channel for NCHW (the CPU-interpreter model smoke, whose time is per program)
     channels_fast: bool = False
+    # parts per load of the reductions' finalize (BLOCK_P, a power of two; None: ops.finalize_parts),
+    # so that tests reach the two-level finalize (more than 4 * BLOCK_P parts) with few parts
+    finalize_parts: int | None = None
 
 
 KNOB_NAMES = tuple(f.name for f in fields(Knobs))
@@ -105,7 +108,7 @@ TILE_MIN, TILE_MAX = 16, 65536
 CACHE_FIELDS = ("fused", "tile", "num_warps", "target_programs")
 
 
-_OPTIONAL_KNOBS = ("force_fused", "parts", "num_warps")  # None: the heuristic decides
+_OPTIONAL_KNOBS = ("force_fused", "parts", "num_warps", "finalize_parts")  # None: the heuristic decides
 
 
 def _check_value(name: str, value, where: str, *, knob: bool = False):
@@ -121,6 +124,9 @@ def _check_value(name: str, value, where: str, *, knob: bool = False):
     elif name == "tile":
         ok = is_int and TILE_MIN <= value <= TILE_MAX and value & (value - 1) == 0
         want = f"a power of two from {TILE_MIN} to {TILE_MAX}"
+    elif name == "finalize_parts":
+        ok, want = is_int and 2 <= value <= 128 and value & (value - 1) == 0, \
+            "a power of two from 2 to 128"
     else:  # target_programs, parts and the other size knobs
         ok, want = is_int and value >= 1, "a positive integer"
     if not ok:

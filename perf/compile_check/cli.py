@@ -96,7 +96,7 @@ def main(argv=None) -> int:
         finalize = []
         if args.resnet50:
             from triton_bn import ops  # imported after setup_environment (no interpreter)
-            finalize = finalize_depths(PLANS, ops.finalize_parts)
+            finalize = finalize_depths(PLANS, ops.finalize_blocks)
             print_resnet50(results, finalize)
         print_summary(results, scenario_errors, time.perf_counter() - t0)
         if args.json:

@@ -106,26 +106,45 @@ ELEMENT_KERNELS = ("bn_stats_kernel", "bn_backward_reduce_kernel", "bn_apply_ker
                    "bn_backward_apply_kernel", "bn_fused_forward_kernel", "bn_fused_backward_kernel")
 
 
-def finalize_depths(plans: dict, block_p) -> list[dict]:
+def finalize_depths(plans: dict, blocks) -> list[dict]:
     """One row per r50: training scenario: the parts of its split reductions (forward statistics,
-    backward sums) and the dependent merge steps of their finalize, ceil(parts / BLOCK_P) +
-    log2(BLOCK_P) (kernels/forward.py merge_parts), beside the target 2 * log2(parts) + 4.
-    plans: label -> [(kind, TilePlan)] (scenarios.PLANS); block_p(n_parts): the BLOCK_P the
-    launch code gives a finalize over n_parts parts."""
+    backward sums) and the depth of their finalize, which the last program of a channel tile runs
+    (kernels/forward.py merge_parts): the tile's channels in ceil(channels / BLOCK_C) blocks one
+    after another, each ceil(parts / BLOCK_P) loads in sequence, so
+
+        steps = ceil(channels / BLOCK_C) * ceil(parts / BLOCK_P) + log2(BLOCK_P),
+
+    or with two levels (GROUP_P, kernels/common.py part_group: the last program of each group of
+    GROUP_P parts merges them, the last of the groups merges their rows)
+
+        steps = ceil(channels / BLOCK_C) * (1 + ceil(groups / BLOCK_P)) + 2 log2(BLOCK_P),
+
+    beside the target 2 * log2(parts) + 4. (Until 2026-12-01 the report counted one block of
+    channels only: 18 steps for 392 parts where the program walked 4 x 13 loads.)
+    plans: label -> [(kind, Geometry, TilePlan)] (scenarios.PLANS); blocks(geo, plan): the
+    launch code's {"BLOCK_C", "BLOCK_P"} of that finalize (ops.finalize_blocks)."""
     rows = []
     for label, logged in plans.items():
         if ":train" not in label:
             continue
         row = {"scenario": label}
         for kind in ("forward", "backward"):
-            split = [p for k, p in logged if k == kind and not p.fused]
+            split = [(g, p) for k, g, p in logged if k == kind and not p.fused]
             if not split:
                 row[kind] = None  # single pass: no finalize
                 continue
-            n = split[0].n_parts
-            bp = block_p(n)
-            steps = -(-n // bp) + (bp.bit_length() - 1)
-            row[kind] = {"parts": n, "block_p": bp, "steps": steps,
+            geo, plan = split[0]
+            b = blocks(geo, plan, kind)
+            n, bc, bp, group = plan.n_parts, b["BLOCK_C"], b["BLOCK_P"], b["GROUP_P"]
+            channels = plan.BLOCK_B if geo.channels_fast and geo.G == 1 else 1
+            tree = bp.bit_length() - 1
+            if group:  # two levels: a group's parts, then the groups' rows (common.part_group)
+                loads, trees = 1 + -(-(-(-n // group)) // bp), 2
+            else:
+                loads, trees = -(-n // bp), 1
+            loads *= -(-channels // bc)
+            row[kind] = {"parts": n, "channels": channels, "block_c": bc, "block_p": bp,
+                         "group_p": group, "loads": loads, "steps": loads + trees * tree,
                          "target": round(2 * math.log2(max(n, 1)) + 4, 1)}
         rows.append(row)
     return rows
@@ -158,14 +177,19 @@ def print_resnet50(results: list[Result], finalize: list[dict], file=sys.stdout)
         print(f"{r.arch:>3} {r.kernel:<{kw}} {r.flags:<{fw}} {_fmt(r.n_regs):>4} {spill:>7} "
               f"{ldg:>6} {_fmt(r.sass_instructions):>6} {ept:>6} {ipe:>8} "
               f"{_fmt(r.sass_barriers):>4} {len(r.scenarios or []):>4}", file=file)
-    print("\nFinalize: dependent merge steps per channel = ceil(parts / BLOCK_P) + log2(BLOCK_P) "
+    print("\nFinalize, run by a channel tile's last program: dependent steps = ceil(channels / "
+          "BLOCK_C) * ceil(parts / BLOCK_P) loads in sequence + log2(BLOCK_P); '2x': in two "
+          "levels, ceil(channels / BLOCK_C) * (1 + ceil(groups / BLOCK_P)) + 2 log2(BLOCK_P) "
           "(target <= 2 log2(parts) + 4; '-' = single pass, no finalize):", file=file)
     for row in finalize:
         cells = []
         for kind in ("forward", "backward"):
             f = row[kind]
             cells.append(f"{kind} -" if f is None else
-                         f"{kind} {f['parts']:>4} parts {f['steps']:>3} steps (<= {f['target']:>4})")
+                         f"{kind} {f['parts']:>4} parts x {f['channels']:>3} ch, "
+                         f"[{f['block_p']:>3} x {f['block_c']:>3}]{' 2x' if f['group_p'] else '   '} "
+                         f"{f['steps']:>3} steps "
+                         f"(<= {f['target']:>4})")
         print(f"  {row['scenario']:<40} " + "   ".join(cells), file=file)
     print("\nTargets:", file=file)
     for line in resnet50_misses(results, finalize) or ["all met"]:

@@ -282,8 +282,8 @@ def _both(a, b):
 
 # ResNet-50's batch sizes in the r50: scenarios (the compile report of ``--resnet50``)
 RESNET50_BATCHES = (32, 64, 128)
-# plans (kind, TilePlan) that the launch code of each r50: scenario asked for, by label (filled
-# while the scenarios run; the report reads the split reductions' part counts from them)
+# plans (kind, Geometry, TilePlan) that the launch code of each r50: scenario asked for, by label
+# (filled while the scenarios run; the report reads the split reductions' finalize from them)
 PLANS: dict = {}
 
 
@@ -297,7 +297,7 @@ def log_plans(label: str):
 
     def logged(geo, kind, *args, **kwargs):
         plan = real(geo, kind, *args, **kwargs)
-        log.append((kind, plan))
+        log.append((kind, geo, plan))
         return plan
 
     tuning.plan_tiles = logged

@@ -45,6 +45,7 @@ from .common import (
     last_to_arrive,
     load_centre,
     load_channel_values,
+    part_group,
     program_ranges,
     relu_keep,
     rows_aligned,
@@ -212,8 +213,8 @@ def bn_backward_reduce_kernel(
     Centre,                        # [S] the forward's centres (HAS_CENTRE), else x's pivots
     Offset, Rstd,                  # [S] fp32 forward statistics: mean - centre (HAS_OFFSET), 1/std
     Weight, Bias, PreScale, PreShift,  # [K] gamma, beta (RELU only), pre-gamma affine (HAS_PRE_AFFINE)
-    Parts,                         # [3, n_parts, S] fp32 out: sums of g, g * (x - m), x - m
-    Counter,                       # [n_channel_tiles] int32 zeros (FINALIZE); left zeros
+    Parts,                         # [3, n_parts (+ groups), S] fp32 out: sums of g, g * (x - m), x - m
+    Counter,                       # [n_channel_tiles * (1 + groups) + 1] int32 zeros (FINALIZE); left zeros
     CoefB, CoefC, DWeight, DBias, n,  # as bn_backward_finalize_kernel
     sizes,                         # see common.SIZE_FIELDS
     stride_x, stride_dy, stride_z,  # each (r0, r1, g, k)
@@ -224,6 +225,7 @@ def bn_backward_reduce_kernel(
     HAS_BIAS: tl.constexpr, HAS_PRE_AFFINE: tl.constexpr, WRITE_DW: tl.constexpr,
     WRITE_DB: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    GROUP_P: tl.constexpr,
 ):
     """A part's sums of dy and dy * (x - centre) per statistic channel. Each lane accumulates
     over all of the program's tiles (a column of the tile is always one statistic channel); the
@@ -282,18 +284,42 @@ def bn_backward_reduce_kernel(
                 acc_dy, acc_dy_xm, acc_xm, R1, K, stride_x, stride_dy, stride_z, ACC, HAS_GROUPS,
                 CHANNELS_FAST, INT64, HAS_RESIDUAL, RELU, ROWS_FLAT, ALIGN, HAS_OFFSET, BLOCK_A,
                 BLOCK_B)
-    store_part_sums(Parts, part, tl.num_programs(0) // n_channel_tiles, S, acc_dy, acc_dy_xm,
-                    acc_xm, b_begin, b_end, s_fixed, HAS_OFFSET, CHANNELS_FAST, BLOCK_B)
+    n_rows = tl.num_programs(0) // n_channel_tiles  # rows of a Parts plane: the parts...
+    if GROUP_P:
+        n_rows += tl.cdiv(n_rows, GROUP_P)  # ... and the groups' (common.part_group)
+    store_part_sums(Parts, part, n_rows, S, acc_dy, acc_dy_xm, acc_xm, b_begin, b_end, s_fixed,
+                    HAS_OFFSET, CHANNELS_FAST, BLOCK_B)
     if FINALIZE:
         slot, expected, c_begin, c_end, n_parts = finalize_tile(
             tl.program_id(0), n_channel_tiles, b_begin, b_end, s_fixed, K, HAS_GROUPS,
             CHANNELS_FAST)
-        if last_to_arrive(Counter, slot, expected):
+        plane = tl.cast(n_rows, tl.int64) * S
+        if GROUP_P:  # two levels (channels fast): see common.part_group
+            group, first, in_group, n_groups, group_slot = part_group(
+                part, n_parts, n_channel_tiles, slot, GROUP_P)
+            top = tl.full([], 0, tl.int1)
+            if last_to_arrive(Counter, group_slot, in_group):
+                first_row = first.to(tl.int64) * S
+                group_row = (n_parts + group).to(tl.int64) * S
+                for c0 in range(c_begin, c_end, BLOCK_C):
+                    c = c0 + tl.arange(0, BLOCK_C)
+                    g, g_xm, xm = sum_parts(Parts + first_row, c, c < c_end, S, in_group, plane,
+                                            HAS_OFFSET, ACC, BLOCK_C, BLOCK_P)
+                    tl.store(Parts + group_row + c, g, mask=c < c_end)
+                    tl.store(Parts + plane + group_row + c, g_xm, mask=c < c_end)
+                    if HAS_OFFSET:
+                        tl.store(Parts + 2 * plane + group_row + c, xm, mask=c < c_end)
+                top = last_to_arrive(Counter, slot, n_groups)
+            rows, n_merged = n_parts.to(tl.int64) * S, n_groups
+        else:
+            top = last_to_arrive(Counter, slot, expected)
+            rows, n_merged = 0, n_parts
+        if top:
             for c0 in range(c_begin, c_end, BLOCK_C):
                 c = c0 + tl.arange(0, BLOCK_C)
-                finalize_grad_channels(c, c < c_end, Parts, Offset, Rstd, Weight,
+                finalize_grad_channels(c, c < c_end, Parts + rows, plane, Offset, Rstd, Weight,
                                        PreScale, PreShift, CoefB, CoefC, DWeight, DBias, K, S // K,
-                                       n_parts, n, ACC, TRAINING, HAS_OFFSET, HAS_WEIGHT,
+                                       n_merged, n, ACC, TRAINING, HAS_OFFSET, HAS_WEIGHT,
                                        HAS_PRE_AFFINE, WRITE_DW, WRITE_DB, BLOCK_C, BLOCK_P)
 
 
@@ -338,38 +364,48 @@ def store_tile_grads(DX, DResidual, a, b, s_fixed, mask, R1, K, stride_dx, strid
 
 
 @triton.jit
+def sum_parts(Parts, c, c_mask, S, n_parts, plane, THIRD: tl.constexpr, ACC: tl.constexpr,
+              BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Sums over parts [0, n_parts) of a partial array's first two planes (rows of S channels;
+    ``plane``: the elements from one plane to the next), and of its third with THIRD (else 0),
+    for statistic channels c, in a fixed order: BLOCK_P parts at a time as a tree (tl.sum of a
+    [BLOCK_P, BLOCK_C] tile), the blocks one after another, so every program gets the same bits.
+    Loads bypass L1 (other programs of the launch wrote the parts: see last_to_arrive)."""
+    total_a = tl.zeros([BLOCK_C], ACC)
+    total_b = tl.zeros([BLOCK_C], ACC)
+    total_c = tl.zeros([BLOCK_C], ACC)
+    for p0 in range(0, n_parts, BLOCK_P):
+        p = tl.cast(p0, tl.int64) + tl.arange(0, BLOCK_P).to(tl.int64)
+        tile_mask = (p < n_parts)[:, None] & c_mask[None, :]
+        offs = p[:, None] * S + c[None, :]
+        total_a += tl.sum(tl.load(Parts + offs, mask=tile_mask, other=0.0, cache_modifier=".cg"), 0)
+        total_b += tl.sum(tl.load(Parts + plane + offs, mask=tile_mask, other=0.0,
+                                  cache_modifier=".cg"), 0)
+        if THIRD:
+            total_c += tl.sum(tl.load(Parts + 2 * plane + offs, mask=tile_mask, other=0.0,
+                                      cache_modifier=".cg"), 0)
+    return total_a, total_b, total_c
+
+
+@triton.jit
 def finalize_grad_channels(
     c, c_mask,                     # parameter channels (a vector) and their mask
-    Parts, Offset, Rstd, Weight, PreScale, PreShift, CoefB, CoefC, DWeight, DBias,
+    Parts, plane,                  # parts (sum_parts: planes g, g * (x - m), x - m)
+    Offset, Rstd, Weight, PreScale, PreShift, CoefB, CoefC, DWeight, DBias,
     K, G, n_parts, n,
     ACC: tl.constexpr, TRAINING: tl.constexpr, HAS_OFFSET: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_PRE_AFFINE: tl.constexpr,
     WRITE_DW: tl.constexpr, WRITE_DB: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """Adds the parts' sums of parameter channels c BLOCK_P parts at a time as a tree (tl.sum of
-    a [BLOCK_P, BLOCK_C] tile), the blocks in order (deterministic); writes CoefB, CoefC and the
-    parameter gradients. Part loads bypass L1 (other programs of this launch may have written
-    them, see last_to_arrive). Scale = rstd * [pre_scale] * [gamma], as channel_coefficients."""
+    """Adds the parts' sums of parameter channels c (sum_parts); writes CoefB, CoefC and the
+    parameter gradients. Scale = rstd * [pre_scale] * [gamma], as channel_coefficients."""
     S = G * K
     total_dy = tl.zeros([BLOCK_C], ACC)
     total_dy_xhat = tl.zeros([BLOCK_C], ACC)
     for g in range(G):
         s = g * K + c
-        sum_dy = tl.zeros([BLOCK_C], ACC)
-        sum_dy_xm = tl.zeros([BLOCK_C], ACC)
-        sum_xm = tl.zeros([BLOCK_C], ACC)
-        row = tl.cast(n_parts, tl.int64) * S  # Parts' rows: g, g * (x - m), x - m
-        for p0 in range(0, n_parts, BLOCK_P):
-            p = tl.cast(p0, tl.int64) + tl.arange(0, BLOCK_P).to(tl.int64)
-            tile_mask = (p < n_parts)[:, None] & c_mask[None, :]
-            offs = p[:, None] * S + s[None, :]
-            sum_dy += tl.sum(tl.load(Parts + offs, mask=tile_mask, other=0.0,
-                                     cache_modifier=".cg"), 0)
-            sum_dy_xm += tl.sum(tl.load(Parts + row + offs, mask=tile_mask, other=0.0,
-                                        cache_modifier=".cg"), 0)
-            if HAS_OFFSET:
-                sum_xm += tl.sum(tl.load(Parts + 2 * row + offs, mask=tile_mask, other=0.0,
-                                         cache_modifier=".cg"), 0)
+        sum_dy, sum_dy_xm, sum_xm = sum_parts(Parts, s, c_mask, S, n_parts, plane, HAS_OFFSET, ACC,
+                                              BLOCK_C, BLOCK_P)
         rstd = tl.load(Rstd + s, mask=c_mask, other=0.0)
         multiplier = tl.full([BLOCK_C], 1.0, ACC)
         if HAS_PRE_AFFINE:
@@ -408,8 +444,9 @@ def bn_backward_finalize_kernel(
     if N_FROM_PTR:
         n = tl.load(Count)
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    finalize_grad_channels(c, c < K, Parts, Offset, Rstd, Weight, PreScale,
-                           PreShift, CoefB, CoefC, DWeight, DBias, K, G, n_parts, n,
+    finalize_grad_channels(c, c < K, Parts, tl.cast(n_parts, tl.int64) * G * K, Offset, Rstd,
+                           Weight, PreScale, PreShift, CoefB, CoefC, DWeight, DBias, K, G, n_parts,
+                           n,
                            Rstd.dtype.element_ty, TRAINING, HAS_OFFSET, HAS_WEIGHT, HAS_PRE_AFFINE,
                            WRITE_DW, WRITE_DB, BLOCK_C, BLOCK_P)
 

@@ -47,6 +47,7 @@ from .common import (
     load_channel_values,
     load_pivot,
     mean_from_sum,
+    part_group,
     pre_activation,
     program_ranges,
     rows_aligned,
@@ -219,9 +220,9 @@ def shifted_sums(X, shift, a_begin, a_end, b_begin, b_end, s_fixed, R1, K, strid
 @triton.jit
 def bn_stats_kernel(
     X,                    # activation, addressed through its strides
-    PartSum, PartM2,      # [n_parts, S] out: per-part sum of (x - Pivot) and M2 of each channel
+    PartSum, PartM2,      # [n_parts (+ groups), S] out: per-part sum of (x - Pivot) and M2 of each channel
     Pivot,                # [S] out (STORE_PIVOT): the sample each channel's sums are relative to
-    Counter,              # [n_channel_tiles + 1] int32 zeros (FINALIZE); left zeros
+    Counter,              # [n_channel_tiles * (1 + groups) + 1] int32 zeros (FINALIZE); left zeros
     Offset, Rstd,         # [S] out (FINALIZE): batch mean - pivot, 1/std
     Weight, Bias, AdjScale, AdjBias, PreScale, PreShift,  # as bn_finalize_kernel
     RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd, Hyper,
@@ -234,6 +235,7 @@ def bn_stats_kernel(
     UNBIASED: tl.constexpr, CUMULATIVE: tl.constexpr, SAVE_PRE_AFFINE: tl.constexpr,
     COUNT_BATCH: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    GROUP_P: tl.constexpr,
 ):
     """A part's (sum of x - pivot, M2) per statistic channel, by shifted sums.
 
@@ -249,7 +251,9 @@ def bn_stats_kernel(
 
     With FINALIZE the program that stores a channel tile's last part (``last_to_arrive``) then
     merges that tile's parts and writes its offsets, rstd and running statistics, as
-    bn_finalize_kernel would: one launch instead of two. Ghost batches (a parameter channel's groups
+    bn_finalize_kernel would: one launch instead of two. With GROUP_P the merge has two levels
+    (part_group): the last of each GROUP_P parts merges them into a row after the parts, and the
+    last of those merges the rows. Ghost batches (a parameter channel's groups
     lie in different tiles) wait for the last program of the whole grid instead, which finalizes
     every channel. COUNT_BATCH: the last tile to finalize adds this batch to NumBatches (after
     every tile has read it)."""
@@ -300,14 +304,35 @@ def bn_stats_kernel(
         b_extent = B
         if CHANNELS_FAST:
             b_extent = 1
-        if last_to_arrive(Counter, slot, expected):
+        if GROUP_P:  # two levels (channels fast, one b part): see part_group
+            group, first, in_group, n_groups, group_slot = part_group(
+                part, n_parts, n_channel_tiles, slot, GROUP_P)
+            top = tl.full([], 0, tl.int1)
+            if last_to_arrive(Counter, group_slot, in_group):
+                first_row = first.to(tl.int64) * S
+                group_row = (n_parts + group).to(tl.int64) * S
+                for c0 in range(c_begin, c_end, BLOCK_C):
+                    c = c0 + tl.arange(0, BLOCK_C)
+                    group_sum, group_m2, _ = merge_parts(
+                        PartSum + first_row, PartM2 + first_row, PartSum, c, c < c_end, S,
+                        in_group, 1, A - first * a_chunk, a_chunk, 1, 1, ACC, False, BLOCK_C,
+                        BLOCK_P)
+                    tl.store(PartSum + group_row + c, group_sum, mask=c < c_end)
+                    tl.store(PartM2 + group_row + c, group_m2, mask=c < c_end)
+                top = last_to_arrive(Counter, slot, n_groups)
+            # the groups are the parts of a partition in chunks of GROUP_P * a_chunk rows
+            rows, n_rows, row_chunk, n_b_rows = n_parts.to(tl.int64) * S, n_groups, a_chunk * GROUP_P, 1
+        else:
+            top = last_to_arrive(Counter, slot, expected)
+            rows, n_rows, row_chunk, n_b_rows = 0, n_parts, a_chunk, n_b_parts
+        if top:
             for c0 in range(c_begin, c_end, BLOCK_C):
                 c = c0 + tl.arange(0, BLOCK_C)
                 finalize_channels(
-                    c, c < c_end, PartSum, PartM2, PartSum, X, stride_x, Offset,
+                    c, c < c_end, PartSum + rows, PartM2 + rows, PartSum, X, stride_x, Offset,
                     Rstd, Weight, Bias, AdjScale, AdjBias, PreScale, PreShift,
                     RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd,
-                    K, S // K, n_parts, n_b_parts, A, a_chunk, b_extent, b_chunk, Hyper,
+                    K, S // K, n_rows, n_b_rows, A, row_chunk, b_extent, b_chunk, Hyper,
                     ACC, False, True, HAS_GROUPS, HAS_WEIGHT, HAS_BIAS, HAS_ADJUST, RENORM, UPDATE_RUNNING,
                     UNBIASED, CUMULATIVE, SAVE_PRE_AFFINE, COUNT_BATCH, BLOCK_C, BLOCK_P)
             if COUNT_BATCH:
@@ -323,10 +348,16 @@ def merge_parts(PartStat, PartM2, PartCount, s, c_mask, S, n_parts, n_b_parts, A
                 BLOCK_P: tl.constexpr):
     """(sum, M2, n) of statistic channels s from their parts, in a fixed order (deterministic).
 
-    BLOCK_P parts at a time are loaded as one [BLOCK_P, BLOCK_C] tile and merged as a tree
-    (tl.reduce with chan_merge: log2(BLOCK_P) dependent steps), the blocks one after another: a
-    channel's merge is ceil(n_parts / BLOCK_P) + log2(BLOCK_P) dependent steps deep, not n_parts
-    (BLOCK_P = 32, 520 parts: 22 instead of 520 round trips through L2).
+    BLOCK_P parts at a time are loaded as one [BLOCK_P, BLOCK_C] tile. All parts are sums about
+    the same pivot, so a block merges by the law of total variance in two flat sums over its
+    parts p (each a tree of adds, tl.sum):
+
+        n_B = sum n_p,   sum_B = sum sum_p,
+        M2_B = sum (M2_p + n_p * (sum_p / n_p - sum_B / n_B)**2),
+
+    the pairwise Chan tree's result without its three divisions at every level (those chained
+    divisions made each block of the finalize about a microsecond deep). The blocks follow one
+    another through chan_merge: ceil(n_parts / BLOCK_P) loads in sequence, each a fixed tree.
 
     With HAS_COUNTS (one part per process in sync BN) PartStat holds each part's mean and
     PartCount[p] its element count; else PartStat holds sums and a part's count is the size of the
@@ -335,25 +366,28 @@ def merge_parts(PartStat, PartM2, PartCount, s, c_mask, S, n_parts, n_b_parts, A
     m2 = tl.zeros([BLOCK_C], ACC)
     n = tl.zeros([BLOCK_C], ACC)
     for p0 in range(0, n_parts, BLOCK_P):
-        # part offsets, chunk bounds and counts can pass 2**31
-        p = tl.cast(p0, tl.int64) + tl.arange(0, BLOCK_P).to(tl.int64)
+        p = p0 + tl.arange(0, BLOCK_P)  # parts are few: 32 bits (a 64-bit division is a call)
         p_mask = p < n_parts
+        tile_mask = p_mask[:, None] & c_mask[None, :]
+        offs = p.to(tl.int64)[:, None] * S + s[None, :]  # offsets can pass 2**31
+        p_stat = tl.load(PartStat + offs, mask=tile_mask, other=0.0, cache_modifier=".cg").to(ACC)
+        p_m2 = tl.load(PartM2 + offs, mask=tile_mask, other=0.0, cache_modifier=".cg").to(ACC)
         if HAS_COUNTS:
             count = tl.load(PartCount + p, mask=p_mask, other=0.0, cache_modifier=".cg").to(ACC)
+            p_mean = p_stat
+            p_sum = p_stat * count[:, None]
         else:
-            pa = p // n_b_parts
-            pb = p % n_b_parts
+            pa = (p // n_b_parts).to(tl.int64)  # chunk bounds and counts can pass 2**31
+            pb = (p % n_b_parts).to(tl.int64)
             count = ((tl.minimum(A, (pa + 1) * a_chunk) - pa * a_chunk)
                      * (tl.minimum(B_count, (pb + 1) * b_chunk) - pb * b_chunk)).to(ACC)
             count = tl.where(p_mask, count, 0.0)
-        tile_mask = p_mask[:, None] & c_mask[None, :]
-        offs = p[:, None] * S + s[None, :]
-        p_sum = tl.load(PartStat + offs, mask=tile_mask, other=0.0, cache_modifier=".cg").to(ACC)
-        if HAS_COUNTS:
-            p_sum = p_sum * count[:, None]
-        p_m2 = tl.load(PartM2 + offs, mask=tile_mask, other=0.0, cache_modifier=".cg").to(ACC)
-        block_sum, block_m2, block_n = tl.reduce(
-            (p_sum, p_m2, count[:, None] + tl.zeros_like(p_sum)), 0, chan_merge)
+            p_sum = p_stat
+            p_mean = p_sum / tl.maximum(count, 1.0)[:, None]
+        block_n = tl.sum(count, 0)
+        block_sum = tl.sum(p_sum, 0)
+        deviation = p_mean - (block_sum / tl.maximum(block_n, 1.0))[None, :]
+        block_m2 = tl.sum(p_m2 + count[:, None] * (deviation * deviation), 0)
         total, m2, n = chan_merge(total, m2, n, block_sum, block_m2, block_n)
     return total, m2, n
 

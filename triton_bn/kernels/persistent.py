@@ -39,6 +39,7 @@ from .backward import (
     store_param_grads,
     store_part_sums,
     store_tile_grads,
+    sum_parts,
 )
 from .common import (
     apply_activation,
@@ -196,28 +197,6 @@ def bn_persistent_forward_kernel(
         tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def sum_parts(Parts, c, c_mask, S, n_parts, THIRD: tl.constexpr, ACC: tl.constexpr,
-              BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Sums over the parts of the first two rows of a [3, n_parts, S] partial array, and of the
-    third with THIRD (else 0), for channels c, in a fixed order: BLOCK_P parts at a time as
-    a tree (tl.sum), the blocks one after another (as bn_backward_finalize_kernel does), so every
-    program gets the same bits."""
-    row = tl.cast(n_parts, tl.int64) * S
-    total_a = tl.zeros([BLOCK_C], ACC)
-    total_b = tl.zeros([BLOCK_C], ACC)
-    total_c = tl.zeros([BLOCK_C], ACC)
-    for p0 in range(0, n_parts, BLOCK_P):
-        p = tl.cast(p0, tl.int64) + tl.arange(0, BLOCK_P).to(tl.int64)
-        tile_mask = (p < n_parts)[:, None] & c_mask[None, :]
-        offs = p[:, None] * S + c[None, :]
-        total_a += tl.sum(tl.load(Parts + offs, mask=tile_mask, other=0.0), 0)
-        total_b += tl.sum(tl.load(Parts + row + offs, mask=tile_mask, other=0.0), 0)
-        if THIRD:
-            total_c += tl.sum(tl.load(Parts + 2 * row + offs, mask=tile_mask, other=0.0), 0)
-    return total_a, total_b, total_c
-
-
 @triton.heuristics({**SAVED_FLAGS, **PARAM_GRAD_FLAGS, **INPUT_GRAD_FLAGS})
 @triton.jit
 def bn_persistent_backward_kernel(
@@ -273,12 +252,13 @@ def bn_persistent_backward_kernel(
     if PHASE == 0:  # 2. wait for every part
         grid_barrier(Bar, pid, tl.num_programs(0), True)
     if PHASE != 1:  # 3. add the parts in a fixed order; dx from the tiles in registers
+        plane = tl.cast(n_parts, tl.int64) * K
         if CHANNELS_FAST:
-            sum_dy, sum_dy_xm, sum_xm = sum_parts(Parts, c, c_mask, K, n_parts, HAS_OFFSET, ACC,
-                                                  BLOCK_B, BLOCK_P)
+            sum_dy, sum_dy_xm, sum_xm = sum_parts(Parts, c, c_mask, K, n_parts, plane, HAS_OFFSET,
+                                                  ACC, BLOCK_B, BLOCK_P)
         else:
-            sum_dy, sum_dy_xm, sum_xm = sum_parts(Parts, c, c_mask, K, n_parts, HAS_OFFSET, ACC, 1,
-                                                  BLOCK_P)
+            sum_dy, sum_dy_xm, sum_xm = sum_parts(Parts, c, c_mask, K, n_parts, plane, HAS_OFFSET,
+                                                  ACC, 1, BLOCK_P)
         rstd = tl.load(Rstd + c, mask=c_mask, other=0.0).to(ACC)
         multiplier = tl.full(rstd.shape, 1.0, ACC)  # Scale / rstd, as channel_coefficients
         if HAS_PRE_AFFINE:
