@@ -93,6 +93,8 @@ class Knobs:
     # every layout in the channels-fast orientation: one program per tile of channels instead of
     # one per channel for NCHW (the CPU-interpreter model smoke, whose time is per program)
     channels_fast: bool = False
+    # elements of a channels-fast tile of under 16 channels (0: no cap; the interpreter's)
+    narrow_tile: int = 0
     # parts per load of the reductions' finalize (BLOCK_P, a power of two; None: ops.finalize_parts),
     # so that tests reach the two-level finalize (more than 4 * BLOCK_P parts) with few parts
     finalize_parts: int | None = None
@@ -210,7 +212,7 @@ def knobs(device: torch.device, policy: Policy | None = None) -> Knobs:
     if device.type == "cuda" and not interpreting():
         base = Knobs(tile=4096, fused_forward_max=16384, fused_backward_max=8192,
                      max_block_channels=128, max_block_inner=1024,
-                     target_programs=4 * _sm_count(device.index or 0))
+                     target_programs=4 * _sm_count(device.index or 0), narrow_tile=2048)
     else:  # the interpreter runs programs one by one: few, large tiles
         base = Knobs(tile=4096, fused_forward_max=16384, fused_backward_max=16384,
                      max_block_channels=64, max_block_inner=256, target_programs=1)
@@ -409,6 +411,12 @@ def _plan_tiles(geo: Geometry, kind: str, device: torch.device, dtype: torch.dty
         wide_backward = (kind == "backward" and kn.num_warps is None and dtype != torch.float64
                          and (block_b >= 128 or block_b == 64 and dtype == torch.bfloat16))
         block_a = max(1, min(next_pow2(A), (2 if wide_backward else 1) * tile // block_b))
+        if block_b < 16 and kn.narrow_tile and kn.num_warps is None and "tile" not in (cached or {}):
+            # rows of under 16 channels hold a pointer per element, not per 16-byte vector: at
+            # 1024 x 4 (3 channels) the backward kernels spilled 16-1460 B on sm_90 (triton 3.9
+            # and 3.6); at 512 x 4 none does (issue #10). Not a tuned tile, nor the sweeps'
+            # (they force the warps)
+            block_a = min(block_a, max(1, kn.narrow_tile // block_b))
         n_channel_tiles = cdiv(B, block_b)
         b_tiles = 1
     else:

@@ -9,7 +9,8 @@ import contextlib
 
 # The GPU knobs of tuning.knobs() for a CUDA device (target_programs: 4 x the 132 SMs of an H100).
 GPU_KNOBS = {"tile": 4096, "fused_forward_max": 16384, "fused_backward_max": 8192,
-             "max_block_channels": 128, "max_block_inner": 1024, "target_programs": 4 * 132}
+             "max_block_channels": 128, "max_block_inner": 1024, "target_programs": 4 * 132,
+             "narrow_tile": 2048}
 CPU_KNOBS: dict = {}  # the interpreter's defaults (tuning.knobs on a CPU device)
 
 
@@ -92,7 +93,7 @@ def scenarios(quick: bool, resnet50: bool = False):
     NHWC_MID = (16, 64, 8, 8)        # fused fwd 1024x16; split bwd 64x64
     NHWC_WIDE = (32, 256, 8, 8)      # split 32x128
     NC = (256, 64)                   # fused fwd 256x64 / bwd 128x64 (GPU knobs)
-    NC_SMALLC = (100000, 3)          # split 1024x4
+    NC_SMALLC = (100000, 3)          # split 512x4 (GPU knobs), 1024x4 (interpreter)
 
     out = []
 
