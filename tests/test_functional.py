@@ -4,7 +4,7 @@ Every case runs on both code paths: the single-pass kernels (``fused``) and the 
 with one part (``split1``) or several parts (``split3``: small tiles so that even these small
 shapes are cut into several partial sums that the finalize kernel has to merge). The statistics,
 accuracy and dtype tests also run the split reduction with enough parts (``tree``: 13 parts,
-merged 2 at a time) that its finalize takes two levels (kernels/common.py part_group) in the
+merged 2 at a time) that its finalize takes two levels (kernels/common.py arrive_in_group) in the
 channels-fast layouts.
 """
 

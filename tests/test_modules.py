@@ -365,7 +365,7 @@ def test_training_calls_reuse_their_plan_and_match_torch():
 
 def test_planned_calls_with_a_two_level_finalize_match_torch():
     """Channels-last training calls whose split reductions have enough parts (13, merged 2 at a
-    time) that the finalize takes two levels (kernels/common.py part_group): the planned launches
+    time) that the finalize takes two levels (kernels/common.py arrive_in_group): the planned launches
     size the parts (a row per group after the parts) and the arrival counters for it. Step after
     step against torch.nn.BatchNorm2d: output, gradients, running statistics and the count."""
     from triton_bn import tuning

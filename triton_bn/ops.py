@@ -72,7 +72,7 @@ def finalize_blocks(geo: Geometry, plan: tuning.TilePlan, kind: str, finalize: b
     walked a tile of 128 channels four times over, each walk ceil(n_parts / 32) loads in sequence
     (52 at 392 parts, each an L2 round trip and then a tree of Chan merges, three divisions per
     level; on an H200 the layers of 64 to 256 channels were 2-5x slower than torch). With more than 4 * BLOCK_P parts
-    the merge takes two levels (GROUP_P = BLOCK_P, kernels/common.py part_group): 2 to 4 loads in
+    the merge takes two levels (GROUP_P = BLOCK_P, kernels/common.py arrive_in_group): 2 to 4 loads in
     sequence instead of up to 33. Not the statistics of 64-channel tiles: there the second level
     took bn_stats_kernel from 114 to 141 registers on sm_90 (triton 3.9; 4 to 3 programs per SM,
     where [16, 128] tiles stay at 113-128), and one level of [32, 64] is 17 loads at the most

@@ -114,7 +114,7 @@ def finalize_depths(plans: dict, blocks) -> list[dict]:
 
         steps = ceil(channels / BLOCK_C) * ceil(parts / BLOCK_P) + log2(BLOCK_P),
 
-    or with two levels (GROUP_P, kernels/common.py part_group: the last program of each group of
+    or with two levels (GROUP_P, kernels/common.py arrive_in_group: the last program of each group of
     GROUP_P parts merges them, the last of the groups merges their rows)
 
         steps = ceil(channels / BLOCK_C) * (1 + ceil(groups / BLOCK_P)) + 2 log2(BLOCK_P),
@@ -138,7 +138,7 @@ def finalize_depths(plans: dict, blocks) -> list[dict]:
             n, bc, bp, group = plan.n_parts, b["BLOCK_C"], b["BLOCK_P"], b["GROUP_P"]
             channels = plan.BLOCK_B if geo.channels_fast and geo.G == 1 else 1
             tree = bp.bit_length() - 1
-            if group:  # two levels: a group's parts, then the groups' rows (common.part_group)
+            if group:  # two levels: a group's parts, then the groups' rows (common.arrive_in_group)
                 loads, trees = 1 + -(-(-(-n // group)) // bp), 2
             else:
                 loads, trees = -(-n // bp), 1

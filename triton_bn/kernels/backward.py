@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from .common import (
+    arrive_in_group,
     batch_mean,
     channel_block,
     channel_coefficients,
@@ -45,7 +46,6 @@ from .common import (
     last_to_arrive,
     load_centre,
     load_channel_values,
-    part_group,
     program_ranges,
     relu_keep,
     rows_aligned,
@@ -286,7 +286,7 @@ def bn_backward_reduce_kernel(
                 BLOCK_B)
     n_rows = tl.num_programs(0) // n_channel_tiles  # rows of a Parts plane: the parts...
     if GROUP_P:
-        n_rows += tl.cdiv(n_rows, GROUP_P)  # ... and the groups' (common.part_group)
+        n_rows += tl.cdiv(n_rows, GROUP_P)  # ... and the groups' (common.arrive_in_group)
     store_part_sums(Parts, part, n_rows, S, acc_dy, acc_dy_xm, acc_xm, b_begin, b_end, s_fixed,
                     HAS_OFFSET, CHANNELS_FAST, BLOCK_B)
     if FINALIZE:
@@ -294,13 +294,11 @@ def bn_backward_reduce_kernel(
             tl.program_id(0), n_channel_tiles, b_begin, b_end, s_fixed, K, HAS_GROUPS,
             CHANNELS_FAST)
         plane = tl.cast(n_rows, tl.int64) * S
-        if GROUP_P:  # two levels (channels fast): see common.part_group
-            group, first, in_group, n_groups, group_slot = part_group(
-                part, n_parts, n_channel_tiles, slot, GROUP_P)
+        if GROUP_P:  # two levels (channels fast): see common.arrive_in_group
+            last, _, in_group, n_groups, first_row, group_row = arrive_in_group(
+                Counter, part, n_parts, n_channel_tiles, slot, S, GROUP_P)
             top = tl.full([], 0, tl.int1)
-            if last_to_arrive(Counter, group_slot, in_group):
-                first_row = first.to(tl.int64) * S
-                group_row = (n_parts + group).to(tl.int64) * S
+            if last:
                 for c0 in range(c_begin, c_end, BLOCK_C):
                     c = c0 + tl.arange(0, BLOCK_C)
                     g, g_xm, xm = sum_parts(Parts + first_row, c, c < c_end, S, in_group, plane,

@@ -74,19 +74,23 @@ def finalize_tile(pid, n_channel_tiles, b_begin, b_end, s_fixed, K, HAS_GROUPS: 
 
 
 @triton.jit
-def part_group(part, n_parts, n_channel_tiles, slot, GROUP_P: tl.constexpr):
+def arrive_in_group(Counter, part, n_parts, n_channel_tiles, slot, S, GROUP_P: tl.constexpr):
     """A split reduction's finalize in two levels (GROUP_P > 0, channels fast): the parts of a
-    channel tile form groups of GROUP_P consecutive parts; the last of a group to arrive merges
-    its parts into a row after the parts (one load of [GROUP_P, channels]), and the last group
-    to finish merges those rows, which are the parts of the same partition in chunks GROUP_P
-    times longer: 1 + ceil(n_groups / BLOCK_P) loads in sequence instead of ceil(n_parts /
-    BLOCK_P) (BLOCK_P = GROUP_P), each level in a fixed order. Returns (group, its first part, its parts, groups, its
-    arrival counter), counters numbered after the tiles' (finalize_tile) and the batch count's."""
+    channel tile form groups of GROUP_P consecutive parts; the last of a group to arrive (this
+    calls last_to_arrive on the group's counter, numbered after the tiles' of finalize_tile and
+    the batch count's) merges its parts into a row after the parts (one load of [GROUP_P,
+    channels]), then arrives at the tile's counter, whose last merges those rows: the parts of
+    the same partition in chunks GROUP_P times longer. 1 + ceil(n_groups / BLOCK_P) loads in
+    sequence instead of ceil(n_parts / BLOCK_P) (BLOCK_P = GROUP_P), each level in a fixed
+    order. Returns (last of its group, its first part, its parts, groups, element offsets of the
+    first part's row and of the group's row)."""
     group = part // GROUP_P
     first = group * GROUP_P
+    in_group = tl.minimum(n_parts - first, GROUP_P)
     n_groups = tl.cdiv(n_parts, GROUP_P)
-    return (group, first, tl.minimum(n_parts - first, GROUP_P), n_groups,
-            n_channel_tiles + 1 + slot * n_groups + group)
+    last = last_to_arrive(Counter, n_channel_tiles + 1 + slot * n_groups + group, in_group)
+    return (last, first, in_group, n_groups, first.to(tl.int64) * S,
+            (n_parts + group).to(tl.int64) * S)
 
 
 @triton.jit

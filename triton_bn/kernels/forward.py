@@ -35,6 +35,7 @@ import triton.language as tl
 
 from .common import (
     apply_activation,
+    arrive_in_group,
     chan_merge,
     channel_block,
     channel_coefficients,
@@ -47,7 +48,6 @@ from .common import (
     load_channel_values,
     load_pivot,
     mean_from_sum,
-    part_group,
     pre_activation,
     program_ranges,
     rows_aligned,
@@ -252,7 +252,7 @@ def bn_stats_kernel(
     With FINALIZE the program that stores a channel tile's last part (``last_to_arrive``) then
     merges that tile's parts and writes its offsets, rstd and running statistics, as
     bn_finalize_kernel would: one launch instead of two. With GROUP_P the merge has two levels
-    (part_group): the last of each GROUP_P parts merges them into a row after the parts, and the
+    (arrive_in_group): the last of each GROUP_P parts merges them into a row after the parts, and the
     last of those merges the rows. Ghost batches (a parameter channel's groups
     lie in different tiles) wait for the last program of the whole grid instead, which finalizes
     every channel. COUNT_BATCH: the last tile to finalize adds this batch to NumBatches (after
@@ -304,13 +304,11 @@ def bn_stats_kernel(
         b_extent = B
         if CHANNELS_FAST:
             b_extent = 1
-        if GROUP_P:  # two levels (channels fast, one b part): see part_group
-            group, first, in_group, n_groups, group_slot = part_group(
-                part, n_parts, n_channel_tiles, slot, GROUP_P)
+        if GROUP_P:  # two levels (channels fast, one b part): see arrive_in_group
+            last, first, in_group, n_groups, first_row, group_row = arrive_in_group(
+                Counter, part, n_parts, n_channel_tiles, slot, S, GROUP_P)
             top = tl.full([], 0, tl.int1)
-            if last_to_arrive(Counter, group_slot, in_group):
-                first_row = first.to(tl.int64) * S
-                group_row = (n_parts + group).to(tl.int64) * S
+            if last:
                 for c0 in range(c_begin, c_end, BLOCK_C):
                     c = c0 + tl.arange(0, BLOCK_C)
                     group_sum, group_m2, _ = merge_parts(
