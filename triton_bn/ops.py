@@ -75,7 +75,7 @@ def finalize_blocks(geo: Geometry, plan: tuning.TilePlan, kind: str, finalize: b
     the merge takes two levels (GROUP_P = BLOCK_P, kernels/common.py arrive_in_group): 2 to 4 loads in
     sequence instead of up to 33. Not the statistics of 64-channel tiles: there the second level
     took bn_stats_kernel from 114 to 141 registers on sm_90 (triton 3.9; 4 to 3 programs per SM,
-    where [16, 128] tiles stay at 113-128), and one level of [32, 64] is 17 loads at the most
+    where [8, 128] loads in two levels stay at 110-128), and one level of [32, 64] is 17 loads at the most
     (523 parts), within the issue's 2 log2(parts) + 4 steps. Ghost batches: the grid's last
     program finalizes every channel, 32 at a time. Reduction fast: one channel per tile."""
     if geo.G > 1:
@@ -88,6 +88,11 @@ def finalize_blocks(geo: Geometry, plan: tuning.TilePlan, kind: str, finalize: b
                or finalize_parts(plan.n_parts, block_c, plan.num_warps))
     two_levels = (finalize and geo.channels_fast and geo.G == 1 and plan.n_parts > 4 * block_p
                   and not (kind == "forward" and block_c == 64))
+    if two_levels and kind == "forward" and "finalize_parts" not in \
+            tuning.current_policy().knob_overrides():
+        # loads of half the size: with both levels' merges of sums and M2, [16, 128] spilled
+        # 12-32 B at 168 registers on triton 3.6 (sm_90); [8, 128] takes 110-128 on 3.6 and 3.9
+        block_p //= 2
     return dict(BLOCK_C=block_c, BLOCK_P=block_p, GROUP_P=block_p if two_levels else 0)
 
 
