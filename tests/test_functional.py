@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TOL, grad_tol
 
-from triton_bn import Renorm, RunningStats, batch_norm, normalize, tuning
+from triton_bn import Renorm, RunningStats, batch_norm, normalize, ops, tuning
 from triton_bn.reference import reference_batch_norm
 
 PATHS = {
@@ -798,6 +798,75 @@ def test_residual_relu(fmt, training, path):
     assert (y >= 0).all() and (y == 0).any(), "relu must clamp some outputs at 0"
     assert_close(stats.mean, st["running_mean"], **tol)
     assert_close(stats.var, st["running_var"], **tol)
+
+
+def pre_activations_at_zero(shape, fmt):
+    """fp32 x, gamma, beta for which a quarter of each channel's elements have a pre-activation
+    of exactly -ulp, 0 or +ulp (by channel) in the forward's own arithmetic: x on a grid of 1/64
+    steps around 1000 (exact in fp32; a mean the pivot does not represent), every fourth element
+    at one grid value v, and beta found from the forward's statistics of x (which do not depend on
+    beta) so that (v - m) * scale + (beta - e * scale) lands there, as common.normalized and
+    channel_coefficients evaluate it in Triton's interpreter (a multiply, then an add; on a GPU
+    the compiler fuses them, and the values land within an ulp or two of zero). A mask recomputed
+    by any other expression or order than the forward's flips some of these channels."""
+    K = shape[1]
+    g = torch.Generator().manual_seed(7)
+    k = torch.randint(-40, 41, shape, generator=g)
+    v = torch.randint(-10, 11, (K,), generator=g)
+    k.view(shape[0], K, -1)[:, :, ::4] = v[None, :, None]
+    x = (1000.0 + k.double() / 64.0).float()
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    w = (torch.rand(K, generator=g) + 0.5).float()
+    r = ops.bn_forward(x, w, torch.zeros_like(w), None, None, relu=True)
+    c = x[0, :, 0, 0]  # the pivots (kernels/common.py load_pivot)
+    m = c + r.offset  # common.mean_and_error, in fp32
+    t = m - c
+    e = (c - (m - t)) + (r.offset - t)
+    scale = r.rstd * w
+    p = ((1000.0 + v.float() / 64.0) - m) * scale
+    q = e * scale
+    beta = q - p  # shift = beta - q = -p, up to rounding: walk beta to the float that gives it
+    for _ in range(4):
+        err = (beta - q) + p
+        beta = torch.where(err > 0, torch.nextafter(beta, beta - 1), beta)
+        beta = torch.where(err < 0, torch.nextafter(beta, beta + 1), beta)
+    nudge = torch.arange(K) % 3 - 1  # -1, 0, +1 ulp of beta, by channel
+    beta = torch.where(nudge < 0, torch.nextafter(beta, beta - 1), beta)
+    beta = torch.where(nudge > 0, torch.nextafter(beta, beta + 1), beta)
+    return x, w, beta
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("fmt", [None, torch.channels_last], ids=["nchw", "nhwc"])
+def test_relu_mask_is_the_forwards_at_zero(fmt, path):
+    """The ReLU the backward recomputes (the reduction's dbias, the dx kernel's or the gate's
+    dresidual, and the torch operations of a double backward) passes exactly the elements the
+    forward's y kept, on pre-activations that are zero up to rounding (_pre_activations_at_zero):
+    the forward and every backward evaluate one expression in one order."""
+    with tuning.override(**PATHS[path]):
+        check_relu_mask_at_zero(fmt)
+
+
+def check_relu_mask_at_zero(fmt, shape=(3, 24, 4, 4)):  # 48 values a channel: a mean no float is
+    """test_relu_mask_is_the_forwards_at_zero in the caller's context (code path, tuning)."""
+    x, w, b = pre_activations_at_zero(shape, fmt)
+    z = torch.zeros_like(x)  # the residual + ReLU layers: v + 0 > 0 is v > 0
+    for residual in (None, z.clone().requires_grad_()):
+        xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+        y = normalize(xs, ws, bs, residual=residual, activation="relu")
+        kept = (y > 0).detach()
+        assert 0 < kept.sum() < kept.numel()
+        tied = kept.view(shape[0], shape[1], -1)[:, :, ::4]
+        assert (tied.all(-1).all(0) | ~tied.any(-1).any(0)).all(), "one value, one decision"
+        inputs = [bs] if residual is None else [bs, residual]
+        grads = torch.autograd.grad(y, inputs, torch.ones_like(y), retain_graph=True)
+        assert torch.equal(grads[0], kept.sum(dim=(0, 2, 3)).float()), "dbias counts"
+        if residual is not None:
+            assert torch.equal(grads[1], kept.float()), "dresidual = the mask"
+        # double backward: the torch operations of functional._torch_backward
+        (db2,) = torch.autograd.grad(y, [bs], torch.ones_like(y), create_graph=True)
+        assert torch.equal(db2.detach(), kept.sum(dim=(0, 2, 3)).float()), "torch mask"
 
 
 # ---------------------------------------------------------------------------- gradcheck

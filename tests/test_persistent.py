@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from conftest import TOL, grad_tol
+from test_functional import check_relu_mask_at_zero
 
 from triton_bn import Renorm, RunningStats, batch_norm, normalize, persistent, tuning
 from triton_bn.kernels.persistent import grid_barrier
@@ -334,3 +335,13 @@ def test_bench_reports_the_persistent_path(launches, tmp_path, capsys):
     assert "triton_bn path: persistent forward+backward" in out
     assert {k for _, _, k in launches} == {"bn_persistent_forward_kernel",
                                            "bn_persistent_backward_kernel"}
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_relu_mask_is_the_forwards_at_zero(launches, layout):
+    """The persistent forward's y and the persistent backward's recomputed ReLU (dbias, dx's
+    dresidual) and a double backward's agree on pre-activations at zero (test_functional's
+    check_relu_mask_at_zero: -ulp, 0, +ulp in the forward's own arithmetic)."""
+    check_relu_mask_at_zero(torch.channels_last if layout == "nhwc" else None)
+    kinds = {k for _, _, k in launches}
+    assert kinds == {"bn_persistent_forward_kernel", "bn_persistent_backward_kernel"}

@@ -245,8 +245,8 @@ class _Views:
 
 def _relu_mask(v: _Views, saved, cfg, acc):
     """Where the fused ReLU passed its input, recomputed as the kernels do (``kernels.common.
-    channel_coefficients``): y = (x - centre) * scale + shift, the shift holding the offset's
-    share."""
+    channel_coefficients``, ``mean_and_error``): y = (x - m) * scale + shift, m = c + o rounded
+    once and its error e = (c + o) - m (TwoSum) folded into the shift."""
     x, weight, bias, residual, centre, offset, rstd, pre_scale, pre_shift = saved
     with torch.no_grad():
         multiplier = torch.ones((), dtype=acc, device=x.device)
@@ -259,9 +259,13 @@ def _relu_mask(v: _Views, saved, cfg, acc):
         if bias is not None:
             shift = shift + v.param(bias, acc)
         scale = v.stat(rstd) * multiplier
+        mean = v.centre(x, centre, acc)
         if offset is not None:
-            shift = shift - v.stat(offset) * scale
-        pre = (v.act(x, acc) - v.centre(x, centre, acc)) * scale + shift
+            o = v.stat(offset)
+            c, mean = mean, mean + o
+            t = mean - c
+            shift = shift - ((c - (mean - t)) + (o - t)) * scale
+        pre = (v.act(x, acc) - mean) * scale + shift
         if residual is not None:
             pre = pre + v.act(residual, acc)
         return pre > 0

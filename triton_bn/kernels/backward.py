@@ -8,22 +8,20 @@ Scale = rstd * M), the gradients are
 so dx = Scale * g + CoefB * (x - mean) + CoefC with two per-channel coefficients. The ReLU mask is
 recomputed from x (and the residual), never stored.
 
-The forward subtracts a centre c (see forward.py: mean = c + o, o the offset from x's pivot).
+The forward's centre c is x's pivot and o = mean - c its offset (see forward.py); every kernel
+subtracts m = fl(c + o), the mean rounded once (``batch_mean``, common.mean_and_error).
 dgamma needs sum(g * (x - mu)) with the exact batch mean mu, and it is sensitive to the mean's
 error: d/dmu = -sum(g), large when g has a mean of its own. The fp32 offset o carries an error of
 about eps * |o|, and |o| (the pivot's distance from the mean) is about one standard deviation, so
 the reductions do not sum about c (sum(g * (x - c)) = sum(g * (x - mu)) + (mu - c) * sum(g)
-would then cancel most of its digits) nor stop at m = c + o in fp32 (``batch_mean``): they sum
-g, g * (x - m) and x - m, and with r = sum(x - m) / n = mu - m (a small, centred sum, exact
-to far below eps * |o|)
+would then cancel most of its digits) nor take m as exact: they sum g, g * (x - m) and x - m,
+and with r = sum(x - m) / n = mu - m (a small, centred sum, exact to far below eps * |o|)
     sum(g * (x - mu)) = sum(g * (x - m)) - r * sum(g).
 On an H200 the sums about c made fp32 dgamma 5-8x less accurate than PyTorch's at 100k values
-per channel. The dx kernels subtract m too (x - m is exact near m; m itself is c + o rounded,
-which can differ from c + o by half an ulp of the data: 3e-5 at 1000), and fold r into the
-constant:
+per channel. The dx kernels subtract m too (x - m is exact near m) and fold r into the constant:
     dx = Scale * g + CoefB * (x - m) + (CoefC - CoefB * r),
-and CoefC as stored is the latter bracket. The ReLU mask is the forward's, recomputed from
-x - c.
+and CoefC as stored is the latter bracket. The ReLU mask is the forward's, recomputed from the
+same x - m: one subtraction per element serves the mask, the sums and dx.
 
 The forward leaves only o (or, without a pivot, the centre: inference, sync BN) and rstd per
 statistic channel, and with renorm or adjustment the pre-gamma affine a * r, a * d + b_adj per
@@ -89,17 +87,18 @@ def saved_channel_terms(X, Centre, Offset, Rstd, Weight, Bias, PreScale, PreShif
                         HAS_OFFSET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                         HAS_PRE_AFFINE: tl.constexpr, HAS_GROUPS: tl.constexpr,
                         CHANNELS_FAST: tl.constexpr):
-    """Every backward kernel's per-channel prologue, from what the forward saved: (c, m, scale,
-    shift) of the statistic channels bc, with c the forward's centre (load_centre), m = c + o the
-    saved mean the sums are taken about (batch_mean) and the forward's scale and shift
-    (channel_coefficients, for dx and the ReLU mask)."""
-    centre = load_centre(Centre, X, bc, bc_mask, K, stride_x, ACC, HAS_CENTRE, HAS_GROUPS,
-                         CHANNELS_FAST)
-    mean = batch_mean(centre, Offset, bc, bc_mask, ACC, HAS_OFFSET, CHANNELS_FAST)
-    scale, shift = channel_coefficients(Offset, Rstd, Weight, Bias, PreScale, PreShift, bc,
+    """Every backward kernel's per-channel prologue, from what the forward saved: (m, scale,
+    shift) of the statistic channels bc, with m = fl(c + o) the rounded batch mean (batch_mean:
+    c the forward's centre, load_centre, o the saved offset), about which the sums are taken,
+    the dx kernels subtract and the ReLU mask is recomputed, and the forward's scale and shift
+    about m (channel_coefficients, for dx and the ReLU mask)."""
+    mean, mean_error = batch_mean(load_centre(Centre, X, bc, bc_mask, K, stride_x, ACC, HAS_CENTRE,
+                                              HAS_GROUPS, CHANNELS_FAST),
+                                  Offset, bc, bc_mask, ACC, HAS_OFFSET, CHANNELS_FAST)
+    scale, shift = channel_coefficients(mean_error, Rstd, Weight, Bias, PreScale, PreShift, bc,
                                         bc_mask, K, ACC, HAS_OFFSET, HAS_WEIGHT, HAS_BIAS,
                                         HAS_PRE_AFFINE, HAS_GROUPS, CHANNELS_FAST)
-    return centre, mean, scale, shift
+    return mean, scale, shift
 
 
 @triton.jit
@@ -127,13 +126,14 @@ def load_x_and_gated_dy(X, DY, Residual, a, b, s_fixed, mask, mean, scale, shift
 
 
 @triton.jit
-def reduce_tile(x_ptrs, dy_ptrs, z_ptrs, mask, pivot, mean, scale, shift, acc_dy, acc_dy_xm,
+def reduce_tile(x_ptrs, dy_ptrs, z_ptrs, mask, mean, scale, shift, acc_dy, acc_dy_xm,
                 acc_xm, ACC: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
                 SUM_XM: tl.constexpr):
     """Adds a tile's g, g * (x - m) and (SUM_XM) x - m to the per-lane accumulators (a whole
     tile: mask a constant true, which the compiler drops; x is 0 where masked off, and so is
-    x - m there only with SUM_XM's mask). pivot: the forward's centre, for the ReLU mask."""
-    x, dy, keep = load_x_dy_keep(x_ptrs, dy_ptrs, z_ptrs, mask, pivot, scale, shift, ACC,
+    x - m there only with SUM_XM's mask). The ReLU mask reads the same x - m (one subtraction
+    per element, see common.mean_and_error)."""
+    x, dy, keep = load_x_dy_keep(x_ptrs, dy_ptrs, z_ptrs, mask, mean, scale, shift, ACC,
                                  HAS_RESIDUAL, RELU, "evict_last")
     xm = x - mean
     acc_dy = tl.where(keep, acc_dy + dy, acc_dy)
@@ -145,7 +145,7 @@ def reduce_tile(x_ptrs, dy_ptrs, z_ptrs, mask, pivot, mean, scale, shift, acc_dy
 
 @triton.jit
 def reduce_tile_at(X, DY, Residual, a0, b0, a_end, b_end, s_fixed, MASKED: tl.constexpr,
-                   pivot, mean, scale, shift, acc_dy, acc_dy_xm, acc_xm, R1, K,
+                   mean, scale, shift, acc_dy, acc_dy_xm, acc_xm, R1, K,
                    stride_x, stride_dy, stride_z,
                    ACC: tl.constexpr, HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr,
                    INT64: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
@@ -164,7 +164,7 @@ def reduce_tile_at(X, DY, Residual, a0, b0, a_end, b_end, s_fixed, MASKED: tl.co
                       ALIGN, INT64, BLOCK_A),
         tile_pointers(DY, a0, b, s_fixed, R1, K, stride_dy, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT,
                       ALIGN, INT64, BLOCK_A),
-        z_ptrs, mask, pivot, mean, scale, shift, acc_dy, acc_dy_xm, acc_xm, ACC, HAS_RESIDUAL,
+        z_ptrs, mask, mean, scale, shift, acc_dy, acc_dy_xm, acc_xm, ACC, HAS_RESIDUAL,
         RELU, SUM_XM)
 
 
@@ -244,7 +244,7 @@ def bn_backward_reduce_kernel(
     acc_xm = tl.zeros([BLOCK_A, BLOCK_B], ACC)  # HAS_OFFSET only (see the module docstring)
     for b0 in range(b_begin, b_end, BLOCK_B):
         bc, bc_mask = channel_block(b0, b_end, s_fixed, S, BLOCK_B, CHANNELS_FAST)
-        pivot, mean, scale, shift = saved_channel_terms(
+        mean, scale, shift = saved_channel_terms(
             X, Centre, Offset, Rstd, Weight, Bias, PreScale, PreShift, bc, bc_mask, K, stride_x, ACC,
             HAS_CENTRE, HAS_OFFSET, HAS_WEIGHT, HAS_BIAS, HAS_PRE_AFFINE, HAS_GROUPS, CHANNELS_FAST)
         a_full = a_begin
@@ -265,7 +265,7 @@ def bn_backward_reduce_kernel(
                                            CHANNELS_FAST, ROWS_FLAT, ALIGN, INT64, BLOCK_A)
                 for _a0 in range(a_begin, a_full, BLOCK_A):
                     acc_dy, acc_dy_xm, acc_xm = reduce_tile(
-                        x_ptrs, dy_ptrs, z_ptrs, whole, pivot, mean, scale, shift, acc_dy,
+                        x_ptrs, dy_ptrs, z_ptrs, whole, mean, scale, shift, acc_dy,
                         acc_dy_xm, acc_xm, ACC, HAS_RESIDUAL, RELU, HAS_OFFSET)
                     x_ptrs += BLOCK_A * stride_x[1]
                     dy_ptrs += BLOCK_A * stride_dy[1]
@@ -274,13 +274,13 @@ def bn_backward_reduce_kernel(
             else:
                 for a0 in range(a_begin, a_full, BLOCK_A):
                     acc_dy, acc_dy_xm, acc_xm = reduce_tile_at(
-                        X, DY, Residual, a0, b0, a_end, b_end, s_fixed, False, pivot, mean, scale,
+                        X, DY, Residual, a0, b0, a_end, b_end, s_fixed, False, mean, scale,
                         shift, acc_dy, acc_dy_xm, acc_xm, R1, K, stride_x, stride_dy, stride_z,
                         ACC, HAS_GROUPS, CHANNELS_FAST, INT64, HAS_RESIDUAL, RELU, ROWS_FLAT, ALIGN,
                         HAS_OFFSET, BLOCK_A, BLOCK_B)
         for a0 in range(a_full, a_end, BLOCK_A):
             acc_dy, acc_dy_xm, acc_xm = reduce_tile_at(
-                X, DY, Residual, a0, b0, a_end, b_end, s_fixed, True, pivot, mean, scale, shift,
+                X, DY, Residual, a0, b0, a_end, b_end, s_fixed, True, mean, scale, shift,
                 acc_dy, acc_dy_xm, acc_xm, R1, K, stride_x, stride_dy, stride_z, ACC, HAS_GROUPS,
                 CHANNELS_FAST, INT64, HAS_RESIDUAL, RELU, ROWS_FLAT, ALIGN, HAS_OFFSET, BLOCK_A,
                 BLOCK_B)
@@ -479,14 +479,11 @@ def bn_backward_apply_kernel(
     for j in range(0, n_b):
         b0 = b_last - j * BLOCK_B
         bc, bc_mask = channel_block(b0, b_end, s_fixed, S, BLOCK_B, CHANNELS_FAST)
-        pivot, mean, scale, shift = saved_channel_terms(
+        mean, scale, shift = saved_channel_terms(
             X, Centre, Offset, Rstd, Weight, Bias, PreScale, PreShift, bc, bc_mask, K, stride_x, ACC,
             HAS_CENTRE, HAS_OFFSET, HAS_WEIGHT, HAS_BIAS, HAS_PRE_AFFINE, HAS_GROUPS, CHANNELS_FAST)
         coef_b = load_channel_values(CoefB, bc, bc_mask, bc, ACC, CHANNELS_FAST)
         coef_c = load_channel_values(CoefC, bc, bc_mask, bc, ACC, CHANNELS_FAST)
-        # t = CoefB * (x - m) + CoefC = CoefB * (x - c) + (CoefC - CoefB * (m - c)): one
-        # subtraction per element, the one the ReLU mask needs anyway (m - c: per channel)
-        coef_c -= coef_b * (mean - pivot)
         a_full = a_begin
         if CHANNELS_FAST:
             # a whole channel tile: its last row tile (the reduction's last) first, masked, then
@@ -500,7 +497,7 @@ def bn_backward_apply_kernel(
                         X, DY, Residual, DX, DResidual, a_full, b, s_fixed, R1, K,
                         stride_x, stride_dy, stride_z, stride_dx, stride_dz, HAS_GROUPS,
                         CHANNELS_FAST, INT64, HAS_RESIDUAL, WRITE_DX, WRITE_DRESIDUAL, ROWS_FLAT, ALIGN, BLOCK_A)
-                    grad_apply_tile(x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs, mask, pivot,
+                    grad_apply_tile(x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs, mask, mean,
                                     scale, shift, coef_b, coef_c, ACC, HAS_RESIDUAL, RELU,
                                     TRAINING, WRITE_DX, WRITE_DRESIDUAL)
                 whole = tl.full([BLOCK_A, BLOCK_B], 1, tl.int1)
@@ -511,7 +508,7 @@ def bn_backward_apply_kernel(
                         stride_x, stride_dy, stride_z, stride_dx, stride_dz, HAS_GROUPS,
                         CHANNELS_FAST, INT64, HAS_RESIDUAL, WRITE_DX, WRITE_DRESIDUAL, ROWS_FLAT, ALIGN, BLOCK_A)
                     for _i in range(0, n_whole):
-                        grad_apply_tile(x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs, whole, pivot,
+                        grad_apply_tile(x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs, whole, mean,
                                         scale, shift, coef_b, coef_c, ACC, HAS_RESIDUAL, RELU,
                                         TRAINING, WRITE_DX, WRITE_DRESIDUAL)
                         x_ptrs -= BLOCK_A * stride_x[1]
@@ -529,7 +526,7 @@ def bn_backward_apply_kernel(
                             s_fixed, R1, K, stride_x, stride_dy, stride_z, stride_dx, stride_dz,
                             HAS_GROUPS, CHANNELS_FAST, INT64, HAS_RESIDUAL, WRITE_DX,
                             WRITE_DRESIDUAL, ROWS_FLAT, ALIGN, BLOCK_A)
-                        grad_apply_tile(x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs, whole, pivot,
+                        grad_apply_tile(x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs, whole, mean,
                                         scale, shift, coef_b, coef_c, ACC, HAS_RESIDUAL, RELU,
                                         TRAINING, WRITE_DX, WRITE_DRESIDUAL)
                 a_full = a_end  # done
@@ -542,27 +539,27 @@ def bn_backward_apply_kernel(
                 X, DY, Residual, DX, DResidual, a_last - i * BLOCK_A, b, s_fixed, R1, K,
                 stride_x, stride_dy, stride_z, stride_dx, stride_dz, HAS_GROUPS, CHANNELS_FAST,
                 INT64, HAS_RESIDUAL, WRITE_DX, WRITE_DRESIDUAL, ROWS_FLAT, ALIGN, BLOCK_A)
-            grad_apply_tile(x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs, mask, pivot, scale,
+            grad_apply_tile(x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs, mask, mean, scale,
                             shift, coef_b, coef_c, ACC, HAS_RESIDUAL, RELU, TRAINING, WRITE_DX,
                             WRITE_DRESIDUAL)
 
 @triton.jit
-def grad_apply_tile(x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs, mask, pivot, scale, shift, coef_b,
+def grad_apply_tile(x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs, mask, mean, scale, shift, coef_b,
                     coef_c, ACC: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
                     TRAINING: tl.constexpr, WRITE_DX: tl.constexpr,
                     WRITE_DRESIDUAL: tl.constexpr):
-    """dx = keep ? Scale * dy + t : t with t = CoefB * (x - pivot) + CoefC (0 in inference; CoefC
-    as folded by the caller), and the residual's gradient keep ? dy : 0, of one tile (keep: the
-    ReLU mask, recomputed from x - pivot). The select of a value computed either way becomes a
-    predicated multiply-add (no select per element)."""
-    x, dy, keep = load_x_dy_keep(x_ptrs, dy_ptrs, z_ptrs, mask, pivot, scale, shift, ACC,
+    """dx = keep ? Scale * dy + t : t with t = CoefB * (x - m) + CoefC (0 in inference), and the
+    residual's gradient keep ? dy : 0, of one tile (keep: the ReLU mask, recomputed from the
+    same x - m). The select of a value computed either way becomes a predicated multiply-add
+    (no select per element)."""
+    x, dy, keep = load_x_dy_keep(x_ptrs, dy_ptrs, z_ptrs, mask, mean, scale, shift, ACC,
                                  HAS_RESIDUAL, RELU, "evict_first")
     if WRITE_DRESIDUAL:
         tl.store(dz_ptrs, tl.where(keep, dy, 0.0).to(dz_ptrs.dtype.element_ty), mask=mask,
                  cache_modifier=".cs")
     if WRITE_DX:
         if TRAINING:
-            t = coef_b * (x - pivot) + coef_c
+            t = coef_b * (x - mean) + coef_c
             dx = tl.where(keep, scale * dy + t, t)
         else:
             dx = tl.where(keep, scale * dy, 0.0)
@@ -627,12 +624,12 @@ def bn_fused_backward_kernel(
     else:
         c = s_fixed
         c_mask = s_fixed < K
-    pivot, mean, scale, shift = saved_channel_terms(
+    mean, scale, shift = saved_channel_terms(
         X, Centre, Offset, Rstd, Weight, Bias, PreScale, PreShift, c, c_mask, K, stride_x, ACC,
         HAS_CENTRE, HAS_OFFSET, HAS_WEIGHT, HAS_BIAS, HAS_PRE_AFFINE, False, CHANNELS_FAST)
     rstd = load_channel_values(Rstd, c, c_mask, c, ACC, CHANNELS_FAST)
     x, dy = load_x_and_gated_dy(
-        X, DY, Residual, a, b, s_fixed, mask, pivot, scale, shift, R1, K,
+        X, DY, Residual, a, b, s_fixed, mask, mean, scale, shift, R1, K,
         stride_x, stride_dy, stride_z, ACC, False, CHANNELS_FAST, HAS_RESIDUAL, RELU,
         False, "", 1)
     xm = tl.where(mask, x - mean, 0.0)

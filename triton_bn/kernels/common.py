@@ -111,13 +111,25 @@ def sqrt_rn(x):
 
 
 @triton.jit
-def tile_moments(x, mask):
-    """Per-column (sum, M2, count) over axis 0 of a tile (fp32, or fp64 for float64 inputs),
-    two-pass inside the tile: M2 = sum((x - sum / n)**2), so it does not depend on the shift."""
+def tile_moments(x, pivot, mask):
+    """Per-column (sum of x - pivot, M2, count) over axis 0 of a tile of x (fp32, or fp64 for
+    float64 inputs), two passes inside the tile, each from x itself, so that only x stays in
+    registers (the single-pass and persistent forwards keep it for y; keeping x - pivot beside it
+    took bn_fused_forward_kernel from 128 to 213 registers at 64 x 256 fp32):
+
+        total = sum(x - p),   s = fl(p + total / n),   e = (p + total / n) - s   (TwoSum),
+        M2 = sum((x - s)**2) - n * e**2,
+
+    as sum((x - mu)**2) = sum((x - s)**2) - n * (mu - s)**2 for the tile's mean mu = p + total / n.
+    The second pass is centred on s, a float within half an ulp of mu (exact differences for
+    data near it, so M2 does not depend on the pivot); e corrects that half ulp (at 1000 + 0.01 *
+    noise it would add 1e-5 of M2)."""
     n = tl.sum(mask.to(x.dtype), 0)
-    total = tl.sum(tl.where(mask, x, 0.0), 0)
-    centred = tl.where(mask, x - (total / tl.maximum(n, 1.0))[None, :], 0.0)
-    return total, tl.sum(centred * centred, 0), n
+    total = tl.sum(tl.where(mask, x - pivot, 0.0), 0)
+    s, e = mean_and_error(pivot, (total / tl.maximum(n, 1.0))[None, :])
+    d = tl.where(mask, x - s, 0.0)
+    m2 = tl.sum(d * d, 0) - n * tl.sum(e * e, 0)  # (the sum over a length-1 axis: e's [B] view)
+    return total, tl.where(m2 < 0.0, 0.0, m2), n  # (not maximum: a NaN stays a NaN)
 
 
 @triton.jit
@@ -262,9 +274,9 @@ def load_pivot(X, b, b_mask, s_fixed, K, stride_x, ACC: tl.constexpr,
                HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr):
     """The first element (r0 = r1 = 0) of each channel, broadcastable against a tile. Moments are
     taken of x - pivot (the shifted-data algorithm) with one pivot per channel shared by every
-    part, so values like 1000 + 0.01 * noise lose no digits to the sums. The pivot is never added
-    back where precision matters: it stays the *centre* every kernel subtracts (x - centre is exact
-    for x near the centre), and the small offset mean - centre is kept beside it (see forward.py)."""
+    part, so values like 1000 + 0.01 * noise lose no digits to the sums. The pivot is the saved
+    *centre*, the small offset mean - centre is kept beside it, and the kernels subtract their sum
+    rounded once, its rounding error folded in per channel (mean_and_error, see forward.py)."""
     if CHANNELS_FAST:
         offs = channel_offset(b, K, stride_x, HAS_GROUPS)
         return tl.load(X + offs, mask=b_mask, other=0.0).to(ACC)[None, :]
@@ -325,30 +337,47 @@ def load_centre(Centre, X, bc, bc_mask, K, stride_x, ACC: tl.constexpr,
 
 
 @triton.jit
-def batch_mean(centre, Offset, bc, bc_mask, ACC: tl.constexpr, HAS_OFFSET: tl.constexpr,
-               CHANNELS_FAST: tl.constexpr):
-    """The batch mean c + o of the statistic channels bc (c from load_centre, o the saved offset;
-    without one the centre is the mean). The backward's sums are taken about it, not about the
-    pivot: with sum(g * (x - c)) = sum(g * (x - mean)) + o * sum(g), a gradient with a mean of
-    its own makes the first sum a large number that the second nearly cancels (dgamma 5-8x less
-    accurate than PyTorch's in fp32 at 100k values per channel, seen on an H200)."""
-    if HAS_OFFSET:
-        return centre + load_channel_values(Offset, bc, bc_mask, bc, ACC, CHANNELS_FAST)
-    return centre
+def mean_and_error(centre, offset):
+    """(m, e): the batch mean c + o rounded once, m = fl(c + o), and its error e = (c + o) - m
+    exactly (Knuth's TwoSum: six adds, no branch, exact for any two floats that do not
+    overflow). |e| <= ulp(m) / 2, and fl(m + e) = m. The kernels subtract m where they used to
+    subtract c and fold e where they folded o (channel_coefficients):
+        (x - c) * scale + (base - o * scale) = (x - m) * scale + (base - e * scale),
+    so the forward's y and the backward's ReLU mask read x - m, the difference the backward's
+    sums take anyway: one subtraction per element instead of two."""
+    m = centre + offset
+    t = m - centre
+    return m, (centre - (m - t)) + (offset - t)
 
 
 @triton.jit
-def channel_coefficients(Offset, Rstd, Weight, Bias, PreScale, PreShift, bc, bc_mask, K,
+def batch_mean(centre, Offset, bc, bc_mask, ACC: tl.constexpr, HAS_OFFSET: tl.constexpr,
+               CHANNELS_FAST: tl.constexpr):
+    """(m, e) of mean_and_error for the statistic channels bc (c from load_centre, o the saved
+    offset; without one the centre is the mean and e = 0). The backward's sums are taken about
+    m, not about the pivot: with sum(g * (x - c)) = sum(g * (x - mean)) + o * sum(g), a gradient
+    with a mean of its own makes the first sum a large number that the second nearly cancels
+    (dgamma 5-8x less accurate than PyTorch's in fp32 at 100k values per channel, seen on an
+    H200)."""
+    if HAS_OFFSET:
+        return mean_and_error(centre, load_channel_values(Offset, bc, bc_mask, bc, ACC,
+                                                          CHANNELS_FAST))
+    return centre, tl.zeros_like(centre)
+
+
+@triton.jit
+def channel_coefficients(mean_error, Rstd, Weight, Bias, PreScale, PreShift, bc, bc_mask, K,
                          ACC: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                          HAS_BIAS: tl.constexpr, HAS_PRE_AFFINE: tl.constexpr,
                          HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr):
-    """(scale, shift) of the statistic channels bc, y = (x - centre) * scale + shift, from the
-    saved offset (absent: 0) and rstd and the parameters (parameter channel k = bc % K), in the
-    forward's order of operations (channel_affine_and_update, then the finalize), so that they
-    are the forward's bit for bit, and so is the ReLU mask backward recomputes with them:
+    """(scale, shift) of the statistic channels bc, y = (x - m) * scale + shift with m the
+    rounded batch mean and ``mean_error`` its error e (batch_mean; unused without an offset),
+    from the saved rstd and the parameters (parameter channel k = bc % K), in the forward's order
+    of operations (channel_affine_and_update, then fold_mean_error), so that they are the
+    forward's bit for bit, and so is the ReLU mask backward recomputes with them:
 
         multiplier = [pre_scale] * [gamma],   base = [pre_shift] * [gamma] + [beta],
-        scale = rstd * multiplier,         shift = base - offset * scale.
+        scale = rstd * multiplier,         shift = base - e * scale.
 
     Without a ReLU the shift is unused (its loads are dead code; callers pass Bias = None)."""
     k = bc
@@ -368,8 +397,15 @@ def channel_coefficients(Offset, Rstd, Weight, Bias, PreScale, PreShift, bc, bc_
         shift += load_channel_values(Bias, k, bc_mask, k, ACC, CHANNELS_FAST)
     scale = rstd * multiplier
     if HAS_OFFSET:
-        shift = shift - load_channel_values(Offset, bc, bc_mask, bc, ACC, CHANNELS_FAST) * scale
+        shift = fold_mean_error(shift, mean_error, scale)
     return scale, shift
+
+
+@triton.jit
+def fold_mean_error(base, mean_error, scale):
+    """The shift about the rounded mean m: base - e * scale (see mean_and_error), one
+    expression for the finalize, the single-pass kernels and channel_coefficients."""
+    return base - mean_error * scale
 
 
 @triton.jit
@@ -408,12 +444,21 @@ def apply_activation(pre, Residual, res_offsets, mask, HAS_RESIDUAL: tl.constexp
 
 
 @triton.jit
-def pre_activation(x, centre, scale, shift, z_ptrs, mask, HAS_RESIDUAL: tl.constexpr,
+def normalized(x, mean, scale, shift):
+    """(x - m) * scale + shift: the batch norm's output before the residual and the activation,
+    one expression for every kernel (the compiler makes it one fused multiply-add; Triton's
+    CPU interpreter, a multiply and an add, as torch's ops in functional._relu_mask)."""
+    return (x - mean) * scale + shift
+
+
+@triton.jit
+def pre_activation(x, mean, scale, shift, z_ptrs, mask, HAS_RESIDUAL: tl.constexpr,
                    EVICT: tl.constexpr):
-    """(x - centre) * scale + shift [+ the residual's tile at z_ptrs]: what the fused activation
-    sees, written once, so that the split forward's y (forward.apply_at) and the backward's
-    recomputed ReLU mask (relu_keep) agree to the bit."""
-    pre = (x - centre) * scale + shift
+    """(x - m) * scale + shift [+ the residual's tile at z_ptrs], m the rounded batch mean
+    (mean_and_error; the centre where there is no offset): what the fused activation sees,
+    written once, so that the split forward's y (forward.apply_at) and the backward's recomputed
+    ReLU mask (relu_keep) agree to the bit."""
+    pre = normalized(x, mean, scale, shift)
     if HAS_RESIDUAL:
         pre += widen(tl.load(z_ptrs, mask=mask, other=0.0, eviction_policy=EVICT), x.dtype)
     return pre

@@ -4,7 +4,7 @@ Training, large reductions (two launches, x read twice):
     bn_stats_kernel     -> fp32 partial (sum, M2) per (part, statistic channel), of x - pivot;
                            the last program of a channel tile to finish merges its parts in a
                            fixed order (finalize_channels): offset, rstd; running stats
-    bn_apply_kernel     -> y = act((x - centre) * scale + shift [+ residual])
+    bn_apply_kernel     -> y = act((x - m) * scale + shift [+ residual])
 Synchronized batch norm merges every process's moments in bn_finalize_kernel (same helper).
 Training, reductions that fit on chip: bn_fused_forward_kernel reads x once and writes y.
 Inference: bn_apply_kernel with FROM_RUNNING computes its coefficients from the running statistics.
@@ -15,13 +15,15 @@ used by the finalize and the single-pass kernels alike.
 
 Centre and offset. In training the batch mean is kept as two numbers per channel: the centre c,
 the channel's pivot sample (x's first element, see load_pivot), and ``Offset`` o = mean - c, small
-and accurate. Every kernel subtracts the centre, which is exact for data near it, and folds the
-offset into its per-channel coefficients:
-    y = (x - mean) * scale + shift = (x - c) * scale + (shift - o * scale)
-Data such as 1000 + 0.01 * noise then keep their digits in y and in the gradients instead of losing
-them to a mean rounded at 1000. The centre is not stored: every kernel reloads it from x
-(load_centre). Where there is no pivot, the centre is the mean itself, stored in ``Centre``, and
-the offset is 0: inference (the running mean) and sync BN (the merged batch mean).
+and accurate. The kernels subtract m = fl(c + o), the mean rounded once, whose error
+e = (c + o) - m is exact (common.mean_and_error), and fold e into their per-channel coefficients:
+    y = (x - mean) * scale + shift = (x - m) * scale + (shift - e * scale)
+x - m is exact for data near the mean, so data such as 1000 + 0.01 * noise keep their digits in y
+and in the gradients, and e (at most half an ulp of m: 3e-5 at 1000) is not lost either. The
+backward's sums are taken about the same m, so its ReLU mask and its sums share one subtraction
+per element. The centre is not stored: every kernel reloads it from x (load_centre). Where there
+is no pivot, the centre is the mean itself, stored in ``Centre``, and the offset is 0: inference
+(the running mean) and sync BN (the merged batch mean).
 
 What a forward leaves for backward is thus 8 bytes per statistic channel in fp32, as torch's
 mean and invstd: (offset, rstd), or (centre, rstd); and with renorm or the Keras adjustment the
@@ -36,18 +38,22 @@ import triton.language as tl
 from .common import (
     apply_activation,
     arrive_in_group,
+    batch_mean,
     chan_merge,
     channel_block,
     channel_coefficients,
     channel_offset,
     finalize_tile,
+    fold_mean_error,
     given,
     last_tile,
     last_to_arrive,
     load_centre,
     load_channel_values,
     load_pivot,
+    mean_and_error,
     mean_from_sum,
+    normalized,
     pre_activation,
     program_ranges,
     rows_aligned,
@@ -578,11 +584,12 @@ def bn_apply_kernel(
                 tl.store(Centre + bc, mean)
                 tl.store(Rstd + bc, rstd)
     else:
-        mean = load_centre(Centre, X, bc, bc_mask, K, stride_x, ACC, HAS_CENTRE,
-                           HAS_GROUPS, CHANNELS_FAST)
-        scale, shift = channel_coefficients(Offset, Rstd, Weight, Bias, PreScale, PreShift, bc, bc_mask,
-                                            K, ACC, HAS_OFFSET, HAS_WEIGHT, HAS_BIAS, HAS_PRE_AFFINE,
-                                            HAS_GROUPS, CHANNELS_FAST)
+        mean, mean_error = batch_mean(load_centre(Centre, X, bc, bc_mask, K, stride_x, ACC,
+                                                  HAS_CENTRE, HAS_GROUPS, CHANNELS_FAST),
+                                      Offset, bc, bc_mask, ACC, HAS_OFFSET, CHANNELS_FAST)
+        scale, shift = channel_coefficients(mean_error, Rstd, Weight, Bias, PreScale, PreShift, bc,
+                                            bc_mask, K, ACC, HAS_OFFSET, HAS_WEIGHT, HAS_BIAS,
+                                            HAS_PRE_AFFINE, HAS_GROUPS, CHANNELS_FAST)
     # backwards, in reverse order of bn_stats_kernel's walk of the same partition (training):
     # the tiles it read last are still in L2
     b_last, n_b = last_tile(b_begin, b_end, BLOCK_B)
@@ -658,8 +665,8 @@ def bn_fused_forward_kernel(
     a, b, b_mask, mask = tile_indices(a_begin, b_begin, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
     x_offs = tile_offsets(a, b, s_fixed, R1, K, stride_x, False, CHANNELS_FAST, False, 1)
     pivot = load_pivot(X, b, b_mask, s_fixed, K, stride_x, ACC, False, CHANNELS_FAST)
-    centred = tl.load(X + x_offs, mask=mask, other=0.0).to(ACC) - pivot  # x - centre
-    total, m2, n = tile_moments(centred, mask)
+    x = tl.load(X + x_offs, mask=mask, other=0.0).to(ACC)
+    total, m2, n = tile_moments(x, pivot, mask)
     if CHANNELS_FAST:
         centre = tl.reshape(pivot, [BLOCK_B])
         c = b
@@ -681,13 +688,16 @@ def bn_fused_forward_kernel(
         if last_to_arrive(Counter, 0, tl.num_programs(0)):
             count_batch(NumBatches)
     scale = rstd * multiplier
-    shift = shift - offset * scale  # y = (x - centre) * scale + shift, as channel_coefficients
+    mean, mean_error = mean_and_error(centre, offset)
+    shift = fold_mean_error(shift, mean_error, scale)  # y = (x - mean) * scale + shift
     tl.store(Offset + c, offset, mask=c_mask)
     tl.store(Rstd + c, rstd, mask=c_mask)
     if CHANNELS_FAST:
+        mean = mean[None, :]
         scale = scale[None, :]
         shift = shift[None, :]
     y_offs = tile_offsets(a, b, s_fixed, R1, K, stride_y, False, CHANNELS_FAST, False, 1)
     z_offs = tile_offsets(a, b, s_fixed, R1, K, stride_z, False, CHANNELS_FAST, False, 1)
-    y = apply_activation(centred * scale + shift, Residual, z_offs, mask, HAS_RESIDUAL, RELU, "")
+    y = apply_activation(normalized(x, mean, scale, shift), Residual, z_offs, mask, HAS_RESIDUAL,
+                         RELU, "")
     tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=mask)

@@ -44,9 +44,12 @@ from .backward import (
 from .common import (
     apply_activation,
     chan_merge,
+    fold_mean_error,
     given,
     load_pivot,
+    mean_and_error,
     mean_from_sum,
+    normalized,
     program_ranges,
     sqrt_rn,
     tile_indices,
@@ -133,7 +136,7 @@ def bn_persistent_forward_kernel(
     pivot = load_pivot(X, b_first, b_first < b_end, s_fixed, K, stride_x, ACC, False,
                        CHANNELS_FAST)
     x_offs = tile_offsets(a, b, s_fixed, R1, K, stride_x, False, CHANNELS_FAST, False, 1)
-    centred = tl.load(X + x_offs, mask=mask, other=0.0).to(ACC) - pivot  # x - centre, kept
+    x = tl.load(X + x_offs, mask=mask, other=0.0).to(ACC)  # kept in registers
     if CHANNELS_FAST:
         c = b_first
         c_mask = b_first < b_end
@@ -142,7 +145,7 @@ def bn_persistent_forward_kernel(
         c_mask = c < K
 
     if PHASE != 2:  # 1. this part's statistics to its fixed slots
-        total, m2, n_tile = tile_moments(centred, mask)
+        total, m2, n_tile = tile_moments(x, pivot, mask)
         if CHANNELS_FAST:
             tl.store(PartSum + part * K + c, total, mask=c_mask)
             tl.store(PartM2 + part * K + c, m2, mask=c_mask)
@@ -180,20 +183,23 @@ def bn_persistent_forward_kernel(
                 HAS_WEIGHT, HAS_BIAS, HAS_ADJUST, RENORM, False, UNBIASED, CUMULATIVE, False,
                 COUNT_BATCH)
         scale = rstd * multiplier
-        shift = shift - offset * scale  # y = (x - centre) * scale + shift, as channel_coefficients
+        m, mean_error = mean_and_error(centre, offset)  # the rounded mean, and its error
+        shift = fold_mean_error(shift, mean_error, scale)  # y = (x - m) * scale + shift
         if part == 0:
             tl.store(Offset + c, offset, mask=c_mask)
             tl.store(Rstd + c, rstd, mask=c_mask)
         if CHANNELS_FAST:
+            m = m[None, :]
             scale = scale[None, :]
             shift = shift[None, :]
         else:
-            scale = tl.sum(scale, 0)  # the one channel's values as scalars
+            m = tl.sum(m, 0)  # the one channel's values as scalars
+            scale = tl.sum(scale, 0)
             shift = tl.sum(shift, 0)
         y_offs = tile_offsets(a, b, s_fixed, R1, K, stride_y, False, CHANNELS_FAST, False, 1)
         z_offs = tile_offsets(a, b, s_fixed, R1, K, stride_z, False, CHANNELS_FAST, False, 1)
-        y = apply_activation(centred * scale + shift, Residual, z_offs, mask, HAS_RESIDUAL, RELU,
-                             "")
+        y = apply_activation(normalized(x, m, scale, shift), Residual, z_offs, mask,
+                             HAS_RESIDUAL, RELU, "")
         tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -236,11 +242,11 @@ def bn_persistent_backward_kernel(
         c = s_fixed + tl.arange(0, 1)  # the channel as a vector (sum_parts), and as a scalar
         c_mask = c < K
         cs = s_fixed
-    pivot, mean, scale, shift = saved_channel_terms(  # the sums are about the mean
+    mean, scale, shift = saved_channel_terms(  # the sums are about the mean
         X, Centre, Offset, Rstd, Weight, Bias, PreScale, PreShift, cs, c_mask, K, stride_x, ACC,
         HAS_CENTRE, HAS_OFFSET, HAS_WEIGHT, HAS_BIAS, HAS_PRE_AFFINE, False, CHANNELS_FAST)
     x, g = load_x_and_gated_dy(
-        X, DY, Residual, a, b, s_fixed, mask, pivot, scale, shift, R1, K,
+        X, DY, Residual, a, b, s_fixed, mask, mean, scale, shift, R1, K,
         stride_x, stride_dy, stride_z, ACC, False, CHANNELS_FAST, HAS_RESIDUAL, RELU,
         False, "", 1)
     xm = tl.where(mask, x - mean, 0.0)
