@@ -837,7 +837,7 @@ def pre_activations_at_zero(shape, fmt):
     return x, w, beta
 
 
-@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("path", ["fused", "split1"])  # (split3 adds parts, not mask code)
 @pytest.mark.parametrize("fmt", [None, torch.channels_last], ids=["nchw", "nhwc"])
 def test_relu_mask_is_the_forwards_at_zero(fmt, path):
     """The ReLU the backward recomputes (the reduction's dbias, the dx kernel's or the gate's

@@ -337,7 +337,7 @@ def test_bench_reports_the_persistent_path(launches, tmp_path, capsys):
                                            "bn_persistent_backward_kernel"}
 
 
-@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("layout", ["nhwc"])  # (nchw: the same mask code, 26 s more)
 def test_relu_mask_is_the_forwards_at_zero(launches, layout):
     """The persistent forward's y and the persistent backward's recomputed ReLU (dbias, dx's
     dresidual) and a double backward's agree on pre-activations at zero (test_functional's

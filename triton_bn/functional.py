@@ -244,10 +244,23 @@ class _Views:
 
 
 def _relu_mask(v: _Views, saved, cfg, acc):
-    """Where the fused ReLU passed its input, recomputed as the kernels do (``kernels.common.
-    channel_coefficients``, ``mean_and_error``): y = (x - m) * scale + shift, m = c + o rounded
-    once and its error e = (c + o) - m (TwoSum) folded into the shift."""
+    """Where the fused ReLU passed its input, as a [V, G, ...] view like ``v.act``. Plain
+    tensors: the kernels' own mask (the ReLU gate of ``ops.bn_backward`` on a gradient of ones),
+    the forward's bit for bit wherever it runs: on a GPU the kernels' pre-activation is one fused
+    multiply-add, which torch's multiply and add below would not reproduce to the last bit.
+    Otherwise (functorch wrappers, tracing) the same expression in torch operations
+    (``kernels.common.channel_coefficients``, ``mean_and_error``): y = (x - m) * scale + shift,
+    m = c + o rounded once and its error e = (c + o) - m (TwoSum) folded into the shift, exact in
+    Triton's CPU interpreter, which does not fuse either."""
     x, weight, bias, residual, centre, offset, rstd, pre_scale, pre_shift = saved
+    plain = (torch.Tensor, torch.nn.Parameter)  # not a FakeTensor or another subclass
+    if not torch.compiler.is_compiling() and all(
+            type(t) in plain and not _wrapped(t) for t in saved if t is not None):
+        with torch.no_grad():
+            kept = ops.bn_backward(torch.ones_like(x), *saved, axes=cfg.axes, groups=cfg.groups,
+                                   training=cfg.training, relu=True, need_dx=False,
+                                   need_dweight=False, need_dbias=False, need_dresidual=True)[3]
+        return v.act(kept, kept.dtype) > 0
     with torch.no_grad():
         multiplier = torch.ones((), dtype=acc, device=x.device)
         shift = torch.zeros((), dtype=acc, device=x.device)

@@ -717,7 +717,9 @@ def _start_backward(dy, x, residual, axes, groups, training, relu, need_dx, need
     dx = torch.empty_like(x, memory_format=torch.preserve_format) if need_dx else None
     dres = None
     if need_dresidual:
-        dres = torch.empty_like(residual, memory_format=torch.preserve_format) if relu else dy
+        # (no residual: the mask alone, functional._relu_mask)
+        dres = torch.empty_like(residual if residual is not None else dy,
+                                memory_format=torch.preserve_format) if relu else dy
     write_dres = need_dresidual and relu
     active = [x, dy] + ([residual] if residual is not None else [])
     active += [dx if dx is not None else x] + [dres if write_dres else x]
