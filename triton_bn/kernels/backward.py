@@ -227,9 +227,10 @@ def bn_backward_reduce_kernel(
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
     GROUP_P: tl.constexpr,
 ):
-    """A part's sums of dy and dy * (x - centre) per statistic channel. Each lane accumulates
-    over all of the program's tiles (a column of the tile is always one statistic channel); the
-    lanes are added once, at the end, so the loop has no reduction across lanes and no barrier.
+    """A part's sums of g, g * (x - m) and x - m per statistic channel (see the module
+    docstring). Each lane accumulates over all of the program's tiles (a column of the tile is
+    always one statistic channel); the lanes are added once, at the end, so the loop has no
+    reduction across lanes and no barrier.
     Masked-off lanes load dy = 0 and add nothing. With FINALIZE the last program of a channel
     tile (of the grid, with ghost batches) to store its part then adds the tile's parts and writes
     CoefB, CoefC, dgamma and dbeta (finalize_grad_channels), as bn_stats_kernel does forward: one

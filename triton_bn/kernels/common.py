@@ -404,7 +404,7 @@ def channel_coefficients(mean_error, Rstd, Weight, Bias, PreScale, PreShift, bc,
 @triton.jit
 def fold_mean_error(base, mean_error, scale):
     """The shift about the rounded mean m: base - e * scale (see mean_and_error), one
-    expression for the finalize, the single-pass kernels and channel_coefficients."""
+    expression for the single-pass and persistent forwards and channel_coefficients."""
     return base - mean_error * scale
 
 

@@ -503,7 +503,7 @@ def bn_finalize_kernel(
 @triton.jit
 def apply_at(x_ptrs, y_ptrs, z_ptrs, mask, mean, scale, shift, ACC: tl.constexpr,
              HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr):
-    """y = act((x - centre) * scale + shift [+ residual]) of one tile, given its pointers (z_ptrs:
+    """y = act((x - m) * scale + shift [+ residual]) of one tile, given its pointers (z_ptrs:
     the residual's, HAS_RESIDUAL). x and the residual are read for the last time (evict first); y
     is streamed out (.cs). A constant-true mask (a whole tile) costs nothing."""
     x = widen(tl.load(x_ptrs, mask=mask, other=0.0, eviction_policy="evict_first"), ACC)
@@ -553,8 +553,8 @@ def bn_apply_kernel(
     HAS_BIAS: tl.constexpr, HAS_PRE_AFFINE: tl.constexpr, FROM_RUNNING: tl.constexpr,
     ROWS_FLAT: tl.constexpr, ALIGN: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
-    """y = act((x - centre) * scale + shift [+ residual]): training, from the finalized
-    statistics (scale and shift recomputed, channel_coefficients); inference (FROM_RUNNING), from
+    """y = act((x - m) * scale + shift [+ residual]): training, from the finalized statistics
+    (m the rounded mean, batch_mean; scale and shift recomputed, channel_coefficients); inference (FROM_RUNNING), from
     the running statistics, keeping the running mean (the centre) and rstd for backward."""
     if FROM_RUNNING:
         ACC = Hyper.dtype.element_ty

@@ -12,7 +12,7 @@ bn_persistent_forward_kernel, one launch of co-resident programs (a cooperative 
        y is written once. Only the part-0 program of a channel writes Offset/Rstd and updates
        the running statistics (exactly one writer per channel).
 Bytes moved: x read once, y written once (2 per element, against 3 on the split path).
-bn_persistent_backward_kernel does the same with x and dy (sums of dy and dy * (x - centre)
+bn_persistent_backward_kernel does the same with x and dy (sums of g, g * (x - m) and x - m
 through the barrier; 3 bytes per element moved against 5).
 
 Every program reads the state channel_affine_and_update reads; the part-0 program also writes
