@@ -869,6 +869,33 @@ def check_relu_mask_at_zero(fmt, shape=(3, 24, 4, 4)):  # 48 values a channel: a
         assert torch.equal(db2.detach(), kept.sum(dim=(0, 2, 3)).float()), "torch mask"
 
 
+@pytest.mark.parametrize("path", ["fused", "split1"])
+@pytest.mark.parametrize("residual_grad", [True, False], ids=["gated", "one_node"])
+def test_residual_relu_mask_is_y_where_y_rounds_to_zero(path, residual_grad):
+    """BN + add + ReLU in fp16, bias 1e-8: where x is its channel's mean the pre-activation is
+    1e-8 > 0 in fp32 but the fp16 output y is 0 (half fp16's smallest subnormal is 3e-8), so
+    torch's ReLU, whose mask is y > 0, passes no gradient there, and neither may the fused
+    layer: it reads the mask from y (recomputed from the pre-activation, as before, it passed
+    the gradient). Both backward nodes: the ReLU gate (the residual needs a gradient) and the
+    batch norm's own."""
+    C = 4
+    x = torch.tensor([-1.0, 0.0, 1.0]).repeat(2, C, 1).half().requires_grad_()  # mean 0
+    w = torch.ones(C, requires_grad=True)
+    b = torch.full((C,), 1e-8, requires_grad=True)
+    z = torch.zeros_like(x, requires_grad=residual_grad)
+    with tuning.override(**PATHS[path]):
+        y = normalize(x, w, b, residual=z, activation="relu")
+        assert torch.equal(y[..., 1], torch.zeros_like(y[..., 1]))  # 1e-8 rounded to 0
+        assert (y[..., 2] > 0).all() and torch.equal(y[..., 0], torch.zeros_like(y[..., 0]))
+        dy = torch.rand_like(y) + 0.5
+        inputs = [x, b] + ([z] if residual_grad else [])
+        grads = torch.autograd.grad(y, inputs, dy)
+    kept = y > 0  # torch's ReLU rule on the layer's own output
+    assert torch.equal(grads[1], (dy.float() * kept).sum(dim=(0, 2))), "dbias"
+    if residual_grad:
+        assert torch.equal(grads[2], dy * kept), "dresidual"
+
+
 # ---------------------------------------------------------------------------- gradcheck
 def _gc(fn, inputs, fast_mode=True):
     # fast mode (random projections of the Jacobian) keeps the interpreter's call count small

@@ -1,5 +1,6 @@
-"""What a batch-norm layer keeps for backward beyond the tensors it is given (x, the residual of a
-fused add, its parameters and buffers, all kept by reference): torch's BatchNorm keeps its
+"""What a batch-norm layer keeps for backward beyond the tensors it is given (x, its parameters
+and buffers, all kept by reference; with a fused add and ReLU, its output y, as torch's ReLU
+keeps it, and not the residual): torch's BatchNorm keeps its
 batch mean and invstd, 8 bytes per channel in fp32 (16 in float64), measured here on torch itself
 with the same hooks; a triton_bn layer may keep no more on any path (the mean's offset from x's
 pivot and rstd; the centre and rstd in inference and sync BN, see ops.ForwardResult). Renorm and
@@ -84,14 +85,22 @@ def test_module_relu_saves_what_torch_bn_saves(path, channels_last, dtype):
 
 
 @pytest.mark.parametrize("path", list(PATHS))
-def test_residual_relu_saves_8_bytes_per_channel(path):
-    """BN + add + ReLU: the batch norm's node and the ReLU gate's share what they keep."""
-    x, z = _x(), torch.randn(4, C, 3, 5, requires_grad=True)
+@pytest.mark.parametrize("residual_grad", [True, False], ids=["gated", "one_node"])
+def test_residual_relu_saves_what_torch_bn_add_relu_saves(path, residual_grad):
+    """BN + add + ReLU keeps the statistics and, for the ReLU mask, its output y (torch's ReLU
+    keeps its output for the same reason), not the residual: what torch's BatchNorm2d, add and
+    ReLU keep, measured with the same hooks. With a residual that needs a gradient the batch
+    norm's node and the ReLU gate's share them."""
+    x, z = _x(), torch.randn(4, C, 3, 5, requires_grad=residual_grad)
     w, b, running = _state()
     with tuning.override(**PATHS[path]):
         got = saved_beyond(lambda: normalize(x, w, b, running=running, residual=z,
                                              activation="relu"), x, z, w, b)
-    assert got <= torch_bn_saved(x) == 8 * C
+    bn = nn.BatchNorm2d(C)
+    xr, zr = x.detach().clone().requires_grad_(), z.detach().clone().requires_grad_(residual_grad)
+    bar = saved_beyond(lambda: torch.relu(bn(xr) + zr), xr, zr, *bn.parameters(), *bn.buffers())
+    assert bar == 8 * C + x.numel() * x.element_size()  # the statistics and the ReLU's output
+    assert got == bar
 
 
 def test_ghost_batches_save_8_bytes_per_statistic_channel():

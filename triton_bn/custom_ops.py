@@ -75,28 +75,29 @@ def _(x, weight, bias, residual, adj_scale, adj_bias, running_mean, running_var,
 
 @torch.library.custom_op("triton_bn::bn_backward", mutates_args=())
 def bn_backward(
-    dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
+    dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, y: Tensor | None,
     centre: Tensor | None, offset: Tensor | None, rstd: Tensor, pre_scale: Tensor | None,
     pre_shift: Tensor | None, axes: list[int],
     groups: int, training: bool, relu: bool, need_dx: bool, need_dweight: bool, need_dbias: bool,
     need_dresidual: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias, dresidual): ``ops.bn_backward`` as an operator; dresidual only with
-    relu (without it, dresidual is dy itself and the caller uses dy, as outputs may not alias)."""
+    relu (without it, dresidual is dy itself and the caller uses dy, as outputs may not alias);
+    y: the forward's output where it added a residual (the ReLU mask is y > 0), else None."""
     dx, dw, db, dz = ops.bn_backward(
-        dy, x, weight, bias, residual, centre, offset, rstd, pre_scale, pre_shift, axes=tuple(axes),
+        dy, x, weight, bias, y, centre, offset, rstd, pre_scale, pre_shift, axes=tuple(axes),
         groups=groups, training=training, relu=relu, need_dx=need_dx, need_dweight=need_dweight,
         need_dbias=need_dbias, need_dresidual=need_dresidual and relu)
     return tuple(t if t is not None else _absent(rstd) for t in (dx, dw, db, dz))
 
 
 @bn_backward.register_fake
-def _(dy, x, weight, bias, residual, centre, offset, rstd, pre_scale, pre_shift, axes, groups, training,
+def _(dy, x, weight, bias, y, centre, offset, rstd, pre_scale, pre_shift, axes, groups, training,
       relu, need_dx, need_dweight, need_dbias, need_dresidual):
     K = math.prod(x.shape[a] for a in axes)
     dx = torch.empty_like(x, memory_format=torch.preserve_format) if need_dx else _absent(rstd)
     dw = rstd.new_empty(K) if need_dweight else _absent(rstd)
     db = rstd.new_empty(K) if need_dbias else _absent(rstd)
-    dz = torch.empty_like(residual, memory_format=torch.preserve_format) \
+    dz = torch.empty_like(y if y is not None else dy, memory_format=torch.preserve_format) \
         if need_dresidual and relu else _absent(rstd)
     return dx, dw, db, dz

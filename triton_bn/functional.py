@@ -145,7 +145,7 @@ def _backward(ctx, dy: torch.Tensor) -> tuple:
     need_x, need_w, need_b, need_z = ctx.needs_input_grad[:4]
     need_z = need_z and not ctx.gated  # else the gate node gives the residual's gradient
     saved = ctx.saved_tensors
-    x, weight, bias, residual, centre, offset, rstd, pre_scale, pre_shift = saved
+    x, weight, bias, mask_from, centre, offset, rstd, pre_scale, pre_shift = saved
     cfg = ctx.cfg
     if rstd is None:  # empty input: every gradient is zero
         w_like = weight if weight is not None else dy.new_empty(0)
@@ -172,7 +172,7 @@ def _backward(ctx, dy: torch.Tensor) -> tuple:
     else:
         planned = None
         if ctx.memo is not None and ctx.sync is None and not persistent.requested():
-            planned = ops.backward_memo(ctx.memo, dy, cfg.relu, residual is not None, need_x,
+            planned = ops.backward_memo(ctx.memo, dy, cfg.relu, mask_from is not None, need_x,
                                         need_w, need_b, need_z).get("planned_backward")
         sync = {} if ctx.sync is None else {"all_reduce": ctx.sync.all_reduce,
                                             "global_count": ctx.global_count}
@@ -244,7 +244,9 @@ class _Views:
 
 
 def _relu_mask(v: _Views, saved, cfg, acc):
-    """Where the fused ReLU passed its input, as a [V, G, ...] view like ``v.act``. Plain
+    """Where the fused ReLU passed its input, as a [V, G, ...] view like ``v.act``: y > 0, as
+    torch's ReLU decides. After a residual the saved slot of the residual holds the forward's
+    output y itself (``_save``), and the mask is read from it. Without one, plain
     tensors: the kernels' own mask (the ReLU gate of ``ops.bn_backward`` on a gradient of ones),
     the forward's bit for bit wherever it runs: on a GPU the kernels' pre-activation is one fused
     multiply-add, which torch's multiply and add below would not reproduce to the last bit.
@@ -252,7 +254,9 @@ def _relu_mask(v: _Views, saved, cfg, acc):
     (``kernels.common.channel_coefficients``, ``mean_and_error``): y = (x - m) * scale + shift,
     m = c + o rounded once and its error e = (c + o) - m (TwoSum) folded into the shift, exact in
     Triton's CPU interpreter, which does not fuse either."""
-    x, weight, bias, residual, centre, offset, rstd, pre_scale, pre_shift = saved
+    x, weight, bias, y, centre, offset, rstd, pre_scale, pre_shift = saved
+    if y is not None:
+        return v.act(y, acc) > 0
     plain = (torch.Tensor, torch.nn.Parameter)  # not a FakeTensor or another subclass
     if not torch.compiler.is_compiling() and all(
             type(t) in plain and not _wrapped(t) for t in saved if t is not None):
@@ -278,10 +282,7 @@ def _relu_mask(v: _Views, saved, cfg, acc):
             c, mean = mean, mean + o
             t = mean - c
             shift = shift - ((c - (mean - t)) + (o - t)) * scale
-        pre = (v.act(x, acc) - mean) * scale + shift
-        if residual is not None:
-            pre = pre + v.act(residual, acc)
-        return pre > 0
+        return (v.act(x, acc) - mean) * scale + shift > 0
 
 
 def _torch_backward(dy, saved, cfg: NormConfig, recompute: bool, needs) -> tuple:
@@ -289,13 +290,13 @@ def _torch_backward(dy, saved, cfg: NormConfig, recompute: bool, needs) -> tuple
     from x so that the gradients are differentiable functions of x (double backward); the
     renorm r, d and the adjustment stay constants, as in the forward."""
     need_x, need_w, need_b, need_z = needs
-    x, weight, bias, residual, centre, offset, rstd, pre_scale, pre_shift = saved
+    x, weight, bias, _, centre, offset, rstd, pre_scale, pre_shift = saved
     acc = rstd.dtype
     v = _Views(x, cfg)
     xa, g = v.act(x, acc), v.act(dy, acc)
     if cfg.relu:
         g = torch.where(_relu_mask(v, saved, cfg, acc), g, 0.0)
-    dz = v.out(g, residual) if need_z else None
+    dz = v.out(g, dy) if need_z else None
     if cfg.training and recompute:
         m = xa.mean(dim=v.red, keepdim=True)
         r = torch.rsqrt(((xa - m) ** 2).mean(dim=v.red, keepdim=True) + cfg.eps)
@@ -326,7 +327,7 @@ def _torch_backward(dy, saved, cfg: NormConfig, recompute: bool, needs) -> tuple
 def _jvp(ctx, tx, tw, tb, tz) -> torch.Tensor:
     """Forward-mode derivative of y from the input tangents (r, d and the adjustment constant)."""
     saved = ctx.saved_tensors
-    x, weight, bias, residual, centre, offset, rstd, pre_scale, pre_shift = saved
+    x, weight, bias, _, centre, offset, rstd, pre_scale, pre_shift = saved
     cfg = ctx.cfg
     if rstd is None:
         return torch.zeros_like(x)
@@ -362,13 +363,15 @@ def _jvp(ctx, tx, tw, tb, tz) -> torch.Tensor:
 
 def _save(ctx, inputs, outs, sync, gated: bool = False, memo: Optional[dict] = None) -> tuple:
     """Saves for backward x, the parameters (by reference; beta only for the ReLU mask), the
-    residual (ReLU mask) and the per-channel statistics (8 bytes per channel, as torch's batch
-    norm: see ``ops.ForwardResult``); returns the saved tuple. ``gated``: the ReLU and the
-    residual's gradient belong to a _ReluGateFunction node after this one, whose backward hands
-    this one the gated gradient: the batch norm's backward alone here (no ReLU, no residual)."""
+    output y where a residual was added before the ReLU (the mask is y > 0: torch's ReLU saves
+    its output for the same reason; the residual itself is not needed) and the per-channel
+    statistics (8 bytes per channel, as torch's batch norm: see ``ops.ForwardResult``); returns
+    the saved tuple. ``gated``: the ReLU and the residual's gradient belong to a
+    _ReluGateFunction node after this one, whose backward hands this one the gated gradient:
+    the batch norm's backward alone here (no ReLU, no residual)."""
     x, weight, bias, residual = inputs[:4]
     cfg = inputs[12]
-    _, centre, offset, rstd, pre_scale, pre_shift, global_count = outs
+    y, centre, offset, rstd, pre_scale, pre_shift, global_count = outs
     if gated:
         cfg, residual = dataclasses.replace(cfg, relu=False), None
     ctx.cfg, ctx.sync, ctx.global_count, ctx.gated = cfg, sync, global_count, gated
@@ -376,7 +379,9 @@ def _save(ctx, inputs, outs, sync, gated: bool = False, memo: Optional[dict] = N
     ctx.param_dtypes = (weight.dtype if weight is not None else None,
                         bias.dtype if bias is not None else None)
     ctx.bias_shape = bias.shape if bias is not None else (0,)
-    saved = (x, weight, bias if cfg.relu else None, residual, centre, offset, rstd, pre_scale, pre_shift)
+    mask_from = y if cfg.relu and residual is not None else None
+    saved = (x, weight, bias if cfg.relu else None, mask_from, centre, offset, rstd, pre_scale,
+             pre_shift)
     ctx.save_for_backward(*saved)
     return saved
 
@@ -467,17 +472,18 @@ class BatchNormFunction(torch.autograd.Function):
 class _ReluGateFunction(torch.autograd.Function):
     """The ReLU and the residual add of a fused BN + add + ReLU layer as their own autograd node:
     forward passes y through (the fused kernel computed it); backward gives the gated gradient
-    g = dy * (pre-activation > 0), recomputed as the fused kernels do, to both the batch norm's
-    node and the residual (as torch's ReluBackward and AddBackward do). One node would hold dy,
-    dx and the residual's gradient at once, plus dweight and dbias; here dy is freed before the
-    batch norm's backward runs on g, so a step's peak holds no more than torch's (perf/README,
-    fuse_memory). Cost: 9 activation passes instead of 8 (the gate reads x, dy, the residual and
-    writes g; the batch norm reads x and g twice and writes dx) and one more launch.
-    ``BatchNormFunction.gate_residual = False`` keeps the single node."""
+    g = dy * (y > 0), read from the saved y as torch's ReluBackward reads its output, to both the
+    batch norm's node and the residual (as torch's ReluBackward and AddBackward do). One node
+    would hold dy, dx and the residual's gradient at once, plus dweight and dbias; here dy is
+    freed before the batch norm's backward runs on g, so a step's peak holds no more than
+    torch's (perf/README, fuse_memory). Activation passes: 8, as torch's (the gate reads y and
+    dy and writes g; the batch norm reads x and g twice and writes dx), one launch more than the
+    single node. ``BatchNormFunction.gate_residual = False`` keeps the single node."""
 
     @staticmethod
     def forward(ctx, y, residual, x, weight, bias, centre, offset, rstd, pre_scale, pre_shift, cfg):
-        ctx.save_for_backward(x, weight, bias, residual, centre, offset, rstd, pre_scale, pre_shift)
+        # y in the slot the batch norm's own backward reads the mask from (_save, _relu_mask)
+        ctx.save_for_backward(x, weight, bias, y, centre, offset, rstd, pre_scale, pre_shift)
         ctx.cfg = cfg
         return y
 

@@ -220,21 +220,21 @@ def _run_fused_forward(st: _Static, grid, *, x, y, residual, offset, rstd, state
     st.launch(bn_fused_forward_kernel, grid, (x, y, residual, offset, rstd, *state, hyper, counter))
 
 
-def _run_grad_reduce(st: _Static, grid, *, x, dy, residual, saved, parts, counter, coef_b, coef_c,
+def _run_grad_reduce(st: _Static, grid, *, x, dy, y, saved, parts, counter, coef_b, coef_c,
                      dweight, dbias, n) -> None:
-    st.launch(bn_backward_reduce_kernel, grid, (x, dy, residual, *saved, parts, counter, coef_b,
+    st.launch(bn_backward_reduce_kernel, grid, (x, dy, y, *saved, parts, counter, coef_b,
                                                 coef_c, dweight, dbias, n))
 
 
-def _run_grad_apply(st: _Static, grid, *, x, dy, residual, dx, dresidual, saved, coef_b,
+def _run_grad_apply(st: _Static, grid, *, x, dy, y, dx, dresidual, saved, coef_b,
                     coef_c) -> None:
-    st.launch(bn_backward_apply_kernel, grid, (x, dy, residual, dx, dresidual, *saved, coef_b,
+    st.launch(bn_backward_apply_kernel, grid, (x, dy, y, dx, dresidual, *saved, coef_b,
                                                coef_c))
 
 
-def _run_fused_backward(st: _Static, grid, *, x, dy, residual, dx, dresidual, saved, dweight,
+def _run_fused_backward(st: _Static, grid, *, x, dy, y, dx, dresidual, saved, dweight,
                         dbias) -> None:
-    st.launch(bn_fused_backward_kernel, grid, (x, dy, residual, dx, dresidual, *saved, dweight,
+    st.launch(bn_fused_backward_kernel, grid, (x, dy, y, dx, dresidual, *saved, dweight,
                                                dbias))
 
 
@@ -321,7 +321,9 @@ def hyper_tensor(device: torch.device, dtype: torch.dtype, eps: float, momentum:
 @dataclass
 class _Call:
     """What the forward and backward steps of one call share: the prepared activation-like
-    tensors, whether a residual takes part, and whether offsets need 64 bits."""
+    tensors, whether a residual takes part (backward: whether the forward's output is read for
+    the ReLU mask, which it is exactly when the forward added a residual), and whether offsets
+    need 64 bits."""
 
     prep: Prepared
     has_residual: bool
@@ -699,7 +701,8 @@ class _Backward(_Call):
     write_dres: bool
 
     def views(self):
-        """(x, dy, z, dx, dz) tensors and their strides, in the kernels' view."""
+        """(x, dy, y, dx, dz) tensors and their strides, in the kernels' view (y: the forward's
+        output, for the ReLU mask after a residual)."""
         t, st = self.prep.tensors, self.geo.strides
         idx = [0, 1, 2 if self.has_residual else 0, -2, -1]
         tensors = [t[i] for i in idx]
@@ -712,20 +715,20 @@ class _Backward(_Call):
         return tensors, [st[i] for i in idx]
 
 
-def _start_backward(dy, x, residual, axes, groups, training, relu, need_dx, need_dresidual,
+def _start_backward(dy, x, y, axes, groups, training, relu, need_dx, need_dresidual,
                     memo: Optional[dict] = None) -> _Backward:
     dx = torch.empty_like(x, memory_format=torch.preserve_format) if need_dx else None
     dres = None
     if need_dresidual:
         # (no residual: the mask alone, functional._relu_mask)
-        dres = torch.empty_like(residual if residual is not None else dy,
+        dres = torch.empty_like(y if y is not None else dy,
                                 memory_format=torch.preserve_format) if relu else dy
     write_dres = need_dresidual and relu
-    active = [x, dy] + ([residual] if residual is not None else [])
+    active = [x, dy] + ([y] if y is not None else [])
     active += [dx if dx is not None else x] + [dres if write_dres else x]
     prep = _prepare_memo(memo, "backward_geometry", x.shape, active, axes,
                          groups if training else 1)
-    return _Backward(prep, residual is not None, _needs_int64(prep.geometry), dx, dres, write_dres)
+    return _Backward(prep, y is not None, _needs_int64(prep.geometry), dx, dres, write_dres)
 
 
 @dataclass
@@ -754,7 +757,7 @@ def _launch_grad_reduce(bw: _Backward, plan, saved: _Saved, relu, finalize=None,
     programs also write the dx coefficients and the parameter gradients: returns (coef_b,
     coef_c) then."""
     geo = bw.geo
-    (xs, dys, zs, _, _), (st_x, st_dy, st_z, _, _) = bw.views()
+    (xs, dys, ys, _, _), (st_x, st_dy, st_y, _, _) = bw.views()
     training = True
     if finalize is None:
         parts = torch.empty(grad_parts_shape(plan.n_parts, geo.S), device=xs.device,
@@ -771,14 +774,14 @@ def _launch_grad_reduce(bw: _Backward, plan, saved: _Saved, relu, finalize=None,
     st = _memo_get(memo, "grad_reduce")
     if st is None:
         st = _memo_put(memo, "grad_reduce", _Static(
-            (plan.sizes(geo), st_x, st_dy, st_z), dict(
+            (plan.sizes(geo), st_x, st_dy, st_y), dict(
                 HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, RELU=relu,
                 TRAINING=training, BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B,
                 **finalize_blocks(geo, plan, "backward", finalize=finalize is not None)),
             (geo, plan, bw.int64, relu, training,
-             _dtypes((xs, dys, zs, *saved.args(), counter, coef_b, coef_c, dweight, dbias))),
+             _dtypes((xs, dys, ys, *saved.args(), counter, coef_b, coef_c, dweight, dbias))),
             plan.num_warps))
-    _run_grad_reduce(st, plan.grid, x=xs, dy=dys, residual=zs, saved=saved.args(), parts=parts,
+    _run_grad_reduce(st, plan.grid, x=xs, dy=dys, y=ys, saved=saved.args(), parts=parts,
                      counter=counter, coef_b=coef_b, coef_c=coef_c, dweight=dweight, dbias=dbias,
                      n=n)
     return coefs if finalize is not None else parts
@@ -802,17 +805,17 @@ def _launch_grad_apply(bw: _Backward, saved: _Saved, coef_b, coef_c, training, r
     """dx (and the residual's gradient); ``plan``: the reduction pass's, walked backwards (its
     last reads are still in L2), else the apply plan."""
     geo = bw.geo
-    (xs, dys, zs, dxs, dzs), (st_x, st_dy, st_z, st_dx, st_dz) = bw.views()
+    (xs, dys, ys, dxs, dzs), (st_x, st_dy, st_y, st_dx, st_dz) = bw.views()
     ap = plan or tuning.plan_tiles(geo, "apply", xs.device, xs.dtype)
     st = _memo_get(memo, "grad_apply")
     if st is None:
         st = _memo_put(memo, "grad_apply", _Static(
-            (ap.sizes(geo), st_x, st_dy, st_z, st_dx, st_dz), dict(
+            (ap.sizes(geo), st_x, st_dy, st_y, st_dx, st_dz), dict(
                 HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, RELU=relu,
                 TRAINING=training, BLOCK_A=ap.BLOCK_A, BLOCK_B=ap.BLOCK_B),
-            (geo, ap, bw.int64, relu, training, _dtypes((xs, dys, zs, dxs, dzs, *saved.args()))),
+            (geo, ap, bw.int64, relu, training, _dtypes((xs, dys, ys, dxs, dzs, *saved.args()))),
             ap.num_warps))
-    _run_grad_apply(st, ap.grid, x=xs, dy=dys, residual=zs, dx=dxs, dresidual=dzs,
+    _run_grad_apply(st, ap.grid, x=xs, dy=dys, y=ys, dx=dxs, dresidual=dzs,
                     saved=saved.args(), coef_b=coef_b, coef_c=coef_c)
 
 
@@ -821,7 +824,7 @@ def bn_backward(
     x: torch.Tensor,
     weight: Optional[torch.Tensor],
     bias: Optional[torch.Tensor],
-    residual: Optional[torch.Tensor],
+    y: Optional[torch.Tensor],
     centre: Optional[torch.Tensor],
     offset: Optional[torch.Tensor],
     rstd: torch.Tensor,
@@ -843,20 +846,21 @@ def bn_backward(
            Optional[torch.Tensor]]:
     """Gradients (dx, dweight, dbias, dresidual) from the forward's ``ForwardResult`` (centre,
     offset, rstd, pre_scale, pre_shift) and its parameters (contiguous [K]); ``bias`` is read only with
-    ``relu`` (the recomputed mask) and may be None otherwise.
+    ``relu`` (the recomputed mask) and may be None otherwise. ``y``: the forward's output where
+    it added a residual before the ReLU (the mask is y > 0, read from it), else None.
 
     Sync BN: ``all_reduce(t)`` sums a [2, S] tensor (sum dy, sum dy*(x - centre)) over processes in
     place and ``global_count`` [1] is the element count per channel over all processes; dweight
     and dbias stay local (as torch.nn.SyncBatchNorm's), dx uses the global sums.
-    Only ``need_dresidual`` (with ``relu``): the ReLU gate alone, dresidual = dy where the
-    recomputed pre-activation is > 0 (one pass, no reduction; functional._ReluGateFunction).
+    Only ``need_dresidual`` (with ``relu``): the ReLU gate alone, dresidual = dy where y > 0 (read
+    from ``y``, else recomputed; one pass, no reduction; functional._ReluGateFunction).
     memo: the layer's plan of the forward (``call_memo``), or None; the backward keeps its own
     under dy's layout and the gradients asked for.
     """
     if memo is not None:
-        memo = backward_memo(memo, dy, relu, residual is not None, need_dx, need_dweight,
+        memo = backward_memo(memo, dy, relu, y is not None, need_dx, need_dweight,
                              need_dbias, need_dresidual)
-    bw = _start_backward(dy, x, residual, axes, groups, training, relu, need_dx, need_dresidual,
+    bw = _start_backward(dy, x, y, axes, groups, training, relu, need_dx, need_dresidual,
                          memo)
     geo = bw.geo
     acc = rstd.dtype
@@ -869,8 +873,8 @@ def bn_backward(
     plan = _memo_get(memo, "backward_plan") or _memo_put(memo, "backward_plan", tuning.plan_tiles(
         geo, "backward", x.device, x.dtype, allow_fused=not sync))
     if plan.fused and x.numel():
-        (xs, dys, zs, dxs, dzs), strides = bw.views()
-        head = (xs, dys, zs, dxs, dzs, *saved.args(), dweight, dbias)
+        (xs, dys, ys, dxs, dzs), strides = bw.views()
+        head = (xs, dys, ys, dxs, dzs, *saved.args(), dweight, dbias)
         st = _memo_get(memo, "fused_backward")
         if st is None:
             st = _memo_put(memo, "fused_backward", _Static(
@@ -878,7 +882,7 @@ def bn_backward(
                 dict(CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, RELU=relu, TRAINING=training,
                      BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B),
                 (geo, plan, bw.int64, relu, training, _dtypes(head)), plan.num_warps))
-        _run_fused_backward(st, plan.grid, x=xs, dy=dys, residual=zs, dx=dxs, dresidual=dzs,
+        _run_fused_backward(st, plan.grid, x=xs, dy=dys, y=ys, dx=dxs, dresidual=dzs,
                             saved=saved.args(), dweight=dweight, dbias=dbias)
     elif not (need_dx or need_dweight or need_dbias):  # the ReLU gate alone (functional's
         if bw.write_dres and x.numel():             # _ReluGateFunction): no reduction
@@ -918,9 +922,9 @@ def bn_backward(
 
 def backward_memo(memo: dict, dy: torch.Tensor, relu: bool, has_residual: bool, *needs: bool
                   ) -> dict:
-    """The part of a layer's memo for backward calls with dy's layout, the ReLU and residual as
-    this node sees them (a gated node, functional._ReluGateFunction, sees neither) and these
-    gradients."""
+    """The part of a layer's memo for backward calls with dy's layout, the ReLU and residual (the
+    forward's output read for the mask) as this node sees them (a gated node,
+    functional._ReluGateFunction, sees neither) and these gradients."""
     key = (dy.stride(), dy.dtype, relu, has_residual, *needs)
     sub = memo.get(key)
     if sub is None:
@@ -1002,14 +1006,14 @@ class PlannedBackward:
                                    + ((geo.S,),) * 2)
             self.counters = finalize_counters(geo, plan, "backward")
 
-    def run(self, dy, x, weight, bias, residual, centre, offset, rstd, pre_scale, pre_shift,
+    def run(self, dy, x, weight, bias, y, centre, offset, rstd, pre_scale, pre_shift,
             need_dx: bool, need_dresidual: bool, relu: bool):
         """(dx, dweight, dbias, dresidual), as ``bn_backward``."""
         device, acc = x.device, rstd.dtype
         dx = torch.empty_like(x, memory_format=torch.preserve_format) if need_dx else None
         dres = None
         if need_dresidual:
-            dres = torch.empty_like(residual, memory_format=torch.preserve_format) if relu else dy
+            dres = torch.empty_like(y, memory_format=torch.preserve_format) if relu else dy
         dres_out = dres if need_dresidual and relu else None
         dweight = torch.empty(self.K, device=device, dtype=acc) if self.need_dweight else None
         dbias = torch.empty(self.K, device=device, dtype=acc) if self.need_dbias else None
@@ -1017,16 +1021,16 @@ class PlannedBackward:
             pre_scale = pre_shift = None
         saved = (centre, offset, rstd, weight, bias if relu else None, pre_scale, pre_shift)
         if len(self.launches) == 1:
-            _run_fused_backward(self.launches[0], self.grid, x=x, dy=dy, residual=residual, dx=dx,
+            _run_fused_backward(self.launches[0], self.grid, x=x, dy=dy, y=y, dx=dx,
                                 dresidual=dres_out, saved=saved, dweight=dweight, dbias=dbias)
         else:
             reduce, apply = self.launches
             parts, coef_b, coef_c = scratch(self.memo, "grad_parts", device, acc,
                                             self.scratch_shapes)
-            _run_grad_reduce(reduce, self.grid, x=x, dy=dy, residual=residual, saved=saved,
+            _run_grad_reduce(reduce, self.grid, x=x, dy=dy, y=y, saved=saved,
                              parts=parts, counter=arrival_counters(device, self.counters),
                              coef_b=coef_b, coef_c=coef_c, dweight=dweight, dbias=dbias, n=self.R)
             if apply is not None:
-                _run_grad_apply(apply, self.grid, x=x, dy=dy, residual=residual, dx=dx,
+                _run_grad_apply(apply, self.grid, x=x, dy=dy, y=y, dx=dx,
                                 dresidual=dres_out, saved=saved, coef_b=coef_b, coef_c=coef_c)
         return dx, dweight, dbias, dres

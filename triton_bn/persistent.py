@@ -255,19 +255,19 @@ def backward(bw, saved, dweight, dbias, training: bool, relu: bool) -> bool:
     if p.tiles is None:
         return False
     t = p.tiles
-    (xs, dys, zs, dxs, dzs), strides = bw.views()
+    (xs, dys, ys, dxs, dzs), strides = bw.views()
 
     def args():
         parts = torch.empty(grad_parts_shape(t.n_parts, geo.S), device=x.device,
                             dtype=saved.rstd.dtype)
-        return (xs, dys, zs, dxs, dzs, parts, barrier_counter(x.device),
+        return (xs, dys, ys, dxs, dzs, parts, barrier_counter(x.device),
                 *saved.args(), dweight, dbias, t.sizes(geo), geo.R, *strides)
 
     kw = dict(CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, RELU=relu, BLOCK_A=t.BLOCK_A,
               BLOCK_B=t.BLOCK_B, BLOCK_P=BLOCK_P, num_warps=t.num_warps)
     key = ("backward", geo, x.dtype, x.device, bw.int64, relu, bw.has_residual,
            tuple(None if a is None else a.dtype
-                 for a in (zs, dxs, dzs, *saved.args(), dweight, dbias)), p)
+                 for a in (ys, dxs, dzs, *saved.args(), dweight, dbias)), p)
     return _run(bn_persistent_backward_kernel, key, t.grid, args, kw)
 
 

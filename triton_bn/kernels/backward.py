@@ -6,7 +6,10 @@ Scale = rstd * M), the gradients are
     training:  dx = Scale * (g - sum(g) / n - x_hat * sum(g * x_hat) / n)     (per ghost group)
     inference: dx = Scale * g
 so dx = Scale * g + CoefB * (x - mean) + CoefC with two per-channel coefficients. The ReLU mask is
-recomputed from x (and the residual), never stored.
+torch's, y > 0, never stored: recomputed from x without a residual (common.relu_keep), and with
+one (HAS_RESIDUAL) read from the forward's output y, which the kernels take in the residual's
+place (argument Y): the same bytes, one compare per element, and x - m and the residual alone
+would not give it.
 
 The forward's centre c is x's pivot and o = mean - c its offset (see forward.py); every kernel
 subtracts m = fl(c + o), the mean rounded once (``batch_mean``, common.mean_and_error).
@@ -26,7 +29,7 @@ same x - m: one subtraction per element serves the mask, the sums and dx.
 The forward leaves only o (or, without a pivot, the centre: inference, sync BN) and rstd per
 statistic channel, and with renorm or adjustment the pre-gamma affine a * r, a * d + b_adj per
 parameter channel. Each kernel's per-channel prologue reloads c (x's pivot, ``load_centre``)
-and recomputes Scale and the shift of the ReLU mask from them and gamma, beta
+and recomputes Scale and the shift of the ReLU mask (without a residual) from them and gamma, beta
 (``channel_coefficients``) exactly as the forward computed them.
 """
 
@@ -55,7 +58,7 @@ from .common import (
 )
 
 # the backward kernels' flags: which of the forward's saved tensors there are (common.given)...
-SAVED_FLAGS = given(HAS_RESIDUAL="Residual", HAS_CENTRE="Centre", HAS_OFFSET="Offset",
+SAVED_FLAGS = given(HAS_RESIDUAL="Y", HAS_CENTRE="Centre", HAS_OFFSET="Offset",
                     HAS_WEIGHT="Weight", HAS_BIAS="Bias", HAS_PRE_AFFINE="PreScale")
 # ... and which gradients are asked for
 PARAM_GRAD_FLAGS = given(WRITE_DW="DWeight", WRITE_DB="DBias")
@@ -69,15 +72,16 @@ def grad_parts_shape(n_parts: int, S: int) -> tuple:
 
 
 @triton.jit
-def load_x_dy_keep(x_ptrs, dy_ptrs, z_ptrs, mask, mean, scale, shift, ACC: tl.constexpr,
+def load_x_dy_keep(x_ptrs, dy_ptrs, y_ptrs, mask, mean, scale, shift, ACC: tl.constexpr,
                    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, EVICT: tl.constexpr):
     """x, dy (0 where masked off) of a tile in the accumulation dtype, and where the fused ReLU
-    passed the gradient (relu_keep: recomputed from x and the residual; all true without RELU).
+    passed the gradient (relu_keep: y > 0, read from the forward's output at y_ptrs with a
+    residual, else recomputed from x; all true without RELU).
     Callers gate with tl.where(keep, acc + term, acc), which the compiler turns into predicated
     adds: no select per element."""
     x = widen(tl.load(x_ptrs, mask=mask, other=0.0, eviction_policy=EVICT), ACC)
     dy = widen(tl.load(dy_ptrs, mask=mask, other=0.0, eviction_policy=EVICT), ACC)
-    keep = relu_keep(x, mean, scale, shift, z_ptrs, mask, HAS_RESIDUAL, RELU, EVICT)
+    keep = relu_keep(x, mean, scale, shift, y_ptrs, mask, HAS_RESIDUAL, RELU, EVICT)
     return x, dy, keep
 
 
@@ -102,23 +106,22 @@ def saved_channel_terms(X, Centre, Offset, Rstd, Weight, Bias, PreScale, PreShif
 
 
 @triton.jit
-def load_x_and_gated_dy(X, DY, Residual, a, b, s_fixed, mask, mean, scale, shift, R1, K,
-                        stride_x, stride_dy, stride_z,
+def load_x_and_gated_dy(X, DY, Y, a, b, s_fixed, mask, mean, scale, shift, R1, K,
+                        stride_x, stride_dy, stride_y,
                         ACC: tl.constexpr, HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr,
                         HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
                         ROWS_FLAT: tl.constexpr, EVICT: tl.constexpr, ALIGN: tl.constexpr):
     """x and g (the gradient reaching the normalization: dy, zero where the fused ReLU was off,
-    recomputed from x and the residual) of the tile a x b, in the accumulation dtype; g is 0
-    where masked off."""
+    relu_keep) of the tile a x b, in the accumulation dtype; g is 0 where masked off."""
     x_offs = tile_offsets(a, b, s_fixed, R1, K, stride_x, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT,
                           ALIGN)
     dy_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dy, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT,
                            ALIGN)
-    z_ptrs = Residual
+    y_ptrs = Y
     if HAS_RESIDUAL:
-        z_ptrs = Residual + tile_offsets(a, b, s_fixed, R1, K, stride_z, HAS_GROUPS, CHANNELS_FAST,
-                                         ROWS_FLAT, ALIGN)
-    x, dy, keep = load_x_dy_keep(X + x_offs, DY + dy_offs, z_ptrs, mask, mean, scale, shift, ACC,
+        y_ptrs = Y + tile_offsets(a, b, s_fixed, R1, K, stride_y, HAS_GROUPS, CHANNELS_FAST,
+                                  ROWS_FLAT, ALIGN)
+    x, dy, keep = load_x_dy_keep(X + x_offs, DY + dy_offs, y_ptrs, mask, mean, scale, shift, ACC,
                                  HAS_RESIDUAL, RELU, EVICT)
     if RELU:
         dy = tl.where(keep, dy, 0.0)
@@ -126,14 +129,14 @@ def load_x_and_gated_dy(X, DY, Residual, a, b, s_fixed, mask, mean, scale, shift
 
 
 @triton.jit
-def reduce_tile(x_ptrs, dy_ptrs, z_ptrs, mask, mean, scale, shift, acc_dy, acc_dy_xm,
+def reduce_tile(x_ptrs, dy_ptrs, y_ptrs, mask, mean, scale, shift, acc_dy, acc_dy_xm,
                 acc_xm, ACC: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
                 SUM_XM: tl.constexpr):
     """Adds a tile's g, g * (x - m) and (SUM_XM) x - m to the per-lane accumulators (a whole
     tile: mask a constant true, which the compiler drops; x is 0 where masked off, and so is
     x - m there only with SUM_XM's mask). The ReLU mask reads the same x - m (one subtraction
     per element, see common.mean_and_error)."""
-    x, dy, keep = load_x_dy_keep(x_ptrs, dy_ptrs, z_ptrs, mask, mean, scale, shift, ACC,
+    x, dy, keep = load_x_dy_keep(x_ptrs, dy_ptrs, y_ptrs, mask, mean, scale, shift, ACC,
                                  HAS_RESIDUAL, RELU, "evict_last")
     xm = x - mean
     acc_dy = tl.where(keep, acc_dy + dy, acc_dy)
@@ -144,9 +147,9 @@ def reduce_tile(x_ptrs, dy_ptrs, z_ptrs, mask, mean, scale, shift, acc_dy, acc_d
 
 
 @triton.jit
-def reduce_tile_at(X, DY, Residual, a0, b0, a_end, b_end, s_fixed, MASKED: tl.constexpr,
+def reduce_tile_at(X, DY, Y, a0, b0, a_end, b_end, s_fixed, MASKED: tl.constexpr,
                    mean, scale, shift, acc_dy, acc_dy_xm, acc_xm, R1, K,
-                   stride_x, stride_dy, stride_z,
+                   stride_x, stride_dy, stride_y,
                    ACC: tl.constexpr, HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr,
                    INT64: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
                    ROWS_FLAT: tl.constexpr, ALIGN: tl.constexpr, SUM_XM: tl.constexpr,
@@ -155,16 +158,16 @@ def reduce_tile_at(X, DY, Residual, a0, b0, a_end, b_end, s_fixed, MASKED: tl.co
     a, b, b_mask, mask = tile_indices(a0, b0, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
     if not MASKED:
         mask = tl.full([BLOCK_A, BLOCK_B], 1, tl.int1)
-    z_ptrs = Residual
+    y_ptrs = Y
     if HAS_RESIDUAL:
-        z_ptrs = tile_pointers(Residual, a0, b, s_fixed, R1, K, stride_z, HAS_GROUPS,
+        y_ptrs = tile_pointers(Y, a0, b, s_fixed, R1, K, stride_y, HAS_GROUPS,
                                CHANNELS_FAST, ROWS_FLAT, ALIGN, INT64, BLOCK_A)
     return reduce_tile(
         tile_pointers(X, a0, b, s_fixed, R1, K, stride_x, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT,
                       ALIGN, INT64, BLOCK_A),
         tile_pointers(DY, a0, b, s_fixed, R1, K, stride_dy, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT,
                       ALIGN, INT64, BLOCK_A),
-        z_ptrs, mask, mean, scale, shift, acc_dy, acc_dy_xm, acc_xm, ACC, HAS_RESIDUAL,
+        y_ptrs, mask, mean, scale, shift, acc_dy, acc_dy_xm, acc_xm, ACC, HAS_RESIDUAL,
         RELU, SUM_XM)
 
 
@@ -205,11 +208,11 @@ def store_param_grads(c, c_mask, sum_dy, sum_dy_xhat, PreScale, PreShift, DWeigh
 
 
 @triton.heuristics({**SAVED_FLAGS, **PARAM_GRAD_FLAGS, **given(FINALIZE="Counter"),
-                    "ROWS_FLAT": rows_flat("x", "dy", "z"),
-                    "ALIGN": rows_aligned("x", "dy", "z")})
+                    "ROWS_FLAT": rows_flat("x", "dy", "y"),
+                    "ALIGN": rows_aligned("x", "dy", "y")})
 @triton.jit
 def bn_backward_reduce_kernel(
-    X, DY, Residual,               # activation, upstream gradient, residual (RELU mask only)
+    X, DY, Y,                      # activation, upstream gradient, forward's output (RES RELU mask)
     Centre,                        # [S] the forward's centres (HAS_CENTRE), else x's pivots
     Offset, Rstd,                  # [S] fp32 forward statistics: mean - centre (HAS_OFFSET), 1/std
     Weight, Bias, PreScale, PreShift,  # [K] gamma, beta (RELU only), pre-gamma affine (HAS_PRE_AFFINE)
@@ -217,7 +220,7 @@ def bn_backward_reduce_kernel(
     Counter,                       # [n_channel_tiles * (1 + groups) + 1] int32 zeros (FINALIZE); left zeros
     CoefB, CoefC, DWeight, DBias, n,  # as bn_backward_finalize_kernel
     sizes,                         # see common.SIZE_FIELDS
-    stride_x, stride_dy, stride_z,  # each (r0, r1, g, k)
+    stride_x, stride_dy, stride_y,  # each (r0, r1, g, k)
     HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, ROWS_FLAT: tl.constexpr,
     ALIGN: tl.constexpr, FINALIZE: tl.constexpr, TRAINING: tl.constexpr,
@@ -260,29 +263,29 @@ def bn_backward_reduce_kernel(
                                        CHANNELS_FAST, ROWS_FLAT, ALIGN, INT64, BLOCK_A)
                 dy_ptrs = tile_pointers(DY, a_begin, b, s_fixed, R1, K, stride_dy, HAS_GROUPS,
                                         CHANNELS_FAST, ROWS_FLAT, ALIGN, INT64, BLOCK_A)
-                z_ptrs = Residual
+                y_ptrs = Y
                 if HAS_RESIDUAL:
-                    z_ptrs = tile_pointers(Residual, a_begin, b, s_fixed, R1, K, stride_z, HAS_GROUPS,
+                    y_ptrs = tile_pointers(Y, a_begin, b, s_fixed, R1, K, stride_y, HAS_GROUPS,
                                            CHANNELS_FAST, ROWS_FLAT, ALIGN, INT64, BLOCK_A)
                 for _a0 in range(a_begin, a_full, BLOCK_A):
                     acc_dy, acc_dy_xm, acc_xm = reduce_tile(
-                        x_ptrs, dy_ptrs, z_ptrs, whole, mean, scale, shift, acc_dy,
+                        x_ptrs, dy_ptrs, y_ptrs, whole, mean, scale, shift, acc_dy,
                         acc_dy_xm, acc_xm, ACC, HAS_RESIDUAL, RELU, HAS_OFFSET)
                     x_ptrs += BLOCK_A * stride_x[1]
                     dy_ptrs += BLOCK_A * stride_dy[1]
                     if HAS_RESIDUAL:
-                        z_ptrs += BLOCK_A * stride_z[1]
+                        y_ptrs += BLOCK_A * stride_y[1]
             else:
                 for a0 in range(a_begin, a_full, BLOCK_A):
                     acc_dy, acc_dy_xm, acc_xm = reduce_tile_at(
-                        X, DY, Residual, a0, b0, a_end, b_end, s_fixed, False, mean, scale,
-                        shift, acc_dy, acc_dy_xm, acc_xm, R1, K, stride_x, stride_dy, stride_z,
+                        X, DY, Y, a0, b0, a_end, b_end, s_fixed, False, mean, scale,
+                        shift, acc_dy, acc_dy_xm, acc_xm, R1, K, stride_x, stride_dy, stride_y,
                         ACC, HAS_GROUPS, CHANNELS_FAST, INT64, HAS_RESIDUAL, RELU, ROWS_FLAT, ALIGN,
                         HAS_OFFSET, BLOCK_A, BLOCK_B)
         for a0 in range(a_full, a_end, BLOCK_A):
             acc_dy, acc_dy_xm, acc_xm = reduce_tile_at(
-                X, DY, Residual, a0, b0, a_end, b_end, s_fixed, True, mean, scale, shift,
-                acc_dy, acc_dy_xm, acc_xm, R1, K, stride_x, stride_dy, stride_z, ACC, HAS_GROUPS,
+                X, DY, Y, a0, b0, a_end, b_end, s_fixed, True, mean, scale, shift,
+                acc_dy, acc_dy_xm, acc_xm, R1, K, stride_x, stride_dy, stride_y, ACC, HAS_GROUPS,
                 CHANNELS_FAST, INT64, HAS_RESIDUAL, RELU, ROWS_FLAT, ALIGN, HAS_OFFSET, BLOCK_A,
                 BLOCK_B)
     n_rows = tl.num_programs(0) // n_channel_tiles  # rows of a Parts plane: the parts...
@@ -451,17 +454,17 @@ def bn_backward_finalize_kernel(
 
 
 @triton.heuristics({**SAVED_FLAGS, **INPUT_GRAD_FLAGS,
-                    "ROWS_FLAT": rows_flat("x", "dy", "z", "dx", "dz"),
-                    "ALIGN": rows_aligned("x", "dy", "z", "dx", "dz")})
+                    "ROWS_FLAT": rows_flat("x", "dy", "y", "dx", "dz"),
+                    "ALIGN": rows_aligned("x", "dy", "y", "dx", "dz")})
 @triton.jit
 def bn_backward_apply_kernel(
-    X, DY, Residual, DX, DResidual,
+    X, DY, Y, DX, DResidual,       # Y: the forward's output (HAS_RESIDUAL: the ReLU mask, y > 0)
     Centre,                        # [S] the forward's centres (HAS_CENTRE), else x's pivots
     Offset, Rstd,                  # [S] fp32 forward statistics: mean - centre (HAS_OFFSET), 1/std
     Weight, Bias, PreScale, PreShift,  # [K] gamma, beta (RELU only), pre-gamma affine (HAS_PRE_AFFINE)
     CoefB, CoefC,                  # [S] fp32 dx coefficients (finalize_grad_channels)
     sizes,                         # see common.SIZE_FIELDS
-    stride_x, stride_dy, stride_z, stride_dx, stride_dz,  # each (r0, r1, g, k)
+    stride_x, stride_dy, stride_y, stride_dx, stride_dz,  # each (r0, r1, g, k)
     HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, TRAINING: tl.constexpr,
     HAS_CENTRE: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
@@ -494,40 +497,40 @@ def bn_backward_apply_kernel(
                 a, b, b_mask, mask = tile_indices(a_full, b0, a_end, b_end, BLOCK_A, BLOCK_B,
                                                   INT64)
                 if a_full < a_end:
-                    x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs = grad_apply_pointers(
-                        X, DY, Residual, DX, DResidual, a_full, b, s_fixed, R1, K,
-                        stride_x, stride_dy, stride_z, stride_dx, stride_dz, HAS_GROUPS,
+                    x_ptrs, dy_ptrs, y_ptrs, dx_ptrs, dz_ptrs = grad_apply_pointers(
+                        X, DY, Y, DX, DResidual, a_full, b, s_fixed, R1, K,
+                        stride_x, stride_dy, stride_y, stride_dx, stride_dz, HAS_GROUPS,
                         CHANNELS_FAST, INT64, HAS_RESIDUAL, WRITE_DX, WRITE_DRESIDUAL, ROWS_FLAT, ALIGN, BLOCK_A)
-                    grad_apply_tile(x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs, mask, mean,
+                    grad_apply_tile(x_ptrs, dy_ptrs, y_ptrs, dx_ptrs, dz_ptrs, mask, mean,
                                     scale, shift, coef_b, coef_c, ACC, HAS_RESIDUAL, RELU,
                                     TRAINING, WRITE_DX, WRITE_DRESIDUAL)
                 whole = tl.full([BLOCK_A, BLOCK_B], 1, tl.int1)
                 n_whole = (a_full - a_begin) // BLOCK_A
                 if ROWS_FLAT:  # pointers carried from tile to tile: one add per vector
-                    x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs = grad_apply_pointers(
-                        X, DY, Residual, DX, DResidual, a_full - BLOCK_A, b, s_fixed, R1, K,
-                        stride_x, stride_dy, stride_z, stride_dx, stride_dz, HAS_GROUPS,
+                    x_ptrs, dy_ptrs, y_ptrs, dx_ptrs, dz_ptrs = grad_apply_pointers(
+                        X, DY, Y, DX, DResidual, a_full - BLOCK_A, b, s_fixed, R1, K,
+                        stride_x, stride_dy, stride_y, stride_dx, stride_dz, HAS_GROUPS,
                         CHANNELS_FAST, INT64, HAS_RESIDUAL, WRITE_DX, WRITE_DRESIDUAL, ROWS_FLAT, ALIGN, BLOCK_A)
                     for _i in range(0, n_whole):
-                        grad_apply_tile(x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs, whole, mean,
+                        grad_apply_tile(x_ptrs, dy_ptrs, y_ptrs, dx_ptrs, dz_ptrs, whole, mean,
                                         scale, shift, coef_b, coef_c, ACC, HAS_RESIDUAL, RELU,
                                         TRAINING, WRITE_DX, WRITE_DRESIDUAL)
                         x_ptrs -= BLOCK_A * stride_x[1]
                         dy_ptrs -= BLOCK_A * stride_dy[1]
                         if HAS_RESIDUAL:
-                            z_ptrs -= BLOCK_A * stride_z[1]
+                            y_ptrs -= BLOCK_A * stride_y[1]
                         if WRITE_DX:
                             dx_ptrs -= BLOCK_A * stride_dx[1]
                         if WRITE_DRESIDUAL:
                             dz_ptrs -= BLOCK_A * stride_dz[1]
                 else:
                     for i in range(0, n_whole):
-                        x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs = grad_apply_pointers(
-                            X, DY, Residual, DX, DResidual, a_full - BLOCK_A - i * BLOCK_A, b,
-                            s_fixed, R1, K, stride_x, stride_dy, stride_z, stride_dx, stride_dz,
+                        x_ptrs, dy_ptrs, y_ptrs, dx_ptrs, dz_ptrs = grad_apply_pointers(
+                            X, DY, Y, DX, DResidual, a_full - BLOCK_A - i * BLOCK_A, b,
+                            s_fixed, R1, K, stride_x, stride_dy, stride_y, stride_dx, stride_dz,
                             HAS_GROUPS, CHANNELS_FAST, INT64, HAS_RESIDUAL, WRITE_DX,
                             WRITE_DRESIDUAL, ROWS_FLAT, ALIGN, BLOCK_A)
-                        grad_apply_tile(x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs, whole, mean,
+                        grad_apply_tile(x_ptrs, dy_ptrs, y_ptrs, dx_ptrs, dz_ptrs, whole, mean,
                                         scale, shift, coef_b, coef_c, ACC, HAS_RESIDUAL, RELU,
                                         TRAINING, WRITE_DX, WRITE_DRESIDUAL)
                 a_full = a_end  # done
@@ -536,24 +539,24 @@ def bn_backward_apply_kernel(
         for i in range(0, n_a):
             a, b, b_mask, mask = tile_indices(a_last - i * BLOCK_A, b0, a_end, b_end, BLOCK_A,
                                               BLOCK_B, INT64)
-            x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs = grad_apply_pointers(
-                X, DY, Residual, DX, DResidual, a_last - i * BLOCK_A, b, s_fixed, R1, K,
-                stride_x, stride_dy, stride_z, stride_dx, stride_dz, HAS_GROUPS, CHANNELS_FAST,
+            x_ptrs, dy_ptrs, y_ptrs, dx_ptrs, dz_ptrs = grad_apply_pointers(
+                X, DY, Y, DX, DResidual, a_last - i * BLOCK_A, b, s_fixed, R1, K,
+                stride_x, stride_dy, stride_y, stride_dx, stride_dz, HAS_GROUPS, CHANNELS_FAST,
                 INT64, HAS_RESIDUAL, WRITE_DX, WRITE_DRESIDUAL, ROWS_FLAT, ALIGN, BLOCK_A)
-            grad_apply_tile(x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs, mask, mean, scale,
+            grad_apply_tile(x_ptrs, dy_ptrs, y_ptrs, dx_ptrs, dz_ptrs, mask, mean, scale,
                             shift, coef_b, coef_c, ACC, HAS_RESIDUAL, RELU, TRAINING, WRITE_DX,
                             WRITE_DRESIDUAL)
 
 @triton.jit
-def grad_apply_tile(x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs, mask, mean, scale, shift, coef_b,
+def grad_apply_tile(x_ptrs, dy_ptrs, y_ptrs, dx_ptrs, dz_ptrs, mask, mean, scale, shift, coef_b,
                     coef_c, ACC: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
                     TRAINING: tl.constexpr, WRITE_DX: tl.constexpr,
                     WRITE_DRESIDUAL: tl.constexpr):
     """dx = keep ? Scale * dy + t : t with t = CoefB * (x - m) + CoefC (0 in inference), and the
-    residual's gradient keep ? dy : 0, of one tile (keep: the ReLU mask, recomputed from the
-    same x - m). The select of a value computed either way becomes a predicated multiply-add
+    residual's gradient keep ? dy : 0, of one tile (keep: the ReLU mask, relu_keep; recomputed
+    from the same x - m without a residual). The select of a value computed either way becomes a predicated multiply-add
     (no select per element)."""
-    x, dy, keep = load_x_dy_keep(x_ptrs, dy_ptrs, z_ptrs, mask, mean, scale, shift, ACC,
+    x, dy, keep = load_x_dy_keep(x_ptrs, dy_ptrs, y_ptrs, mask, mean, scale, shift, ACC,
                                  HAS_RESIDUAL, RELU, "evict_first")
     if WRITE_DRESIDUAL:
         tl.store(dz_ptrs, tl.where(keep, dy, 0.0).to(dz_ptrs.dtype.element_ty), mask=mask,
@@ -568,22 +571,22 @@ def grad_apply_tile(x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs, mask, mean, scale
 
 
 @triton.jit
-def grad_apply_pointers(X, DY, Residual, DX, DResidual, a0, b, s_fixed, R1, K,
-                        stride_x, stride_dy, stride_z, stride_dx, stride_dz,
+def grad_apply_pointers(X, DY, Y, DX, DResidual, a0, b, s_fixed, R1, K,
+                        stride_x, stride_dy, stride_y, stride_dx, stride_dz,
                         HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr,
                         INT64: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                         WRITE_DX: tl.constexpr, WRITE_DRESIDUAL: tl.constexpr,
                         ROWS_FLAT: tl.constexpr, ALIGN: tl.constexpr, BLOCK_A: tl.constexpr):
-    """tile_pointers of x, dy, the residual, dx and the residual's gradient for the tile of rows
+    """tile_pointers of x, dy, y (HAS_RESIDUAL), dx and the residual's gradient for the tile of rows
     a0 + [0, BLOCK_A) and columns b (an absent tensor's: x's, never used; a function cannot
     return None)."""
     x_ptrs = tile_pointers(X, a0, b, s_fixed, R1, K, stride_x, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT,
                            ALIGN, INT64, BLOCK_A)
     dy_ptrs = tile_pointers(DY, a0, b, s_fixed, R1, K, stride_dy, HAS_GROUPS, CHANNELS_FAST,
                             ROWS_FLAT, ALIGN, INT64, BLOCK_A)
-    z_ptrs = x_ptrs
+    y_ptrs = x_ptrs
     if HAS_RESIDUAL:
-        z_ptrs = tile_pointers(Residual, a0, b, s_fixed, R1, K, stride_z, HAS_GROUPS, CHANNELS_FAST,
+        y_ptrs = tile_pointers(Y, a0, b, s_fixed, R1, K, stride_y, HAS_GROUPS, CHANNELS_FAST,
                                ROWS_FLAT, ALIGN, INT64, BLOCK_A)
     dx_ptrs = x_ptrs
     if WRITE_DX:
@@ -593,19 +596,19 @@ def grad_apply_pointers(X, DY, Residual, DX, DResidual, a0, b, s_fixed, R1, K,
     if WRITE_DRESIDUAL:
         dz_ptrs = tile_pointers(DResidual, a0, b, s_fixed, R1, K, stride_dz, HAS_GROUPS,
                                 CHANNELS_FAST, ROWS_FLAT, ALIGN, INT64, BLOCK_A)
-    return x_ptrs, dy_ptrs, z_ptrs, dx_ptrs, dz_ptrs
+    return x_ptrs, dy_ptrs, y_ptrs, dx_ptrs, dz_ptrs
 
 
 @triton.heuristics({**SAVED_FLAGS, **PARAM_GRAD_FLAGS, **INPUT_GRAD_FLAGS})
 @triton.jit
 def bn_fused_backward_kernel(
-    X, DY, Residual, DX, DResidual,
+    X, DY, Y, DX, DResidual,       # Y: the forward's output (HAS_RESIDUAL: the ReLU mask, y > 0)
     Centre,                        # [K] the forward's centres (HAS_CENTRE), else x's pivots
     Offset, Rstd,                  # [K] fp32 forward statistics: mean - centre (HAS_OFFSET), 1/std
     Weight, Bias, PreScale, PreShift,  # [K] gamma, beta (RELU only), pre-gamma affine (HAS_PRE_AFFINE)
     DWeight, DBias,                # [K] out
     R1, K, A, B, n,
-    stride_x, stride_dy, stride_z, stride_dx, stride_dz,  # each (r0, r1, g, k)
+    stride_x, stride_dy, stride_y, stride_dx, stride_dz,  # each (r0, r1, g, k)
     CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, TRAINING: tl.constexpr,
     HAS_CENTRE: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
@@ -630,8 +633,8 @@ def bn_fused_backward_kernel(
         HAS_CENTRE, HAS_OFFSET, HAS_WEIGHT, HAS_BIAS, HAS_PRE_AFFINE, False, CHANNELS_FAST)
     rstd = load_channel_values(Rstd, c, c_mask, c, ACC, CHANNELS_FAST)
     x, dy = load_x_and_gated_dy(
-        X, DY, Residual, a, b, s_fixed, mask, mean, scale, shift, R1, K,
-        stride_x, stride_dy, stride_z, ACC, False, CHANNELS_FAST, HAS_RESIDUAL, RELU,
+        X, DY, Y, a, b, s_fixed, mask, mean, scale, shift, R1, K,
+        stride_x, stride_dy, stride_y, ACC, False, CHANNELS_FAST, HAS_RESIDUAL, RELU,
         False, "", 1)
     xm = tl.where(mask, x - mean, 0.0)
     sum_dy = tl.sum(dy, 0)

@@ -455,9 +455,9 @@ def normalized(x, mean, scale, shift):
 def pre_activation(x, mean, scale, shift, z_ptrs, mask, HAS_RESIDUAL: tl.constexpr,
                    EVICT: tl.constexpr):
     """(x - m) * scale + shift [+ the residual's tile at z_ptrs], m the rounded batch mean
-    (mean_and_error; the centre where there is no offset): what the fused activation sees,
-    written once, so that the split forward's y (forward.apply_at) and the backward's recomputed
-    ReLU mask (relu_keep) agree to the bit."""
+    (mean_and_error; the centre where there is no offset): what the fused activation of the
+    split forward (forward.apply_at) sees. The backward's ReLU mask without a residual
+    recomputes its first part, ``normalized``, to the bit (relu_keep)."""
     pre = normalized(x, mean, scale, shift)
     if HAS_RESIDUAL:
         pre += widen(tl.load(z_ptrs, mask=mask, other=0.0, eviction_policy=EVICT), x.dtype)
@@ -465,14 +465,25 @@ def pre_activation(x, mean, scale, shift, z_ptrs, mask, HAS_RESIDUAL: tl.constex
 
 
 @triton.jit
-def relu_keep(x, mean, scale, shift, z_ptrs, mask, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+def relu_keep(x, mean, scale, shift, y_ptrs, mask, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
               EVICT: tl.constexpr):
-    """Where the fused ReLU passed the gradient: the recomputed pre-activation > 0
-    (pre_activation, as the forward computed it; apply_activation in the single-pass and
-    persistent forwards, the same expression); z_ptrs: the residual's tile (HAS_RESIDUAL). All
-    true without RELU (a constant the compiler folds)."""
+    """Where the fused ReLU passed the gradient: where the forward's output y > 0, as torch's
+    ReLU decides. With a residual (HAS_RESIDUAL) it is read from y itself (y_ptrs: the
+    forward's output tile; the bytes the residual took before, and one compare per element
+    instead of a multiply-add, an add and a compare: x - m and the residual would not give the
+    mask without the forward's pre-activation). Without one it is recomputed from the x - m
+    the backward reads anyway, as the forward computed it: (x - m) * scale + shift > 0
+    (normalized), which is y > 0 except where a positive pre-activation rounds to 0 in y's
+    dtype. All true without RELU (a constant the compiler folds)."""
     if RELU:
-        return pre_activation(x, mean, scale, shift, z_ptrs, mask, HAS_RESIDUAL, EVICT) > 0.0
+        if HAS_RESIDUAL:
+            # widened first: Triton's CPU interpreter compares bfloat16 wrongly; the compiler
+            # folds the widening into the compare
+            # fp32 first: Triton's CPU interpreter compares bfloat16 wrongly; the compiler folds
+            # the conversion into the compare (two bf16 or fp16 compares per instruction)
+            y = tl.load(y_ptrs, mask=mask, other=0.0, eviction_policy=EVICT)
+            return y.to(tl.float32) > 0.0
+        return normalized(x, mean, scale, shift) > 0.0
     else:
         return tl.full(x.shape, 1, tl.int1)
 

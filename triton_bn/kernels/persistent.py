@@ -206,7 +206,7 @@ def bn_persistent_forward_kernel(
 @triton.heuristics({**SAVED_FLAGS, **PARAM_GRAD_FLAGS, **INPUT_GRAD_FLAGS})
 @triton.jit
 def bn_persistent_backward_kernel(
-    X, DY, Residual, DX, DResidual,
+    X, DY, Y, DX, DResidual,       # Y: the forward's output (HAS_RESIDUAL: the ReLU mask, y > 0)
     Parts,                         # [3, n_parts, K] fixed slots: each part's sums of g, g * (x - m), x - m
     Bar,                           # [1] int32 barrier counter (see grid_barrier)
     Centre,                        # [K] the forward's centres (HAS_CENTRE), else x's pivots
@@ -215,7 +215,7 @@ def bn_persistent_backward_kernel(
     DWeight, DBias,                # [K] out
     sizes,                         # see common.SIZE_FIELDS (S == K: no ghost batches)
     n,
-    stride_x, stride_dy, stride_z, stride_dx, stride_dz,  # each (r0, r1, g, k)
+    stride_x, stride_dy, stride_y, stride_dx, stride_dz,  # each (r0, r1, g, k)
     CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     HAS_CENTRE: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
@@ -246,8 +246,8 @@ def bn_persistent_backward_kernel(
         X, Centre, Offset, Rstd, Weight, Bias, PreScale, PreShift, cs, c_mask, K, stride_x, ACC,
         HAS_CENTRE, HAS_OFFSET, HAS_WEIGHT, HAS_BIAS, HAS_PRE_AFFINE, False, CHANNELS_FAST)
     x, g = load_x_and_gated_dy(
-        X, DY, Residual, a, b, s_fixed, mask, mean, scale, shift, R1, K,
-        stride_x, stride_dy, stride_z, ACC, False, CHANNELS_FAST, HAS_RESIDUAL, RELU,
+        X, DY, Y, a, b, s_fixed, mask, mean, scale, shift, R1, K,
+        stride_x, stride_dy, stride_y, ACC, False, CHANNELS_FAST, HAS_RESIDUAL, RELU,
         False, "", 1)
     xm = tl.where(mask, x - mean, 0.0)
     # the sums' rows: x - m only where m has an error (see backward.py's docstring)
