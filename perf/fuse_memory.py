@@ -51,8 +51,8 @@ from triton_bn.bench.models import (  # noqa: E402
 VARIANTS = {
     "torch BN + ReLU (eager)": lambda m: (m, "-"),
     "triton_bn convert_model": lambda m: (triton_bn.convert_model(m), "-"),
-    "triton_bn fuse (default, residual='saved')": lambda m: _fuse(m, "saved"),
-    "triton_bn fuse (residual='all')": lambda m: _fuse(m, "all"),
+    "triton_bn fuse (residual='saved')": lambda m: _fuse(m, "saved"),
+    "triton_bn fuse (default, residual='all')": lambda m: _fuse(m, "all"),
 }
 
 

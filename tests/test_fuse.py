@@ -115,7 +115,7 @@ def _run(model, x, dy):
     return y.detach(), x.grad, grads
 
 
-def _compare(ref_model, x, residual="saved"):
+def _compare(ref_model, x, residual="all"):
     """Fuses a copy of ``ref_model``; compares output, input/parameter gradients and running
     statistics with ``ref_model`` (torch's layers); returns (fused model, report)."""
     model, report = fuse(copy.deepcopy(ref_model), residual=residual, return_report=True)
@@ -146,14 +146,17 @@ def test_bottleneck_matches_torch(stride, cin):
     assert model.bn3.activation == "relu" and isinstance(model.bn3, BatchNorm2d)
 
 
-def test_downsample_add_kept_by_default():
-    """residual='saved': the downsampling shortcut (a BN output nothing else saves) is not fused."""
+def test_downsample_add_kept_with_residual_saved():
+    """residual='saved': the downsampling shortcut (a BN output nothing else saves) is not fused;
+    by default it is."""
     block = _randomize(Bottleneck(4, 4, 2)).train()
-    _, report = _compare(block, torch.randn(2, 4, 6, 6))
+    _, report = _compare(block, torch.randn(2, 4, 6, 6), residual="saved")
     assert {s.name for s in report.fused} == {"bn1", "bn2"}
     assert dict(report.unfused).keys() == {"bn3", "downsample.1"}
     assert "saved" in dict(report.unfused)["bn3"]
-    assert isinstance(dict(fuse(copy.deepcopy(block)).named_modules())["bn3"], _TritonBatchNorm)
+    modules = dict(fuse(copy.deepcopy(block), residual="saved").named_modules())
+    assert isinstance(modules["bn3"], _TritonBatchNorm)
+    assert dict(fuse(copy.deepcopy(block)).named_modules())["bn3"].activation == "relu"
 
 
 def test_spellings_all_fused():
@@ -248,11 +251,12 @@ def test_hf_resnet_trains_like_torch():
     model, report = fuse(copy.deepcopy(ref), return_report=True)
     assert type(model) is type(ref) and model.training
     assert list(model.state_dict()) == list(ref.state_dict())
-    # stem + 2 per block; the adds of stage 0's identity blocks (8 -> 8 channels, stride 1); the
-    # downsampling blocks of stages 1 and 2 keep their adds (residual="saved")
+    # stem + 2 per block; every block's add: stage 0's identity blocks (8 -> 8 channels, stride
+    # 1) and the downsampling blocks of stages 1 and 2 (residual="all", the default)
     assert report.count("relu") == 9 and sorted(s.name for s in report.fused
                                                 if s.pattern == "add+relu") == [
-        f"resnet.encoder.stages.0.layers.{i}.layer.2.normalization" for i in (0, 1)]
+        f"resnet.encoder.stages.{i}.layers.{j}.layer.2.normalization"
+        for i, j in ((0, 0), (0, 1), (1, 0), (2, 0))]
     assert not any(type(m) is nn.BatchNorm2d for m in model.modules())
     before = {k: v.clone() for k, v in ref.state_dict().items()}
     x, y = torch.randn(3, 3, 24, 24), torch.randint(0, 5, (3,))

@@ -75,7 +75,7 @@ class FuseReport:
         return "\n".join(lines)
 
 
-def fuse(model: nn.Module, *, residual: str = "saved", return_report: bool = False):
+def fuse(model: nn.Module, *, residual: str = "all", return_report: bool = False):
     """Replaces ``BatchNorm -> ReLU`` and ``BatchNorm -> add(., shortcut) -> ReLU`` in ``model`` by
     fused triton_bn layers and converts the other batch norms as ``convert_model`` does.
 
@@ -86,10 +86,11 @@ def fuse(model: nn.Module, *, residual: str = "saved", return_report: bool = Fal
     Python control flow with the default arguments of ``forward``. Returns the model, or
     ``(model, FuseReport)`` when ``return_report``.
 
-    ``residual`` says which adds to fuse: "saved" (default) only those whose shortcut is also
-    the input of a convolution, linear or batch-norm layer, which saves it for backward anyway (a fused
-    layer with a residual saves the shortcut: fusing a downsampling shortcut would keep one more
-    activation than torch does); "all"; or "none" (BN -> ReLU only).
+    ``residual`` says which adds to fuse: "all" (default); "saved", only those whose shortcut
+    is also the input of a convolution, linear or batch-norm layer (the default until fused
+    layers kept their output y for the ReLU mask, as torch's ReLU does, instead of the shortcut,
+    which cost one more activation than torch where nothing else kept it: a downsampling
+    shortcut); or "none" (BN -> ReLU only).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
