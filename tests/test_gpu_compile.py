@@ -151,7 +151,8 @@ def test_compile_report_flags_x_read_after_the_grid_barrier(reload):
 @pytest.mark.slow
 def test_resnet50_report_columns_and_no_spills(tmp_path):
     """``compile_check --resnet50 --quick`` (batch 32, the first stage's 64 x 56 x 56 in bf16
-    channels_last and fp32 NCHW, training and inference): every kernel of a training step and of
+    channels_last and fp32 NCHW, training and inference, and its 256 x 56 x 56 training step with
+    the residual + ReLU): every kernel of a training step and of
     inference is reported with its registers, main-loop SASS instructions per element, barriers
     and load width, none spills, and the finalize's dependent steps follow from the parts."""
     pytest.importorskip("triton.backends.nvidia.compiler", reason="triton without its NVIDIA backend")
@@ -190,7 +191,16 @@ def test_resnet50_report_columns_and_no_spills(tmp_path):
             # triton 3.9 and 10.6 on 3.6 while the mask subtracted the pivot and the sums the
             # mean); 9.2 on both since they share x - mean (common.mean_and_error)
             relu_sums = train_reduce and relu
-            limit = 9.2 if relu_dx else 9.3 if relu_sums else 8.0
+            # and with a residual, the reduction reads the mask from y: 9.4 (11.2-11.3 while it
+            # recomputed the pre-activation from x and the residual, 2026-12-01; 302 instructions for
+            # 32 elements)
+            res = " RES " in f" {r['flags']} "
+            res_sums = relu_sums and res
+            # and the forward's apply with the residual + ReLU: 8.9 (two tensors widened, the
+            # residual's add, the ReLU's max; 285 instructions for 32 elements, 32 x 128 on 4 warps)
+            res_apply = r["kernel"] == "bn_apply_kernel" and res
+            limit = (9.2 if relu_dx else 9.44 if res_sums else 9.3 if relu_sums else
+                     8.91 if res_apply else 8.0)
             assert r["instructions_per_element"] <= limit, where
     assert "instr/el" in output and "Finalize" in output
     assert finalize, output[-3000:]

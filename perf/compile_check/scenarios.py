@@ -313,8 +313,9 @@ def add_resnet50(add, step, quick: bool) -> None:
     """The r50: scenarios: every BatchNorm shape of torchvision's ResNet-50 at batch 32, 64 and 128,
     bf16 channels_last and fp32 NCHW, as a training step (forward + backward, plain, and with the
     fused ReLU / residual + ReLU that ``triton_bn.fuse`` gives its layers) and as inference, under
-    the GPU knobs. Labels: r50:<dtype>:<layout>:b<batch>:<C>x<HW>:<mode>. ``quick`` keeps batch 32
-    and the first stage's 64 x 56 x 56 (split path in both combinations)."""
+    the GPU knobs. Labels: r50:<dtype>:<layout>:b<batch>:<C>x<HW>:<mode>. ``quick`` keeps batch 32,
+    the first stage's 64 x 56 x 56 (split path in both combinations) and its 256 x 56 x 56 bn3's
+    training step with the residual + ReLU."""
     import torch
 
     from triton_bn.bench.shapes import RESNET50_LAYERS
@@ -323,7 +324,7 @@ def add_resnet50(add, step, quick: bool) -> None:
     layers = [(label, c, hw) for label, c, hw, _ in RESNET50_LAYERS]
     batches = RESNET50_BATCHES
     if quick:
-        layers = [layers[1]]
+        layers = layers[1:3]
         batches = batches[:1]
     for dt, dn, layout in combos:
         for batch in batches:
@@ -338,6 +339,8 @@ def add_resnet50(add, step, quick: bool) -> None:
                     name = "train+res+relu" if fused.get("residual") else "train+relu"
                     modes.insert(1, (name, fused))
                 for mode, kw in modes:
+                    if quick and fused.get("residual") and mode != "train+res+relu":
+                        continue
                     lbl = f"{tag}:{mode}"
                     add(lbl, GPU_KNOBS, lambda s=shape, d=dt, m=layout, k=kw: step(s, d, m, **k),
                         lambda lbl=lbl: log_plans(lbl))
