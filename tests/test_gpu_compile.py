@@ -196,11 +196,12 @@ def test_resnet50_report_columns_and_no_spills(tmp_path):
             # 32 elements)
             res = " RES " in f" {r['flags']} "
             res_sums = relu_sums and res
-            # and the forward's apply with the residual + ReLU: 8.9 (two tensors widened, the
-            # residual's add, the ReLU's max; 285 instructions for 32 elements, 32 x 128 on 4 warps)
+            # and the forward's apply with the residual + ReLU: 8.3 (two tensors widened, the
+            # residual's add, the ReLU's max; 267 instructions for 32 elements, 32 x 128 on 4
+            # warps; 285 while it carried its pointers from tile to tile)
             res_apply = r["kernel"] == "bn_apply_kernel" and res
             limit = (9.2 if relu_dx else 9.44 if res_sums else 9.3 if relu_sums else
-                     8.91 if res_apply else 8.0)
+                     8.35 if res_apply else 8.0)
             assert r["instructions_per_element"] <= limit, where
     assert "instr/el" in output and "Finalize" in output
     assert finalize, output[-3000:]

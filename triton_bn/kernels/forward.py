@@ -598,11 +598,14 @@ def bn_apply_kernel(
         a_full = a_begin
         if CHANNELS_FAST and ROWS_FLAT and BLOCK_B >= 32 and not HAS_GROUPS and not FROM_RUNNING:
             # a whole channel tile: its last row tile first, masked, then the whole row tiles
-            # before it, unmasked, their pointers carried from tile to tile (one add per vector).
-            # Rows of 32+ channels only: narrower ones hold a pointer per element, not per
-            # vector, and spilled (1024 x 4 fp32 with a residual: 156 B; ghost batches, int64:
-            # 8 B). Not in inference: triton 3.6 fails to compile it there ("operand does not
-            # dominate this use" in TritonGPURemoveLayoutConversions, 2026-12-01; 3.9 does).
+            # before it, unmasked, each at a scalar base (Ptr + a0 * stride r1, tile_pointers)
+            # plus offsets the loop does not change. (Pointers carried from tile to tile cost
+            # register moves every tile: bf16 32 x 128 with the residual, 285 instructions a
+            # tile against 267; the backward's loops keep carrying theirs, which is cheaper
+            # there.) Rows of 32+ channels only: narrower ones hold a pointer per element, not
+            # per vector, and spilled (1024 x 4 fp32 with a residual: 156 B; ghost batches,
+            # int64: 8 B). Not in inference: triton 3.6 failed to compile it there ("operand
+            # does not dominate this use" in TritonGPURemoveLayoutConversions, 2026-12-01).
             if b_end - b0 == BLOCK_B:
                 a_full = a_begin + (a_end - a_begin) // BLOCK_A * BLOCK_A
                 a, b, b_mask, mask = tile_indices(a_full, b0, a_end, b_end, BLOCK_A, BLOCK_B,
@@ -614,17 +617,13 @@ def bn_apply_kernel(
                     apply_at(x_ptrs, y_ptrs, z_ptrs, mask, mean, scale, shift, ACC, HAS_RESIDUAL,
                              RELU)
                 whole = tl.full([BLOCK_A, BLOCK_B], 1, tl.int1)
-                x_ptrs, y_ptrs, z_ptrs = apply_pointers(
-                    X, Y, Residual, a_full - BLOCK_A, b, s_fixed, R1, K, stride_x, stride_y,
-                    stride_z, HAS_GROUPS, CHANNELS_FAST, INT64, HAS_RESIDUAL, ROWS_FLAT, ALIGN,
-                    BLOCK_A)
-                for _i in range(0, (a_full - a_begin) // BLOCK_A):
+                for i in range(0, (a_full - a_begin) // BLOCK_A):
+                    x_ptrs, y_ptrs, z_ptrs = apply_pointers(
+                        X, Y, Residual, a_full - (i + 1) * BLOCK_A, b, s_fixed, R1, K, stride_x,
+                        stride_y, stride_z, HAS_GROUPS, CHANNELS_FAST, INT64, HAS_RESIDUAL,
+                        ROWS_FLAT, ALIGN, BLOCK_A)
                     apply_at(x_ptrs, y_ptrs, z_ptrs, whole, mean, scale, shift, ACC, HAS_RESIDUAL,
                              RELU)
-                    x_ptrs -= BLOCK_A * stride_x[1]
-                    y_ptrs -= BLOCK_A * stride_y[1]
-                    if HAS_RESIDUAL:
-                        z_ptrs -= BLOCK_A * stride_z[1]
                 a_full = a_end  # done
         # otherwise (a partial channel tile, or reduction fast) every tile masked, backwards
         a_last, n_a = last_tile(a_full, a_end, BLOCK_A)
