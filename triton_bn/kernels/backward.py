@@ -554,8 +554,8 @@ def grad_apply_tile(x_ptrs, dy_ptrs, y_ptrs, dx_ptrs, dz_ptrs, mask, mean, scale
                     WRITE_DRESIDUAL: tl.constexpr):
     """dx = keep ? Scale * dy + t : t with t = CoefB * (x - m) + CoefC (0 in inference), and the
     residual's gradient keep ? dy : 0, of one tile (keep: the ReLU mask, relu_keep; recomputed
-    from the same x - m without a residual). The select of a value computed either way becomes a predicated multiply-add
-    (no select per element)."""
+    from the same x - m without a residual). The select of a value computed either way becomes
+    a predicated multiply-add (no select per element)."""
     x, dy, keep = load_x_dy_keep(x_ptrs, dy_ptrs, y_ptrs, mask, mean, scale, shift, ACC,
                                  HAS_RESIDUAL, RELU, "evict_first")
     if WRITE_DRESIDUAL:

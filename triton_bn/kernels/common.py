@@ -477,8 +477,6 @@ def relu_keep(x, mean, scale, shift, y_ptrs, mask, HAS_RESIDUAL: tl.constexpr, R
     dtype. All true without RELU (a constant the compiler folds)."""
     if RELU:
         if HAS_RESIDUAL:
-            # widened first: Triton's CPU interpreter compares bfloat16 wrongly; the compiler
-            # folds the widening into the compare
             # fp32 first: Triton's CPU interpreter compares bfloat16 wrongly; the compiler folds
             # the conversion into the compare (two bf16 or fp16 compares per instruction)
             y = tl.load(y_ptrs, mask=mask, other=0.0, eviction_policy=EVICT)

@@ -554,8 +554,9 @@ def bn_apply_kernel(
     ROWS_FLAT: tl.constexpr, ALIGN: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """y = act((x - m) * scale + shift [+ residual]): training, from the finalized statistics
-    (m the rounded mean, batch_mean; scale and shift recomputed, channel_coefficients); inference (FROM_RUNNING), from
-    the running statistics, keeping the running mean (the centre) and rstd for backward."""
+    (m the rounded mean, batch_mean; scale and shift recomputed, channel_coefficients);
+    inference (FROM_RUNNING), from the running statistics, keeping the running mean (the
+    centre) and rstd for backward."""
     if FROM_RUNNING:
         ACC = Hyper.dtype.element_ty
     else:
