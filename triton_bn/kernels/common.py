@@ -432,18 +432,6 @@ def last_tile(begin, end, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def apply_activation(pre, Residual, res_offsets, mask, HAS_RESIDUAL: tl.constexpr,
-                     RELU: tl.constexpr, EVICT: tl.constexpr):
-    """Adds the residual (if any) and applies the activation to a normalized fp32 tile."""
-    if HAS_RESIDUAL:
-        pre += tl.load(Residual + res_offsets, mask=mask, other=0.0,
-                       eviction_policy=EVICT).to(pre.dtype)
-    if RELU:
-        pre = tl.maximum(pre, 0.0)
-    return pre
-
-
-@triton.jit
 def normalized(x, mean, scale, shift):
     """(x - m) * scale + shift: the batch norm's output before the residual and the activation,
     one expression for every kernel (the compiler makes it one fused multiply-add; Triton's
@@ -452,15 +440,15 @@ def normalized(x, mean, scale, shift):
 
 
 @triton.jit
-def pre_activation(x, mean, scale, shift, z_ptrs, mask, HAS_RESIDUAL: tl.constexpr,
-                   EVICT: tl.constexpr):
-    """(x - m) * scale + shift [+ the residual's tile at z_ptrs], m the rounded batch mean
-    (mean_and_error; the centre where there is no offset): what the fused activation of the
-    split forward (forward.apply_at) sees. The backward's ReLU mask without a residual
-    recomputes its first part, ``normalized``, to the bit (relu_keep)."""
-    pre = normalized(x, mean, scale, shift)
+def activation(pre, z_ptrs, mask, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+               EVICT: tl.constexpr):
+    """act(pre [+ the residual's tile at z_ptrs]) of a normalized tile pre (``normalized``, in the
+    accumulation dtype): what every forward writes as y, and what the backward's ReLU mask
+    reads back from y (relu_keep)."""
     if HAS_RESIDUAL:
-        pre += widen(tl.load(z_ptrs, mask=mask, other=0.0, eviction_policy=EVICT), x.dtype)
+        pre += widen(tl.load(z_ptrs, mask=mask, other=0.0, eviction_policy=EVICT), pre.dtype)
+    if RELU:
+        pre = tl.maximum(pre, 0.0)
     return pre
 
 

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from .common import (
-    apply_activation,
+    activation,
     arrive_in_group,
     batch_mean,
     chan_merge,
@@ -54,7 +54,6 @@ from .common import (
     mean_and_error,
     mean_from_sum,
     normalized,
-    pre_activation,
     program_ranges,
     rows_aligned,
     rows_flat,
@@ -507,10 +506,9 @@ def apply_at(x_ptrs, y_ptrs, z_ptrs, mask, mean, scale, shift, ACC: tl.constexpr
     the residual's, HAS_RESIDUAL). x and the residual are read for the last time (evict first); y
     is streamed out (.cs). A constant-true mask (a whole tile) costs nothing."""
     x = widen(tl.load(x_ptrs, mask=mask, other=0.0, eviction_policy="evict_first"), ACC)
-    pre = pre_activation(x, mean, scale, shift, z_ptrs, mask, HAS_RESIDUAL, "evict_first")
-    if RELU:
-        pre = tl.maximum(pre, 0.0)
-    tl.store(y_ptrs, pre.to(y_ptrs.dtype.element_ty), mask=mask, cache_modifier=".cs")
+    y = activation(normalized(x, mean, scale, shift), z_ptrs, mask, HAS_RESIDUAL, RELU,
+                   "evict_first")
+    tl.store(y_ptrs, y.to(y_ptrs.dtype.element_ty), mask=mask, cache_modifier=".cs")
 
 
 @triton.jit
@@ -697,7 +695,9 @@ def bn_fused_forward_kernel(
         scale = scale[None, :]
         shift = shift[None, :]
     y_offs = tile_offsets(a, b, s_fixed, R1, K, stride_y, False, CHANNELS_FAST, False, 1)
-    z_offs = tile_offsets(a, b, s_fixed, R1, K, stride_z, False, CHANNELS_FAST, False, 1)
-    y = apply_activation(normalized(x, mean, scale, shift), Residual, z_offs, mask, HAS_RESIDUAL,
-                         RELU, "")
+    z_ptrs = Y  # the residual's tile, HAS_RESIDUAL only
+    if HAS_RESIDUAL:
+        z_ptrs = Residual + tile_offsets(a, b, s_fixed, R1, K, stride_z, False, CHANNELS_FAST,
+                                         False, 1)
+    y = activation(normalized(x, mean, scale, shift), z_ptrs, mask, HAS_RESIDUAL, RELU, "")
     tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=mask)

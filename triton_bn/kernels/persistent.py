@@ -42,7 +42,7 @@ from .backward import (
     sum_parts,
 )
 from .common import (
-    apply_activation,
+    activation,
     chan_merge,
     fold_mean_error,
     given,
@@ -197,9 +197,11 @@ def bn_persistent_forward_kernel(
             scale = tl.sum(scale, 0)
             shift = tl.sum(shift, 0)
         y_offs = tile_offsets(a, b, s_fixed, R1, K, stride_y, False, CHANNELS_FAST, False, 1)
-        z_offs = tile_offsets(a, b, s_fixed, R1, K, stride_z, False, CHANNELS_FAST, False, 1)
-        y = apply_activation(normalized(x, m, scale, shift), Residual, z_offs, mask,
-                             HAS_RESIDUAL, RELU, "")
+        z_ptrs = Y  # the residual's tile, HAS_RESIDUAL only
+        if HAS_RESIDUAL:
+            z_ptrs = Residual + tile_offsets(a, b, s_fixed, R1, K, stride_z, False, CHANNELS_FAST,
+                                             False, 1)
+        y = activation(normalized(x, m, scale, shift), z_ptrs, mask, HAS_RESIDUAL, RELU, "")
         tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
