@@ -257,24 +257,21 @@ def bn_backward_reduce_kernel(
             if b_end - b0 == BLOCK_B:
                 a_full = a_begin + (a_end - a_begin) // BLOCK_A * BLOCK_A
             whole = tl.full([BLOCK_A, BLOCK_B], 1, tl.int1)
-            if ROWS_FLAT:  # pointers carried from tile to tile: one add per vector and tensor
+            # flat rows: x's and dy's pointers carried from tile to tile (one add per vector and
+            # tensor); with the residual's y too, ptxas copies the three sets register to
+            # register every step, so those are rebuilt per tile from a scalar base instead
+            if ROWS_FLAT and not HAS_RESIDUAL:
                 _, b, _, _ = tile_indices(a_begin, b0, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
                 x_ptrs = tile_pointers(X, a_begin, b, s_fixed, R1, K, stride_x, HAS_GROUPS,
                                        CHANNELS_FAST, ROWS_FLAT, ALIGN, INT64, BLOCK_A)
                 dy_ptrs = tile_pointers(DY, a_begin, b, s_fixed, R1, K, stride_dy, HAS_GROUPS,
                                         CHANNELS_FAST, ROWS_FLAT, ALIGN, INT64, BLOCK_A)
-                y_ptrs = Y
-                if HAS_RESIDUAL:
-                    y_ptrs = tile_pointers(Y, a_begin, b, s_fixed, R1, K, stride_y, HAS_GROUPS,
-                                           CHANNELS_FAST, ROWS_FLAT, ALIGN, INT64, BLOCK_A)
                 for _a0 in range(a_begin, a_full, BLOCK_A):
                     acc_dy, acc_dy_xm, acc_xm = reduce_tile(
-                        x_ptrs, dy_ptrs, y_ptrs, whole, mean, scale, shift, acc_dy,
+                        x_ptrs, dy_ptrs, Y, whole, mean, scale, shift, acc_dy,
                         acc_dy_xm, acc_xm, ACC, HAS_RESIDUAL, RELU, HAS_OFFSET)
                     x_ptrs += BLOCK_A * stride_x[1]
                     dy_ptrs += BLOCK_A * stride_dy[1]
-                    if HAS_RESIDUAL:
-                        y_ptrs += BLOCK_A * stride_y[1]
             else:
                 for a0 in range(a_begin, a_full, BLOCK_A):
                     acc_dy, acc_dy_xm, acc_xm = reduce_tile_at(
