@@ -837,6 +837,41 @@ def pre_activations_at_zero(shape, fmt):
     return x, w, beta
 
 
+@pytest.mark.parametrize("path", ["fused", "split1"])  # (split3 adds parts, not NaN handling)
+@pytest.mark.parametrize("activation", ["relu", None])
+@pytest.mark.parametrize("where", ["x-training", "x-inference", "residual", "double-backward"])
+def test_nan_propagates_as_torch(where, activation, path):
+    """A NaN input gives torch's NaNs, forward and backward, with and without the fused ReLU:
+    in training its whole channel is NaN (the batch mean is), in inference and in a residual only
+    its own output. torch.relu keeps a NaN (max(NaN, 0) is NaN, where the hardware's fmax would
+    give 0 and hide it from the loss) and passes the gradient where y is NaN (threshold_backward
+    zeroes only y <= 0); in inference dx = scale * dy never reads x. Oracle: torch's batch_norm
+    (+ residual, relu) and its autograd on the same inputs."""
+    training = where != "x-inference"
+    g = torch.Generator().manual_seed(3)
+    x, z, dy = (torch.randn(3, 4, 5, 5, generator=g) for _ in range(3))
+    (z if where == "residual" else x)[1, 2, 3, 4] = float("nan")
+    w, b = torch.rand(4, generator=g) + 0.5, torch.randn(4, generator=g)
+    rm, rv = torch.randn(4, generator=g), torch.rand(4, generator=g) + 0.5
+    ours = [t.clone().requires_grad_() for t in (x, w, b, z)]
+    theirs = [t.clone().requires_grad_() for t in (x, w, b, z)]
+    double = where == "double-backward"  # torch operations (functional._torch_backward)
+    with tuning.override(**PATHS[path]):
+        y = normalize(*ours[:3], training=training, residual=ours[3], activation=activation,
+                      running=None if training else RunningStats(rm.clone(), rv.clone()))
+        grads = torch.autograd.grad(y, ours, dy, create_graph=double)
+    yt = F.batch_norm(theirs[0], None if training else rm, None if training else rv,
+                      theirs[1], theirs[2], training) + theirs[3]
+    if activation == "relu":
+        yt = torch.relu(yt)
+    whole_channel = training and where != "residual"  # 3 x 5 x 5 values
+    assert yt.isnan().sum() == (75 if whole_channel else 1), "torch's output must have the NaNs"
+    expected = torch.autograd.grad(yt, theirs, dy)
+    assert_close(y, yt, "y", equal_nan=True, **TOL[torch.float32])
+    for name, got, want in zip(("dx", "dweight", "dbias", "dresidual"), grads, expected):
+        assert_close(got, want, name, equal_nan=True, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("path", ["fused", "split1"])  # (split3 adds parts, not mask code)
 @pytest.mark.parametrize("fmt", [None, torch.channels_last], ids=["nchw", "nhwc"])
 def test_relu_mask_is_the_forwards_at_zero(fmt, path):

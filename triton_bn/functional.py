@@ -244,19 +244,19 @@ class _Views:
 
 
 def _relu_mask(v: _Views, saved, cfg, acc):
-    """Where the fused ReLU passed its input, as a [V, G, ...] view like ``v.act``: y > 0, as
-    torch's ReLU decides. After a residual the saved slot of the residual holds the forward's
-    output y itself (``_save``), and the mask is read from it. Without one, plain
-    tensors: the kernels' own mask (the ReLU gate of ``ops.bn_backward`` on a gradient of ones),
-    the forward's bit for bit wherever it runs: on a GPU the kernels' pre-activation is one fused
-    multiply-add, which torch's multiply and add below would not reproduce to the last bit.
-    Otherwise (functorch wrappers, tracing) the same expression in torch operations
-    (``kernels.common.channel_coefficients``, ``mean_and_error``): y = (x - m) * scale + shift,
-    m = c + o rounded once and its error e = (c + o) - m (TwoSum) folded into the shift, exact in
-    Triton's CPU interpreter, which does not fuse either."""
+    """Where the fused ReLU passed its input, as a [V, G, ...] view like ``v.act``: not y <= 0,
+    as torch's ReLU decides (threshold_backward: a NaN y passes the gradient). After a
+    residual the saved slot of the residual holds the forward's output y itself (``_save``), and
+    the mask is read from it. Without one, plain tensors: the kernels' own mask (the ReLU gate of
+    ``ops.bn_backward`` on a gradient of ones), the forward's bit for bit wherever it runs: on a
+    GPU the kernels' pre-activation is one fused multiply-add, which torch's multiply and add
+    below would not reproduce to the last bit. Otherwise (functorch wrappers, tracing) the same
+    expression in torch operations (``kernels.common.channel_coefficients``, ``mean_and_error``):
+    y = (x - m) * scale + shift, m = c + o rounded once and its error e = (c + o) - m (TwoSum)
+    folded into the shift, exact in Triton's CPU interpreter, which does not fuse either."""
     x, weight, bias, y, centre, offset, rstd, pre_scale, pre_shift = saved
     if y is not None:
-        return v.act(y, acc) > 0
+        return ~(v.act(y, acc) <= 0)
     plain = (torch.Tensor, torch.nn.Parameter)  # not a FakeTensor or another subclass
     if not torch.compiler.is_compiling() and all(
             type(t) in plain and not _wrapped(t) for t in saved if t is not None):
@@ -282,7 +282,7 @@ def _relu_mask(v: _Views, saved, cfg, acc):
             c, mean = mean, mean + o
             t = mean - c
             shift = shift - ((c - (mean - t)) + (o - t)) * scale
-        return (v.act(x, acc) - mean) * scale + shift > 0
+        return ~((v.act(x, acc) - mean) * scale + shift <= 0)
 
 
 def _torch_backward(dy, saved, cfg: NormConfig, recompute: bool, needs) -> tuple:
@@ -472,8 +472,9 @@ class BatchNormFunction(torch.autograd.Function):
 class _ReluGateFunction(torch.autograd.Function):
     """The ReLU and the residual add of a fused BN + add + ReLU layer as their own autograd node:
     forward passes y through (the fused kernel computed it); backward gives the gated gradient
-    g = dy * (y > 0), read from the saved y as torch's ReluBackward reads its output, to both the
-    batch norm's node and the residual (as torch's ReluBackward and AddBackward do). One node
+    g = dy except where y <= 0 (a NaN y passes it), read from the saved y as torch's ReluBackward
+    reads its output, to both the batch norm's node and the residual (as torch's ReluBackward and
+    AddBackward do). One node
     would hold dy, dx and the residual's gradient at once, plus dweight and dbias; here dy is
     freed before the batch norm's backward runs on g, so a step's peak holds no more than
     torch's (perf/README, fuse_memory). Activation passes: 8, as torch's (the gate reads y and

@@ -349,15 +349,18 @@ def store_part_sums(Parts, part, n_parts, S, g, g_xm, xm, b_begin, b_end, s_fixe
 
 @triton.jit
 def store_tile_grads(DX, DResidual, a, b, s_fixed, mask, R1, K, stride_dx, stride_dz, g, xm, scale,
-                     coef_b, coef_c, CHANNELS_FAST: tl.constexpr, WRITE_DX: tl.constexpr,
-                     WRITE_DRESIDUAL: tl.constexpr):
+                     coef_b, coef_c, CHANNELS_FAST: tl.constexpr, TRAINING: tl.constexpr,
+                     WRITE_DX: tl.constexpr, WRITE_DRESIDUAL: tl.constexpr):
     """A tile held in registers (the single-pass and persistent kernels): the residual's gradient
-    g and dx = Scale * g + CoefB * (x - m) + CoefC."""
+    g and dx = Scale * g + CoefB * (x - m) + CoefC; in inference Scale * g alone, as
+    grad_apply_tile and torch (x does not reach dx: a NaN x's own dx is not NaN)."""
     if WRITE_DRESIDUAL:
         dz_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dz, False, CHANNELS_FAST, False, 1)
         tl.store(DResidual + dz_offs, g.to(DResidual.dtype.element_ty), mask=mask)
     if WRITE_DX:
-        dx = scale * g + coef_b * xm + coef_c
+        dx = scale * g
+        if TRAINING:
+            dx += coef_b * xm + coef_c
         dx_offs = tile_offsets(a, b, s_fixed, R1, K, stride_dx, False, CHANNELS_FAST, False, 1)
         tl.store(DX + dx_offs, dx.to(DX.dtype.element_ty), mask=mask)
 
@@ -655,4 +658,4 @@ def bn_fused_backward_kernel(
         coef_b = coef_b[None, :]
         coef_c = coef_c[None, :]
     store_tile_grads(DX, DResidual, a, b, s_fixed, mask, R1, K, stride_dx, stride_dz, dy, xm, scale,
-                     coef_b, coef_c, CHANNELS_FAST, WRITE_DX, WRITE_DRESIDUAL)
+                     coef_b, coef_c, CHANNELS_FAST, TRAINING, WRITE_DX, WRITE_DRESIDUAL)

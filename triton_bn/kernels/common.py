@@ -444,32 +444,34 @@ def activation(pre, z_ptrs, mask, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr
                EVICT: tl.constexpr):
     """act(pre [+ the residual's tile at z_ptrs]) of a normalized tile pre (``normalized``, in the
     accumulation dtype): what every forward writes as y, and what the backward's ReLU mask
-    reads back from y (relu_keep)."""
+    reads back from y (relu_keep). The ReLU keeps a NaN, as torch's: max(NaN, 0) is NaN here,
+    not the other operand (tl.maximum's default, the hardware's fmax)."""
     if HAS_RESIDUAL:
         pre += widen(tl.load(z_ptrs, mask=mask, other=0.0, eviction_policy=EVICT), pre.dtype)
     if RELU:
-        pre = tl.maximum(pre, 0.0)
+        pre = tl.maximum(pre, 0.0, propagate_nan=tl.PropagateNan.ALL)
     return pre
 
 
 @triton.jit
 def relu_keep(x, mean, scale, shift, y_ptrs, mask, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
               EVICT: tl.constexpr):
-    """Where the fused ReLU passed the gradient: where the forward's output y > 0, as torch's
-    ReLU decides. With a residual (HAS_RESIDUAL) it is read from y itself (y_ptrs: the
-    forward's output tile; the bytes the residual took before, and one compare per element
-    instead of a multiply-add, an add and a compare: x - m and the residual would not give the
-    mask without the forward's pre-activation). Without one it is recomputed from the x - m
-    the backward reads anyway, as the forward computed it: (x - m) * scale + shift > 0
-    (normalized), which is y > 0 except where a positive pre-activation rounds to 0 in y's
-    dtype. All true without RELU (a constant the compiler folds)."""
+    """Where the fused ReLU passed the gradient: everywhere but where the forward's output
+    y <= 0, as torch's ReLU decides (threshold_backward: a NaN y passes it, as y > 0 would not).
+    With a residual (HAS_RESIDUAL) it is read from y itself (y_ptrs: the forward's output tile;
+    the bytes the residual took before, and one compare per element instead of a multiply-add,
+    an add and a compare: x - m and the residual would not give the mask without the forward's
+    pre-activation). Without one it is recomputed from the x - m the backward reads anyway, as
+    the forward computed it: not (x - m) * scale + shift <= 0 (normalized), which is y's mask
+    except where a positive pre-activation rounds to 0 in y's dtype. All true without RELU (a
+    constant the compiler folds). Either compare is one unordered greater-than (FSETP.GTU)."""
     if RELU:
         if HAS_RESIDUAL:
             # fp32 first: Triton's CPU interpreter compares bfloat16 wrongly; the compiler folds
             # the conversion into the compare (two bf16 or fp16 compares per instruction)
             y = tl.load(y_ptrs, mask=mask, other=0.0, eviction_policy=EVICT)
-            return y.to(tl.float32) > 0.0
-        return normalized(x, mean, scale, shift) > 0.0
+            return ~(y.to(tl.float32) <= 0.0)
+        return ~(normalized(x, mean, scale, shift) <= 0.0)
     else:
         return tl.full(x.shape, 1, tl.int1)
 

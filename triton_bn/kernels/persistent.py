@@ -286,4 +286,4 @@ def bn_persistent_backward_kernel(
             coef_b = tl.sum(coef_b, 0)
             coef_c = tl.sum(coef_c, 0)
         store_tile_grads(DX, DResidual, a, b, s_fixed, mask, R1, K, stride_dx, stride_dz, g, xm,
-                         scale, coef_b, coef_c, CHANNELS_FAST, WRITE_DX, WRITE_DRESIDUAL)
+                         scale, coef_b, coef_c, CHANNELS_FAST, True, WRITE_DX, WRITE_DRESIDUAL)
