@@ -845,8 +845,14 @@ def test_nan_propagates_as_torch(where, activation, path):
     in training its whole channel is NaN (the batch mean is), in inference and in a residual only
     its own output. torch.relu keeps a NaN (max(NaN, 0) is NaN, where the hardware's fmax would
     give 0 and hide it from the loss) and passes the gradient where y is NaN (threshold_backward
-    zeroes only y <= 0); in inference dx = scale * dy never reads x. Oracle: torch's batch_norm
-    (+ residual, relu) and its autograd on the same inputs."""
+    zeroes only y <= 0); in inference dx = scale * dy never reads x."""
+    with tuning.override(**PATHS[path]):
+        check_nan_propagates(where, activation)
+
+
+def check_nan_propagates(where, activation):
+    """test_nan_propagates_as_torch in the caller's context (code path, tuning). Oracle: torch's
+    batch_norm (+ residual, relu) and its autograd on the same inputs."""
     training = where != "x-inference"
     g = torch.Generator().manual_seed(3)
     x, z, dy = (torch.randn(3, 4, 5, 5, generator=g) for _ in range(3))
@@ -856,10 +862,9 @@ def test_nan_propagates_as_torch(where, activation, path):
     ours = [t.clone().requires_grad_() for t in (x, w, b, z)]
     theirs = [t.clone().requires_grad_() for t in (x, w, b, z)]
     double = where == "double-backward"  # torch operations (functional._torch_backward)
-    with tuning.override(**PATHS[path]):
-        y = normalize(*ours[:3], training=training, residual=ours[3], activation=activation,
-                      running=None if training else RunningStats(rm.clone(), rv.clone()))
-        grads = torch.autograd.grad(y, ours, dy, create_graph=double)
+    y = normalize(*ours[:3], training=training, residual=ours[3], activation=activation,
+                  running=None if training else RunningStats(rm.clone(), rv.clone()))
+    grads = torch.autograd.grad(y, ours, dy, create_graph=double)
     yt = F.batch_norm(theirs[0], None if training else rm, None if training else rv,
                       theirs[1], theirs[2], training) + theirs[3]
     if activation == "relu":

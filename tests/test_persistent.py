@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from conftest import TOL, grad_tol
-from test_functional import check_relu_mask_at_zero
+from test_functional import check_nan_propagates, check_relu_mask_at_zero
 
 from triton_bn import Renorm, RunningStats, batch_norm, normalize, persistent, tuning
 from triton_bn.kernels.persistent import grid_barrier
@@ -130,6 +130,15 @@ def test_residual_relu_adjustment_and_gradients(launches, layout, shape):
     assert_close(gz, rgz, **TOL[dtype])
     assert_close(gw, rgw, **grad_tol(dtype, n))
     assert_close(gb, rgb, **grad_tol(dtype, n))
+
+
+@pytest.mark.parametrize("where", ["x-training", "residual"])
+def test_nan_propagates_as_torch(launches, where):
+    """test_functional's NaN check on the persistent kernels: the fused ReLU keeps a NaN, and the
+    backward passes the gradient where y is NaN, as torch's ReLU."""
+    check_nan_propagates(where, "relu")
+    assert [k for _, _, k in launches] == ["bn_persistent_forward_kernel",
+                                           "bn_persistent_backward_kernel"]
 
 
 @pytest.mark.parametrize("dtype,layout,shape", CASES, ids=CASE_IDS)
