@@ -47,6 +47,7 @@ from .common import (
     last_to_arrive,
     load_centre,
     load_channel_values,
+    load_tile,
     program_ranges,
     relu_keep,
     rows_aligned,
@@ -79,8 +80,8 @@ def load_x_dy_keep(x_ptrs, dy_ptrs, y_ptrs, mask, mean, scale, shift, ACC: tl.co
     residual, else recomputed from x; all true without RELU).
     Callers gate with tl.where(keep, acc + term, acc), which the compiler turns into predicated
     adds: no select per element."""
-    x = widen(tl.load(x_ptrs, mask=mask, other=0.0, eviction_policy=EVICT), ACC)
-    dy = widen(tl.load(dy_ptrs, mask=mask, other=0.0, eviction_policy=EVICT), ACC)
+    x = widen(load_tile(x_ptrs, mask, EVICT), ACC)
+    dy = widen(load_tile(dy_ptrs, mask, EVICT), ACC)
     keep = relu_keep(x, mean, scale, shift, y_ptrs, mask, HAS_RESIDUAL, RELU, EVICT)
     return x, dy, keep
 

@@ -51,6 +51,7 @@ from .common import (
     load_centre,
     load_channel_values,
     load_pivot,
+    load_tile,
     mean_and_error,
     mean_from_sum,
     normalized,
@@ -505,7 +506,7 @@ def apply_at(x_ptrs, y_ptrs, z_ptrs, mask, mean, scale, shift, ACC: tl.constexpr
     """y = act((x - m) * scale + shift [+ residual]) of one tile, given its pointers (z_ptrs:
     the residual's, HAS_RESIDUAL). x and the residual are read for the last time (evict first); y
     is streamed out (.cs). A constant-true mask (a whole tile) costs nothing."""
-    x = widen(tl.load(x_ptrs, mask=mask, other=0.0, eviction_policy="evict_first"), ACC)
+    x = widen(load_tile(x_ptrs, mask, "evict_first"), ACC)
     y = activation(normalized(x, mean, scale, shift), z_ptrs, mask, HAS_RESIDUAL, RELU,
                    "evict_first")
     tl.store(y_ptrs, y.to(y_ptrs.dtype.element_ty), mask=mask, cache_modifier=".cs")
