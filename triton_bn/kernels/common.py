@@ -213,6 +213,18 @@ def rows_flat(*tensors: str):
     return flat
 
 
+def same_strides(*tensors: str):
+    """A ``@triton.heuristics`` value: whether every tensor named (see rows_flat) has x's strides,
+    as when x, dy, y, dx and the residual are all contiguous in one memory format. A kernel then
+    takes x's strides for all of them (SAME_STRIDES), so that the compiler computes one tile of
+    offsets and each tensor's address is a scalar base plus it, one multiply-add per 16 bytes,
+    where separate strides cost a tensor of pointers each (and ptxas copied them from register to
+    register on every step of the loops that carried them)."""
+    def same(args) -> bool:
+        return all(args[f"stride_{t}"] == args["stride_x"] for t in tensors)
+    return same
+
+
 def rows_aligned(*tensors: str):
     """A ``@triton.heuristics`` value for the reduction-fast orientation (NCHW): the largest
     ALIGN in 8, 4, 2 of at most 16 bytes of X's dtype that divides R1, b_chunk, the batch, group

@@ -58,6 +58,7 @@ from .common import (
     program_ranges,
     rows_aligned,
     rows_flat,
+    same_strides,
     sqrt_rn,
     tile_indices,
     tile_moments,
@@ -533,7 +534,8 @@ def apply_pointers(X, Y, Residual, a0, b, s_fixed, R1, K, stride_x, stride_y, st
 @triton.heuristics({**given(HAS_RESIDUAL="Residual", HAS_CENTRE="Centre", HAS_OFFSET="Offset",
                             KEEP_STATS="Rstd", HAS_WEIGHT="Weight", HAS_BIAS="Bias",
                             HAS_PRE_AFFINE="PreScale", FROM_RUNNING="RunMean"),
-                    "ROWS_FLAT": rows_flat("x", "y", "z"), "ALIGN": rows_aligned("x", "y", "z")})
+                    "ROWS_FLAT": rows_flat("x", "y", "z"), "ALIGN": rows_aligned("x", "y", "z"),
+                    "SAME_STRIDES": same_strides("y", "z")})
 @triton.jit
 def bn_apply_kernel(
     X, Y, Residual,                # activation in, output, optional residual added before the act.
@@ -550,7 +552,8 @@ def bn_apply_kernel(
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, HAS_CENTRE: tl.constexpr,
     HAS_OFFSET: tl.constexpr, KEEP_STATS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_PRE_AFFINE: tl.constexpr, FROM_RUNNING: tl.constexpr,
-    ROWS_FLAT: tl.constexpr, ALIGN: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+    ROWS_FLAT: tl.constexpr, ALIGN: tl.constexpr, SAME_STRIDES: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """y = act((x - m) * scale + shift [+ residual]): training, from the finalized statistics
     (m the rounded mean, batch_mean; scale and shift recomputed, channel_coefficients);
@@ -560,6 +563,9 @@ def bn_apply_kernel(
         ACC = Hyper.dtype.element_ty
     else:
         ACC = Rstd.dtype.element_ty
+    if SAME_STRIDES:  # one tile of offsets for every tensor (common.same_strides)
+        stride_y = stride_x
+        stride_z = stride_x
     R1, K, S, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts = sizes
     part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
         tl.program_id(0), n_channel_tiles, n_b_parts, A, B, a_chunk, b_chunk, BLOCK_B, CHANNELS_FAST,
