@@ -83,7 +83,7 @@ def bn_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias, dresidual): ``ops.bn_backward`` as an operator; dresidual only with
     relu (without it, dresidual is dy itself and the caller uses dy, as outputs may not alias);
-    y: the forward's output where it added a residual (the ReLU mask is y > 0), else None."""
+    y: the forward's output where it added a residual (the ReLU mask: not y <= 0), else None."""
     dx, dw, db, dz = ops.bn_backward(
         dy, x, weight, bias, y, centre, offset, rstd, pre_scale, pre_shift, axes=tuple(axes),
         groups=groups, training=training, relu=relu, need_dx=need_dx, need_dweight=need_dweight,

@@ -363,7 +363,7 @@ def _jvp(ctx, tx, tw, tb, tz) -> torch.Tensor:
 
 def _save(ctx, inputs, outs, sync, gated: bool = False, memo: Optional[dict] = None) -> tuple:
     """Saves for backward x, the parameters (by reference; beta only for the ReLU mask), the
-    output y where a residual was added before the ReLU (the mask is y > 0: torch's ReLU saves
+    output y where a residual was added before the ReLU (the mask: not y <= 0; torch's ReLU saves
     its output for the same reason; the residual itself is not needed) and the per-channel
     statistics (8 bytes per channel, as torch's batch norm: see ``ops.ForwardResult``); returns
     the saved tuple. ``gated``: the ReLU and the residual's gradient belong to a

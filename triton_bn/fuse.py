@@ -4,7 +4,8 @@
 ``BatchNorm -> add(., shortcut) -> ReLU`` and replaces each by one triton_bn layer with
 ``activation="relu"`` (called as ``bn(x, residual=shortcut)`` for the second), which runs the
 normalization, the add and the ReLU in one kernel. Backward recomputes the ReLU mask from x,
-or after the add reads it from the output the layer keeps (y > 0, as torch's ReLU keeps its own).
+or after the add reads it from the output the layer keeps (zero where y <= 0, as torch's ReLU
+keeps its own).
 
 Matched: the ReLU as an ``nn.ReLU`` module (in place or not, also one module shared by several
 calls), ``F.relu``, ``torch.relu``, ``torch.relu_``, ``x.relu()``, ``x.relu_()``; the add as

@@ -847,12 +847,12 @@ def bn_backward(
     """Gradients (dx, dweight, dbias, dresidual) from the forward's ``ForwardResult`` (centre,
     offset, rstd, pre_scale, pre_shift) and its parameters (contiguous [K]); ``bias`` is read only with
     ``relu`` (the recomputed mask) and may be None otherwise. ``y``: the forward's output where
-    it added a residual before the ReLU (the mask is y > 0, read from it), else None.
+    it added a residual before the ReLU (the mask, not y <= 0, is read from it), else None.
 
     Sync BN: ``all_reduce(t)`` sums a [2, S] tensor (sum dy, sum dy*(x - centre)) over processes in
     place and ``global_count`` [1] is the element count per channel over all processes; dweight
     and dbias stay local (as torch.nn.SyncBatchNorm's), dx uses the global sums.
-    Only ``need_dresidual`` (with ``relu``): the ReLU gate alone, dresidual = dy where y > 0 (read
+    Only ``need_dresidual`` (with ``relu``): the ReLU gate alone, dresidual = dy but where y <= 0 (read
     from ``y``, else recomputed; one pass, no reduction; functional._ReluGateFunction).
     memo: the layer's plan of the forward (``call_memo``), or None; the backward keeps its own
     under dy's layout and the gradients asked for.

@@ -6,7 +6,7 @@ Scale = rstd * M), the gradients are
     training:  dx = Scale * (g - sum(g) / n - x_hat * sum(g * x_hat) / n)     (per ghost group)
     inference: dx = Scale * g
 so dx = Scale * g + CoefB * (x - mean) + CoefC with two per-channel coefficients. The ReLU mask is
-torch's, y > 0, never stored: recomputed from x without a residual (common.relu_keep), and with
+torch's, zero where y <= 0, never stored: recomputed from x without a residual (common.relu_keep), and with
 one (HAS_RESIDUAL) read from the forward's output y, which the kernels take in the residual's
 place (argument Y): the same bytes, one compare per element, and x - m and the residual alone
 would not give it.
@@ -77,7 +77,7 @@ def grad_parts_shape(n_parts: int, S: int) -> tuple:
 def load_x_dy_keep(x_ptrs, dy_ptrs, y_ptrs, mask, mean, scale, shift, ACC: tl.constexpr,
                    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, EVICT: tl.constexpr):
     """x, dy (0 where masked off) of a tile in the accumulation dtype, and where the fused ReLU
-    passed the gradient (relu_keep: y > 0, read from the forward's output at y_ptrs with a
+    passed the gradient (relu_keep: not y <= 0, read from the forward's output at y_ptrs with a
     residual, else recomputed from x; all true without RELU).
     Callers gate with tl.where(keep, acc + term, acc), which the compiler turns into predicated
     adds: no select per element."""
@@ -467,7 +467,7 @@ def bn_backward_finalize_kernel(
                     "SAME_STRIDES": same_strides("dy", "y", "dx", "dz")})
 @triton.jit
 def bn_backward_apply_kernel(
-    X, DY, Y, DX, DResidual,       # Y: the forward's output (HAS_RESIDUAL: the ReLU mask, y > 0)
+    X, DY, Y, DX, DResidual,       # Y: the forward's output (HAS_RESIDUAL: the ReLU mask, not y <= 0)
     Centre,                        # [S] the forward's centres (HAS_CENTRE), else x's pivots
     Offset, Rstd,                  # [S] fp32 forward statistics: mean - centre (HAS_OFFSET), 1/std
     Weight, Bias, PreScale, PreShift,  # [K] gamma, beta (RELU only), pre-gamma affine (HAS_PRE_AFFINE)
@@ -618,7 +618,7 @@ def grad_apply_pointers(X, DY, Y, DX, DResidual, a0, b, s_fixed, R1, K,
 @triton.heuristics({**SAVED_FLAGS, **PARAM_GRAD_FLAGS, **INPUT_GRAD_FLAGS})
 @triton.jit
 def bn_fused_backward_kernel(
-    X, DY, Y, DX, DResidual,       # Y: the forward's output (HAS_RESIDUAL: the ReLU mask, y > 0)
+    X, DY, Y, DX, DResidual,       # Y: the forward's output (HAS_RESIDUAL: the ReLU mask, not y <= 0)
     Centre,                        # [K] the forward's centres (HAS_CENTRE), else x's pivots
     Offset, Rstd,                  # [K] fp32 forward statistics: mean - centre (HAS_OFFSET), 1/std
     Weight, Bias, PreScale, PreShift,  # [K] gamma, beta (RELU only), pre-gamma affine (HAS_PRE_AFFINE)

@@ -208,7 +208,7 @@ def bn_persistent_forward_kernel(
 @triton.heuristics({**SAVED_FLAGS, **PARAM_GRAD_FLAGS, **INPUT_GRAD_FLAGS})
 @triton.jit
 def bn_persistent_backward_kernel(
-    X, DY, Y, DX, DResidual,       # Y: the forward's output (HAS_RESIDUAL: the ReLU mask, y > 0)
+    X, DY, Y, DX, DResidual,       # Y: the forward's output (HAS_RESIDUAL: the ReLU mask, not y <= 0)
     Parts,                         # [3, n_parts, K] fixed slots: each part's sums of g, g * (x - m), x - m
     Bar,                           # [1] int32 barrier counter (see grid_barrier)
     Centre,                        # [K] the forward's centres (HAS_CENTRE), else x's pivots
