@@ -219,8 +219,13 @@ def same_strides(*tensors: str):
     takes x's strides for all of them (SAME_STRIDES), so that the compiler computes one tile of
     offsets and each tensor's address is a scalar base plus it, one multiply-add per 16 bytes,
     where separate strides cost a tensor of pointers each (and ptxas copied them from register to
-    register on every step of the loops that carried them)."""
+    register on every step of the loops that carried them). Not for fp64, nor for channels-fast
+    tiles narrower than 16 channels (rank-2 (N, 3) inputs: 1024 x 4 tiles): the shared offsets
+    stay live across the loop there, and ptxas spilled (fp64 on triton 3.6: 4-8 B; the (N, 3)
+    reduction 18-40 spill instructions, from 0-26), where separate pointers did not."""
     def same(args) -> bool:
+        if args["X"].element_size() > 4 or (args["CHANNELS_FAST"] and args["BLOCK_B"] < 16):
+            return False
         return all(args[f"stride_{t}"] == args["stride_x"] for t in tensors)
     return same
 
