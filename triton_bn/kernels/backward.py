@@ -212,7 +212,7 @@ def store_param_grads(c, c_mask, sum_dy, sum_dy_xhat, PreScale, PreShift, DWeigh
 @triton.heuristics({**SAVED_FLAGS, **PARAM_GRAD_FLAGS, **given(FINALIZE="Counter"),
                     "ROWS_FLAT": rows_flat("x", "dy", "y"),
                     "ALIGN": rows_aligned("x", "dy", "y"),
-                    "SAME_STRIDES": same_strides("dy", "y")})
+                    "SAME_STRIDES": same_strides("dy", "y", narrow_tiles=False)})
 @triton.jit
 def bn_backward_reduce_kernel(
     X, DY, Y,                      # activation, upstream gradient, forward's output (RES RELU mask)

@@ -213,18 +213,23 @@ def rows_flat(*tensors: str):
     return flat
 
 
-def same_strides(*tensors: str):
+def same_strides(*tensors: str, narrow_tiles: bool = True):
     """A ``@triton.heuristics`` value: whether every tensor named (see rows_flat) has x's strides,
     as when x, dy, y, dx and the residual are all contiguous in one memory format. A kernel then
     takes x's strides for all of them (SAME_STRIDES), so that the compiler computes one tile of
     offsets and each tensor's address is a scalar base plus it, one multiply-add per 16 bytes,
     where separate strides cost a tensor of pointers each (and ptxas copied them from register to
-    register on every step of the loops that carried them). Not for fp64, nor for channels-fast
-    tiles narrower than 16 channels (rank-2 (N, 3) inputs: 1024 x 4 tiles): the shared offsets
-    stay live across the loop there, and ptxas spilled (fp64 on triton 3.6: 4-8 B; the (N, 3)
-    reduction 18-40 spill instructions, from 0-26), where separate pointers did not."""
+    register on every step of the loops that carried them). Not for fp64: on triton 3.6 ptxas
+    capped those kernels at 128 registers and spilled 4-8 B, where separate pointers did not.
+    narrow_tiles=False (the reduction): nor for channels-fast tiles narrower than 16 channels
+    (rank-2 (N, 3) inputs, 1024 x 4 tiles), where the shared offsets stay live beside the
+    accumulators and the reduction spilled 18-40 instructions (from 0-26); the element-wise
+    kernels keep them there (the (N, 3) dx: 132-160 B of spills on 3.6 with separate pointers,
+    none shared)."""
     def same(args) -> bool:
-        if args["X"].element_size() > 4 or (args["CHANNELS_FAST"] and args["BLOCK_B"] < 16):
+        if args["X"].element_size() > 4:
+            return False
+        if not narrow_tiles and args["CHANNELS_FAST"] and args["BLOCK_B"] < 16:
             return False
         return all(args[f"stride_{t}"] == args["stride_x"] for t in tensors)
     return same

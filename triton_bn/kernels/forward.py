@@ -642,6 +642,20 @@ def bn_apply_kernel(
             apply_at(x_ptrs, y_ptrs, z_ptrs, mask, mean, scale, shift, ACC, HAS_RESIDUAL, RELU)
 
 
+@triton.jit
+def store_output(Y, Residual, pre, a, b, s_fixed, mask, R1, K, stride_y, stride_z,
+                 HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, CHANNELS_FAST: tl.constexpr):
+    """y = act(pre [+ the residual's tile]) of the tile a x b, stored to Y: the single-pass
+    kernels' output, whose tile (a program's whole channel slice, in registers) is read once."""
+    y_offs = tile_offsets(a, b, s_fixed, R1, K, stride_y, False, CHANNELS_FAST, False, 1)
+    z_ptrs = Y  # the residual's tile, HAS_RESIDUAL only
+    if HAS_RESIDUAL:
+        z_ptrs = Residual + tile_offsets(a, b, s_fixed, R1, K, stride_z, False, CHANNELS_FAST,
+                                         False, 1)
+    y = activation(pre, z_ptrs, mask, HAS_RESIDUAL, RELU, "")
+    tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=mask)
+
+
 @triton.heuristics(given(HAS_RESIDUAL="Residual", HAS_WEIGHT="Weight", HAS_BIAS="Bias",
     HAS_ADJUST="AdjScale", SAVE_PRE_AFFINE="PreScale"))
 @triton.jit
@@ -701,10 +715,5 @@ def bn_fused_forward_kernel(
         mean = mean[None, :]
         scale = scale[None, :]
         shift = shift[None, :]
-    y_offs = tile_offsets(a, b, s_fixed, R1, K, stride_y, False, CHANNELS_FAST, False, 1)
-    z_ptrs = Y  # the residual's tile, HAS_RESIDUAL only
-    if HAS_RESIDUAL:
-        z_ptrs = Residual + tile_offsets(a, b, s_fixed, R1, K, stride_z, False, CHANNELS_FAST,
-                                         False, 1)
-    y = activation(normalized(x, mean, scale, shift), z_ptrs, mask, HAS_RESIDUAL, RELU, "")
-    tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=mask)
+    store_output(Y, Residual, normalized(x, mean, scale, shift), a, b, s_fixed, mask, R1, K,
+                 stride_y, stride_z, HAS_RESIDUAL, RELU, CHANNELS_FAST)

@@ -42,7 +42,6 @@ from .backward import (
     sum_parts,
 )
 from .common import (
-    activation,
     chan_merge,
     fold_mean_error,
     given,
@@ -56,7 +55,7 @@ from .common import (
     tile_moments,
     tile_offsets,
 )
-from .forward import channel_affine_and_update, merge_parts
+from .forward import channel_affine_and_update, merge_parts, store_output
 
 INT32_SIGN = tl.constexpr(2147483648)  # 2**31: the counter's top bit
 
@@ -196,13 +195,8 @@ def bn_persistent_forward_kernel(
             m = tl.sum(m, 0)  # the one channel's values as scalars
             scale = tl.sum(scale, 0)
             shift = tl.sum(shift, 0)
-        y_offs = tile_offsets(a, b, s_fixed, R1, K, stride_y, False, CHANNELS_FAST, False, 1)
-        z_ptrs = Y  # the residual's tile, HAS_RESIDUAL only
-        if HAS_RESIDUAL:
-            z_ptrs = Residual + tile_offsets(a, b, s_fixed, R1, K, stride_z, False, CHANNELS_FAST,
-                                             False, 1)
-        y = activation(normalized(x, m, scale, shift), z_ptrs, mask, HAS_RESIDUAL, RELU, "")
-        tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=mask)
+        store_output(Y, Residual, normalized(x, m, scale, shift), a, b, s_fixed, mask, R1, K,
+                     stride_y, stride_z, HAS_RESIDUAL, RELU, CHANNELS_FAST)
 
 
 @triton.heuristics({**SAVED_FLAGS, **PARAM_GRAD_FLAGS, **INPUT_GRAD_FLAGS})
