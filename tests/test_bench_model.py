@@ -92,7 +92,8 @@ def _saved(model, x, y):
 def test_fused_resnet_saves_no_more_than_torch():
     """Saved for backward, each storage once: the fused model keeps no activation-sized tensor
     more than torch, and per channel the same 8 bytes (torch: mean and invstd; triton_bn: the
-    mean's offset from x's pivot and rstd); the converted model saves exactly what torch saves."""
+    mean's offset from x's pivot and rstd). (The converted model and residual='saved', on the
+    real ResNet-50 below; the converted layers one by one, test_saved_bytes.py.)"""
     base = build_model("tiny_resnet", num_classes=10, seed=0).train()
     x, y = torch.randn(2, 3, 16, 16), torch.randint(0, 10, (2,))
     t_big, t_vec = _saved(copy.deepcopy(base), x, y)
@@ -101,7 +102,6 @@ def test_fused_resnet_saves_no_more_than_torch():
     assert len(report.fused) >= 10
     assert f_big <= t_big
     assert f_vec <= t_vec
-    assert _saved(convert_model(copy.deepcopy(base)), x, y) == (t_big, t_vec)
     # the helper counts what saved_bytes counts
     m = copy.deepcopy(base)
     assert saved_bytes(m, lambda: F.cross_entropy(m(x), y)).activations == t_big + t_vec
@@ -109,8 +109,6 @@ def test_fused_resnet_saves_no_more_than_torch():
     # for the ReLU mask (as torch's ReLU does), not the shortcut (which nothing else keeps there)
     assert report.count("add+relu") > fuse(copy.deepcopy(base), residual="saved",
                                            return_report=True)[1].count("add+relu")
-    s_big, _ = _saved(fuse(copy.deepcopy(base), residual="saved"), x, y)
-    assert s_big <= t_big
 
 
 def test_resnet50_memory_fake_fused_not_above_torch():

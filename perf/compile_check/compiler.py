@@ -62,6 +62,7 @@ class Result:
 
 _SPECS: list[Spec] = []
 _CUOBJDUMP: str | None = None
+_WITH_SASS = True  # compile_all(sass=...): disassemble for the main-loop columns
 
 
 def _jit_functions() -> dict:
@@ -361,7 +362,7 @@ def _compile_one(i: int) -> Result:
     m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", text)
     if m:
         res.stack, res.spill_stores, res.spill_loads = map(int, m.groups())
-    sass = _sass(kernel.asm["cubin"])
+    sass = _sass(kernel.asm["cubin"]) if _WITH_SASS else ""
     if sass:
         loop = sass_main_loop(sass)
         res.sass_loop, res.sass_instructions = loop["loop"], loop["instructions"]
@@ -382,9 +383,11 @@ def _compile_one(i: int) -> Result:
     return res
 
 
-def compile_all(specs: list[Spec], jobs: int) -> list[Result]:
-    global _SPECS, _CUOBJDUMP
-    _SPECS = specs
+def compile_all(specs: list[Spec], jobs: int, sass: bool = True) -> list[Result]:
+    """Compiles every spec (in ``jobs`` processes) and reads its resources; ``sass``: also
+    disassemble it for the main-loop columns."""
+    global _SPECS, _CUOBJDUMP, _WITH_SASS
+    _SPECS, _WITH_SASS = specs, sass
     _CUOBJDUMP = tool("cuobjdump")
     if jobs <= 1 or len(specs) <= 1:
         return [_compile_one(i) for i in range(len(specs))]
