@@ -429,7 +429,8 @@ def persistent_checks(args, device, gen, emit) -> int:
         try:
             ok, worst, detail, _ = check_case(big, torch.float32, "channels_last", device, gen)
             report(f"grid too large {'x'.join(map(str, big))}", ok and len(taken) == before,
-                   f"persistent launches {len(taken) - before} (want 0), err/torch {worst:.2f}")
+                   f"persistent launches {len(taken) - before} (want 0), err/torch {worst:.2f}"
+                   + (f"; {detail}" if detail else ""))
         except Exception as exc:  # noqa: BLE001
             report("grid too large", False, f"{type(exc).__name__}: {exc}")
         # 5. the driver refuses a cooperative grid larger than the GPU holds (capacity check
