@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_direct_launch_passes_what_the_jit_passes():
-    # the probe also checks every keyed launch's key against its full signature
+    # the probe also checks every keyed launch's key against its full signature, and fails a
+    # compile that leaves fused multiply-adds to Triton's default (launch.FP_FUSION)
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONWARNINGS="ignore",
                TRITON_BN_VERIFY_LAUNCH_KEYS="1")
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "probes" / "direct_launch.py")],

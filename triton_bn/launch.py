@@ -33,7 +33,14 @@ try:  # Triton >= 3.4 (this interface is the same through 3.9)
 except ImportError:  # pragma: no cover - older Triton: the JIT path only
     _knobs = _driver = None
 
-__all__ = ["launch", "direct_launch_enabled", "set_direct_launch", "clear_cache"]
+__all__ = ["launch", "direct_launch_enabled", "set_direct_launch", "clear_cache", "FP_FUSION"]
+
+# Every kernel compiles with fused multiply-adds, said explicitly rather than left to Triton's
+# default: the pre-activation (x - m) * scale + shift is one FFMA in the forward and in the
+# backward's recomputed ReLU mask alike (kernels/common.normalized; functional._relu_mask relies
+# on it), and the kernels' instruction counts assume it. Triton 3.9 warns that 3.10 turns the
+# default off (TRITON_DEFAULT_FP_FUSION); TRITON_FORCE_DISABLE_FP_FUSION=1 still overrides this.
+FP_FUSION = {"enable_fp_fusion": True}
 
 _Tensor = torch.Tensor
 _ENTRIES: dict = {}
@@ -143,7 +150,7 @@ def launch(kernel, grid: tuple, args: tuple, constexprs: dict, key=None, **optio
     (``TRITON_BN_VERIFY_LAUNCH_KEYS=1`` checks the promise on every launch: the tests set it.)
     """
     if not direct_launch_enabled():
-        kernel[grid](*args, **constexprs, **options)
+        kernel[grid](*args, **constexprs, **options, **FP_FUSION)
         return
     device = _driver.active.get_current_device()
     entry = site = None
@@ -180,7 +187,7 @@ def launch(kernel, grid: tuple, args: tuple, constexprs: dict, key=None, **optio
 
 def _first_launch(kernel, grid, args, constexprs, options, sig) -> None:
     """Through the JIT (binds, compiles if needed, launches); keeps the compiled kernel."""
-    compiled = kernel[grid](*args, **constexprs, **options)
+    compiled = kernel[grid](*args, **constexprs, **options, **FP_FUSION)
     if hasattr(compiled, "result"):  # an async compile's future
         compiled = compiled.result()
     tail = _bound_tail(kernel, args, constexprs) if compiled is not None else None

@@ -33,6 +33,7 @@ import torch
 from . import tuning
 from .kernels.backward import grad_parts_shape
 from .kernels.persistent import bn_persistent_backward_kernel, bn_persistent_forward_kernel
+from .launch import FP_FUSION
 
 ENV = "TRITON_BN_PERSISTENT"
 MARGIN = 0.875  # fraction of the computed co-resident capacity a grid may use
@@ -232,7 +233,7 @@ def forward(fw, state, relu: bool) -> bool:
                 st_x, st_y, st_z)
 
     kw = dict(CHANNELS_FAST=geo.channels_fast, INT64=fw.int64, RELU=relu, BLOCK_A=t.BLOCK_A,
-              BLOCK_B=t.BLOCK_B, BLOCK_P=BLOCK_P, num_warps=t.num_warps, **flags)
+              BLOCK_B=t.BLOCK_B, BLOCK_P=BLOCK_P, num_warps=t.num_warps, **FP_FUSION, **flags)
     key = ("forward", geo, fw.x.dtype, fw.x.device, fw.int64, relu, fw.has_residual,
            tuple(flags.items()), tuple(a is None for a in tensors), p)
     ran = _run(bn_persistent_forward_kernel, key, t.grid, args, kw)
@@ -264,7 +265,7 @@ def backward(bw, saved, dweight, dbias, training: bool, relu: bool) -> bool:
                 *saved.args(), dweight, dbias, t.sizes(geo), geo.R, *strides)
 
     kw = dict(CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, RELU=relu, BLOCK_A=t.BLOCK_A,
-              BLOCK_B=t.BLOCK_B, BLOCK_P=BLOCK_P, num_warps=t.num_warps)
+              BLOCK_B=t.BLOCK_B, BLOCK_P=BLOCK_P, num_warps=t.num_warps, **FP_FUSION)
     key = ("backward", geo, x.dtype, x.device, bw.int64, relu, bw.has_residual,
            tuple(None if a is None else a.dtype
                  for a in (ys, dxs, dzs, *saved.args(), dweight, dbias)), p)

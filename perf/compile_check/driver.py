@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 
@@ -21,7 +20,6 @@ def setup_environment(cache_dir: str) -> None:
                                "compile_check in a fresh process")
     os.environ["TRITON_INTERPRET"] = "0"  # before triton_bn / triton are imported (see __init__)
     os.environ["TRITON_CACHE_DIR"] = cache_dir
-    warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
 
 
 def _make_driver(arch: int):
