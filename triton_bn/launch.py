@@ -139,7 +139,8 @@ VERIFY_KEYS = os.environ.get("TRITON_BN_VERIFY_LAUNCH_KEYS", "0") == "1"
 
 
 def launch(kernel, grid: tuple, args: tuple, constexprs: dict, key=None, **options: Any) -> None:
-    """``kernel[grid](*args, **constexprs, **options)``, through the direct path when possible.
+    """``kernel[grid](*args, **constexprs, **options)`` (with ``FP_FUSION``), through the direct
+    path when possible.
 
     ``args`` are the kernel's leading positional parameters (tensors, None, ints, floats);
     ``constexprs`` its constexpr parameters by name; ``options`` launch options (num_warps, ...).

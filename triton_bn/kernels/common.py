@@ -483,8 +483,8 @@ def last_tile(begin, end, BLOCK: tl.constexpr):
 def normalized(x, mean, scale, shift):
     """(x - m) * scale + shift: the batch norm's output before the residual and the activation,
     one expression for every kernel (the compiler makes it one fused multiply-add, as every
-    launch asks, launch.FP_FUSION; Triton's
-    CPU interpreter, a multiply and an add, as torch's ops in functional._relu_mask)."""
+    launch asks, launch.FP_FUSION; Triton's CPU interpreter, a multiply and an add, as torch's
+    ops in functional._relu_mask)."""
     return (x - mean) * scale + shift
 
 
