@@ -915,6 +915,42 @@ def check_relu_mask_at_zero(fmt, shape=(3, 24, 4, 4)):  # 48 values a channel: a
         assert torch.equal(db2.detach(), kept.sum(dim=(0, 2, 3)).float()), "torch mask"
 
 
+@pytest.mark.parametrize("signs", ["positive", "negative-and-zero"])
+def test_dx_whole_tiles_take_the_forwards_relu_mask(signs):
+    """The dx kernel's whole channels-last tiles read the ReLU mask from per-channel cuts that
+    the reduction's finalize writes (kernels/common.relu_cut): one compare of s * (x - m) with a
+    cut t instead of the pre-activation's multiply-add. On pre-activations that are zero up to
+    rounding (pre_activations_at_zero) dx must be the float64 gradient of the forward's own mask,
+    y > 0: one element passed or blocked wrongly moves its dx by about |scale| * |dy| (~1).
+    Tiles of 8 channels and 8 rows, so that most tiles are whole; with a negative gamma (the
+    cut's sign) and a zero one (no cut can express scale 0 with shift <= 0: that channel tile
+    recomputes the mask)."""
+    shape = (2, 32, 8, 8)
+    x, w, b = pre_activations_at_zero(shape, torch.channels_last)
+    if signs != "positive":
+        w = w.clone()
+        w[1], w[9], w[10] = -w[1], -w[9], 0.0
+    knobs = {"force_fused": False, "parts": 2, "tile": 64, "max_block_inner": 8,
+             "max_block_channels": 8}
+    with tuning.override(**knobs):
+        xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+        y = normalize(xs, ws, bs, activation="relu")
+        kept = (y > 0).detach()
+        assert 0.2 < kept.float().mean() < 0.8
+        dy = torch.randn(shape, generator=torch.Generator().manual_seed(1)).contiguous(
+            memory_format=torch.channels_last)
+        (dx,) = torch.autograd.grad(y, [xs], dy)
+    # float64: dx = gamma * rstd * (g - mean(g) - x_hat * mean(g * x_hat)), g = dy * (y > 0)
+    xd = x.double()
+    mean = xd.mean((0, 2, 3), keepdim=True)
+    rstd = (xd.var((0, 2, 3), unbiased=False, keepdim=True) + 1e-5).rsqrt()
+    x_hat = (xd - mean) * rstd
+    g = dy.double() * kept
+    expected = w.double().view(1, -1, 1, 1) * rstd * (
+        g - g.mean((0, 2, 3), keepdim=True) - x_hat * (g * x_hat).mean((0, 2, 3), keepdim=True))
+    assert_close(dx, expected, "dx", atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("path", ["fused", "split1"])
 @pytest.mark.parametrize("residual_grad", [True, False], ids=["gated", "one_node"])
 def test_residual_relu_mask_is_y_where_y_rounds_to_zero(path, residual_grad):

@@ -221,15 +221,15 @@ def _run_fused_forward(st: _Static, grid, *, x, y, residual, offset, rstd, state
 
 
 def _run_grad_reduce(st: _Static, grid, *, x, dy, y, saved, parts, counter, coef_b, coef_c,
-                     dweight, dbias, n) -> None:
+                     dweight, dbias, n, cut) -> None:
     st.launch(bn_backward_reduce_kernel, grid, (x, dy, y, *saved, parts, counter, coef_b,
-                                                coef_c, dweight, dbias, n))
+                                                coef_c, dweight, dbias, n, cut))
 
 
 def _run_grad_apply(st: _Static, grid, *, x, dy, y, dx, dresidual, saved, coef_b,
-                    coef_c) -> None:
+                    coef_c, cut) -> None:
     st.launch(bn_backward_apply_kernel, grid, (x, dy, y, dx, dresidual, *saved, coef_b,
-                                               coef_c))
+                                               coef_c, cut))
 
 
 def _run_fused_backward(st: _Static, grid, *, x, dy, y, dx, dresidual, saved, dweight,
@@ -750,12 +750,25 @@ class _Saved:
                 self.pre_shift)
 
 
+def relu_cuts(geo: Geometry, relu: bool, has_residual: bool) -> bool:
+    """Whether the dx kernel takes the ReLU mask from per-channel cuts that the reduction's
+    finalize writes (kernels/backward.py, store_relu_cuts): a ReLU recomputed from x (no
+    residual), channels fast (the whole tiles that use them)."""
+    return relu and not has_residual and geo.channels_fast
+
+
+def _grad_scratch_shapes(geo: Geometry, plan, cuts: bool) -> tuple:
+    """The reduction's parts, CoefB, CoefC and (``cuts``) the ReLU cuts [2, S]."""
+    return ((grad_parts_shape(parts_rows(geo, plan, "backward"), geo.S),) + ((geo.S,),) * 2
+            + (((2, geo.S),) if cuts else ()))
+
+
 def _launch_grad_reduce(bw: _Backward, plan, saved: _Saved, relu, finalize=None,
                         memo: Optional[dict] = None):
     """Partial sums of g, g * (x - m) and x - m (m: the saved mean) per part and statistic
     channel, [3, n_parts, S]. With ``finalize`` = (dweight, dbias, training) the kernel's last
     programs also write the dx coefficients and the parameter gradients: returns (coef_b,
-    coef_c) then."""
+    coef_c, cut) then (cut: the ReLU cuts, relu_cuts, else None)."""
     geo = bw.geo
     (xs, dys, ys, _, _), (st_x, st_dy, st_y, _, _) = bw.views()
     training = True
@@ -767,10 +780,10 @@ def _launch_grad_reduce(bw: _Backward, plan, saved: _Saved, relu, finalize=None,
         dweight, dbias, training = finalize
         # parts and the dx coefficients live until the dx kernel of this call has read them
         parts, *coefs = scratch(memo, "grad_parts", xs.device, saved.rstd.dtype,
-                                (grad_parts_shape(parts_rows(geo, plan, "backward"), geo.S),)
-                                + ((geo.S,),) * 2)
+                                _grad_scratch_shapes(geo, plan, relu_cuts(geo, relu, ys is not None)))
         counter, n = arrival_counters(xs.device, finalize_counters(geo, plan, "backward")), geo.R
-    coef_b, coef_c = coefs or (None, None)
+        coefs += [None] * (3 - len(coefs))
+    coef_b, coef_c, cut = coefs or (None, None, None)
     st = _memo_get(memo, "grad_reduce")
     if st is None:
         st = _memo_put(memo, "grad_reduce", _Static(
@@ -779,11 +792,11 @@ def _launch_grad_reduce(bw: _Backward, plan, saved: _Saved, relu, finalize=None,
                 TRAINING=training, BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B,
                 **finalize_blocks(geo, plan, "backward", finalize=finalize is not None)),
             (geo, plan, bw.int64, relu, training,
-             _dtypes((xs, dys, ys, *saved.args(), counter, coef_b, coef_c, dweight, dbias))),
+             _dtypes((xs, dys, ys, *saved.args(), counter, coef_b, coef_c, dweight, dbias, cut))),
             plan.num_warps))
     _run_grad_reduce(st, plan.grid, x=xs, dy=dys, y=ys, saved=saved.args(), parts=parts,
                      counter=counter, coef_b=coef_b, coef_c=coef_c, dweight=dweight, dbias=dbias,
-                     n=n)
+                     n=n, cut=cut)
     return coefs if finalize is not None else parts
 
 
@@ -801,9 +814,10 @@ def _launch_grad_finalize(bw: _Backward, parts, saved: _Saved, dweight, dbias, t
 
 
 def _launch_grad_apply(bw: _Backward, saved: _Saved, coef_b, coef_c, training, relu,
-                       plan: Optional[tuning.TilePlan] = None, memo: Optional[dict] = None):
+                       plan: Optional[tuning.TilePlan] = None, memo: Optional[dict] = None,
+                       cut: Optional[torch.Tensor] = None):
     """dx (and the residual's gradient); ``plan``: the reduction pass's, walked backwards (its
-    last reads are still in L2), else the apply plan."""
+    last reads are still in L2), else the apply plan; ``cut``: the reduction's ReLU cuts."""
     geo = bw.geo
     (xs, dys, ys, dxs, dzs), (st_x, st_dy, st_y, st_dx, st_dz) = bw.views()
     ap = plan or tuning.plan_tiles(geo, "apply", xs.device, xs.dtype)
@@ -813,10 +827,11 @@ def _launch_grad_apply(bw: _Backward, saved: _Saved, coef_b, coef_c, training, r
             (ap.sizes(geo), st_x, st_dy, st_y, st_dx, st_dz), dict(
                 HAS_GROUPS=geo.G > 1, CHANNELS_FAST=geo.channels_fast, INT64=bw.int64, RELU=relu,
                 TRAINING=training, BLOCK_A=ap.BLOCK_A, BLOCK_B=ap.BLOCK_B),
-            (geo, ap, bw.int64, relu, training, _dtypes((xs, dys, ys, dxs, dzs, *saved.args()))),
+            (geo, ap, bw.int64, relu, training,
+             _dtypes((xs, dys, ys, dxs, dzs, *saved.args(), cut))),
             ap.num_warps))
     _run_grad_apply(st, ap.grid, x=xs, dy=dys, y=ys, dx=dxs, dresidual=dzs,
-                    saved=saved.args(), coef_b=coef_b, coef_c=coef_c)
+                    saved=saved.args(), coef_b=coef_b, coef_c=coef_c, cut=cut)
 
 
 def bn_backward(
@@ -890,9 +905,10 @@ def bn_backward(
     elif not sync and persistent.backward(bw, saved, dweight, dbias, training, relu):
         pass  # opt-in persistent single pass (TRITON_BN_PERSISTENT=1; persistent.py) ran
     else:
+        cut = None
         if x.numel() and not sync:  # the reduction's last programs finalize
-            coef_b, coef_c = _launch_grad_reduce(bw, plan, saved, relu, (dweight, dbias, training),
-                                                 memo)
+            coef_b, coef_c, cut = _launch_grad_reduce(bw, plan, saved, relu,
+                                                      (dweight, dbias, training), memo)
         elif x.numel():
             parts = _launch_grad_reduce(bw, plan, saved, relu)
         else:
@@ -909,9 +925,9 @@ def bn_backward(
             coef_b, coef_c = _launch_grad_finalize(bw, parts, saved, dweight, dbias, training,
                                                    None)
         if (need_dx or bw.write_dres) and x.numel():
-            _launch_grad_apply(bw, saved, coef_b, coef_c, training, relu, plan, memo)
+            _launch_grad_apply(bw, saved, coef_b, coef_c, training, relu, plan, memo, cut)
         if memo is not None and x.numel() and not sync and bw.prep.inverse_perm is None:
-            memo["planned_backward"] = PlannedBackward(bw, plan, training, need_dweight,
+            memo["planned_backward"] = PlannedBackward(bw, plan, training, relu, need_dweight,
                                                        need_dbias, memo)
     dx = _restore(bw.prep.tensors[-2], bw.dx, bw.prep) if bw.dx is not None else None
     dres = bw.dres
@@ -993,8 +1009,8 @@ class PlannedBackward:
     __slots__ = ("K", "grid", "memo", "launches", "need_dweight", "need_dbias", "training",
                  "scratch_shapes", "counters", "R")
 
-    def __init__(self, bw: _Backward, plan: tuning.TilePlan, training: bool, need_dweight: bool,
-                 need_dbias: bool, memo: dict) -> None:
+    def __init__(self, bw: _Backward, plan: tuning.TilePlan, training: bool, relu: bool,
+                 need_dweight: bool, need_dbias: bool, memo: dict) -> None:
         geo = bw.geo
         self.K, self.grid, self.memo, self.training, self.R = geo.K, plan.grid, memo, training, geo.R
         self.need_dweight, self.need_dbias = need_dweight, need_dbias
@@ -1002,8 +1018,8 @@ class PlannedBackward:
             self.launches = (memo["fused_backward"],)
         else:
             self.launches = (memo["grad_reduce"], memo.get("grad_apply"))
-            self.scratch_shapes = ((grad_parts_shape(parts_rows(geo, plan, "backward"), geo.S),)
-                                   + ((geo.S,),) * 2)
+            self.scratch_shapes = _grad_scratch_shapes(
+                geo, plan, relu_cuts(geo, relu, bw.has_residual))
             self.counters = finalize_counters(geo, plan, "backward")
 
     def run(self, dy, x, weight, bias, y, centre, offset, rstd, pre_scale, pre_shift,
@@ -1025,12 +1041,15 @@ class PlannedBackward:
                                 dresidual=dres_out, saved=saved, dweight=dweight, dbias=dbias)
         else:
             reduce, apply = self.launches
-            parts, coef_b, coef_c = scratch(self.memo, "grad_parts", device, acc,
-                                            self.scratch_shapes)
+            parts, coef_b, coef_c, *cut = scratch(self.memo, "grad_parts", device, acc,
+                                                  self.scratch_shapes)
+            cut = cut[0] if cut else None
             _run_grad_reduce(reduce, self.grid, x=x, dy=dy, y=y, saved=saved,
                              parts=parts, counter=arrival_counters(device, self.counters),
-                             coef_b=coef_b, coef_c=coef_c, dweight=dweight, dbias=dbias, n=self.R)
+                             coef_b=coef_b, coef_c=coef_c, dweight=dweight, dbias=dbias, n=self.R,
+                             cut=cut)
             if apply is not None:
                 _run_grad_apply(apply, self.grid, x=x, dy=dy, y=y, dx=dx,
-                                dresidual=dres_out, saved=saved, coef_b=coef_b, coef_c=coef_c)
+                                dresidual=dres_out, saved=saved, coef_b=coef_b, coef_c=coef_c,
+                                cut=cut)
         return dx, dweight, dbias, dres

@@ -49,6 +49,7 @@ from .common import (
     load_channel_values,
     load_tile,
     program_ranges,
+    relu_cut,
     relu_keep,
     rows_aligned,
     rows_flat,
@@ -209,7 +210,7 @@ def store_param_grads(c, c_mask, sum_dy, sum_dy_xhat, PreScale, PreShift, DWeigh
         tl.store(DBias + c, sum_dy, mask=c_mask)
 
 
-@triton.heuristics({**SAVED_FLAGS, **PARAM_GRAD_FLAGS, **given(FINALIZE="Counter"),
+@triton.heuristics({**SAVED_FLAGS, **PARAM_GRAD_FLAGS, **given(FINALIZE="Counter", HAS_CUT="Cut"),
                     "ROWS_FLAT": rows_flat("x", "dy", "y"),
                     "ALIGN": rows_aligned("x", "dy", "y"),
                     "SAME_STRIDES": same_strides("dy", "y", narrow_tiles=False)})
@@ -222,11 +223,12 @@ def bn_backward_reduce_kernel(
     Parts,                         # [3, n_parts (+ groups), S] fp32 out: sums of g, g * (x - m), x - m
     Counter,                       # [n_channel_tiles * (1 + groups) + 1] int32 zeros (FINALIZE); left zeros
     CoefB, CoefC, DWeight, DBias, n,  # as bn_backward_finalize_kernel
+    Cut,                           # [2, S] out (HAS_CUT, with FINALIZE): the ReLU mask's sign, cut
     sizes,                         # see common.SIZE_FIELDS
     stride_x, stride_dy, stride_y,  # each (r0, r1, g, k)
     HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, ROWS_FLAT: tl.constexpr,
-    ALIGN: tl.constexpr, FINALIZE: tl.constexpr, TRAINING: tl.constexpr,
+    ALIGN: tl.constexpr, FINALIZE: tl.constexpr, HAS_CUT: tl.constexpr, TRAINING: tl.constexpr,
     HAS_CENTRE: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_PRE_AFFINE: tl.constexpr, WRITE_DW: tl.constexpr,
     WRITE_DB: tl.constexpr, SAME_STRIDES: tl.constexpr,
@@ -240,7 +242,7 @@ def bn_backward_reduce_kernel(
     Masked-off lanes load dy = 0 and add nothing. With FINALIZE the last program of a channel
     tile (of the grid, with ghost batches) to store its part then adds the tile's parts and writes
     CoefB, CoefC, dgamma and dbeta (finalize_grad_channels), as bn_stats_kernel does forward: one
-    launch instead of two."""
+    launch instead of two; with HAS_CUT also the ReLU mask's cuts for dx (store_relu_cuts)."""
     ACC = Rstd.dtype.element_ty
     if SAME_STRIDES:  # one tile of offsets for x, dy and y (common.same_strides)
         stride_dy = stride_x
@@ -328,6 +330,31 @@ def bn_backward_reduce_kernel(
                                        PreScale, PreShift, CoefB, CoefC, DWeight, DBias, K, S // K,
                                        n_merged, n, ACC, TRAINING, HAS_OFFSET, HAS_WEIGHT,
                                        HAS_PRE_AFFINE, WRITE_DW, WRITE_DB, BLOCK_C, BLOCK_P)
+                if HAS_CUT:
+                    store_relu_cuts(Cut, X, Centre, Offset, Rstd, Weight, Bias, PreScale,
+                                    PreShift, c, c < c_end, K, S // K, stride_x, ACC, HAS_CENTRE,
+                                    HAS_OFFSET, HAS_WEIGHT, HAS_BIAS, HAS_PRE_AFFINE, HAS_GROUPS)
+
+
+@triton.jit
+def store_relu_cuts(Cut, X, Centre, Offset, Rstd, Weight, Bias, PreScale, PreShift, c, c_mask, K,
+                    G, stride_x, ACC: tl.constexpr, HAS_CENTRE: tl.constexpr,
+                    HAS_OFFSET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    HAS_PRE_AFFINE: tl.constexpr, HAS_GROUPS: tl.constexpr):
+    """Cut [2, S] for the statistic channels of parameter channels c: the sign s and the cut t of
+    common.relu_cut, from the scale and shift every kernel recomputes (saved_channel_terms), once
+    per channel here rather than in every program of the dx kernel, whose whole tiles then test
+    not (s * (x - m) <= t) on the s * (x - m) their dx takes anyway: one compare per element
+    instead of the pre-activation's multiply-add and compare. s = 0 where no cut is exact."""
+    S = G * K
+    for g in range(G):
+        s = g * K + c
+        _, scale, shift = saved_channel_terms(
+            X, Centre, Offset, Rstd, Weight, Bias, PreScale, PreShift, s, c_mask, K, stride_x, ACC,
+            HAS_CENTRE, HAS_OFFSET, HAS_WEIGHT, HAS_BIAS, HAS_PRE_AFFINE, HAS_GROUPS, True)
+        sign, cut = relu_cut(scale, shift)
+        tl.store(Cut + s[None, :], sign, mask=c_mask[None, :])
+        tl.store(Cut + S + s[None, :], cut, mask=c_mask[None, :])
 
 
 @triton.jit
@@ -461,7 +488,7 @@ def bn_backward_finalize_kernel(
                            WRITE_DW, WRITE_DB, BLOCK_C, BLOCK_P)
 
 
-@triton.heuristics({**SAVED_FLAGS, **INPUT_GRAD_FLAGS,
+@triton.heuristics({**SAVED_FLAGS, **INPUT_GRAD_FLAGS, **given(HAS_CUT="Cut"),
                     "ROWS_FLAT": rows_flat("x", "dy", "y", "dx", "dz"),
                     "ALIGN": rows_aligned("x", "dy", "y", "dx", "dz"),
                     "SAME_STRIDES": same_strides("dy", "y", "dx", "dz")})
@@ -472,15 +499,20 @@ def bn_backward_apply_kernel(
     Offset, Rstd,                  # [S] fp32 forward statistics: mean - centre (HAS_OFFSET), 1/std
     Weight, Bias, PreScale, PreShift,  # [K] gamma, beta (RELU only), pre-gamma affine (HAS_PRE_AFFINE)
     CoefB, CoefC,                  # [S] fp32 dx coefficients (finalize_grad_channels)
+    Cut,                           # [2, S] fp32 the ReLU mask's sign and cut (HAS_CUT: store_relu_cuts)
     sizes,                         # see common.SIZE_FIELDS
     stride_x, stride_dy, stride_y, stride_dx, stride_dz,  # each (r0, r1, g, k)
     HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, TRAINING: tl.constexpr,
     HAS_CENTRE: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_PRE_AFFINE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_PRE_AFFINE: tl.constexpr, HAS_CUT: tl.constexpr,
     WRITE_DX: tl.constexpr, WRITE_DRESIDUAL: tl.constexpr, ROWS_FLAT: tl.constexpr,
     ALIGN: tl.constexpr, SAME_STRIDES: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
+    """dx = Scale * g + CoefB * (x - m) + CoefC (and the residual's gradient), in reverse order of
+    the reduction's walk. HAS_CUT (channels fast, the ReLU without a residual): a channel tile's
+    whole row tiles take the ReLU mask from the channels' cuts (common.relu_cut) where every
+    channel of the tile has one, else every tile recomputes it."""
     ACC = Rstd.dtype.element_ty
     if SAME_STRIDES:  # one tile of offsets for every tensor (common.same_strides)
         stride_dy = stride_x
@@ -502,11 +534,22 @@ def bn_backward_apply_kernel(
             HAS_CENTRE, HAS_OFFSET, HAS_WEIGHT, HAS_BIAS, HAS_PRE_AFFINE, HAS_GROUPS, CHANNELS_FAST)
         coef_b = load_channel_values(CoefB, bc, bc_mask, bc, ACC, CHANNELS_FAST)
         coef_c = load_channel_values(CoefC, bc, bc_mask, bc, ACC, CHANNELS_FAST)
+        whole_tiles = b_end - b0 == BLOCK_B
+        # the whole tiles' mean, shift and CoefB: with cuts (HAS_CUT), s * m, t and s * CoefB
+        # about s * (x - m) (grad_apply_tile's CUT), else as they are
+        sign, w_mean, w_shift, w_coef_b = mean, mean, shift, coef_b
+        if HAS_CUT:
+            sign = load_channel_values(Cut, bc, bc_mask, bc, ACC, CHANNELS_FAST)
+            w_shift = load_channel_values(Cut + S, bc, bc_mask, bc, ACC, CHANNELS_FAST)
+            w_mean = sign * mean
+            w_coef_b = sign * coef_b
+            # a channel without an exact cut (s = 0): every tile recomputes the mask
+            whole_tiles = whole_tiles & (tl.min(tl.abs(tl.where(bc_mask, sign, 1.0))) > 0.0)
         a_full = a_begin
         if CHANNELS_FAST:
             # a whole channel tile: its last row tile (the reduction's last) first, masked, then
             # the whole row tiles before it, unmasked (the compiler drops a constant-true mask)
-            if b_end - b0 == BLOCK_B:
+            if whole_tiles:
                 a_full = a_begin + (a_end - a_begin) // BLOCK_A * BLOCK_A
                 a, b, b_mask, mask = tile_indices(a_full, b0, a_end, b_end, BLOCK_A, BLOCK_B,
                                                   INT64)
@@ -516,8 +559,8 @@ def bn_backward_apply_kernel(
                         stride_x, stride_dy, stride_y, stride_dx, stride_dz, HAS_GROUPS,
                         CHANNELS_FAST, INT64, HAS_RESIDUAL, WRITE_DX, WRITE_DRESIDUAL, ROWS_FLAT, ALIGN, BLOCK_A)
                     grad_apply_tile(x_ptrs, dy_ptrs, y_ptrs, dx_ptrs, dz_ptrs, mask, mean,
-                                    scale, shift, coef_b, coef_c, ACC, HAS_RESIDUAL, RELU,
-                                    TRAINING, WRITE_DX, WRITE_DRESIDUAL)
+                                    scale, shift, coef_b, coef_c, sign, ACC, HAS_RESIDUAL, RELU,
+                                    TRAINING, WRITE_DX, WRITE_DRESIDUAL, False)
                 whole = tl.full([BLOCK_A, BLOCK_B], 1, tl.int1)
                 n_whole = (a_full - a_begin) // BLOCK_A
                 # pointers carried from tile to tile (one add per vector) where the tensors have
@@ -528,9 +571,9 @@ def bn_backward_apply_kernel(
                         stride_x, stride_dy, stride_y, stride_dx, stride_dz, HAS_GROUPS,
                         CHANNELS_FAST, INT64, HAS_RESIDUAL, WRITE_DX, WRITE_DRESIDUAL, ROWS_FLAT, ALIGN, BLOCK_A)
                     for _i in range(0, n_whole):
-                        grad_apply_tile(x_ptrs, dy_ptrs, y_ptrs, dx_ptrs, dz_ptrs, whole, mean,
-                                        scale, shift, coef_b, coef_c, ACC, HAS_RESIDUAL, RELU,
-                                        TRAINING, WRITE_DX, WRITE_DRESIDUAL)
+                        grad_apply_tile(x_ptrs, dy_ptrs, y_ptrs, dx_ptrs, dz_ptrs, whole, w_mean,
+                                        scale, w_shift, w_coef_b, coef_c, sign, ACC, HAS_RESIDUAL,
+                                        RELU, TRAINING, WRITE_DX, WRITE_DRESIDUAL, HAS_CUT)
                         x_ptrs -= BLOCK_A * stride_x[1]
                         dy_ptrs -= BLOCK_A * stride_dy[1]
                         if HAS_RESIDUAL:
@@ -546,9 +589,9 @@ def bn_backward_apply_kernel(
                             s_fixed, R1, K, stride_x, stride_dy, stride_y, stride_dx, stride_dz,
                             HAS_GROUPS, CHANNELS_FAST, INT64, HAS_RESIDUAL, WRITE_DX,
                             WRITE_DRESIDUAL, ROWS_FLAT, ALIGN, BLOCK_A)
-                        grad_apply_tile(x_ptrs, dy_ptrs, y_ptrs, dx_ptrs, dz_ptrs, whole, mean,
-                                        scale, shift, coef_b, coef_c, ACC, HAS_RESIDUAL, RELU,
-                                        TRAINING, WRITE_DX, WRITE_DRESIDUAL)
+                        grad_apply_tile(x_ptrs, dy_ptrs, y_ptrs, dx_ptrs, dz_ptrs, whole, w_mean,
+                                        scale, w_shift, w_coef_b, coef_c, sign, ACC, HAS_RESIDUAL,
+                                        RELU, TRAINING, WRITE_DX, WRITE_DRESIDUAL, HAS_CUT)
                 a_full = a_end  # done
         # otherwise (a partial channel tile, or reduction fast) every tile masked, backwards
         a_last, n_a = last_tile(a_full, a_end, BLOCK_A)
@@ -560,26 +603,36 @@ def bn_backward_apply_kernel(
                 stride_x, stride_dy, stride_y, stride_dx, stride_dz, HAS_GROUPS, CHANNELS_FAST,
                 INT64, HAS_RESIDUAL, WRITE_DX, WRITE_DRESIDUAL, ROWS_FLAT, ALIGN, BLOCK_A)
             grad_apply_tile(x_ptrs, dy_ptrs, y_ptrs, dx_ptrs, dz_ptrs, mask, mean, scale,
-                            shift, coef_b, coef_c, ACC, HAS_RESIDUAL, RELU, TRAINING, WRITE_DX,
-                            WRITE_DRESIDUAL)
+                            shift, coef_b, coef_c, sign, ACC, HAS_RESIDUAL, RELU, TRAINING,
+                            WRITE_DX, WRITE_DRESIDUAL, False)
 
 @triton.jit
 def grad_apply_tile(x_ptrs, dy_ptrs, y_ptrs, dx_ptrs, dz_ptrs, mask, mean, scale, shift, coef_b,
-                    coef_c, ACC: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
-                    TRAINING: tl.constexpr, WRITE_DX: tl.constexpr,
-                    WRITE_DRESIDUAL: tl.constexpr):
+                    coef_c, sign, ACC: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                    RELU: tl.constexpr, TRAINING: tl.constexpr, WRITE_DX: tl.constexpr,
+                    WRITE_DRESIDUAL: tl.constexpr, CUT: tl.constexpr):
     """dx = keep ? Scale * dy + t : t with t = CoefB * (x - m) + CoefC (0 in inference), and the
     residual's gradient keep ? dy : 0, of one tile (keep: the ReLU mask, relu_keep; recomputed
     from the same x - m without a residual). The select of a value computed either way becomes
-    a predicated multiply-add (no select per element)."""
-    x, dy, keep = load_x_dy_keep(x_ptrs, dy_ptrs, y_ptrs, mask, mean, scale, shift, ACC,
-                                 HAS_RESIDUAL, RELU, "evict_first")
+    a predicated multiply-add (no select per element).
+    CUT: the mask from the channels' cuts (common.relu_cut): with ``sign`` s, ``mean`` s * m,
+    ``shift`` the cut t and ``coef_b`` s * CoefB, d = x * s - s * m is s * (x - m) exactly (one
+    fused multiply-add), keep = not (d <= t), and t = (s * CoefB) * d + CoefC as before."""
+    if CUT:
+        x = widen(load_tile(x_ptrs, mask, "evict_first"), ACC)
+        dy = widen(load_tile(dy_ptrs, mask, "evict_first"), ACC)
+        xm = x * sign - mean
+        keep = ~(xm <= shift)
+    else:
+        x, dy, keep = load_x_dy_keep(x_ptrs, dy_ptrs, y_ptrs, mask, mean, scale, shift, ACC,
+                                     HAS_RESIDUAL, RELU, "evict_first")
+        xm = x - mean
     if WRITE_DRESIDUAL:
         tl.store(dz_ptrs, tl.where(keep, dy, 0.0).to(dz_ptrs.dtype.element_ty), mask=mask,
                  cache_modifier=".cs")
     if WRITE_DX:
         if TRAINING:
-            t = coef_b * (x - mean) + coef_c
+            t = coef_b * xm + coef_c
             dx = tl.where(keep, scale * dy + t, t)
         else:
             dx = tl.where(keep, scale * dy, 0.0)

@@ -482,10 +482,68 @@ def last_tile(begin, end, BLOCK: tl.constexpr):
 @triton.jit
 def normalized(x, mean, scale, shift):
     """(x - m) * scale + shift: the batch norm's output before the residual and the activation,
-    one expression for every kernel (the compiler makes it one fused multiply-add, as every
-    launch asks, launch.FP_FUSION; Triton's CPU interpreter, a multiply and an add, as torch's
-    ops in functional._relu_mask)."""
-    return (x - mean) * scale + shift
+    one expression for every kernel (pre_activation of x - m)."""
+    return pre_activation(x - mean, scale, shift)
+
+
+@triton.jit
+def pre_activation(xm, scale, shift):
+    """xm * scale + shift for xm = x - m: the compiler makes it one fused multiply-add, as every
+    launch asks (launch.FP_FUSION); Triton's CPU interpreter, a multiply and an add, as torch's
+    ops in functional._relu_mask. Either is monotone in xm for scale >= 0 (relu_cut)."""
+    return xm * scale + shift
+
+
+@triton.jit
+def float_after(t):
+    """The float next above t (not a NaN; -0 taken as +0), by its bits, which count the floats of
+    one sign outwards from 0: the largest finite float's is +inf, -inf's the lowest finite."""
+    if t.dtype == tl.float64:
+        bits = t.to(tl.int64, bitcast=True)
+    else:
+        bits = t.to(tl.int32, bitcast=True)
+    bits = tl.where(t == 0.0, 0, bits)
+    return tl.where(bits >= 0, bits + 1, bits - 1).to(t.dtype, bitcast=True)
+
+
+@triton.jit
+def blocked(v, a, shift):
+    """Whether the fused ReLU blocks the gradient at s * (x - m) = v for |scale| = a (relu_cut)."""
+    return pre_activation(v, a, shift) <= 0.0
+
+
+@triton.jit
+def relu_cut(scale, shift):
+    """The fused ReLU's recomputed mask (relu_keep) as one compare per element, per channel:
+    (s, t) with, for every x,
+
+        not ((x - m) * scale + shift <= 0)   ==   not (s * (x - m) <= t),
+
+    s = -1 where scale < 0, else 1, and t the largest float v whose pre-activation
+    v * |scale| + shift is <= 0 (the same product: s * (x - m) * |scale| = (x - m) * scale
+    exactly), or NaN where there is none (the mask passes everything). Such a t exists because
+    the pre-activation, one fused multiply-add on the GPU or a multiply and an add in the
+    interpreter (pre_activation), never decreases as v grows. t is -shift / |scale| moved a few
+    floats (blocked), then checked: blocked at t and not at the float after it. s is 0 where
+    that check fails (underflow near 0, where the boundary lies further away) and where no t can
+    say it: scale = 0 with shift <= 0 blocks every finite x - m but passes an infinite one
+    (0 * inf is NaN). The kernels recompute the mask where s is 0."""
+    sign = tl.where(scale < 0.0, -1.0, 1.0).to(scale.dtype)
+    a = scale * sign
+    if scale.dtype == tl.float64:
+        t = -shift / a
+    else:
+        t = tl.div_rn(-shift, a)
+    for _ in tl.static_range(3):  # up while the float after t is blocked, down while t is not
+        after = float_after(t)
+        t = tl.where(blocked(t, a, shift), tl.where(blocked(after, a, shift), after, t),
+                     -float_after(-t))
+    exact = blocked(t, a, shift) & ~blocked(float_after(t), a, shift) & (a != 0.0)
+    # nothing blocked: not even x - m = -inf (or a NaN scale or shift); with a = 0: shift > 0
+    lowest = tl.full(a.shape, float("-inf"), a.dtype)
+    none = ~blocked(lowest, a, shift) & ((a != 0.0) | ~(shift <= 0.0))
+    return (tl.where(exact | none, sign, 0.0),
+            tl.where(none, tl.full(a.shape, float("nan"), a.dtype), t))
 
 
 @triton.jit
