@@ -183,8 +183,10 @@ def test_resnet50_report_columns_and_no_spills(tmp_path):
                            "bn_backward_apply_kernel"):  # the split path: a loop over tiles
             assert r["sass_loop"], where
         if r["flags"].startswith("bf16"):  # issue #10: <= 8 SASS instructions per element,
-            # but for the backward apply with the fused ReLU (9.0 on triton 3.9, 9.2 on 3.6,
-            # 128 x 64 on 8 warps, 2026-12-01, perf/README.md: the mask's multiply-add and compare)
+            # but for the backward apply with the fused ReLU: 8.0 on triton 3.9, 8.2 on 3.6
+            # (whose evict-first loads rebuild an L2 policy every tile) since its whole tiles
+            # compare with a per-channel cut (common.relu_cut, 2026-12-02; 9.0 and 9.2 with the
+            # mask's multiply-add and compare, 128 x 64 on 8 warps, perf/README.md)
             relu = " RELU " in f" {r['flags']} "
             relu_dx = r["kernel"] == "bn_backward_apply_kernel" and relu
             # and the backward reduction with the ReLU: the mask's multiply-add and compare
@@ -197,7 +199,7 @@ def test_resnet50_report_columns_and_no_spills(tmp_path):
             # the reduction 9.4 and dx 8.3 before, 2026-12-01; 11.2-11.3 and 10.8 while they
             # recomputed the pre-activation from x and the residual)
             res = " RES " in f" {r['flags']} "
-            limit = (8.15 if res and (relu_dx or relu_sums) else 9.2 if relu_dx else
+            limit = (8.15 if res and (relu_dx or relu_sums) else 8.2 if relu_dx else
                      9.25 if relu_sums else 8.0)
             assert r["instructions_per_element"] <= limit, where
     assert "instr/el" in output and "Finalize" in output

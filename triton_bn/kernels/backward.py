@@ -24,7 +24,9 @@ On an H200 the sums about c made fp32 dgamma 5-8x less accurate than PyTorch's a
 per channel. The dx kernels subtract m too (x - m is exact near m) and fold r into the constant:
     dx = Scale * g + CoefB * (x - m) + (CoefC - CoefB * r),
 and CoefC as stored is the latter bracket. The ReLU mask is the forward's, recomputed from the
-same x - m: one subtraction per element serves the mask, the sums and dx.
+same x - m: one subtraction per element serves the mask, the sums and dx. The dx kernel's whole
+channels-fast tiles read it from per-channel cuts instead (common.relu_cut: not (s * (x - m) <= t),
+one compare), which the reduction's finalize writes (store_relu_cuts).
 
 The forward leaves only o (or, without a pivot, the centre: inference, sync BN) and rstd per
 statistic channel, and with renorm or adjustment the pre-gamma affine a * r, a * d + b_adj per
