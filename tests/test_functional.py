@@ -915,37 +915,43 @@ def check_relu_mask_at_zero(fmt, shape=(3, 24, 4, 4)):  # 48 values a channel: a
         assert torch.equal(db2.detach(), kept.sum(dim=(0, 2, 3)).float()), "torch mask"
 
 
-@pytest.mark.parametrize("signs", ["positive", "negative-and-zero"])
-def test_dx_whole_tiles_take_the_forwards_relu_mask(signs):
-    """The dx kernel's whole channels-last tiles read the ReLU mask from per-channel cuts that
-    the reduction's finalize writes (kernels/common.relu_cut): one compare of s * (x - m) with a
-    cut t instead of the pre-activation's multiply-add. On pre-activations that are zero up to
-    rounding (pre_activations_at_zero) dx must be the float64 gradient of the forward's own mask,
-    y > 0: one element passed or blocked wrongly moves its dx by about |scale| * |dy| (~1).
-    Tiles of 8 channels and 8 rows, so that most tiles are whole; with a negative gamma (the
-    cut's sign) and a zero one (no cut can express scale 0 with shift <= 0: that channel tile
-    recomputes the mask)."""
+@pytest.mark.parametrize("forward, signs", [("split", "positive"), ("split", "negative-and-zero"),
+                                            ("fused", "negative-and-zero")])
+def test_split_backward_takes_the_forwards_relu_mask_from_cuts(forward, signs):
+    """The split backward's channels-last tiles (the reduction's, and dx's whole ones) read the
+    ReLU mask from per-channel cuts that the training forward keeps (kernels/common.relu_cut,
+    written by the split forward's finalize or the single pass): one compare of s * (x - m)
+    with a cut t instead of the pre-activation's multiply-add. On pre-activations that are zero
+    up to rounding (pre_activations_at_zero), dbias, dgamma and dx must be the float64
+    gradients of the forward's own mask, y > 0: one element passed or blocked wrongly moves
+    dbias by |dy| (~1). Tiles of 8 channels and 8 rows, so that most tiles are whole; with a
+    negative gamma (the cut's sign) and a zero one (no cut can express scale 0 with shift <= 0:
+    that channel tile recomputes the mask)."""
     shape = (2, 32, 8, 8)
     x, w, b = pre_activations_at_zero(shape, torch.channels_last)
     if signs != "positive":
         w = w.clone()
         w[1], w[9], w[10] = -w[1], -w[9], 0.0
-    knobs = {"force_fused": False, "parts": 2, "tile": 64, "max_block_inner": 8,
+    split = {"force_fused": False, "parts": 2, "tile": 64, "max_block_inner": 8,
              "max_block_channels": 8}
-    with tuning.override(**knobs):
+    with tuning.override(**(split if forward == "split" else {"force_fused": True})):
         xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
         y = normalize(xs, ws, bs, activation="relu")
-        kept = (y > 0).detach()
-        assert 0.2 < kept.float().mean() < 0.8
-        dy = torch.randn(shape, generator=torch.Generator().manual_seed(1)).contiguous(
-            memory_format=torch.channels_last)
-        (dx,) = torch.autograd.grad(y, [xs], dy)
-    # float64: dx = gamma * rstd * (g - mean(g) - x_hat * mean(g * x_hat)), g = dy * (y > 0)
+    kept = (y > 0).detach()
+    assert 0.2 < kept.float().mean() < 0.8
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(1)).contiguous(
+        memory_format=torch.channels_last)
+    with tuning.override(**split):
+        dx, dw, db = torch.autograd.grad(y, [xs, ws, bs], dy)
+    # float64: g = dy * (y > 0), dbias = sum(g), dgamma = sum(g * x_hat),
+    # dx = gamma * rstd * (g - mean(g) - x_hat * mean(g * x_hat))
     xd = x.double()
     mean = xd.mean((0, 2, 3), keepdim=True)
     rstd = (xd.var((0, 2, 3), unbiased=False, keepdim=True) + 1e-5).rsqrt()
     x_hat = (xd - mean) * rstd
     g = dy.double() * kept
+    assert_close(db, g.sum((0, 2, 3)), "dbias", atol=1e-4, rtol=1e-5)
+    assert_close(dw, (g * x_hat).sum((0, 2, 3)), "dweight", atol=1e-4, rtol=1e-5)
     expected = w.double().view(1, -1, 1, 1) * rstd * (
         g - g.mean((0, 2, 3), keepdim=True) - x_hat * (g * x_hat).mean((0, 2, 3), keepdim=True))
     assert_close(dx, expected, "dx", atol=1e-4, rtol=1e-4)

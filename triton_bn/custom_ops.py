@@ -10,8 +10,9 @@ forward/backward call these operators while compiling and the launch helpers in 
 in eager mode (no dispatcher overhead).
 
 Absent optional outputs (the centre of a training forward, which is x's pivot, the offset of an
-inference forward, which is 0, ``pre_scale``/``pre_shift`` without renorm or adjustment, unneeded
-gradients) are returned as empty tensors, since an operator's outputs must be tensors.
+inference forward, which is 0, ``pre_scale``/``pre_shift`` without renorm or adjustment, the ReLU
+cuts where ``ops.saves_cut`` says none are kept, unneeded gradients) are returned as empty
+tensors, since an operator's outputs must be tensors.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ def bn_forward(
     momentum: float, cumulative: bool, unbiased: bool, update_running: bool, renorm: int,
     renorm_momentum: float, rmin: float | None, rmax: float | None, dmax: float | None,
     relu: bool, count_batch: bool = False,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(y, centre, offset, rstd, pre_scale, pre_shift): ``ops.bn_forward`` as an operator."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y, centre, offset, rstd, pre_scale, pre_shift, cut): ``ops.bn_forward`` as an operator."""
     r = ops.bn_forward(
         x, weight, bias, running_mean, running_var, num_batches_tracked, renorm_mean,
         renorm_stddev, moving_stddev, adj_scale, adj_bias, residual, axes=tuple(axes),
@@ -52,9 +53,10 @@ def bn_forward(
         unbiased=unbiased, update_running=update_running, renorm=renorm,
         renorm_momentum=renorm_momentum, rmin=rmin, rmax=rmax, dmax=dmax, relu=relu,
         count_batch=count_batch)
-    centre, offset, pre_scale, pre_shift = (t if t is not None else _absent(r.rstd)
-                                      for t in (r.centre, r.offset, r.pre_scale, r.pre_shift))
-    return r.y, centre, offset, r.rstd, pre_scale, pre_shift
+    centre, offset, pre_scale, pre_shift, cut = (
+        t if t is not None else _absent(r.rstd)
+        for t in (r.centre, r.offset, r.pre_scale, r.pre_shift, r.cut))
+    return r.y, centre, offset, r.rstd, pre_scale, pre_shift, cut
 
 
 @bn_forward.register_fake
@@ -69,15 +71,17 @@ def _(x, weight, bias, residual, adj_scale, adj_bias, running_mean, running_var,
     g = x.new_empty(K if has_pre_affine else 0, dtype=stat.dtype)
     centre = x.new_empty(S if ops.saves_centre(training, False) else 0, dtype=stat.dtype)
     offset = x.new_empty(0 if ops.saves_centre(training, False) else S, dtype=stat.dtype)
+    cut = x.new_empty((2, S) if ops.saves_cut(training, False, relu, residual is not None)
+                      else (0,), dtype=stat.dtype)
     return (torch.empty_like(x, memory_format=torch.preserve_format), centre, offset, stat, g,
-            g.clone())
+            g.clone(), cut)
 
 
 @torch.library.custom_op("triton_bn::bn_backward", mutates_args=())
 def bn_backward(
     dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, y: Tensor | None,
     centre: Tensor | None, offset: Tensor | None, rstd: Tensor, pre_scale: Tensor | None,
-    pre_shift: Tensor | None, axes: list[int],
+    pre_shift: Tensor | None, cut: Tensor | None, axes: list[int],
     groups: int, training: bool, relu: bool, need_dx: bool, need_dweight: bool, need_dbias: bool,
     need_dresidual: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -85,15 +89,15 @@ def bn_backward(
     relu (without it, dresidual is dy itself and the caller uses dy, as outputs may not alias);
     y: the forward's output where it added a residual (the ReLU mask: not y <= 0), else None."""
     dx, dw, db, dz = ops.bn_backward(
-        dy, x, weight, bias, y, centre, offset, rstd, pre_scale, pre_shift, axes=tuple(axes),
+        dy, x, weight, bias, y, centre, offset, rstd, pre_scale, pre_shift, cut, axes=tuple(axes),
         groups=groups, training=training, relu=relu, need_dx=need_dx, need_dweight=need_dweight,
         need_dbias=need_dbias, need_dresidual=need_dresidual and relu)
     return tuple(t if t is not None else _absent(rstd) for t in (dx, dw, db, dz))
 
 
 @bn_backward.register_fake
-def _(dy, x, weight, bias, y, centre, offset, rstd, pre_scale, pre_shift, axes, groups, training,
-      relu, need_dx, need_dweight, need_dbias, need_dresidual):
+def _(dy, x, weight, bias, y, centre, offset, rstd, pre_scale, pre_shift, cut, axes, groups,
+      training, relu, need_dx, need_dweight, need_dbias, need_dresidual):
     K = math.prod(x.shape[a] for a in axes)
     dx = torch.empty_like(x, memory_format=torch.preserve_format) if need_dx else _absent(rstd)
     dw = rstd.new_empty(K) if need_dweight else _absent(rstd)

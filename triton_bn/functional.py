@@ -92,13 +92,14 @@ class NormConfig:
 def _forward(x, weight, bias, residual, adj_scale, adj_bias, running_mean, running_var,
              num_batches_tracked, renorm_mean, renorm_stddev, moving_stddev, cfg: NormConfig,
              sync, keep_stats: bool = True, memo: Optional[dict] = None):
-    """(y, centre, offset, rstd, pre_scale, pre_shift, global_count) from the kernels (or the custom
-    operators while tracing; see ``ops.ForwardResult``: centre is None where it is x's pivot,
-    offset None where it is 0); the statistics are None for an empty, unsynchronized input."""
+    """(y, centre, offset, rstd, pre_scale, pre_shift, cut, global_count) from the kernels (or the
+    custom operators while tracing; see ``ops.ForwardResult``: centre is None where it is x's
+    pivot, offset None where it is 0); the statistics are None for an empty, unsynchronized
+    input."""
     if x.numel() == 0 and sync is None:
         if cfg.count_batch and num_batches_tracked is not None:
             num_batches_tracked.add_(1)  # no kernel runs to count the (empty) batch
-        return torch.empty_like(x), None, None, None, None, None, None
+        return torch.empty_like(x), None, None, None, None, None, None, None
     state = (running_mean, running_var, num_batches_tracked, renorm_mean, renorm_stddev,
              moving_stddev)
     kw = {"groups": cfg.groups, "training": cfg.training, "eps": cfg.eps,
@@ -107,19 +108,21 @@ def _forward(x, weight, bias, residual, adj_scale, adj_bias, running_mean, runni
           "renorm_momentum": cfg.renorm_momentum, "rmin": cfg.rmin, "rmax": cfg.rmax,
           "dmax": cfg.dmax, "relu": cfg.relu, "count_batch": cfg.count_batch}
     if _traced(x):
-        y, centre, offset, rstd, pre_scale, pre_shift = torch.ops.triton_bn.bn_forward(
+        y, centre, offset, rstd, pre_scale, pre_shift, cut = torch.ops.triton_bn.bn_forward(
             x, weight, bias, residual, adj_scale, adj_bias, *state, axes=list(cfg.axes), **kw)
         has_pre_affine = cfg.training and ops.saves_pre_affine(cfg.renorm, adj_scale is not None)
         pre_scale, pre_shift = (pre_scale, pre_shift) if has_pre_affine else (None, None)
         centre, offset = (None, offset) if cfg.training else (centre, None)
-        return y, centre, offset, rstd, pre_scale, pre_shift, None
+        if not ops.saves_cut(cfg.training, False, cfg.relu, residual is not None):
+            cut = None
+        return y, centre, offset, rstd, pre_scale, pre_shift, cut, None
     global_moments = global_count = None
     if sync is not None:
         global_moments = sync.exchange(x, cfg.axes, cfg.groups)
         global_count = global_moments[2].sum().reshape(1)
     r = ops.bn_forward(x, weight, bias, *state, adj_scale, adj_bias, residual, axes=cfg.axes,
                        global_moments=global_moments, keep_stats=keep_stats, memo=memo, **kw)
-    return r.y, r.centre, r.offset, r.rstd, r.pre_scale, r.pre_shift, global_count
+    return r.y, r.centre, r.offset, r.rstd, r.pre_scale, r.pre_shift, r.cut, global_count
 
 
 def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
@@ -145,7 +148,7 @@ def _backward(ctx, dy: torch.Tensor) -> tuple:
     need_x, need_w, need_b, need_z = ctx.needs_input_grad[:4]
     need_z = need_z and not ctx.gated  # else the gate node gives the residual's gradient
     saved = ctx.saved_tensors
-    x, weight, bias, mask_from, centre, offset, rstd, pre_scale, pre_shift = saved
+    x, weight, bias, mask_from, centre, offset, rstd, pre_scale, pre_shift, _ = saved
     cfg = ctx.cfg
     if rstd is None:  # empty input: every gradient is zero
         w_like = weight if weight is not None else dy.new_empty(0)
@@ -254,7 +257,7 @@ def _relu_mask(v: _Views, saved, cfg, acc):
     expression in torch operations (``kernels.common.channel_coefficients``, ``mean_and_error``):
     y = (x - m) * scale + shift, m = c + o rounded once and its error e = (c + o) - m (TwoSum)
     folded into the shift, exact in Triton's CPU interpreter, which does not fuse either."""
-    x, weight, bias, y, centre, offset, rstd, pre_scale, pre_shift = saved
+    x, weight, bias, y, centre, offset, rstd, pre_scale, pre_shift, _ = saved
     if y is not None:
         return ~(v.act(y, acc) <= 0)
     plain = (torch.Tensor, torch.nn.Parameter)  # not a FakeTensor or another subclass
@@ -290,7 +293,7 @@ def _torch_backward(dy, saved, cfg: NormConfig, recompute: bool, needs) -> tuple
     from x so that the gradients are differentiable functions of x (double backward); the
     renorm r, d and the adjustment stay constants, as in the forward."""
     need_x, need_w, need_b, need_z = needs
-    x, weight, bias, _, centre, offset, rstd, pre_scale, pre_shift = saved
+    x, weight, bias, _, centre, offset, rstd, pre_scale, pre_shift, _ = saved
     acc = rstd.dtype
     v = _Views(x, cfg)
     xa, g = v.act(x, acc), v.act(dy, acc)
@@ -327,7 +330,7 @@ def _torch_backward(dy, saved, cfg: NormConfig, recompute: bool, needs) -> tuple
 def _jvp(ctx, tx, tw, tb, tz) -> torch.Tensor:
     """Forward-mode derivative of y from the input tangents (r, d and the adjustment constant)."""
     saved = ctx.saved_tensors
-    x, weight, bias, _, centre, offset, rstd, pre_scale, pre_shift = saved
+    x, weight, bias, _, centre, offset, rstd, pre_scale, pre_shift, _ = saved
     cfg = ctx.cfg
     if rstd is None:
         return torch.zeros_like(x)
@@ -371,7 +374,7 @@ def _save(ctx, inputs, outs, sync, gated: bool = False, memo: Optional[dict] = N
     the batch norm's backward alone here (no ReLU, no residual)."""
     x, weight, bias, residual = inputs[:4]
     cfg = inputs[12]
-    y, centre, offset, rstd, pre_scale, pre_shift, global_count = outs
+    y, centre, offset, rstd, pre_scale, pre_shift, cut, global_count = outs
     if gated:
         cfg, residual = dataclasses.replace(cfg, relu=False), None
     ctx.cfg, ctx.sync, ctx.global_count, ctx.gated = cfg, sync, global_count, gated
@@ -381,7 +384,7 @@ def _save(ctx, inputs, outs, sync, gated: bool = False, memo: Optional[dict] = N
     ctx.bias_shape = bias.shape if bias is not None else (0,)
     mask_from = y if cfg.relu and residual is not None else None
     saved = (x, weight, bias if cfg.relu else None, mask_from, centre, offset, rstd, pre_scale,
-             pre_shift)
+             pre_shift, cut)
     ctx.save_for_backward(*saved)
     return saved
 
@@ -483,8 +486,10 @@ class _ReluGateFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, residual, x, weight, bias, centre, offset, rstd, pre_scale, pre_shift, cfg):
-        # y in the slot the batch norm's own backward reads the mask from (_save, _relu_mask)
-        ctx.save_for_backward(x, weight, bias, y, centre, offset, rstd, pre_scale, pre_shift)
+        # y in the slot the batch norm's own backward reads the mask from (_save, _relu_mask);
+        # no cut (the mask is read from y)
+        ctx.save_for_backward(x, weight, bias, y, centre, offset, rstd, pre_scale, pre_shift,
+                              None)
         ctx.cfg = cfg
         return y
 
@@ -521,7 +526,7 @@ class TransformBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        saved = _save(ctx, inputs, tuple(output) + (None,), None)
+        saved = _save(ctx, inputs, tuple(output) + (None, None), None)  # no cut, no count
         ctx.mark_non_differentiable(*[t for t in output[1:] if t is not None])
         ctx.save_for_forward(*saved)
 

@@ -204,9 +204,9 @@ class _Static:
 # keyword. ``state``: the 12 tensors of _state_args; ``saved``: the 7 of _Saved.args().
 
 def _run_stats(st: _Static, grid, *, x, part_sum, part_m2, pivot, counter, offset, rstd,
-               state, hyper) -> None:
+               state, hyper, cut) -> None:
     st.launch(bn_stats_kernel, grid, (x, part_sum, part_m2, pivot, counter, offset, rstd, *state,
-                                      hyper))
+                                      hyper, cut))
 
 
 def _run_apply(st: _Static, grid, *, x, y, residual, centre, offset, rstd, weight, bias,
@@ -216,8 +216,9 @@ def _run_apply(st: _Static, grid, *, x, y, residual, centre, offset, rstd, weigh
 
 
 def _run_fused_forward(st: _Static, grid, *, x, y, residual, offset, rstd, state, hyper,
-                       counter) -> None:
-    st.launch(bn_fused_forward_kernel, grid, (x, y, residual, offset, rstd, *state, hyper, counter))
+                       counter, cut) -> None:
+    st.launch(bn_fused_forward_kernel, grid, (x, y, residual, offset, rstd, *state, hyper, counter,
+                                              cut))
 
 
 def _run_grad_reduce(st: _Static, grid, *, x, dy, y, saved, parts, counter, coef_b, coef_c,
@@ -275,6 +276,15 @@ class ForwardResult:
     rstd: Optional[torch.Tensor]  # [S] (None: keep_stats=False, nothing kept)
     pre_scale: Optional[torch.Tensor]  # [K] pre-gamma affine (renorm r * adjustment), or None
     pre_shift: Optional[torch.Tensor]
+    cut: Optional[torch.Tensor] = None  # [2, S] the fused ReLU's cuts (saves_cut), or None
+
+
+def saves_cut(training: bool, sync: bool, relu: bool, has_residual: bool) -> bool:
+    """Whether a forward keeps each channel's ReLU cut ([2, S] fp32: a sign and a threshold,
+    kernels/common.relu_cut), so that the backward's split kernels test the mask with one
+    compare instead of recomputing the pre-activation: a training forward (not synchronized)
+    with a fused ReLU and no residual (with one, the mask is read from y)."""
+    return training and not sync and relu and not has_residual
 
 
 def saves_centre(training: bool, sync: bool) -> bool:
@@ -343,6 +353,7 @@ class _Forward(_Call):
     centre: Optional[torch.Tensor]  # see ForwardResult; statistics only: the [S] merged means
     offset: Optional[torch.Tensor]
     rstd: Optional[torch.Tensor]
+    cut: Optional[torch.Tensor] = None  # see ForwardResult
 
     @property
     def acc(self) -> torch.dtype:
@@ -355,16 +366,18 @@ class _Forward(_Call):
 
     def result(self, pre_scale=None, pre_shift=None) -> ForwardResult:
         return ForwardResult(_restore(self.prep.tensors[1], self.y, self.prep), self.centre,
-                             self.offset, self.rstd, pre_scale, pre_shift)
+                             self.offset, self.rstd, pre_scale, pre_shift, self.cut)
 
 
 def _start_forward(x: torch.Tensor, residual: Optional[torch.Tensor], axes, groups: int,
                    training: bool, output: bool = True, keep_stats: bool = True,
-                   sync: bool = False, memo: Optional[dict] = None) -> _Forward:
+                   sync: bool = False, memo: Optional[dict] = None,
+                   relu: bool = False) -> _Forward:
     """Prepares a forward and allocates the statistics it keeps (ForwardResult: two [S] vectors,
-    the centres or the offsets, and rstd). ``output=False`` (statistics only) allocates no y,
-    and ``centre`` is then the [S] merged means. ``keep_stats=False`` (inference with nothing to
-    differentiate) allocates no statistics. ``memo``: see ``call_memo``."""
+    the centres or the offsets, and rstd; the ReLU's cuts, saves_cut). ``output=False``
+    (statistics only) allocates no y, and ``centre`` is then the [S] merged means.
+    ``keep_stats=False`` (inference with nothing to differentiate) allocates no statistics.
+    ``memo``: see ``call_memo``."""
     acc = acc_dtype(x.dtype)
     y = torch.empty_like(x, memory_format=torch.preserve_format) if output else None
     active = [x] + ([y] if output else []) + ([residual] if residual is not None else [])
@@ -379,8 +392,11 @@ def _start_forward(x: torch.Tensor, residual: Optional[torch.Tensor], axes, grou
             offset = stat
         if output:
             rstd = torch.empty(S, device=x.device, dtype=acc)
+    cut = None
+    if keep_stats and output and saves_cut(training, sync, relu, residual is not None):
+        cut = torch.empty((2, S), device=x.device, dtype=acc)
     return _Forward(prep, residual is not None, _needs_int64(prep.geometry), x, y, centre, offset,
-                    rstd)
+                    rstd, cut)
 
 
 def _dtypes(tensors) -> tuple:
@@ -425,7 +441,7 @@ def _launch_stats(fw: _Forward, plan: tuning.TilePlan, state=None, memo: Optiona
         part_sum = torch.empty((plan.n_parts, geo.S), device=fw.x.device, dtype=fw.acc)
         part_m2 = torch.empty_like(part_sum)
         pivot = torch.empty(geo.S, device=fw.x.device, dtype=fw.acc)
-        counter = offset = rstd = hyper = None
+        counter = offset = rstd = hyper = cut = None
         tensors = (None,) * 12
         flags = dict(RENORM=RENORM_NONE, UPDATE_RUNNING=False, UNBIASED=False, CUMULATIVE=False,
                      COUNT_BATCH=False)
@@ -436,7 +452,7 @@ def _launch_stats(fw: _Forward, plan: tuning.TilePlan, state=None, memo: Optiona
                                     ((parts_rows(geo, plan, "forward"), geo.S),) * 2)
         pivot = None  # the finalize reads the pivots from x
         counter = arrival_counters(fw.x.device, finalize_counters(geo, plan, "forward"))
-        offset, rstd = fw.offset, fw.rstd
+        offset, rstd, cut = fw.offset, fw.rstd, fw.cut
     st = _memo_get(memo, "stats")
     if st is None:
         st = _memo_put(memo, "stats", _Static(
@@ -445,9 +461,9 @@ def _launch_stats(fw: _Forward, plan: tuning.TilePlan, state=None, memo: Optiona
                 BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B,
                 **finalize_blocks(geo, plan, "forward", finalize=state is not None)),
             (geo, plan, fw.int64, tuple(flags.values()), xs.dtype, pivot is None,
-             _dtypes((counter, offset, rstd, *tensors, hyper))), plan.num_warps))
+             _dtypes((counter, offset, rstd, *tensors, hyper, cut))), plan.num_warps))
     _run_stats(st, plan.grid, x=xs, part_sum=part_sum, part_m2=part_m2, pivot=pivot,
-               counter=counter, offset=offset, rstd=rstd, state=tensors, hyper=hyper)
+               counter=counter, offset=offset, rstd=rstd, state=tensors, hyper=hyper, cut=cut)
     return part_sum, part_m2, pivot
 
 
@@ -588,7 +604,7 @@ def bn_forward(
     memo: a layer's plan for this call signature (``call_memo``), or None.
     """
     fw = _start_forward(x, residual, axes, groups, training, keep_stats=keep_stats or training,
-                        sync=global_moments is not None, memo=memo)
+                        sync=global_moments is not None, memo=memo, relu=relu)
     if not training:
         _launch_apply(fw, relu, weight, bias, running_mean=running_mean, running_var=running_var,
                       eps=eps)
@@ -620,10 +636,11 @@ def bn_forward(
                 dict(CHANNELS_FAST=geo.channels_fast, INT64=fw.int64, RELU=relu, **flags,
                      BLOCK_A=plan.BLOCK_A, BLOCK_B=plan.BLOCK_B),
                 (geo, plan, fw.int64, relu, tuple(flags.values()),
-                 _dtypes((xs, ys, zs, *tensors))), plan.num_warps))
+                 _dtypes((xs, ys, zs, *tensors, fw.cut))), plan.num_warps))
         _run_fused_forward(st, plan.grid, x=xs, y=ys, residual=zs, offset=fw.offset, rstd=fw.rstd,
                            state=tensors, hyper=hyper,
-                           counter=arrival_counters(x.device, 1) if flags["COUNT_BATCH"] else None)
+                           counter=arrival_counters(x.device, 1) if flags["COUNT_BATCH"] else None,
+                           cut=fw.cut)
     else:
         _launch_stats(fw, plan, state, memo)  # its last programs finalize
         _launch_apply(fw, relu, weight, bias, pre_scale, pre_shift, plan=plan, memo=memo)
@@ -750,25 +767,26 @@ class _Saved:
                 self.pre_shift)
 
 
-def relu_cuts(geo: Geometry, relu: bool, has_residual: bool) -> bool:
-    """Whether the dx kernel takes the ReLU mask from per-channel cuts that the reduction's
-    finalize writes (kernels/backward.py, store_relu_cuts): a ReLU recomputed from x (no
-    residual), channels fast (the whole tiles that use them)."""
-    return relu and not has_residual and geo.channels_fast
+def used_cut(geo: Geometry, relu: bool, has_residual: bool, sync: bool,
+             cut: Optional[torch.Tensor]) -> bool:
+    """Whether the backward's split kernels take the ReLU mask from the forward's cuts
+    (ForwardResult.cut): kept, a ReLU recomputed from x (no residual), not synchronized, channels
+    fast (the whole tiles that compare with them)."""
+    return (cut is not None and cut.numel() > 0 and relu and not has_residual and not sync
+            and geo.channels_fast)
 
 
-def _grad_scratch_shapes(geo: Geometry, plan, cuts: bool) -> tuple:
-    """The reduction's parts, CoefB, CoefC and (``cuts``) the ReLU cuts [2, S]."""
-    return ((grad_parts_shape(parts_rows(geo, plan, "backward"), geo.S),) + ((geo.S,),) * 2
-            + (((2, geo.S),) if cuts else ()))
+def _grad_scratch_shapes(geo: Geometry, plan) -> tuple:
+    """The reduction's parts, CoefB and CoefC."""
+    return (grad_parts_shape(parts_rows(geo, plan, "backward"), geo.S),) + ((geo.S,),) * 2
 
 
 def _launch_grad_reduce(bw: _Backward, plan, saved: _Saved, relu, finalize=None,
-                        memo: Optional[dict] = None):
+                        memo: Optional[dict] = None, cut: Optional[torch.Tensor] = None):
     """Partial sums of g, g * (x - m) and x - m (m: the saved mean) per part and statistic
     channel, [3, n_parts, S]. With ``finalize`` = (dweight, dbias, training) the kernel's last
     programs also write the dx coefficients and the parameter gradients: returns (coef_b,
-    coef_c, cut) then (cut: the ReLU cuts, relu_cuts, else None)."""
+    coef_c) then. ``cut``: the forward's ReLU cuts (used_cut), or None."""
     geo = bw.geo
     (xs, dys, ys, _, _), (st_x, st_dy, st_y, _, _) = bw.views()
     training = True
@@ -780,10 +798,9 @@ def _launch_grad_reduce(bw: _Backward, plan, saved: _Saved, relu, finalize=None,
         dweight, dbias, training = finalize
         # parts and the dx coefficients live until the dx kernel of this call has read them
         parts, *coefs = scratch(memo, "grad_parts", xs.device, saved.rstd.dtype,
-                                _grad_scratch_shapes(geo, plan, relu_cuts(geo, relu, ys is not None)))
+                                _grad_scratch_shapes(geo, plan))
         counter, n = arrival_counters(xs.device, finalize_counters(geo, plan, "backward")), geo.R
-        coefs += [None] * (3 - len(coefs))
-    coef_b, coef_c, cut = coefs or (None, None, None)
+    coef_b, coef_c = coefs or (None, None)
     st = _memo_get(memo, "grad_reduce")
     if st is None:
         st = _memo_put(memo, "grad_reduce", _Static(
@@ -817,7 +834,7 @@ def _launch_grad_apply(bw: _Backward, saved: _Saved, coef_b, coef_c, training, r
                        plan: Optional[tuning.TilePlan] = None, memo: Optional[dict] = None,
                        cut: Optional[torch.Tensor] = None):
     """dx (and the residual's gradient); ``plan``: the reduction pass's, walked backwards (its
-    last reads are still in L2), else the apply plan; ``cut``: the reduction's ReLU cuts."""
+    last reads are still in L2), else the apply plan; ``cut``: the forward's ReLU cuts, or None."""
     geo = bw.geo
     (xs, dys, ys, dxs, dzs), (st_x, st_dy, st_y, st_dx, st_dz) = bw.views()
     ap = plan or tuning.plan_tiles(geo, "apply", xs.device, xs.dtype)
@@ -845,6 +862,7 @@ def bn_backward(
     rstd: torch.Tensor,
     pre_scale: Optional[torch.Tensor],
     pre_shift: Optional[torch.Tensor],
+    cut: Optional[torch.Tensor] = None,
     *,
     axes: tuple[int, ...] = (1,),
     groups: int = 1,
@@ -860,7 +878,7 @@ def bn_backward(
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor],
            Optional[torch.Tensor]]:
     """Gradients (dx, dweight, dbias, dresidual) from the forward's ``ForwardResult`` (centre,
-    offset, rstd, pre_scale, pre_shift) and its parameters (contiguous [K]); ``bias`` is read only with
+    offset, rstd, pre_scale, pre_shift, cut) and its parameters (contiguous [K]); ``bias`` is read only with
     ``relu`` (the recomputed mask) and may be None otherwise. ``y``: the forward's output where
     it added a residual before the ReLU (the mask, not y <= 0, is read from it), else None.
 
@@ -905,10 +923,10 @@ def bn_backward(
     elif not sync and persistent.backward(bw, saved, dweight, dbias, training, relu):
         pass  # opt-in persistent single pass (TRITON_BN_PERSISTENT=1; persistent.py) ran
     else:
-        cut = None
+        cut = cut if used_cut(geo, relu, y is not None, sync, cut) else None
         if x.numel() and not sync:  # the reduction's last programs finalize
-            coef_b, coef_c, cut = _launch_grad_reduce(bw, plan, saved, relu,
-                                                      (dweight, dbias, training), memo)
+            coef_b, coef_c = _launch_grad_reduce(bw, plan, saved, relu, (dweight, dbias, training),
+                                                 memo, cut)
         elif x.numel():
             parts = _launch_grad_reduce(bw, plan, saved, relu)
         else:
@@ -957,13 +975,14 @@ class PlannedForward:
     copied layout, not synchronized: those calls keep taking bn_forward."""
 
     __slots__ = ("S", "K", "acc", "pre_affine", "grid", "memo", "launches", "hyper", "parts",
-                 "counters")
+                 "counters", "cut")
 
     def __init__(self, fw: _Forward, plan: tuning.TilePlan, hyper, flags: dict, pre_affine: bool,
                  memo: dict) -> None:
         geo = fw.geo
         self.S, self.K, self.acc, self.pre_affine = geo.S, geo.K, fw.acc, pre_affine
         self.grid, self.memo, self.hyper = plan.grid, memo, hyper
+        self.cut = fw.cut is not None
         if plan.fused:
             self.launches = (memo["fused_forward"],)
             self.counters = 1 if flags["COUNT_BATCH"] else 0
@@ -973,11 +992,13 @@ class PlannedForward:
             self.counters = finalize_counters(geo, plan, "forward")
 
     def run(self, x, weight, bias, residual, running_mean, running_var, num_batches_tracked):
-        """(y, centre, offset, rstd, pre_scale, pre_shift), as ``bn_forward``'s ForwardResult."""
+        """(y, centre, offset, rstd, pre_scale, pre_shift, cut), as ``bn_forward``'s
+        ForwardResult."""
         device, acc, S = x.device, self.acc, self.S
         y = torch.empty_like(x, memory_format=torch.preserve_format)
         offset = torch.empty(S, device=device, dtype=acc)
         rstd = torch.empty(S, device=device, dtype=acc)
+        cut = torch.empty((2, S), device=device, dtype=acc) if self.cut else None
         pre_scale = pre_shift = None
         if self.pre_affine:
             pre_scale = torch.empty(self.K, device=device, dtype=acc)
@@ -988,17 +1009,17 @@ class PlannedForward:
             counter = arrival_counters(device, 1) if self.counters else None
             _run_fused_forward(self.launches[0], self.grid, x=x, y=y, residual=residual,
                                offset=offset, rstd=rstd, state=state, hyper=self.hyper,
-                               counter=counter)
+                               counter=counter, cut=cut)
         else:
             stats, apply = self.launches
             part_sum, part_m2 = scratch(self.memo, "stats_parts", device, acc, self.parts)
             _run_stats(stats, self.grid, x=x, part_sum=part_sum, part_m2=part_m2, pivot=None,
                        counter=arrival_counters(device, self.counters), offset=offset, rstd=rstd,
-                       state=state, hyper=self.hyper)
+                       state=state, hyper=self.hyper, cut=cut)
             _run_apply(apply, self.grid, x=x, y=y, residual=residual, centre=None, offset=offset,
                        rstd=rstd, weight=weight, bias=bias, pre_scale=pre_scale,
                        pre_shift=pre_shift, running_mean=None, running_var=None, hyper=None)
-        return y, None, offset, rstd, pre_scale, pre_shift
+        return y, None, offset, rstd, pre_scale, pre_shift, cut
 
 
 class PlannedBackward:
@@ -1007,22 +1028,22 @@ class PlannedBackward:
     allocates the gradients and launches what bn_backward launched, with the same arguments."""
 
     __slots__ = ("K", "grid", "memo", "launches", "need_dweight", "need_dbias", "training",
-                 "scratch_shapes", "counters", "R")
+                 "scratch_shapes", "counters", "R", "geo")
 
     def __init__(self, bw: _Backward, plan: tuning.TilePlan, training: bool, relu: bool,
                  need_dweight: bool, need_dbias: bool, memo: dict) -> None:
         geo = bw.geo
         self.K, self.grid, self.memo, self.training, self.R = geo.K, plan.grid, memo, training, geo.R
+        self.geo = geo
         self.need_dweight, self.need_dbias = need_dweight, need_dbias
         if plan.fused:
             self.launches = (memo["fused_backward"],)
         else:
             self.launches = (memo["grad_reduce"], memo.get("grad_apply"))
-            self.scratch_shapes = _grad_scratch_shapes(
-                geo, plan, relu_cuts(geo, relu, bw.has_residual))
+            self.scratch_shapes = _grad_scratch_shapes(geo, plan)
             self.counters = finalize_counters(geo, plan, "backward")
 
-    def run(self, dy, x, weight, bias, y, centre, offset, rstd, pre_scale, pre_shift,
+    def run(self, dy, x, weight, bias, y, centre, offset, rstd, pre_scale, pre_shift, cut,
             need_dx: bool, need_dresidual: bool, relu: bool):
         """(dx, dweight, dbias, dresidual), as ``bn_backward``."""
         device, acc = x.device, rstd.dtype
@@ -1041,9 +1062,9 @@ class PlannedBackward:
                                 dresidual=dres_out, saved=saved, dweight=dweight, dbias=dbias)
         else:
             reduce, apply = self.launches
-            parts, coef_b, coef_c, *cut = scratch(self.memo, "grad_parts", device, acc,
-                                                  self.scratch_shapes)
-            cut = cut[0] if cut else None
+            parts, coef_b, coef_c = scratch(self.memo, "grad_parts", device, acc,
+                                            self.scratch_shapes)
+            cut = cut if used_cut(self.geo, relu, y is not None, False, cut) else None
             _run_grad_reduce(reduce, self.grid, x=x, dy=dy, y=y, saved=saved,
                              parts=parts, counter=arrival_counters(device, self.counters),
                              coef_b=coef_b, coef_c=coef_c, dweight=dweight, dbias=dbias, n=self.R,

@@ -229,13 +229,13 @@ def forward(fw, state, relu: bool) -> bool:
         part_m2 = torch.empty_like(part_sum)
         xs, ys, zs, st_x, st_y, st_z = fw.views()
         return (xs, ys, zs, part_sum, part_m2, barrier_counter(fw.x.device), fw.offset, fw.rstd,
-                *tensors, t.sizes(geo), t.b_extent, hyper,
+                *tensors, t.sizes(geo), t.b_extent, hyper, fw.cut,
                 st_x, st_y, st_z)
 
     kw = dict(CHANNELS_FAST=geo.channels_fast, INT64=fw.int64, RELU=relu, BLOCK_A=t.BLOCK_A,
               BLOCK_B=t.BLOCK_B, BLOCK_P=BLOCK_P, num_warps=t.num_warps, **FP_FUSION, **flags)
     key = ("forward", geo, fw.x.dtype, fw.x.device, fw.int64, relu, fw.has_residual,
-           tuple(flags.items()), tuple(a is None for a in tensors), p)
+           tuple(flags.items()), tuple(a is None for a in tensors), fw.cut is None, p)
     ran = _run(bn_persistent_forward_kernel, key, t.grid, args, kw)
     if ran and flags["COUNT_BATCH"]:
         # the kernel read the count as the one before this batch (COUNT_BATCH); unlike the

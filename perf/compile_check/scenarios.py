@@ -70,7 +70,7 @@ def scenarios(quick: bool, resnet50: bool = False):
         dy = torch.empty_like(x)
         y_mask = r.y if z is not None and relu else None  # the ReLU mask after a residual: y > 0
         ops.bn_backward(dy, x, st.get("weight"), st.get("bias"), y_mask, r.centre, r.offset, r.rstd,
-                        r.pre_scale, r.pre_shift, axes=axes,
+                        r.pre_scale, r.pre_shift, r.cut, axes=axes,
                         groups=groups, training=training, relu=relu, need_dx=need_dx,
                         need_dweight=need_dw and weight, need_dbias=need_db and bias,
                         need_dresidual=need_dres,

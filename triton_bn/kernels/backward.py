@@ -24,9 +24,10 @@ On an H200 the sums about c made fp32 dgamma 5-8x less accurate than PyTorch's a
 per channel. The dx kernels subtract m too (x - m is exact near m) and fold r into the constant:
     dx = Scale * g + CoefB * (x - m) + (CoefC - CoefB * r),
 and CoefC as stored is the latter bracket. The ReLU mask is the forward's, recomputed from the
-same x - m: one subtraction per element serves the mask, the sums and dx. The dx kernel's whole
-channels-fast tiles read it from per-channel cuts instead (common.relu_cut: not (s * (x - m) <= t),
-one compare), which the reduction's finalize writes (store_relu_cuts).
+same x - m: one subtraction per element serves the mask, the sums and dx. The reduction's and the
+dx kernel's whole channels-fast tiles read it from per-channel cuts instead, which the training
+forward saves (common.relu_cut: not (s * (x - m) <= t), one compare on the s * (x - m) their sums
+and dx take anyway).
 
 The forward leaves only o (or, without a pivot, the centre: inference, sync BN) and rstd per
 statistic channel, and with renorm or adjustment the pre-gamma affine a * r, a * d + b_adj per
@@ -42,7 +43,6 @@ from .common import (
     arrive_in_group,
     batch_mean,
     channel_block,
-    channel_coefficients,
     finalize_tile,
     given,
     last_tile,
@@ -51,11 +51,11 @@ from .common import (
     load_channel_values,
     load_tile,
     program_ranges,
-    relu_cut,
     relu_keep,
     rows_aligned,
     rows_flat,
     same_strides,
+    saved_channel_terms,
     tile_indices,
     tile_offsets,
     tile_pointers,
@@ -68,6 +68,15 @@ SAVED_FLAGS = given(HAS_RESIDUAL="Y", HAS_CENTRE="Centre", HAS_OFFSET="Offset",
 # ... and which gradients are asked for
 PARAM_GRAD_FLAGS = given(WRITE_DW="DWeight", WRITE_DB="DBias")
 INPUT_GRAD_FLAGS = given(WRITE_DX="DX", WRITE_DRESIDUAL="DResidual")
+
+
+# The reduction's loads keep L2's default priority. An ``evict_last`` hint made ptxas rebuild a
+# cache-policy register on every tile (6 uniform instructions a tile, 0.19 per bf16 element; the
+# reductions' loop is issue-bound, perf/README) for a benefit nothing here measured: every line
+# of the pass gets the same priority, so it changes which of the pass's own lines stay for dx no
+# more than L2's replacement does, and what keeps them is dx's walk backwards over the same
+# partition (its loads evict-first), not the hint.
+REDUCE_EVICT = tl.constexpr("")
 
 
 def grad_parts_shape(n_parts: int, S: int) -> tuple:
@@ -88,26 +97,6 @@ def load_x_dy_keep(x_ptrs, dy_ptrs, y_ptrs, mask, mean, scale, shift, ACC: tl.co
     dy = widen(load_tile(dy_ptrs, mask, EVICT), ACC)
     keep = relu_keep(x, mean, scale, shift, y_ptrs, mask, HAS_RESIDUAL, RELU, EVICT)
     return x, dy, keep
-
-
-@triton.jit
-def saved_channel_terms(X, Centre, Offset, Rstd, Weight, Bias, PreScale, PreShift, bc, bc_mask, K,
-                        stride_x, ACC: tl.constexpr, HAS_CENTRE: tl.constexpr,
-                        HAS_OFFSET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        HAS_PRE_AFFINE: tl.constexpr, HAS_GROUPS: tl.constexpr,
-                        CHANNELS_FAST: tl.constexpr):
-    """Every backward kernel's per-channel prologue, from what the forward saved: (m, scale,
-    shift) of the statistic channels bc, with m = fl(c + o) the rounded batch mean (batch_mean:
-    c the forward's centre, load_centre, o the saved offset), about which the sums are taken,
-    the dx kernels subtract and the ReLU mask is recomputed, and the forward's scale and shift
-    about m (channel_coefficients, for dx and the ReLU mask)."""
-    mean, mean_error = batch_mean(load_centre(Centre, X, bc, bc_mask, K, stride_x, ACC, HAS_CENTRE,
-                                              HAS_GROUPS, CHANNELS_FAST),
-                                  Offset, bc, bc_mask, ACC, HAS_OFFSET, CHANNELS_FAST)
-    scale, shift = channel_coefficients(mean_error, Rstd, Weight, Bias, PreScale, PreShift, bc,
-                                        bc_mask, K, ACC, HAS_OFFSET, HAS_WEIGHT, HAS_BIAS,
-                                        HAS_PRE_AFFINE, HAS_GROUPS, CHANNELS_FAST)
-    return mean, scale, shift
 
 
 @triton.jit
@@ -136,14 +125,23 @@ def load_x_and_gated_dy(X, DY, Y, a, b, s_fixed, mask, mean, scale, shift, R1, K
 @triton.jit
 def reduce_tile(x_ptrs, dy_ptrs, y_ptrs, mask, mean, scale, shift, acc_dy, acc_dy_xm,
                 acc_xm, ACC: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
-                SUM_XM: tl.constexpr):
+                SUM_XM: tl.constexpr, CUT: tl.constexpr):
     """Adds a tile's g, g * (x - m) and (SUM_XM) x - m to the per-lane accumulators (a whole
     tile: mask a constant true, which the compiler drops; x is 0 where masked off, and so is
     x - m there only with SUM_XM's mask). The ReLU mask reads the same x - m (one subtraction
-    per element, see common.mean_and_error)."""
-    x, dy, keep = load_x_dy_keep(x_ptrs, dy_ptrs, y_ptrs, mask, mean, scale, shift, ACC,
-                                 HAS_RESIDUAL, RELU, "evict_last")
-    xm = x - mean
+    per element, see common.mean_and_error).
+    CUT: the mask from the channels' cuts (common.relu_cut): ``scale`` is the sign s, ``mean``
+    s * m and ``shift`` the cut t; d = x * s - s * m is s * (x - m) exactly (one fused
+    multiply-add), keep = not (d <= t), and the sums are of g * d and d."""
+    if CUT:
+        x = widen(load_tile(x_ptrs, mask, REDUCE_EVICT), ACC)
+        dy = widen(load_tile(dy_ptrs, mask, REDUCE_EVICT), ACC)
+        xm = x * scale - mean
+        keep = ~(xm <= shift)
+    else:
+        x, dy, keep = load_x_dy_keep(x_ptrs, dy_ptrs, y_ptrs, mask, mean, scale, shift, ACC,
+                                     HAS_RESIDUAL, RELU, REDUCE_EVICT)
+        xm = x - mean
     acc_dy = tl.where(keep, acc_dy + dy, acc_dy)
     acc_dy_xm = tl.where(keep, acc_dy_xm + dy * xm, acc_dy_xm)
     if SUM_XM:
@@ -158,7 +156,7 @@ def reduce_tile_at(X, DY, Y, a0, b0, a_end, b_end, s_fixed, MASKED: tl.constexpr
                    ACC: tl.constexpr, HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr,
                    INT64: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
                    ROWS_FLAT: tl.constexpr, ALIGN: tl.constexpr, SUM_XM: tl.constexpr,
-                   BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+                   BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, CUT: tl.constexpr):
     """reduce_tile of the tile at (a0, b0). MASKED: False for a whole tile."""
     a, b, b_mask, mask = tile_indices(a0, b0, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
     if not MASKED:
@@ -173,7 +171,7 @@ def reduce_tile_at(X, DY, Y, a0, b0, a_end, b_end, s_fixed, MASKED: tl.constexpr
         tile_pointers(DY, a0, b, s_fixed, R1, K, stride_dy, HAS_GROUPS, CHANNELS_FAST, ROWS_FLAT,
                       ALIGN, INT64, BLOCK_A),
         y_ptrs, mask, mean, scale, shift, acc_dy, acc_dy_xm, acc_xm, ACC, HAS_RESIDUAL,
-        RELU, SUM_XM)
+        RELU, SUM_XM, CUT)
 
 
 @triton.jit
@@ -225,7 +223,7 @@ def bn_backward_reduce_kernel(
     Parts,                         # [3, n_parts (+ groups), S] fp32 out: sums of g, g * (x - m), x - m
     Counter,                       # [n_channel_tiles * (1 + groups) + 1] int32 zeros (FINALIZE); left zeros
     CoefB, CoefC, DWeight, DBias, n,  # as bn_backward_finalize_kernel
-    Cut,                           # [2, S] out (HAS_CUT, with FINALIZE): the ReLU mask's sign, cut
+    Cut,                           # [2, S] fp32 the ReLU mask's sign and cut (HAS_CUT: the forward's)
     sizes,                         # see common.SIZE_FIELDS
     stride_x, stride_dy, stride_y,  # each (r0, r1, g, k)
     HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
@@ -244,7 +242,11 @@ def bn_backward_reduce_kernel(
     Masked-off lanes load dy = 0 and add nothing. With FINALIZE the last program of a channel
     tile (of the grid, with ghost batches) to store its part then adds the tile's parts and writes
     CoefB, CoefC, dgamma and dbeta (finalize_grad_channels), as bn_stats_kernel does forward: one
-    launch instead of two; with HAS_CUT also the ReLU mask's cuts for dx (store_relu_cuts)."""
+    launch instead of two.
+    HAS_CUT (channels fast, the ReLU without a residual): a channel tile's whole row tiles take
+    the ReLU mask from the cuts the forward saved (common.relu_cut) where every channel of the
+    tile has one, summing s * (x - m) (the accumulators' signs flipped around that loop), else
+    every tile recomputes it."""
     ACC = Rstd.dtype.element_ty
     if SAME_STRIDES:  # one tile of offsets for x, dy and y (common.same_strides)
         stride_dy = stride_x
@@ -258,45 +260,28 @@ def bn_backward_reduce_kernel(
     acc_xm = tl.zeros([BLOCK_A, BLOCK_B], ACC)  # HAS_OFFSET only (see the module docstring)
     for b0 in range(b_begin, b_end, BLOCK_B):
         bc, bc_mask = channel_block(b0, b_end, s_fixed, S, BLOCK_B, CHANNELS_FAST)
-        mean, scale, shift = saved_channel_terms(
-            X, Centre, Offset, Rstd, Weight, Bias, PreScale, PreShift, bc, bc_mask, K, stride_x, ACC,
-            HAS_CENTRE, HAS_OFFSET, HAS_WEIGHT, HAS_BIAS, HAS_PRE_AFFINE, HAS_GROUPS, CHANNELS_FAST)
-        a_full = a_begin
-        if CHANNELS_FAST:
-            # a whole channel tile: its full row tiles need no mask, only the last one does
-            if b_end - b0 == BLOCK_B:
-                a_full = a_begin + (a_end - a_begin) // BLOCK_A * BLOCK_A
-            whole = tl.full([BLOCK_A, BLOCK_B], 1, tl.int1)
-            # flat rows: x's and dy's pointers carried from tile to tile (one add per vector and
-            # tensor), except where rebuilding them per tile from scalar bases compiles shorter
-            # (sm_90, perf/README): with the residual's y (ptxas copied the three carried sets from
-            # register to register on every step), and with the ReLU on shared strides
-            # (common.same_strides; carried, 9.2 -> 10.1 instructions per element in bf16)
-            if ROWS_FLAT and not HAS_RESIDUAL and not (SAME_STRIDES and RELU):
-                _, b, _, _ = tile_indices(a_begin, b0, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
-                x_ptrs = tile_pointers(X, a_begin, b, s_fixed, R1, K, stride_x, HAS_GROUPS,
-                                       CHANNELS_FAST, ROWS_FLAT, ALIGN, INT64, BLOCK_A)
-                dy_ptrs = tile_pointers(DY, a_begin, b, s_fixed, R1, K, stride_dy, HAS_GROUPS,
-                                        CHANNELS_FAST, ROWS_FLAT, ALIGN, INT64, BLOCK_A)
-                for _a0 in range(a_begin, a_full, BLOCK_A):
-                    acc_dy, acc_dy_xm, acc_xm = reduce_tile(
-                        x_ptrs, dy_ptrs, Y, whole, mean, scale, shift, acc_dy,
-                        acc_dy_xm, acc_xm, ACC, HAS_RESIDUAL, RELU, HAS_OFFSET)
-                    x_ptrs += BLOCK_A * stride_x[1]
-                    dy_ptrs += BLOCK_A * stride_dy[1]
+        if HAS_CUT:  # (channels fast) unless a channel has no exact cut (s = 0)
+            sign = load_channel_values(Cut, bc, bc_mask, bc, ACC, CHANNELS_FAST)
+            if tl.min(tl.abs(tl.where(bc_mask, sign, 1.0))) > 0.0:
+                acc_dy, acc_dy_xm, acc_xm = reduce_block_with_cut(
+                    X, DY, Y, Centre, Offset, Cut, sign, bc, bc_mask, a_begin, a_end, b0, b_end,
+                    s_fixed, acc_dy, acc_dy_xm, acc_xm, R1, K, S, stride_x, stride_dy, stride_y,
+                    ACC, HAS_GROUPS, INT64, HAS_RESIDUAL, RELU, ROWS_FLAT, ALIGN, HAS_CENTRE,
+                    HAS_OFFSET, BLOCK_A, BLOCK_B)
             else:
-                for a0 in range(a_begin, a_full, BLOCK_A):
-                    acc_dy, acc_dy_xm, acc_xm = reduce_tile_at(
-                        X, DY, Y, a0, b0, a_end, b_end, s_fixed, False, mean, scale,
-                        shift, acc_dy, acc_dy_xm, acc_xm, R1, K, stride_x, stride_dy, stride_y,
-                        ACC, HAS_GROUPS, CHANNELS_FAST, INT64, HAS_RESIDUAL, RELU, ROWS_FLAT, ALIGN,
-                        HAS_OFFSET, BLOCK_A, BLOCK_B)
-        for a0 in range(a_full, a_end, BLOCK_A):
-            acc_dy, acc_dy_xm, acc_xm = reduce_tile_at(
-                X, DY, Y, a0, b0, a_end, b_end, s_fixed, True, mean, scale, shift,
-                acc_dy, acc_dy_xm, acc_xm, R1, K, stride_x, stride_dy, stride_y, ACC, HAS_GROUPS,
-                CHANNELS_FAST, INT64, HAS_RESIDUAL, RELU, ROWS_FLAT, ALIGN, HAS_OFFSET, BLOCK_A,
-                BLOCK_B)
+                acc_dy, acc_dy_xm, acc_xm = reduce_block(
+                    X, DY, Y, Centre, Offset, Rstd, Weight, Bias, PreScale, PreShift, bc,
+                    bc_mask, a_begin, a_end, b0, b_end, s_fixed, acc_dy, acc_dy_xm, acc_xm, R1,
+                    K, S, stride_x, stride_dy, stride_y, ACC, HAS_GROUPS, CHANNELS_FAST, INT64,
+                    HAS_RESIDUAL, RELU, ROWS_FLAT, ALIGN, SAME_STRIDES, HAS_CENTRE, HAS_OFFSET,
+                    HAS_WEIGHT, HAS_BIAS, HAS_PRE_AFFINE, BLOCK_A, BLOCK_B)
+        else:
+            acc_dy, acc_dy_xm, acc_xm = reduce_block(
+                X, DY, Y, Centre, Offset, Rstd, Weight, Bias, PreScale, PreShift, bc, bc_mask,
+                a_begin, a_end, b0, b_end, s_fixed, acc_dy, acc_dy_xm, acc_xm, R1, K, S,
+                stride_x, stride_dy, stride_y, ACC, HAS_GROUPS, CHANNELS_FAST, INT64,
+                HAS_RESIDUAL, RELU, ROWS_FLAT, ALIGN, SAME_STRIDES, HAS_CENTRE, HAS_OFFSET,
+                HAS_WEIGHT, HAS_BIAS, HAS_PRE_AFFINE, BLOCK_A, BLOCK_B)
     n_rows = tl.num_programs(0) // n_channel_tiles  # rows of a Parts plane: the parts...
     if GROUP_P:
         n_rows += tl.cdiv(n_rows, GROUP_P)  # ... and the groups' (common.arrive_in_group)
@@ -332,31 +317,95 @@ def bn_backward_reduce_kernel(
                                        PreScale, PreShift, CoefB, CoefC, DWeight, DBias, K, S // K,
                                        n_merged, n, ACC, TRAINING, HAS_OFFSET, HAS_WEIGHT,
                                        HAS_PRE_AFFINE, WRITE_DW, WRITE_DB, BLOCK_C, BLOCK_P)
-                if HAS_CUT:
-                    store_relu_cuts(Cut, X, Centre, Offset, Rstd, Weight, Bias, PreScale,
-                                    PreShift, c, c < c_end, K, S // K, stride_x, ACC, HAS_CENTRE,
-                                    HAS_OFFSET, HAS_WEIGHT, HAS_BIAS, HAS_PRE_AFFINE, HAS_GROUPS)
+
 
 
 @triton.jit
-def store_relu_cuts(Cut, X, Centre, Offset, Rstd, Weight, Bias, PreScale, PreShift, c, c_mask, K,
-                    G, stride_x, ACC: tl.constexpr, HAS_CENTRE: tl.constexpr,
-                    HAS_OFFSET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    HAS_PRE_AFFINE: tl.constexpr, HAS_GROUPS: tl.constexpr):
-    """Cut [2, S] for the statistic channels of parameter channels c: the sign s and the cut t of
-    common.relu_cut, from the scale and shift every kernel recomputes (saved_channel_terms), once
-    per channel here rather than in every program of the dx kernel, whose whole tiles then test
-    not (s * (x - m) <= t) on the s * (x - m) their dx takes anyway: one compare per element
-    instead of the pre-activation's multiply-add and compare. s = 0 where no cut is exact."""
-    S = G * K
-    for g in range(G):
-        s = g * K + c
-        _, scale, shift = saved_channel_terms(
-            X, Centre, Offset, Rstd, Weight, Bias, PreScale, PreShift, s, c_mask, K, stride_x, ACC,
-            HAS_CENTRE, HAS_OFFSET, HAS_WEIGHT, HAS_BIAS, HAS_PRE_AFFINE, HAS_GROUPS, True)
-        sign, cut = relu_cut(scale, shift)
-        tl.store(Cut + s[None, :], sign, mask=c_mask[None, :])
-        tl.store(Cut + S + s[None, :], cut, mask=c_mask[None, :])
+def reduce_block(X, DY, Y, Centre, Offset, Rstd, Weight, Bias, PreScale, PreShift, bc, bc_mask,
+                 a_begin, a_end, b0, b_end, s_fixed, acc_dy, acc_dy_xm, acc_xm, R1, K, S,
+                 stride_x, stride_dy, stride_y, ACC: tl.constexpr, HAS_GROUPS: tl.constexpr,
+                 CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                 RELU: tl.constexpr, ROWS_FLAT: tl.constexpr, ALIGN: tl.constexpr,
+                 SAME_STRIDES: tl.constexpr, HAS_CENTRE: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                 HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PRE_AFFINE: tl.constexpr,
+                 BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+    """The reduction's tiles of rows [a_begin, a_end) of channel block b0 (bc), the ReLU mask
+    recomputed from the pre-activation (relu_keep)."""
+    mean, scale, shift = saved_channel_terms(
+        X, Centre, Offset, Rstd, Weight, Bias, PreScale, PreShift, bc, bc_mask, K, stride_x, ACC,
+        HAS_CENTRE, HAS_OFFSET, HAS_WEIGHT, HAS_BIAS, HAS_PRE_AFFINE, HAS_GROUPS, CHANNELS_FAST)
+    a_full = a_begin
+    if CHANNELS_FAST:
+        # a whole channel tile: its full row tiles need no mask, only the last one does
+        if b_end - b0 == BLOCK_B:
+            a_full = a_begin + (a_end - a_begin) // BLOCK_A * BLOCK_A
+        whole = tl.full([BLOCK_A, BLOCK_B], 1, tl.int1)
+        # flat rows: x's and dy's pointers carried from tile to tile (one add per vector and
+        # tensor), except where rebuilding them per tile from scalar bases compiles shorter
+        # (sm_90, perf/README): with the residual's y (ptxas copied the three carried sets from
+        # register to register on every step), and with the ReLU on shared strides
+        # (common.same_strides; carried, 9.2 -> 10.1 instructions per element in bf16)
+        if ROWS_FLAT and not HAS_RESIDUAL and not (SAME_STRIDES and RELU):
+            _, b, _, _ = tile_indices(a_begin, b0, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
+            x_ptrs = tile_pointers(X, a_begin, b, s_fixed, R1, K, stride_x, HAS_GROUPS,
+                                   CHANNELS_FAST, ROWS_FLAT, ALIGN, INT64, BLOCK_A)
+            dy_ptrs = tile_pointers(DY, a_begin, b, s_fixed, R1, K, stride_dy, HAS_GROUPS,
+                                    CHANNELS_FAST, ROWS_FLAT, ALIGN, INT64, BLOCK_A)
+            for _a0 in range(a_begin, a_full, BLOCK_A):
+                acc_dy, acc_dy_xm, acc_xm = reduce_tile(
+                    x_ptrs, dy_ptrs, Y, whole, mean, scale, shift, acc_dy,
+                    acc_dy_xm, acc_xm, ACC, HAS_RESIDUAL, RELU, HAS_OFFSET, False)
+                x_ptrs += BLOCK_A * stride_x[1]
+                dy_ptrs += BLOCK_A * stride_dy[1]
+        else:
+            for a0 in range(a_begin, a_full, BLOCK_A):
+                acc_dy, acc_dy_xm, acc_xm = reduce_tile_at(
+                    X, DY, Y, a0, b0, a_end, b_end, s_fixed, False, mean, scale,
+                    shift, acc_dy, acc_dy_xm, acc_xm, R1, K, stride_x, stride_dy, stride_y,
+                    ACC, HAS_GROUPS, CHANNELS_FAST, INT64, HAS_RESIDUAL, RELU, ROWS_FLAT, ALIGN,
+                    HAS_OFFSET, BLOCK_A, BLOCK_B, False)
+    for a0 in range(a_full, a_end, BLOCK_A):
+        acc_dy, acc_dy_xm, acc_xm = reduce_tile_at(
+            X, DY, Y, a0, b0, a_end, b_end, s_fixed, True, mean, scale, shift,
+            acc_dy, acc_dy_xm, acc_xm, R1, K, stride_x, stride_dy, stride_y, ACC, HAS_GROUPS,
+            CHANNELS_FAST, INT64, HAS_RESIDUAL, RELU, ROWS_FLAT, ALIGN, HAS_OFFSET, BLOCK_A,
+            BLOCK_B, False)
+    return acc_dy, acc_dy_xm, acc_xm
+
+
+@triton.jit
+def reduce_block_with_cut(X, DY, Y, Centre, Offset, Cut, sign, bc, bc_mask, a_begin, a_end, b0,
+                          b_end, s_fixed, acc_dy, acc_dy_xm, acc_xm, R1, K, S, stride_x, stride_dy,
+                          stride_y, ACC: tl.constexpr, HAS_GROUPS: tl.constexpr,
+                          INT64: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+                          ROWS_FLAT: tl.constexpr, ALIGN: tl.constexpr,
+                          HAS_CENTRE: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                          BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+    """reduce_block (channels fast) with the ReLU mask from the forward's cuts (common.relu_cut),
+    every channel of the block having one (``sign`` s, +-1): the tiles sum g * d and d for
+    d = s * (x - m), with the mask not (d <= t), so the accumulators are flipped by s before and
+    after (exact), and the rounded mean m is all the block needs besides (not scale and shift,
+    which would stay live beside the cut's values)."""
+    mean, _ = batch_mean(load_centre(Centre, X, bc, bc_mask, K, stride_x, ACC, HAS_CENTRE,
+                                     HAS_GROUPS, True), Offset, bc, bc_mask, ACC, HAS_OFFSET, True)
+    flip = tl.where(sign < 0.0, -1.0, 1.0)
+    cut = load_channel_values(Cut + S, bc, bc_mask, bc, ACC, True)
+    acc_dy_xm *= flip
+    acc_xm *= flip
+    a_full = a_begin
+    if b_end - b0 == BLOCK_B:  # whole row tiles unmasked, then the last one masked
+        a_full = a_begin + (a_end - a_begin) // BLOCK_A * BLOCK_A
+    for a0 in range(a_begin, a_full, BLOCK_A):
+        acc_dy, acc_dy_xm, acc_xm = reduce_tile_at(
+            X, DY, Y, a0, b0, a_end, b_end, s_fixed, False, flip * mean, flip, cut, acc_dy,
+            acc_dy_xm, acc_xm, R1, K, stride_x, stride_dy, stride_y, ACC, HAS_GROUPS, True, INT64,
+            HAS_RESIDUAL, RELU, ROWS_FLAT, ALIGN, HAS_OFFSET, BLOCK_A, BLOCK_B, True)
+    for a0 in range(a_full, a_end, BLOCK_A):
+        acc_dy, acc_dy_xm, acc_xm = reduce_tile_at(
+            X, DY, Y, a0, b0, a_end, b_end, s_fixed, True, flip * mean, flip, cut, acc_dy,
+            acc_dy_xm, acc_xm, R1, K, stride_x, stride_dy, stride_y, ACC, HAS_GROUPS, True, INT64,
+            HAS_RESIDUAL, RELU, ROWS_FLAT, ALIGN, HAS_OFFSET, BLOCK_A, BLOCK_B, True)
+    return acc_dy, acc_dy_xm * flip, acc_xm * flip
 
 
 @triton.jit
@@ -501,7 +550,7 @@ def bn_backward_apply_kernel(
     Offset, Rstd,                  # [S] fp32 forward statistics: mean - centre (HAS_OFFSET), 1/std
     Weight, Bias, PreScale, PreShift,  # [K] gamma, beta (RELU only), pre-gamma affine (HAS_PRE_AFFINE)
     CoefB, CoefC,                  # [S] fp32 dx coefficients (finalize_grad_channels)
-    Cut,                           # [2, S] fp32 the ReLU mask's sign and cut (HAS_CUT: store_relu_cuts)
+    Cut,                           # [2, S] fp32 the ReLU mask's sign and cut (HAS_CUT: the forward's)
     sizes,                         # see common.SIZE_FIELDS
     stride_x, stride_dy, stride_y, stride_dx, stride_dz,  # each (r0, r1, g, k)
     HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,

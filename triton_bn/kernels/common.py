@@ -450,6 +450,51 @@ def channel_coefficients(mean_error, Rstd, Weight, Bias, PreScale, PreShift, bc,
 
 
 @triton.jit
+def saved_channel_terms(X, Centre, Offset, Rstd, Weight, Bias, PreScale, PreShift, bc, bc_mask, K,
+                        stride_x, ACC: tl.constexpr, HAS_CENTRE: tl.constexpr,
+                        HAS_OFFSET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        HAS_PRE_AFFINE: tl.constexpr, HAS_GROUPS: tl.constexpr,
+                        CHANNELS_FAST: tl.constexpr):
+    """Every backward kernel's per-channel prologue (and the forward's cuts, store_relu_cuts),
+    from what the forward saved: (m, scale, shift) of the statistic channels bc, with
+    m = fl(c + o) the rounded batch mean (batch_mean: c the forward's centre, load_centre, o the
+    saved offset), about which the sums are taken, the dx kernels subtract and the ReLU mask is
+    recomputed, and the forward's scale and shift about m (channel_coefficients, for dx and the
+    ReLU mask)."""
+    mean, mean_error = batch_mean(load_centre(Centre, X, bc, bc_mask, K, stride_x, ACC, HAS_CENTRE,
+                                              HAS_GROUPS, CHANNELS_FAST),
+                                  Offset, bc, bc_mask, ACC, HAS_OFFSET, CHANNELS_FAST)
+    scale, shift = channel_coefficients(mean_error, Rstd, Weight, Bias, PreScale, PreShift, bc,
+                                        bc_mask, K, ACC, HAS_OFFSET, HAS_WEIGHT, HAS_BIAS,
+                                        HAS_PRE_AFFINE, HAS_GROUPS, CHANNELS_FAST)
+    return mean, scale, shift
+
+@triton.jit
+def store_relu_cuts(Cut, X, Offset, Rstd, Weight, Bias, PreScale, PreShift, c, c_mask, K, G,
+                    stride_x, ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    HAS_PRE_AFFINE: tl.constexpr, HAS_GROUPS: tl.constexpr):
+    """The split forward's finalize (after its stores of Offset, Rstd, PreScale, PreShift and a
+    block barrier): Cut [2, S] of the statistic channels of parameter channels c, the sign s and
+    cut t of relu_cut from the scale and shift the backward recomputes (saved_channel_terms about
+    x's pivot and the offset), once per channel, so that no backward program pays for them."""
+    S = G * K
+    for g in range(G):
+        s = g * K + c
+        _, scale, shift = saved_channel_terms(
+            X, None, Offset, Rstd, Weight, Bias, PreScale, PreShift, s, c_mask, K, stride_x, ACC,
+            False, True, HAS_WEIGHT, HAS_BIAS, HAS_PRE_AFFINE, HAS_GROUPS, True)
+        store_cut(Cut, s[None, :], c_mask[None, :], S, scale, shift)
+
+
+@triton.jit
+def store_cut(Cut, s, s_mask, S, scale, shift):
+    """Cut[0, s] = the sign, Cut[1, s] = the cut of relu_cut(scale, shift)."""
+    sign, cut = relu_cut(scale, shift)
+    tl.store(Cut + s, sign, mask=s_mask)
+    tl.store(Cut + S + s, cut, mask=s_mask)
+
+
+@triton.jit
 def fold_mean_error(base, mean_error, scale):
     """The shift about the rounded mean m: base - e * scale (see mean_and_error), one
     expression for the single-pass and persistent forwards and channel_coefficients."""

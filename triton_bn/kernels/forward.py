@@ -60,6 +60,8 @@ from .common import (
     rows_flat,
     same_strides,
     sqrt_rn,
+    store_cut,
+    store_relu_cuts,
     tile_indices,
     tile_moments,
     tile_offsets,
@@ -223,7 +225,8 @@ def shifted_sums(X, shift, a_begin, a_end, b_begin, b_end, s_fixed, R1, K, strid
 
 @triton.heuristics({"ROWS_FLAT": rows_flat("x"), "ALIGN": rows_aligned("x"),
                     **given(STORE_PIVOT="Pivot", FINALIZE="Counter", HAS_WEIGHT="Weight",
-                            HAS_BIAS="Bias", HAS_ADJUST="AdjScale", SAVE_PRE_AFFINE="PreScale")})
+                            HAS_BIAS="Bias", HAS_ADJUST="AdjScale", SAVE_PRE_AFFINE="PreScale",
+                            HAS_CUT="Cut")})
 @triton.jit
 def bn_stats_kernel(
     X,                    # activation, addressed through its strides
@@ -233,11 +236,12 @@ def bn_stats_kernel(
     Offset, Rstd,         # [S] out (FINALIZE): batch mean - pivot, 1/std
     Weight, Bias, AdjScale, AdjBias, PreScale, PreShift,  # as bn_finalize_kernel
     RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd, Hyper,
+    Cut,                  # [2, S] out (HAS_CUT, FINALIZE): the fused ReLU's cuts (common.relu_cut)
     sizes,                # see common.SIZE_FIELDS
     stride_x,             # (r0, r1, g, k)
     HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
     ROWS_FLAT: tl.constexpr, ALIGN: tl.constexpr, STORE_PIVOT: tl.constexpr,
-    FINALIZE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    FINALIZE: tl.constexpr, HAS_CUT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_ADJUST: tl.constexpr, RENORM: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
     UNBIASED: tl.constexpr, CUMULATIVE: tl.constexpr, SAVE_PRE_AFFINE: tl.constexpr,
     COUNT_BATCH: tl.constexpr,
@@ -263,7 +267,9 @@ def bn_stats_kernel(
     last of those merges the rows. Ghost batches (a parameter channel's groups
     lie in different tiles) wait for the last program of the whole grid instead, which finalizes
     every channel. COUNT_BATCH: the last tile to finalize adds this batch to NumBatches (after
-    every tile has read it)."""
+    every tile has read it). HAS_CUT (a training ReLU without a residual): the finalize also
+    writes each channel's ReLU cut, which the backward's whole tiles compare with
+    (common.store_relu_cuts)."""
     ACC = PartSum.dtype.element_ty
     R1, K, S, A, B, a_chunk, b_chunk, n_channel_tiles, n_b_parts = sizes
     part, a_begin, a_end, b_begin, b_end, s_fixed = program_ranges(
@@ -340,6 +346,11 @@ def bn_stats_kernel(
                     K, S // K, n_rows, n_b_rows, A, row_chunk, b_extent, b_chunk, Hyper,
                     ACC, False, True, HAS_GROUPS, HAS_WEIGHT, HAS_BIAS, HAS_ADJUST, RENORM, UPDATE_RUNNING,
                     UNBIASED, CUMULATIVE, SAVE_PRE_AFFINE, COUNT_BATCH, BLOCK_C, BLOCK_P)
+                if HAS_CUT:  # from what this program just stored, as the backward reads it
+                    tl.debug_barrier()
+                    store_relu_cuts(Cut, X, Offset, Rstd, Weight, Bias, PreScale, PreShift, c,
+                                    c < c_end, K, S // K, stride_x, ACC, HAS_WEIGHT, HAS_BIAS,
+                                    SAVE_PRE_AFFINE, HAS_GROUPS)
             if COUNT_BATCH:
                 if HAS_GROUPS:  # the only finalizing program
                     count_batch(NumBatches)
@@ -657,7 +668,7 @@ def store_output(Y, Residual, pre, a, b, s_fixed, mask, R1, K, stride_y, stride_
 
 
 @triton.heuristics(given(HAS_RESIDUAL="Residual", HAS_WEIGHT="Weight", HAS_BIAS="Bias",
-    HAS_ADJUST="AdjScale", SAVE_PRE_AFFINE="PreScale"))
+    HAS_ADJUST="AdjScale", SAVE_PRE_AFFINE="PreScale", HAS_CUT="Cut"))
 @triton.jit
 def bn_fused_forward_kernel(
     X, Y, Residual,
@@ -666,9 +677,10 @@ def bn_fused_forward_kernel(
     RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd,
     Hyper,                         # [6] see HYPER_FIELDS
     Counter,                       # [1] int32 zero (COUNT_BATCH); left zero
+    Cut,                           # [2, K] out (HAS_CUT): the fused ReLU's cuts (common.relu_cut)
     R1, K, A, B,
     stride_x, stride_y, stride_z,  # each (r0, r1, g, k)
-    CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
+    CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr, HAS_CUT: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADJUST: tl.constexpr,
     RENORM: tl.constexpr, UPDATE_RUNNING: tl.constexpr, UNBIASED: tl.constexpr,
@@ -711,6 +723,8 @@ def bn_fused_forward_kernel(
     shift = fold_mean_error(shift, mean_error, scale)  # y = (x - mean) * scale + shift
     tl.store(Offset + c, offset, mask=c_mask)
     tl.store(Rstd + c, rstd, mask=c_mask)
+    if HAS_CUT:
+        store_cut(Cut, c, c_mask, K, scale, shift)
     if CHANNELS_FAST:
         mean = mean[None, :]
         scale = scale[None, :]

@@ -51,6 +51,7 @@ from .common import (
     normalized,
     program_ranges,
     sqrt_rn,
+    store_cut,
     tile_indices,
     tile_moments,
     tile_offsets,
@@ -101,7 +102,7 @@ def program_tile(sizes, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr, BLOCK_
 
 
 @triton.heuristics(given(HAS_RESIDUAL="Residual", HAS_WEIGHT="Weight", HAS_BIAS="Bias",
-    HAS_ADJUST="AdjScale", SAVE_PRE_AFFINE="PreScale"))
+    HAS_ADJUST="AdjScale", SAVE_PRE_AFFINE="PreScale", HAS_CUT="Cut"))
 @triton.jit
 def bn_persistent_forward_kernel(
     X, Y, Residual,                # activation in, output, optional residual added before the act.
@@ -113,9 +114,10 @@ def bn_persistent_forward_kernel(
     sizes,                         # see common.SIZE_FIELDS (S == K: no ghost batches)
     B_count,
     Hyper,                         # [6] see forward.HYPER_FIELDS
+    Cut,                           # [2, K] out (HAS_CUT): the fused ReLU's cuts (common.relu_cut)
     stride_x, stride_y, stride_z,  # each (r0, r1, g, k)
     CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, HAS_CUT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADJUST: tl.constexpr,
     RENORM: tl.constexpr, UPDATE_RUNNING: tl.constexpr, UNBIASED: tl.constexpr,
     CUMULATIVE: tl.constexpr, SAVE_PRE_AFFINE: tl.constexpr,
@@ -187,6 +189,8 @@ def bn_persistent_forward_kernel(
         if part == 0:
             tl.store(Offset + c, offset, mask=c_mask)
             tl.store(Rstd + c, rstd, mask=c_mask)
+            if HAS_CUT:
+                store_cut(Cut, c, c_mask, K, scale, shift)
         if CHANNELS_FAST:
             m = m[None, :]
             scale = scale[None, :]
