@@ -4,8 +4,10 @@ keeps it, and not the residual): torch's BatchNorm keeps its
 batch mean and invstd, 8 bytes per channel in fp32 (16 in float64), measured here on torch itself
 with the same hooks; a triton_bn layer may keep no more on any path (the mean's offset from x's
 pivot and rstd; the centre and rstd in inference and sync BN, see ops.ForwardResult). Renorm and
-the Keras adjustment add their pre-gamma affine (r, d): 8 bytes more per channel. The sync BN
-case is checked in tests/test_sync.py."""
+the Keras adjustment add their pre-gamma affine (r, d): 8 bytes more per channel, and a training
+layer with a fused ReLU and no residual its ReLU cuts (ops.saves_cut): 8 bytes more per channel,
+still far below torch's BN + ReLU, whose ReLU keeps its output. The sync BN case is checked in
+tests/test_sync.py."""
 
 import pytest
 import torch
@@ -70,18 +72,24 @@ def test_torch_reference_is_8_bytes_per_channel():
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64],
                          ids=["fp32", "bf16", "fp64"])
-def test_module_relu_saves_what_torch_bn_saves(path, channels_last, dtype):
-    """BatchNorm2d with the fused ReLU (torch's BN + ReLU would also keep the ReLU's output)."""
+def test_module_relu_saves_the_statistics_and_the_cuts(path, channels_last, dtype):
+    """BatchNorm2d with the fused ReLU keeps torch's batch norm's per-channel statistics and as
+    many bytes again for the ReLU's cuts (a sign and a threshold per channel, ops.saves_cut, so
+    that the backward tests the mask with one compare), against torch's BN + ReLU, which also
+    keeps the ReLU's output."""
     x = _x(dtype, channels_last)
-    bn = BatchNorm2d(C, activation="relu").to(dtype if dtype == torch.float64 else torch.float32)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    bn = BatchNorm2d(C, activation="relu").to(acc)
     bn.train()
     with tuning.override(**PATHS[path]):
         got = saved_beyond(lambda: bn(x), x, *bn.parameters(), *bn.buffers())
         y = bn(x)
         y.backward(torch.randn_like(y))  # and backward runs on what was kept
-    bar = torch_bn_saved(x.detach().to(torch.float64 if dtype == torch.float64 else torch.float32))
-    assert got <= bar
-    assert got == (16 if dtype == torch.float64 else 8) * C
+    stats = torch_bn_saved(x.detach().to(acc))
+    assert got == 2 * stats == (32 if dtype == torch.float64 else 16) * C
+    tbn = nn.BatchNorm2d(C).to(acc)
+    xr = x.detach().to(acc).requires_grad_()
+    assert got < saved_beyond(lambda: torch.relu(tbn(xr)), xr, *tbn.parameters(), *tbn.buffers())
 
 
 @pytest.mark.parametrize("path", list(PATHS))
@@ -103,12 +111,13 @@ def test_residual_relu_saves_what_torch_bn_add_relu_saves(path, residual_grad):
     assert got == bar
 
 
-def test_ghost_batches_save_8_bytes_per_statistic_channel():
+def test_ghost_batches_save_16_bytes_per_statistic_channel():
     x = torch.randn(8, C, 3, requires_grad=True)
     w, b, running = _state()
     got = saved_beyond(lambda: normalize(x, w, b, running=running, groups=2, activation="relu"),
                        x, w, b)
-    assert got == 8 * 2 * C  # each ghost batch has its own mean and variance: 2 x C channels
+    # each ghost batch has its own mean and variance, and cuts: 2 x C statistic channels
+    assert got == (8 + 8) * 2 * C
 
 
 def test_inference_with_gradients_saves_8_bytes_per_channel():
@@ -133,10 +142,10 @@ def test_renorm_and_adjustment_add_the_pre_gamma_affine(what):
         kw["adjustment"] = (torch.rand(C) + 0.5, torch.randn(C))
     got = saved_beyond(lambda: normalize(x, w, b, running=running, activation="relu", **kw),
                        x, w, b)
-    assert got == (8 + 8) * C  # offset, rstd; r * a, d * a + b_adj
+    assert got == (8 + 8 + 8) * C  # offset, rstd; r * a, d * a + b_adj; the ReLU's cuts
 
 
-def test_persistent_path_saves_8_bytes_per_channel(monkeypatch):
+def test_persistent_path_saves_16_bytes_per_channel(monkeypatch):
     monkeypatch.setenv(persistent.ENV, "1")
     x = torch.randn(16, C, 8, 8, requires_grad=True)
     w, b, running = _state()
@@ -146,4 +155,4 @@ def test_persistent_path_saves_8_bytes_per_channel(monkeypatch):
         got = saved_beyond(lambda: normalize(x, w, b, running=running, activation="relu"),
                            x, w, b)
     assert persistent.launch_counts()["forward"] > launched  # the persistent kernel ran
-    assert got == 8 * C
+    assert got == (8 + 8) * C  # offset, rstd; the ReLU's cuts

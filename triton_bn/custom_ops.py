@@ -71,7 +71,7 @@ def _(x, weight, bias, residual, adj_scale, adj_bias, running_mean, running_var,
     g = x.new_empty(K if has_pre_affine else 0, dtype=stat.dtype)
     centre = x.new_empty(S if ops.saves_centre(training, False) else 0, dtype=stat.dtype)
     offset = x.new_empty(0 if ops.saves_centre(training, False) else S, dtype=stat.dtype)
-    cut = x.new_empty((2, S) if ops.saves_cut(training, False, relu, residual is not None)
+    cut = x.new_empty((2 * S,) if ops.saves_cut(training, False, relu, residual is not None)
                       else (0,), dtype=stat.dtype)
     return (torch.empty_like(x, memory_format=torch.preserve_format), centre, offset, stat, g,
             g.clone(), cut)

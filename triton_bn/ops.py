@@ -276,11 +276,11 @@ class ForwardResult:
     rstd: Optional[torch.Tensor]  # [S] (None: keep_stats=False, nothing kept)
     pre_scale: Optional[torch.Tensor]  # [K] pre-gamma affine (renorm r * adjustment), or None
     pre_shift: Optional[torch.Tensor]
-    cut: Optional[torch.Tensor] = None  # [2, S] the fused ReLU's cuts (saves_cut), or None
+    cut: Optional[torch.Tensor] = None  # [2S] the fused ReLU's cuts (saves_cut), or None
 
 
 def saves_cut(training: bool, sync: bool, relu: bool, has_residual: bool) -> bool:
-    """Whether a forward keeps each channel's ReLU cut ([2, S] fp32: a sign and a threshold,
+    """Whether a forward keeps each channel's ReLU cut ([2S] fp32: the signs, then the thresholds,
     kernels/common.relu_cut), so that the backward's split kernels test the mask with one
     compare instead of recomputing the pre-activation: a training forward (not synchronized)
     with a fused ReLU and no residual (with one, the mask is read from y)."""
@@ -394,7 +394,7 @@ def _start_forward(x: torch.Tensor, residual: Optional[torch.Tensor], axes, grou
             rstd = torch.empty(S, device=x.device, dtype=acc)
     cut = None
     if keep_stats and output and saves_cut(training, sync, relu, residual is not None):
-        cut = torch.empty((2, S), device=x.device, dtype=acc)
+        cut = torch.empty(2 * S, device=x.device, dtype=acc)
     return _Forward(prep, residual is not None, _needs_int64(prep.geometry), x, y, centre, offset,
                     rstd, cut)
 
@@ -998,7 +998,7 @@ class PlannedForward:
         y = torch.empty_like(x, memory_format=torch.preserve_format)
         offset = torch.empty(S, device=device, dtype=acc)
         rstd = torch.empty(S, device=device, dtype=acc)
-        cut = torch.empty((2, S), device=device, dtype=acc) if self.cut else None
+        cut = torch.empty(2 * S, device=device, dtype=acc) if self.cut else None
         pre_scale = pre_shift = None
         if self.pre_affine:
             pre_scale = torch.empty(self.K, device=device, dtype=acc)

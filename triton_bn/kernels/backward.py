@@ -223,7 +223,7 @@ def bn_backward_reduce_kernel(
     Parts,                         # [3, n_parts (+ groups), S] fp32 out: sums of g, g * (x - m), x - m
     Counter,                       # [n_channel_tiles * (1 + groups) + 1] int32 zeros (FINALIZE); left zeros
     CoefB, CoefC, DWeight, DBias, n,  # as bn_backward_finalize_kernel
-    Cut,                           # [2, S] fp32 the ReLU mask's sign and cut (HAS_CUT: the forward's)
+    Cut,                           # [2S] fp32 the ReLU mask's signs, then cuts (HAS_CUT: the forward's)
     sizes,                         # see common.SIZE_FIELDS
     stride_x, stride_dy, stride_y,  # each (r0, r1, g, k)
     HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
@@ -550,7 +550,7 @@ def bn_backward_apply_kernel(
     Offset, Rstd,                  # [S] fp32 forward statistics: mean - centre (HAS_OFFSET), 1/std
     Weight, Bias, PreScale, PreShift,  # [K] gamma, beta (RELU only), pre-gamma affine (HAS_PRE_AFFINE)
     CoefB, CoefC,                  # [S] fp32 dx coefficients (finalize_grad_channels)
-    Cut,                           # [2, S] fp32 the ReLU mask's sign and cut (HAS_CUT: the forward's)
+    Cut,                           # [2S] fp32 the ReLU mask's signs, then cuts (HAS_CUT: the forward's)
     sizes,                         # see common.SIZE_FIELDS
     stride_x, stride_dy, stride_y, stride_dx, stride_dz,  # each (r0, r1, g, k)
     HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,

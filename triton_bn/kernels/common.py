@@ -474,7 +474,7 @@ def store_relu_cuts(Cut, X, Offset, Rstd, Weight, Bias, PreScale, PreShift, c, c
                     stride_x, ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                     HAS_PRE_AFFINE: tl.constexpr, HAS_GROUPS: tl.constexpr):
     """The split forward's finalize (after its stores of Offset, Rstd, PreScale, PreShift and a
-    block barrier): Cut [2, S] of the statistic channels of parameter channels c, the sign s and
+    block barrier): Cut [2S] (signs, then cuts) of the statistic channels of parameter channels c, the sign s and
     cut t of relu_cut from the scale and shift the backward recomputes (saved_channel_terms about
     x's pivot and the offset), once per channel, so that no backward program pays for them."""
     S = G * K
@@ -488,7 +488,7 @@ def store_relu_cuts(Cut, X, Offset, Rstd, Weight, Bias, PreScale, PreShift, c, c
 
 @triton.jit
 def store_cut(Cut, s, s_mask, S, scale, shift):
-    """Cut[0, s] = the sign, Cut[1, s] = the cut of relu_cut(scale, shift)."""
+    """Cut[s] = the sign, Cut[S + s] = the cut of relu_cut(scale, shift)."""
     sign, cut = relu_cut(scale, shift)
     tl.store(Cut + s, sign, mask=s_mask)
     tl.store(Cut + S + s, cut, mask=s_mask)

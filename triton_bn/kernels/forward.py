@@ -236,7 +236,7 @@ def bn_stats_kernel(
     Offset, Rstd,         # [S] out (FINALIZE): batch mean - pivot, 1/std
     Weight, Bias, AdjScale, AdjBias, PreScale, PreShift,  # as bn_finalize_kernel
     RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd, Hyper,
-    Cut,                  # [2, S] out (HAS_CUT, FINALIZE): the fused ReLU's cuts (common.relu_cut)
+    Cut,                  # [2S] out (HAS_CUT, FINALIZE): the fused ReLU's cuts (common.relu_cut)
     sizes,                # see common.SIZE_FIELDS
     stride_x,             # (r0, r1, g, k)
     HAS_GROUPS: tl.constexpr, CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
@@ -677,7 +677,7 @@ def bn_fused_forward_kernel(
     RunMean, RunVar, NumBatches, RenormMean, RenormStd, MovingStd,
     Hyper,                         # [6] see HYPER_FIELDS
     Counter,                       # [1] int32 zero (COUNT_BATCH); left zero
-    Cut,                           # [2, K] out (HAS_CUT): the fused ReLU's cuts (common.relu_cut)
+    Cut,                           # [2K] out (HAS_CUT): the fused ReLU's cuts (common.relu_cut)
     R1, K, A, B,
     stride_x, stride_y, stride_z,  # each (r0, r1, g, k)
     CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr, HAS_CUT: tl.constexpr,

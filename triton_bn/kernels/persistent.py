@@ -114,7 +114,7 @@ def bn_persistent_forward_kernel(
     sizes,                         # see common.SIZE_FIELDS (S == K: no ghost batches)
     B_count,
     Hyper,                         # [6] see forward.HYPER_FIELDS
-    Cut,                           # [2, K] out (HAS_CUT): the fused ReLU's cuts (common.relu_cut)
+    Cut,                           # [2K] out (HAS_CUT): the fused ReLU's cuts (common.relu_cut)
     stride_x, stride_y, stride_z,  # each (r0, r1, g, k)
     CHANNELS_FAST: tl.constexpr, INT64: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, HAS_CUT: tl.constexpr,
