@@ -44,6 +44,7 @@ from .common import (
     batch_mean,
     channel_block,
     finalize_tile,
+    flat_row_offsets,
     given,
     last_tile,
     last_to_arrive,
@@ -266,8 +267,8 @@ def bn_backward_reduce_kernel(
                 acc_dy, acc_dy_xm, acc_xm = reduce_block_with_cut(
                     X, DY, Y, Centre, Offset, Cut, sign, bc, bc_mask, a_begin, a_end, b0, b_end,
                     s_fixed, acc_dy, acc_dy_xm, acc_xm, R1, K, S, stride_x, stride_dy, stride_y,
-                    ACC, HAS_GROUPS, INT64, HAS_RESIDUAL, RELU, ROWS_FLAT, ALIGN, HAS_CENTRE,
-                    HAS_OFFSET, BLOCK_A, BLOCK_B)
+                    ACC, HAS_GROUPS, INT64, HAS_RESIDUAL, RELU, ROWS_FLAT, ALIGN, SAME_STRIDES,
+                    HAS_CENTRE, HAS_OFFSET, BLOCK_A, BLOCK_B)
             else:
                 acc_dy, acc_dy_xm, acc_xm = reduce_block(
                     X, DY, Y, Centre, Offset, Rstd, Weight, Bias, PreScale, PreShift, bc,
@@ -340,12 +341,24 @@ def reduce_block(X, DY, Y, Centre, Offset, Rstd, Weight, Bias, PreScale, PreShif
         if b_end - b0 == BLOCK_B:
             a_full = a_begin + (a_end - a_begin) // BLOCK_A * BLOCK_A
         whole = tl.full([BLOCK_A, BLOCK_B], 1, tl.int1)
-        # flat rows: x's and dy's pointers carried from tile to tile (one add per vector and
-        # tensor), except where rebuilding them per tile from scalar bases compiles shorter
-        # (sm_90, perf/README): with the residual's y (ptxas copied the three carried sets from
-        # register to register on every step), and with the ReLU on shared strides
-        # (common.same_strides; carried, 9.2 -> 10.1 instructions per element in bf16)
-        if ROWS_FLAT and not HAS_RESIDUAL and not (SAME_STRIDES and RELU):
+        # flat rows on shared strides: one 32-bit offset per vector for x, dy (and y),
+        # common.flat_row_offsets; else x's and dy's pointers carried from tile to tile (one add
+        # per vector and tensor), except where rebuilding them per tile from scalar bases
+        # compiles shorter (sm_90, perf/README): with the residual's y (ptxas copied the three
+        # carried sets from register to register on every step)
+        if ROWS_FLAT and SAME_STRIDES:
+            _, b, _, _ = tile_indices(a_begin, b0, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
+            offs = flat_row_offsets(b, s_fixed, R1, K, stride_x, HAS_GROUPS, ALIGN, INT64,
+                                    BLOCK_A)
+            for a0 in range(a_begin, a_full, BLOCK_A):
+                o = offs + a0 * stride_x[1]
+                y_ptrs = Y
+                if HAS_RESIDUAL:
+                    y_ptrs = Y + o
+                acc_dy, acc_dy_xm, acc_xm = reduce_tile(
+                    X + o, DY + o, y_ptrs, whole, mean, scale, shift, acc_dy, acc_dy_xm, acc_xm,
+                    ACC, HAS_RESIDUAL, RELU, HAS_OFFSET, False)
+        elif ROWS_FLAT and not HAS_RESIDUAL:
             _, b, _, _ = tile_indices(a_begin, b0, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
             x_ptrs = tile_pointers(X, a_begin, b, s_fixed, R1, K, stride_x, HAS_GROUPS,
                                    CHANNELS_FAST, ROWS_FLAT, ALIGN, INT64, BLOCK_A)
@@ -379,8 +392,8 @@ def reduce_block_with_cut(X, DY, Y, Centre, Offset, Cut, sign, bc, bc_mask, a_be
                           stride_y, ACC: tl.constexpr, HAS_GROUPS: tl.constexpr,
                           INT64: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
                           ROWS_FLAT: tl.constexpr, ALIGN: tl.constexpr,
-                          HAS_CENTRE: tl.constexpr, HAS_OFFSET: tl.constexpr,
-                          BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+                          SAME_STRIDES: tl.constexpr, HAS_CENTRE: tl.constexpr,
+                          HAS_OFFSET: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
     """reduce_block (channels fast) with the ReLU mask from the forward's cuts (common.relu_cut),
     every channel of the block having one (``sign`` s, +-1): the tiles sum g * d and d for
     d = s * (x - m), with the mask not (d <= t), so the accumulators are flipped by s before and
@@ -395,11 +408,24 @@ def reduce_block_with_cut(X, DY, Y, Centre, Offset, Cut, sign, bc, bc_mask, a_be
     a_full = a_begin
     if b_end - b0 == BLOCK_B:  # whole row tiles unmasked, then the last one masked
         a_full = a_begin + (a_end - a_begin) // BLOCK_A * BLOCK_A
-    for a0 in range(a_begin, a_full, BLOCK_A):
-        acc_dy, acc_dy_xm, acc_xm = reduce_tile_at(
-            X, DY, Y, a0, b0, a_end, b_end, s_fixed, False, flip * mean, flip, cut, acc_dy,
-            acc_dy_xm, acc_xm, R1, K, stride_x, stride_dy, stride_y, ACC, HAS_GROUPS, True, INT64,
-            HAS_RESIDUAL, RELU, ROWS_FLAT, ALIGN, HAS_OFFSET, BLOCK_A, BLOCK_B, True)
+    if ROWS_FLAT and SAME_STRIDES:
+        _, b, _, _ = tile_indices(a_begin, b0, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
+        rows = tl.arange(0, BLOCK_A)
+        if INT64:
+            rows = rows.to(tl.int64)
+        offs = tile_offsets(rows, b, s_fixed, R1, K, stride_x, HAS_GROUPS, True, ROWS_FLAT, ALIGN)
+        whole = tl.full([BLOCK_A, BLOCK_B], 1, tl.int1)
+        for a0 in range(a_begin, a_full, BLOCK_A):
+            o = offs + a0 * stride_x[1]
+            acc_dy, acc_dy_xm, acc_xm = reduce_tile(
+                X + o, DY + o, Y, whole, flip * mean, flip, cut, acc_dy, acc_dy_xm, acc_xm,
+                ACC, HAS_RESIDUAL, RELU, HAS_OFFSET, True)
+    else:
+        for a0 in range(a_begin, a_full, BLOCK_A):
+            acc_dy, acc_dy_xm, acc_xm = reduce_tile_at(
+                X, DY, Y, a0, b0, a_end, b_end, s_fixed, False, flip * mean, flip, cut, acc_dy,
+                acc_dy_xm, acc_xm, R1, K, stride_x, stride_dy, stride_y, ACC, HAS_GROUPS, True,
+                INT64, HAS_RESIDUAL, RELU, ROWS_FLAT, ALIGN, HAS_OFFSET, BLOCK_A, BLOCK_B, True)
     for a0 in range(a_full, a_end, BLOCK_A):
         acc_dy, acc_dy_xm, acc_xm = reduce_tile_at(
             X, DY, Y, a0, b0, a_end, b_end, s_fixed, True, flip * mean, flip, cut, acc_dy,
@@ -614,9 +640,27 @@ def bn_backward_apply_kernel(
                                     TRAINING, WRITE_DX, WRITE_DRESIDUAL, False)
                 whole = tl.full([BLOCK_A, BLOCK_B], 1, tl.int1)
                 n_whole = (a_full - a_begin) // BLOCK_A
-                # pointers carried from tile to tile (one add per vector) where the tensors have
-                # their own strides, else rebuilt per tile from scalar bases (same_strides)
-                if ROWS_FLAT and not SAME_STRIDES:
+                # one 32-bit offset per vector for every tensor where they share strides
+                # (common.flat_row_offsets), else pointers carried from tile to tile (one add per
+                # vector and tensor) or rebuilt per tile from scalar bases
+                if ROWS_FLAT and SAME_STRIDES:
+                    offs = flat_row_offsets(b, s_fixed, R1, K, stride_x, HAS_GROUPS, ALIGN, INT64,
+                                            BLOCK_A)
+                    for i in range(0, n_whole):
+                        o = offs + (a_full - BLOCK_A - i * BLOCK_A) * stride_x[1]
+                        y_ptrs = X
+                        if HAS_RESIDUAL:
+                            y_ptrs = Y + o
+                        dx_ptrs = X
+                        if WRITE_DX:
+                            dx_ptrs = DX + o
+                        dz_ptrs = X
+                        if WRITE_DRESIDUAL:
+                            dz_ptrs = DResidual + o
+                        grad_apply_tile(X + o, DY + o, y_ptrs, dx_ptrs, dz_ptrs, whole, w_mean,
+                                        scale, w_shift, w_coef_b, coef_c, sign, ACC, HAS_RESIDUAL,
+                                        RELU, TRAINING, WRITE_DX, WRITE_DRESIDUAL, HAS_CUT)
+                elif ROWS_FLAT:
                     x_ptrs, dy_ptrs, y_ptrs, dx_ptrs, dz_ptrs = grad_apply_pointers(
                         X, DY, Y, DX, DResidual, a_full - BLOCK_A, b, s_fixed, R1, K,
                         stride_x, stride_dy, stride_y, stride_dx, stride_dz, HAS_GROUPS,
