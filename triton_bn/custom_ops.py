@@ -2,7 +2,8 @@
 
 ``triton_bn::bn_forward`` mutates the running-statistic buffers and ``num_batches_tracked``
 (declared with ``mutates_args``, so AOTAutograd functionalizes the update) and returns the output
-plus the fp32 statistics backward needs (8 bytes per channel, see ``ops.ForwardResult``);
+plus the fp32 statistics backward needs (8 bytes per channel, and 8 more of ReLU cuts with a
+fused ReLU and no residual, see ``ops.ForwardResult``);
 ``triton_bn::bn_backward`` is functional. Both have fake (meta) implementations giving the
 outputs' shapes, dtypes and strides (what MemTracker counts under FakeTensorMode). Autograd stays in
 ``functional.BatchNormFunction`` (mutating custom ops cannot have ``register_autograd``): its

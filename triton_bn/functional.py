@@ -368,7 +368,8 @@ def _save(ctx, inputs, outs, sync, gated: bool = False, memo: Optional[dict] = N
     """Saves for backward x, the parameters (by reference; beta only for the ReLU mask), the
     output y where a residual was added before the ReLU (the mask: not y <= 0; torch's ReLU saves
     its output for the same reason; the residual itself is not needed) and the per-channel
-    statistics (8 bytes per channel, as torch's batch norm: see ``ops.ForwardResult``); returns
+    statistics (8 bytes per channel, as torch's batch norm, and the ReLU's cuts: see
+    ``ops.ForwardResult``); returns
     the saved tuple. ``gated``: the ReLU and the residual's gradient belong to a
     _ReluGateFunction node after this one, whose backward hands this one the gated gradient:
     the batch norm's backward alone here (no ReLU, no residual)."""

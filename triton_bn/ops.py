@@ -267,7 +267,8 @@ def _memo_put(memo: Optional[dict], name: str, value):
 @dataclass
 class ForwardResult:
     """y and what backward needs, 8 bytes per statistic channel in fp32 (kernels/forward.py):
-    the mean = centre + offset, kept as two numbers of which one is stored, and rstd."""
+    the mean = centre + offset, kept as two numbers of which one is stored, and rstd; with a
+    fused ReLU and no residual 8 more, the ReLU's cuts (saves_cut)."""
 
     y: torch.Tensor
     centre: Optional[torch.Tensor]  # [S] where it is not x's pivot (training, see load_pivot):
