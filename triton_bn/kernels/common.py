@@ -338,8 +338,9 @@ def load_pivot(X, b, b_mask, s_fixed, K, stride_x, ACC: tl.constexpr,
 
 @triton.jit
 def load_tile(ptrs, mask, EVICT: tl.constexpr):
-    """A tile of a tensor (0 where masked off) with an L2 eviction hint: "evict_last" where a
-    second pass reads it again, "evict_first" where this is its last read, "" none. The last read
+    """A tile of a tensor (0 where masked off) with an L2 eviction hint: "evict_first" where this
+    is its last read, "" none (the backward reduction's, backward.REDUCE_EVICT), "evict_last"
+    to keep it for a second pass. The last read
     is a streaming load (.cs: evict first in L1 and L2) where Triton has it: the eviction_policy
     form makes ptxas rebuild a cache-policy register on every loop iteration (about 6 uniform
     instructions per tile)."""
