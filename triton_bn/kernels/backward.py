@@ -24,9 +24,9 @@ On an H200 the sums about c made fp32 dgamma 5-8x less accurate than PyTorch's a
 per channel. The dx kernels subtract m too (x - m is exact near m) and fold r into the constant:
     dx = Scale * g + CoefB * (x - m) + (CoefC - CoefB * r),
 and CoefC as stored is the latter bracket. The ReLU mask is the forward's, recomputed from the
-same x - m: one subtraction per element serves the mask, the sums and dx. The reduction's and the
-dx kernel's whole channels-fast tiles read it from per-channel cuts instead, which the training
-forward saves (common.relu_cut: not (s * (x - m) <= t), one compare on the s * (x - m) their sums
+same x - m: one subtraction per element serves the mask, the sums and dx. The reduction's
+channels-fast tiles and the dx kernel's whole ones read it from per-channel cuts instead, which
+the training forward saves (common.relu_cut: not (s * (x - m) <= t), one compare on the s * (x - m) their sums
 and dx take anyway).
 
 The forward leaves only o (or, without a pivot, the centre: inference, sync BN) and rstd per
@@ -43,6 +43,7 @@ from .common import (
     arrive_in_group,
     batch_mean,
     channel_block,
+    every_cut_exact,
     finalize_tile,
     flat_row_offsets,
     given,
@@ -244,10 +245,9 @@ def bn_backward_reduce_kernel(
     tile (of the grid, with ghost batches) to store its part then adds the tile's parts and writes
     CoefB, CoefC, dgamma and dbeta (finalize_grad_channels), as bn_stats_kernel does forward: one
     launch instead of two.
-    HAS_CUT (channels fast, the ReLU without a residual): a channel tile's whole row tiles take
-    the ReLU mask from the cuts the forward saved (common.relu_cut) where every channel of the
-    tile has one, summing s * (x - m) (the accumulators' signs flipped around that loop), else
-    every tile recomputes it."""
+    HAS_CUT (channels fast, the ReLU without a residual): a channel tile's row tiles take the
+    ReLU mask from the cuts the forward saved (common.relu_cut) where every channel of the tile
+    has one, summing s * (x - m) (reduce_block_with_cut), else they recompute it."""
     ACC = Rstd.dtype.element_ty
     if SAME_STRIDES:  # one tile of offsets for x, dy and y (common.same_strides)
         stride_dy = stride_x
@@ -263,7 +263,7 @@ def bn_backward_reduce_kernel(
         bc, bc_mask = channel_block(b0, b_end, s_fixed, S, BLOCK_B, CHANNELS_FAST)
         if HAS_CUT:  # (channels fast) unless a channel has no exact cut (s = 0)
             sign = load_channel_values(Cut, bc, bc_mask, bc, ACC, CHANNELS_FAST)
-            if tl.min(tl.abs(tl.where(bc_mask, sign, 1.0))) > 0.0:
+            if every_cut_exact(sign, bc_mask):
                 acc_dy, acc_dy_xm, acc_xm = reduce_block_with_cut(
                     X, DY, Y, Centre, Offset, Cut, sign, bc, bc_mask, a_begin, a_end, b0, b_end,
                     s_fixed, acc_dy, acc_dy_xm, acc_xm, R1, K, S, stride_x, stride_dy, stride_y,
@@ -318,7 +318,6 @@ def bn_backward_reduce_kernel(
                                        PreScale, PreShift, CoefB, CoefC, DWeight, DBias, K, S // K,
                                        n_merged, n, ACC, TRAINING, HAS_OFFSET, HAS_WEIGHT,
                                        HAS_PRE_AFFINE, WRITE_DW, WRITE_DB, BLOCK_C, BLOCK_P)
-
 
 
 @triton.jit
@@ -410,10 +409,7 @@ def reduce_block_with_cut(X, DY, Y, Centre, Offset, Cut, sign, bc, bc_mask, a_be
         a_full = a_begin + (a_end - a_begin) // BLOCK_A * BLOCK_A
     if ROWS_FLAT and SAME_STRIDES:
         _, b, _, _ = tile_indices(a_begin, b0, a_end, b_end, BLOCK_A, BLOCK_B, INT64)
-        rows = tl.arange(0, BLOCK_A)
-        if INT64:
-            rows = rows.to(tl.int64)
-        offs = tile_offsets(rows, b, s_fixed, R1, K, stride_x, HAS_GROUPS, True, ROWS_FLAT, ALIGN)
+        offs = flat_row_offsets(b, s_fixed, R1, K, stride_x, HAS_GROUPS, ALIGN, INT64, BLOCK_A)
         whole = tl.full([BLOCK_A, BLOCK_B], 1, tl.int1)
         for a0 in range(a_begin, a_full, BLOCK_A):
             o = offs + a0 * stride_x[1]
@@ -621,7 +617,7 @@ def bn_backward_apply_kernel(
             w_mean = sign * mean
             w_coef_b = sign * coef_b
             # a channel without an exact cut (s = 0): every tile recomputes the mask
-            whole_tiles = whole_tiles & (tl.min(tl.abs(tl.where(bc_mask, sign, 1.0))) > 0.0)
+            whole_tiles = whole_tiles & every_cut_exact(sign, bc_mask)
         a_full = a_begin
         if CHANNELS_FAST:
             # a whole channel tile: its last row tile (the reduction's last) first, masked, then

@@ -487,14 +487,16 @@ def saved_channel_terms(X, Centre, Offset, Rstd, Weight, Bias, PreScale, PreShif
                                         HAS_PRE_AFFINE, HAS_GROUPS, CHANNELS_FAST)
     return mean, scale, shift
 
+
 @triton.jit
 def store_relu_cuts(Cut, X, Offset, Rstd, Weight, Bias, PreScale, PreShift, c, c_mask, K, G,
                     stride_x, ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                     HAS_PRE_AFFINE: tl.constexpr, HAS_GROUPS: tl.constexpr):
     """The split forward's finalize (after its stores of Offset, Rstd, PreScale, PreShift and a
-    block barrier): Cut [2S] (signs, then cuts) of the statistic channels of parameter channels c, the sign s and
-    cut t of relu_cut from the scale and shift the backward recomputes (saved_channel_terms about
-    x's pivot and the offset), once per channel, so that no backward program pays for them."""
+    block barrier): Cut [2S] (signs, then cuts) of the statistic channels of parameter channels
+    c, the sign s and cut t of relu_cut from the scale and shift the backward recomputes
+    (saved_channel_terms about x's pivot and the offset), once per channel, so that no backward
+    program pays for them."""
     S = G * K
     for g in range(G):
         s = g * K + c
@@ -502,6 +504,13 @@ def store_relu_cuts(Cut, X, Offset, Rstd, Weight, Bias, PreScale, PreShift, c, c
             X, None, Offset, Rstd, Weight, Bias, PreScale, PreShift, s, c_mask, K, stride_x, ACC,
             False, True, HAS_WEIGHT, HAS_BIAS, HAS_PRE_AFFINE, HAS_GROUPS, True)
         store_cut(Cut, s[None, :], c_mask[None, :], S, scale, shift)
+
+
+@triton.jit
+def every_cut_exact(sign, b_mask):
+    """Whether every channel of a block (b_mask) has an exact cut: no sign s = 0 (relu_cut); a
+    block with one recomputes the mask in every tile."""
+    return tl.min(tl.abs(tl.where(b_mask, sign, 1.0))) > 0.0
 
 
 @triton.jit
